@@ -1,0 +1,268 @@
+package frame
+
+import (
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"syscall"
+
+	"github.com/gobwas/ws"
+)
+
+// readBufferSize is what a Reader borrows from the pool while bytes wait.
+const readBufferSize = 8192
+
+// Reader reads frames from a connection through a buffer it borrows from the
+// pool only while it holds unread bytes. On a socket (a *net.TCPConn or
+// anything else with a syscall.RawConn) it waits for readability with no
+// buffer at all, so an idle connection costs no buffer memory. Other conns
+// (TLS) keep their buffer for the life of the Reader.
+//
+// A Reader is used by one goroutine at a time.
+type Reader struct {
+	conn net.Conn
+	raw  syscall.RawConn // nil when conn has no file descriptor
+	buf  *[]byte         // nil while empty on a raw conn
+	r, w int             // unread bytes are (*buf)[r:w]
+
+	readFn        func(fd uintptr) bool // built once: RawConn.Read's callback
+	lastN         int
+	lastErr       error
+	headerScratch [MaxHeaderSize]byte
+}
+
+// NewReader returns a Reader of conn. pending holds bytes already read from
+// conn during the handshake (a bufio.Reader's leftovers); they are copied.
+func NewReader(conn net.Conn, pending []byte) *Reader {
+	r := &Reader{conn: conn}
+	if sc, ok := conn.(syscall.Conn); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			r.raw = raw
+			r.readFn = r.readRaw
+		}
+	}
+	for len(pending) > 0 {
+		r.grab()
+		n := copy((*r.buf)[r.w:cap(*r.buf)], pending)
+		r.w += n
+		pending = pending[n:]
+		if len(pending) > 0 {
+			// Handshake leftovers beyond one buffer are impossible with the
+			// 4 KiB bufio readers in use; refuse rather than lose them.
+			panic("frame: handshake leftovers exceed the read buffer")
+		}
+	}
+	return r
+}
+
+// Conn is the connection the Reader reads.
+func (r *Reader) Conn() net.Conn { return r.conn }
+
+// Buffered is the number of bytes read from the connection but not consumed.
+func (r *Reader) Buffered() int { return r.w - r.r }
+
+// Release returns the buffer to the pool. The Reader must not be used again.
+func (r *Reader) Release() {
+	if r.buf != nil {
+		PutBuffer(r.buf)
+		r.buf = nil
+	}
+	r.r, r.w = 0, 0
+}
+
+func (r *Reader) grab() {
+	if r.buf == nil {
+		r.buf = GetBuffer(readBufferSize)
+		r.r, r.w = 0, 0
+	}
+}
+
+// readRaw runs inside RawConn.Read: it reads what the socket has, borrowing
+// the buffer only when there is something to read, and returns false to wait
+// for readability (after giving an empty buffer back).
+func (r *Reader) readRaw(fd uintptr) bool {
+	r.grab()
+	for {
+		n, err := syscall.Read(int(fd), (*r.buf)[r.w:cap(*r.buf)])
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			if r.r == r.w {
+				PutBuffer(r.buf)
+				r.buf = nil
+			}
+			return false
+		case err != nil:
+			r.lastN, r.lastErr = 0, err
+		case n == 0:
+			r.lastN, r.lastErr = 0, io.EOF
+		default:
+			r.lastN, r.lastErr = n, nil
+		}
+		return true
+	}
+}
+
+// fill reads more bytes into the buffer, making room at its end first.
+func (r *Reader) fill() error {
+	if r.buf != nil && r.r > 0 {
+		if r.r == r.w {
+			r.r, r.w = 0, 0
+		} else if cap(*r.buf)-r.w < MaxHeaderSize {
+			n := copy(*r.buf, (*r.buf)[r.r:r.w])
+			r.r, r.w = 0, n
+		}
+	}
+	if r.raw == nil {
+		r.grab()
+		n, err := r.conn.Read((*r.buf)[r.w:cap(*r.buf)])
+		r.w += n
+		if n > 0 {
+			return nil
+		}
+		if err == nil {
+			err = io.ErrNoProgress
+		}
+		return err
+	}
+	if err := r.raw.Read(r.readFn); err != nil {
+		return err
+	}
+	if r.lastErr != nil {
+		return r.lastErr
+	}
+	r.w += r.lastN
+	return nil
+}
+
+// ensure makes at least n (<= MaxHeaderSize) bytes available in the buffer.
+func (r *Reader) ensure(n int) error {
+	for r.w-r.r < n {
+		if err := r.fill(); err != nil {
+			if errors.Is(err, io.EOF) && r.w > r.r {
+				return io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// ReadHeader reads the next frame header. raw holds its bytes as they came
+// on the wire and is valid until the next call on the Reader.
+func (r *Reader) ReadHeader() (h ws.Header, raw []byte, err error) {
+	if err = r.ensure(2); err != nil {
+		return h, nil, err
+	}
+	b := (*r.buf)[r.r:r.w]
+	size := 2
+	if b[1]&0x80 != 0 {
+		size += 4
+	}
+	switch b[1] & 0x7f {
+	case 126:
+		size += 2
+	case 127:
+		size += 8
+	}
+	if err = r.ensure(size); err != nil {
+		return h, nil, err
+	}
+	b = (*r.buf)[r.r : r.r+size]
+	h.Fin = b[0]&0x80 != 0
+	h.Rsv = (b[0] & 0x70) >> 4
+	h.OpCode = ws.OpCode(b[0] & 0x0f)
+	h.Masked = b[1]&0x80 != 0
+	rest := b[2:]
+	switch l := b[1] & 0x7f; l {
+	case 126:
+		h.Length = int64(binary.BigEndian.Uint16(rest))
+		rest = rest[2:]
+	case 127:
+		u := binary.BigEndian.Uint64(rest)
+		if u>>63 != 0 {
+			return h, nil, ErrLengthMSB
+		}
+		h.Length = int64(u)
+		rest = rest[8:]
+	default:
+		h.Length = int64(l)
+	}
+	if h.Masked {
+		copy(h.Mask[:], rest)
+	}
+	r.r += size
+	// The caller may keep reading (and so compacting) before using raw, so
+	// hand it a stable copy.
+	n := copy(r.headerScratch[:], b)
+	return h, r.headerScratch[:n], nil
+}
+
+// ReadFull fills p with the next bytes of the stream.
+func (r *Reader) ReadFull(p []byte) error {
+	for len(p) > 0 {
+		if r.w == r.r {
+			// Large reads go straight into p.
+			if len(p) >= readBufferSize {
+				n, err := io.ReadFull(r.conn, p)
+				if err != nil && n < len(p) {
+					return unexpected(err)
+				}
+				return nil
+			}
+			if err := r.fill(); err != nil {
+				return unexpected(err)
+			}
+		}
+		n := copy(p, (*r.buf)[r.r:r.w])
+		r.r += n
+		p = p[n:]
+	}
+	return nil
+}
+
+// CopyN writes the next n bytes of the stream to dst: first what is
+// buffered, then straight from the connection. When both ends are TCP
+// sockets the second part is spliced in the kernel (splice(2)).
+func (r *Reader) CopyN(dst io.Writer, n int64) (int64, error) {
+	var done int64
+	if k := int64(r.w - r.r); k > 0 {
+		if k > n {
+			k = n
+		}
+		m, err := dst.Write((*r.buf)[r.r : r.r+int(k)])
+		r.r += m
+		done += int64(m)
+		if err != nil {
+			return done, err
+		}
+	}
+	if done == n {
+		return done, nil
+	}
+	if r.buf != nil && r.r == r.w && r.raw != nil {
+		PutBuffer(r.buf)
+		r.buf = nil
+	}
+	m, err := io.CopyN(dst, r.conn, n-done)
+	done += m
+	if err != nil {
+		return done, unexpected(err)
+	}
+	return done, nil
+}
+
+// Discard skips the next n bytes of the stream.
+func (r *Reader) Discard(n int64) error {
+	_, err := r.CopyN(io.Discard, n)
+	return err
+}
+
+func unexpected(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}

@@ -1,0 +1,241 @@
+package limiter
+
+import (
+	"context"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Reason says why the Budget's guard evicted a connection.
+type Reason uint8
+
+const (
+	// ReasonGlobalCeiling: the sum of all queues passed the ceiling and this
+	// queue was among the largest.
+	ReasonGlobalCeiling Reason = iota + 1
+	// ReasonSlowRatio: too many connections were slow and this one was
+	// among the slowest.
+	ReasonSlowRatio
+)
+
+func (r Reason) String() string {
+	switch r {
+	case ReasonGlobalCeiling:
+		return "global_ceiling"
+	case ReasonSlowRatio:
+		return "slow_ratio"
+	}
+	return "unknown"
+}
+
+// BudgetConfig bounds all queues together.
+type BudgetConfig struct {
+	// Ceiling is the most bytes all queues may hold together; 0 means no
+	// ceiling.
+	Ceiling int64
+	// SlowRatio is the share of connections that may be slow at once
+	// (0 < SlowRatio <= 1); at least one slow connection is always allowed,
+	// so with fewer than 1/SlowRatio connections the guard only acts once
+	// two or more are slow.
+	SlowRatio float64
+	// ObserveWait, if set, is given the time each message waited in a queue.
+	ObserveWait func(time.Duration)
+}
+
+// Budget counts what every queue holds and runs the guards that evict the
+// worst offenders when the process as a whole is in danger. Counting costs
+// an atomic add per change; the guards look at the queues only when a
+// bound is broken.
+type Budget struct {
+	cfg         BudgetConfig
+	observeWait func(time.Duration)
+
+	queued     atomic.Int64
+	slow       atomic.Int64
+	paused     atomic.Int64
+	pauseNanos atomic.Int64
+	dropped    atomic.Uint64
+
+	mu     sync.Mutex
+	queues map[*Queue]struct{} // guarded by mu
+}
+
+// NewBudget returns a Budget with cfg's bounds.
+func NewBudget(cfg BudgetConfig) *Budget {
+	return &Budget{cfg: cfg, observeWait: cfg.ObserveWait, queues: make(map[*Queue]struct{})}
+}
+
+// Stats is a snapshot of the Budget's counters.
+type Stats struct {
+	Connections   int           // queues counted for the slow ratio
+	QueuedBytes   int64         // bytes in all queues
+	Ceiling       int64         // BudgetConfig.Ceiling
+	Slow          int           // connections at or past their slow depth
+	Paused        int           // producers waiting for room
+	PausedTime    time.Duration // total time producers have waited, ended pauses
+	DroppedTotal  uint64        // messages discarded by the Drop policy
+	AllowedSlow   int           // how many slow connections the ratio allows now
+	SlowThreshold float64       // BudgetConfig.SlowRatio
+}
+
+// Stats returns the current counters.
+func (b *Budget) Stats() Stats {
+	b.mu.Lock()
+	n := len(b.queues)
+	b.mu.Unlock()
+	return Stats{
+		Connections:   n,
+		QueuedBytes:   b.queued.Load(),
+		Ceiling:       b.cfg.Ceiling,
+		Slow:          int(b.slow.Load()),
+		Paused:        int(b.paused.Load()),
+		PausedTime:    time.Duration(b.pauseNanos.Load()),
+		DroppedTotal:  b.dropped.Load(),
+		AllowedSlow:   b.allowedSlow(n),
+		SlowThreshold: b.cfg.SlowRatio,
+	}
+}
+
+func (b *Budget) allowedSlow(conns int) int {
+	return max(1, int(b.cfg.SlowRatio*float64(conns)))
+}
+
+func (b *Budget) register(q *Queue) {
+	b.mu.Lock()
+	b.queues[q] = struct{}{}
+	b.mu.Unlock()
+}
+
+func (b *Budget) unregister(q *Queue) {
+	b.mu.Lock()
+	delete(b.queues, q)
+	b.mu.Unlock()
+}
+
+// Each calls f for every counted queue, under the Budget's lock: f must be
+// quick and must not call back into the Budget.
+func (b *Budget) Each(f func(*Queue)) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for q := range b.queues {
+		f(q)
+	}
+}
+
+// GuardInterval is how often Guard checks the bounds; the guards react
+// within two intervals.
+const GuardInterval = 50 * time.Millisecond
+
+// Guard checks the global bounds every GuardInterval until ctx ends.
+func (b *Budget) Guard(ctx context.Context) {
+	t := time.NewTicker(GuardInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			b.Check()
+		}
+	}
+}
+
+// Check runs both guards once: if the queues together hold more than the
+// ceiling, the largest are evicted until the rest fit; if more connections
+// are slow than the ratio allows, the slowest are evicted. Queues already
+// evicted are not counted twice.
+func (b *Budget) Check() {
+	overCeiling := b.cfg.Ceiling > 0 && b.queued.Load() > b.cfg.Ceiling
+	var tooSlow bool
+	if b.cfg.SlowRatio > 0 {
+		if s := b.slow.Load(); s > 1 {
+			b.mu.Lock()
+			tooSlow = int(s) > b.allowedSlow(len(b.queues))
+			b.mu.Unlock()
+		}
+	}
+	if !overCeiling && !tooSlow {
+		return
+	}
+	type cand struct {
+		q     *Queue
+		msgs  int
+		bytes int64
+	}
+	var cands []cand
+	var evictedBytes int64
+	var evictedSlow, conns int
+	b.mu.Lock()
+	conns = len(b.queues)
+	for q := range b.queues {
+		c := cand{q, q.Messages(), q.Bytes()}
+		if q.evicted.Load() {
+			evictedBytes += c.bytes
+			if c.msgs >= q.cfg.SlowDepth {
+				evictedSlow++
+			}
+			continue
+		}
+		cands = append(cands, c)
+	}
+	b.mu.Unlock()
+
+	var victims []*Queue
+	reasons := make(map[*Queue]Reason)
+	if overCeiling {
+		slices.SortFunc(cands, func(x, y cand) int { return cmpDesc(x.bytes, y.bytes) })
+		total := b.queued.Load() - evictedBytes
+		for _, c := range cands {
+			if total <= b.cfg.Ceiling || c.bytes == 0 {
+				break
+			}
+			total -= c.bytes
+			victims = append(victims, c.q)
+			reasons[c.q] = ReasonGlobalCeiling
+		}
+	}
+	if tooSlow {
+		slices.SortFunc(cands, func(x, y cand) int {
+			if x.msgs != y.msgs {
+				return cmpDesc(int64(x.msgs), int64(y.msgs))
+			}
+			return cmpDesc(x.bytes, y.bytes)
+		})
+		excess := int(b.slow.Load()) - evictedSlow - b.allowedSlow(conns)
+		for _, c := range cands {
+			if excess <= 0 {
+				break
+			}
+			if c.msgs < c.q.cfg.SlowDepth {
+				continue // queues of another kind may be deeper yet not slow
+			}
+			if _, done := reasons[c.q]; !done {
+				victims = append(victims, c.q)
+				reasons[c.q] = ReasonSlowRatio
+			}
+			excess--
+		}
+	}
+	for _, q := range victims {
+		if q.evicted.CompareAndSwap(false, true) && q.onEvict != nil {
+			q.onEvict(reasons[q])
+		}
+	}
+}
+
+func cmpDesc(x, y int64) int {
+	switch {
+	case x > y:
+		return -1
+	case x < y:
+		return 1
+	}
+	return 0
+}
+
+// MarkEvicted records that q's connection is being evicted for a reason of
+// its own, so the guards do not pick it again. It reports whether q was not
+// marked before.
+func (q *Queue) MarkEvicted() bool { return q.evicted.CompareAndSwap(false, true) }

@@ -1,0 +1,476 @@
+package limiter
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Config bounds one Queue. It is shared by every queue of a kind and must
+// not change after the first queue is made.
+type Config struct {
+	Policy Policy
+	// MaxMessages and MaxBytes are the high-water mark: a new message that
+	// finds the queue at either is handled by the Policy.
+	MaxMessages int
+	MaxBytes    int64
+	// LowWater is the fraction of both marks below which a paused producer
+	// resumes (0 < LowWater < 1).
+	LowWater float64
+	// KeepNewest is how many queued messages the Drop policy keeps,
+	// counting the new one.
+	KeepNewest int
+	// PauseMax bounds one pause; 0 means no bound.
+	PauseMax time.Duration
+	// SlowDepth is the depth at which the queue's connection counts as slow
+	// for the Budget; 0 means it never does (the upstream direction).
+	SlowDepth int
+}
+
+func (c *Config) lowMessages() int { return int(float64(c.MaxMessages) * c.LowWater) }
+func (c *Config) lowBytes() int64  { return int64(float64(c.MaxBytes) * c.LowWater) }
+
+// over reports whether a segment of n bytes finds the queue at its
+// high-water mark. Only a segment that starts a message counts against
+// MaxMessages: the rest of a message adds no message, and the message it
+// belongs to is already counted, so it must not wait for the count to fall.
+func (c *Config) over(start bool, msgs int, bytes, n int64) bool {
+	return (start && msgs >= c.MaxMessages) || (bytes > 0 && bytes+n > c.MaxBytes)
+}
+
+// ctlSlots bounds the priority lane. Pings and pongs beyond it are dropped:
+// a peer only needs an answer to its latest ping.
+const ctlSlots = 4
+
+var epoch = time.Now()
+
+// now is monotonic nanoseconds since the process started.
+func now() int64 { return int64(time.Since(epoch)) }
+
+// Queue holds the frames waiting for one socket's writer. One producer
+// pushes data, anyone may push control frames, one writer takes.
+type Queue struct {
+	cfg    *Config
+	budget *Budget // nil: not counted
+
+	// Readable without mu, for guards and status pages; written under mu.
+	bytes   atomic.Int64
+	msgs    atomic.Int32
+	evicted atomic.Bool
+
+	mu            sync.Mutex
+	head, tail    *Segment // data lane, oldest first
+	ctl           [ctlSlots]*Segment
+	nctl          int
+	closeFrame    *Segment // sent after data, or first when closeFirst
+	closeFirst    bool
+	closed        bool // aborted: Take and Push fail
+	writerInMsg   bool // the writer has taken a message's start but not its end
+	writerWaiting bool
+	roomWanted    bool // the producer waits on room
+	roomForStart  bool // ... to start a message: the count must fall too
+	slow          bool
+	pausedAt      int64 // monotonic ns the current pause began; 0 if none
+	dropped       uint64
+
+	wake chan struct{} // to the writer: something to take
+	room chan struct{} // to the producer: below low water, or closed
+
+	onEvict func(Reason) // called by the Budget's guard, outside any lock
+	// streamDiscarded hears ErrClosed when a segment with Follow bytes is
+	// freed unwritten, so the producer waiting for it can go on.
+	streamDiscarded chan<- error
+}
+
+// OnStreamDiscard names the channel told when a streamed segment is
+// discarded before its writer copied it. Call it before the first Push.
+func (q *Queue) OnStreamDiscard(ch chan<- error) {
+	q.mu.Lock()
+	q.streamDiscarded = ch
+	q.mu.Unlock()
+}
+
+// Expedite discards the data lane so that a queued close frame leaves at
+// once.
+func (q *Queue) Expedite() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.discardLocked()
+	q.closeFirst = true
+	q.signalWriter()
+	q.signalRoom()
+}
+
+// NewQueue makes a queue bounded by cfg and counted in b (if not nil).
+// onEvict is how the Budget's guard asks the queue's connection to go.
+func NewQueue(cfg *Config, b *Budget, onEvict func(Reason)) *Queue {
+	q := &Queue{
+		cfg:     cfg,
+		budget:  b,
+		wake:    make(chan struct{}, 1),
+		room:    make(chan struct{}, 1),
+		onEvict: onEvict,
+	}
+	if b != nil && cfg.SlowDepth > 0 {
+		b.register(q)
+	}
+	return q
+}
+
+// Bytes is the number of bytes queued.
+func (q *Queue) Bytes() int64 { return q.bytes.Load() }
+
+// Messages is the number of data messages not yet fully written.
+func (q *Queue) Messages() int { return int(q.msgs.Load()) }
+
+// Dropped is the number of messages the Drop policy discarded.
+func (q *Queue) Dropped() uint64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.dropped
+}
+
+// Paused reports whether the producer is paused, and since when.
+func (q *Queue) Paused() (bool, time.Duration) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.pausedAt == 0 {
+		return false, 0
+	}
+	return true, time.Duration(now() - q.pausedAt)
+}
+
+// Push appends a data segment. It returns ErrOverflow when the Evict policy
+// refuses a new message, ErrPauseTimeout when a pause outlasts PauseMax,
+// and ErrClosed when the queue is closed or a close frame is queued; on any
+// error the caller still owns seg. It blocks while the queue has no room
+// (the Pause policy, or the rest of a message that has already started).
+func (q *Queue) Push(seg *Segment) error {
+	n := seg.Len()
+	var pauseTimer *time.Timer
+	defer func() {
+		if pauseTimer != nil {
+			pauseTimer.Stop()
+		}
+	}()
+	q.mu.Lock()
+	for {
+		if q.closed || q.closeFrame != nil {
+			q.endPause()
+			q.mu.Unlock()
+			return ErrClosed
+		}
+		msgs, bytes := int(q.msgs.Load()), q.bytes.Load()
+		if !q.cfg.over(seg.Start, msgs, bytes, n) {
+			break
+		}
+		if seg.Start {
+			switch q.cfg.Policy {
+			case Evict:
+				q.mu.Unlock()
+				return ErrOverflow
+			case Drop:
+				if q.dropOldest(n) {
+					continue
+				}
+			}
+		}
+		// Wait for the writer to drain below the low-water mark.
+		if q.pausedAt == 0 {
+			q.pausedAt = now()
+			if q.budget != nil {
+				q.budget.paused.Add(1)
+			}
+			if q.cfg.PauseMax > 0 && seg.Start && q.cfg.Policy == Pause {
+				pauseTimer = time.NewTimer(q.cfg.PauseMax)
+			}
+		}
+		q.roomWanted, q.roomForStart = true, seg.Start
+		q.mu.Unlock()
+		var expired <-chan time.Time
+		if pauseTimer != nil {
+			expired = pauseTimer.C
+		}
+		select {
+		case <-q.room:
+		case <-expired:
+			q.mu.Lock()
+			q.roomWanted = false
+			q.endPause()
+			q.mu.Unlock()
+			return ErrPauseTimeout
+		}
+		q.mu.Lock()
+	}
+	q.endPause()
+	seg.queuedAt = now()
+	if q.tail == nil {
+		q.head = seg
+	} else {
+		q.tail.next = seg
+	}
+	q.tail = seg
+	q.addBytes(n)
+	if seg.Start {
+		q.addMessages(1)
+	}
+	q.signalWriter()
+	q.mu.Unlock()
+	return nil
+}
+
+// endPause ends a pause, if one is on. Callers hold mu.
+func (q *Queue) endPause() {
+	if q.pausedAt == 0 {
+		return
+	}
+	if q.budget != nil {
+		q.budget.paused.Add(-1)
+		q.budget.pauseNanos.Add(now() - q.pausedAt)
+	}
+	q.pausedAt = 0
+}
+
+// dropOldest discards the oldest whole messages that the writer has not
+// started, so that the newest KeepNewest fit with the new one of n bytes.
+// It reports whether there is room now. Callers hold mu.
+func (q *Queue) dropOldest(n int64) bool {
+	var prev *Segment // last segment kept before the cut
+	cur := q.head
+	if q.writerInMsg {
+		// The message being written stays whole.
+		for cur != nil && !cur.End {
+			prev, cur = cur, cur.next
+		}
+		if cur != nil {
+			prev, cur = cur, cur.next
+		}
+	}
+	keep := q.cfg.KeepNewest - 1
+	for cur != nil && cur.Start && (int(q.msgs.Load()) > keep || q.cfg.over(true, int(q.msgs.Load()), q.bytes.Load(), n)) {
+		// Find the end of this message; it is complete, since the producer
+		// is starting a new one.
+		for {
+			next := cur.next
+			end := cur.End
+			q.freeUnwritten(cur)
+			cur = next
+			if end {
+				break
+			}
+		}
+		q.addMessages(-1)
+		q.dropped++
+		if q.budget != nil {
+			q.budget.dropped.Add(1)
+		}
+	}
+	if prev == nil {
+		q.head = cur
+	} else {
+		prev.next = cur
+	}
+	if cur == nil {
+		q.tail = prev
+	}
+	return !q.cfg.over(true, int(q.msgs.Load()), q.bytes.Load(), n)
+}
+
+// PushControl queues a ping or pong on the priority lane. It reports false
+// when the frame was not queued (lane full, or a close frame already
+// queued); the caller still owns seg then.
+func (q *Queue) PushControl(seg *Segment) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed || q.closeFrame != nil || q.nctl == ctlSlots {
+		return false
+	}
+	seg.Control = true
+	q.ctl[q.nctl] = seg
+	q.nctl++
+	q.signalWriter()
+	return true
+}
+
+// PushClose queues a close frame, after the queued data or, with first set,
+// ahead of it, discarding the data. Once a close is queued no later one is
+// taken: it reports false and the caller still owns seg. A later call with
+// first set still discards the data, so the queued close leaves at once.
+func (q *Queue) PushClose(seg *Segment, first bool) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if first {
+		q.discardLocked()
+		q.closeFirst = true
+	}
+	if q.closed || q.closeFrame != nil {
+		q.signalWriter()
+		return false
+	}
+	seg.Control, seg.Close = true, true
+	q.closeFrame = seg
+	q.signalWriter()
+	q.signalRoom()
+	return true
+}
+
+// discardLocked drops the data lane. The message the writer has started
+// loses its tail; that is only done when the connection is closing anyway.
+func (q *Queue) discardLocked() {
+	for s := q.head; s != nil; {
+		next := s.next
+		q.freeUnwritten(s)
+		s = next
+	}
+	q.head, q.tail = nil, nil
+	q.addMessages(-int(q.msgs.Load()))
+}
+
+// freeUnwritten frees a data segment taken out of the lane unwritten, and
+// tells the producer when it was a streamed frame's, so that it skips the
+// payload. Callers hold mu.
+func (q *Queue) freeUnwritten(s *Segment) {
+	q.addBytes(-s.Len())
+	if s.Follow > 0 && q.streamDiscarded != nil {
+		select {
+		case q.streamDiscarded <- ErrClosed:
+		default:
+		}
+	}
+	s.Free()
+}
+
+// Take appends to dst what the writer should write next, blocking until
+// there is something or the queue is closed: control frames first, then
+// data up to maxBytes and cap(dst) and, once the data lane is empty, a
+// queued close frame. It always returns at least one segment, even past
+// maxBytes or cap(dst). A segment with Follow or Close ends the batch. It
+// returns ErrClosed once the queue is closed.
+func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
+	q.mu.Lock()
+	for !q.closed && q.nctl == 0 && q.head == nil && q.closeFrame == nil {
+		q.writerWaiting = true
+		q.mu.Unlock()
+		<-q.wake
+		q.mu.Lock()
+	}
+	q.writerWaiting = false
+	if q.closed {
+		q.mu.Unlock()
+		return dst, ErrClosed
+	}
+	for i := 0; i < q.nctl; i++ {
+		dst = append(dst, q.ctl[i])
+		q.ctl[i] = nil
+	}
+	q.nctl = 0
+	if q.closeFrame != nil && q.closeFirst {
+		dst = append(dst, q.closeFrame)
+		q.closeFrame = nil
+		q.closed = true
+		q.mu.Unlock()
+		return dst, nil
+	}
+	first := len(dst) // nothing is taken while len(dst) == first
+	var taken int64
+	var lastWait int64
+	for q.head != nil && (len(dst) < cap(dst) || len(dst) == first) && (taken == 0 || taken+q.head.Len() <= maxBytes) {
+		s := q.head
+		q.head = s.next
+		if q.head == nil {
+			q.tail = nil
+		}
+		s.next = nil
+		taken += s.Len()
+		q.addBytes(-s.Len())
+		if s.Start {
+			lastWait = s.queuedAt
+		}
+		if s.End {
+			q.addMessages(-1)
+		}
+		q.writerInMsg = !s.End
+		dst = append(dst, s)
+		if s.Follow > 0 {
+			break
+		}
+	}
+	if q.head == nil && q.closeFrame != nil && (len(dst) < cap(dst) || len(dst) == first) && (len(dst) == first || dst[len(dst)-1].Follow == 0) {
+		dst = append(dst, q.closeFrame)
+		q.closeFrame = nil
+		q.closed = true
+	}
+	if q.roomWanted && q.bytes.Load() <= q.cfg.lowBytes() && (!q.roomForStart || int(q.msgs.Load()) <= q.cfg.lowMessages()) {
+		q.signalRoom()
+	}
+	q.mu.Unlock()
+	if lastWait != 0 && q.budget != nil && q.budget.observeWait != nil {
+		q.budget.observeWait(time.Duration(now() - lastWait))
+	}
+	return dst, nil
+}
+
+// Close aborts the queue: data and control frames are freed, a blocked
+// Push or Take returns ErrClosed. Idempotent.
+func (q *Queue) Close() {
+	q.mu.Lock()
+	q.discardLocked()
+	for i := 0; i < q.nctl; i++ {
+		q.ctl[i].Free()
+		q.ctl[i] = nil
+	}
+	q.nctl = 0
+	if q.closeFrame != nil {
+		q.closeFrame.Free()
+		q.closeFrame = nil
+	}
+	q.closed = true
+	q.endPause()
+	q.signalWriter()
+	q.signalRoom()
+	q.mu.Unlock()
+	if q.budget != nil && q.cfg.SlowDepth > 0 {
+		q.budget.unregister(q)
+	}
+}
+
+func (q *Queue) signalWriter() {
+	if q.writerWaiting {
+		select {
+		case q.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (q *Queue) signalRoom() {
+	q.roomWanted = false
+	select {
+	case q.room <- struct{}{}:
+	default:
+	}
+}
+
+// addBytes and addMessages keep the queue's and the budget's counters in
+// step. Callers hold mu.
+func (q *Queue) addBytes(n int64) {
+	q.bytes.Add(n)
+	if q.budget != nil {
+		q.budget.queued.Add(n)
+	}
+}
+
+func (q *Queue) addMessages(n int) {
+	m := q.msgs.Add(int32(n))
+	if q.budget == nil || q.cfg.SlowDepth == 0 {
+		return
+	}
+	if slow := int(m) >= q.cfg.SlowDepth; slow != q.slow {
+		q.slow = slow
+		if slow {
+			q.budget.slow.Add(1)
+		} else {
+			q.budget.slow.Add(-1)
+		}
+	}
+}

@@ -1,0 +1,238 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/base64"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/textproto"
+	"net/url"
+	"strings"
+	"syscall"
+
+	"github.com/gobwas/httphead"
+	"github.com/gobwas/ws"
+
+	"sluice/frame"
+	"sluice/limiter"
+)
+
+// maxRelayedBody bounds the body of an upstream rejection relayed to the
+// client.
+const maxRelayedBody = 64 << 10
+
+// hopHeaders are meaningful for one connection only and never forwarded
+// (RFC 9110 §7.6.1), with the WebSocket handshake headers that the dialer
+// and the upgrader write themselves.
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+	"Host", "Content-Length",
+	"Sec-Websocket-Key", "Sec-Websocket-Version", "Sec-Websocket-Accept",
+	"Sec-Websocket-Protocol", "Sec-Websocket-Extensions",
+}
+
+// checkUpgrade validates the client's request before anything is dialled.
+// It returns the HTTP status to answer with and a short reason.
+func checkUpgrade(r *http.Request) (int, string) {
+	if !headerHasToken(r.Header, "Upgrade", "websocket") {
+		return http.StatusUpgradeRequired, "this is a WebSocket endpoint: send an Upgrade: websocket request"
+	}
+	if r.Method != http.MethodGet {
+		return http.StatusMethodNotAllowed, "WebSocket upgrades must use GET"
+	}
+	if !r.ProtoAtLeast(1, 1) {
+		return http.StatusBadRequest, "WebSocket upgrades need HTTP/1.1"
+	}
+	if !headerHasToken(r.Header, "Connection", "upgrade") {
+		return http.StatusBadRequest, "missing Connection: Upgrade"
+	}
+	if keys := r.Header.Values("Sec-Websocket-Key"); len(keys) != 1 || !validKey(keys[0]) {
+		return http.StatusBadRequest, "missing or invalid Sec-WebSocket-Key"
+	}
+	if v := r.Header.Values("Sec-Websocket-Version"); len(v) != 1 || v[0] != "13" {
+		return http.StatusUpgradeRequired, "unsupported Sec-WebSocket-Version: want 13"
+	}
+	return 0, ""
+}
+
+func validKey(k string) bool {
+	b, err := base64.StdEncoding.DecodeString(k)
+	return err == nil && len(b) == 16
+}
+
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, v := range h.Values(name) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// upstreamURL joins the request's path and query to the upstream URL the
+// way net/http/httputil does.
+func upstreamURL(base *url.URL, r *http.Request) string {
+	u := *base
+	u.Path, u.RawPath = joinURLPath(base, r.URL)
+	switch {
+	case base.RawQuery == "":
+		u.RawQuery = r.URL.RawQuery
+	case r.URL.RawQuery != "":
+		u.RawQuery = base.RawQuery + "&" + r.URL.RawQuery
+	}
+	u.Fragment = ""
+	return u.String()
+}
+
+func joinURLPath(a, b *url.URL) (path, rawpath string) {
+	if a.RawPath == "" && b.RawPath == "" {
+		return singleJoiningSlash(a.Path, b.Path), ""
+	}
+	apath, bpath := a.EscapedPath(), b.EscapedPath()
+	aslash, bslash := strings.HasSuffix(apath, "/"), strings.HasPrefix(bpath, "/")
+	switch {
+	case aslash && bslash:
+		return a.Path + b.Path[1:], apath + bpath[1:]
+	case !aslash && !bslash:
+		return a.Path + "/" + b.Path, apath + "/" + bpath
+	}
+	return a.Path + b.Path, apath + bpath
+}
+
+func singleJoiningSlash(a, b string) string {
+	aslash, bslash := strings.HasSuffix(a, "/"), strings.HasPrefix(b, "/")
+	switch {
+	case aslash && bslash:
+		return a + b[1:]
+	case !aslash && !bslash:
+		return a + "/" + b
+	}
+	return a + b
+}
+
+// forwardedHeader builds the upstream request's end-to-end headers: the
+// client's, less hop-by-hop ones, plus X-Forwarded-*.
+func forwardedHeader(r *http.Request, clientIP string) http.Header {
+	h := r.Header.Clone()
+	for _, v := range r.Header.Values("Connection") {
+		for _, name := range strings.Split(v, ",") {
+			if name = textproto.TrimString(name); name != "" {
+				h.Del(name)
+			}
+		}
+	}
+	for _, name := range hopHeaders {
+		h.Del(name)
+	}
+	if prior := r.Header.Values("X-Forwarded-For"); len(prior) > 0 {
+		clientIP = strings.Join(prior, ", ") + ", " + clientIP
+	}
+	h.Set("X-Forwarded-For", clientIP)
+	proto := "http"
+	if r.TLS != nil {
+		proto = "https"
+	}
+	h.Set("X-Forwarded-Proto", proto)
+	h.Set("X-Forwarded-Host", r.Host)
+	return h
+}
+
+// offers reads the client's subprotocol and extension offers. Under the
+// Drop policy a permessage-deflate offer also asks the server for
+// server_no_context_takeover, so every server message decompresses on its
+// own and dropping one cannot corrupt the next (RFC 7692 §7.1.1.1).
+func offers(r *http.Request, policy limiter.Policy) (protocols []string, exts []httphead.Option) {
+	for _, v := range r.Header.Values("Sec-Websocket-Protocol") {
+		httphead.ScanTokens([]byte(v), func(tok []byte) bool {
+			protocols = append(protocols, string(tok))
+			return true
+		})
+	}
+	for _, v := range r.Header.Values("Sec-Websocket-Extensions") {
+		exts, _ = httphead.ParseOptions([]byte(v), exts)
+	}
+	if policy == limiter.Drop {
+		for i := range exts {
+			if string(exts[i].Name) == "permessage-deflate" {
+				if _, ok := exts[i].Parameters.Get("server_no_context_takeover"); !ok {
+					exts[i].Parameters.Set([]byte("server_no_context_takeover"), nil)
+				}
+			}
+		}
+	}
+	return protocols, exts
+}
+
+// extensionKind tells the frame checkers which RSV bits are legal.
+func extensionKind(exts []httphead.Option) frame.Extension {
+	kind := frame.NoExtension
+	for _, e := range exts {
+		if string(e.Name) != "permessage-deflate" {
+			return frame.UnknownExtension
+		}
+		kind = frame.Deflate
+	}
+	return kind
+}
+
+func renderOptions(exts []httphead.Option) string {
+	var b bytes.Buffer
+	httphead.WriteOptions(&b, exts)
+	return b.String()
+}
+
+// rejection is an upstream's non-101 answer, copied while the dialer's
+// reader is still valid.
+type rejection struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+// relayedRejectionHeaders are the upstream answer's headers not passed on.
+var droppedRejectionHeaders = append([]string{"Date", "Server"}, hopHeaders...)
+
+func readRejection(status int, resp io.Reader) *rejection {
+	rej := &rejection{status: status, header: http.Header{}}
+	res, err := http.ReadResponse(bufio.NewReader(resp), nil)
+	if err != nil {
+		return rej
+	}
+	defer res.Body.Close()
+	rej.header = res.Header
+	for _, name := range droppedRejectionHeaders {
+		rej.header.Del(name)
+	}
+	rej.body, _ = io.ReadAll(io.LimitReader(res.Body, maxRelayedBody))
+	return rej
+}
+
+// dialFailure classifies an upstream dial error for the status it earns
+// and the metric label.
+func dialFailure(err error) (status int, reason string) {
+	var ne net.Error
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return http.StatusGatewayTimeout, "timeout"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return http.StatusBadGateway, "refused"
+	case errors.Is(err, context.Canceled):
+		return 499, "client_gone"
+	}
+	var se ws.StatusError
+	if errors.As(err, &se) {
+		return int(se), "status"
+	}
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Op == "dial" {
+		return http.StatusBadGateway, "unreachable"
+	}
+	return http.StatusBadGateway, "handshake"
+}

@@ -1,0 +1,110 @@
+package proxy
+
+import (
+	"strconv"
+
+	"github.com/gobwas/ws"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the proxy's Prometheus series. They are registered into the
+// registerer given to New; nothing here is global.
+type Metrics struct {
+	connectionsActive  prometheus.Gauge
+	connectionsTotal   prometheus.Counter
+	rejected           *prometheus.CounterVec
+	handshakeSeconds   prometheus.Histogram
+	dialFailures       *prometheus.CounterVec
+	messages           [2]prometheus.Counter // by direction
+	bytes              [2]prometheus.Counter // by direction
+	closeCodes         *prometheus.CounterVec
+	evictions          *prometheus.CounterVec
+	protocolErrors     *prometheus.CounterVec
+	pingsSent          prometheus.Counter
+	queueWaitSeconds   prometheus.Histogram
+	sessionSeconds     prometheus.Histogram
+	upstreamPingsSent  prometheus.Counter
+	upstreamPongMissed prometheus.Counter
+}
+
+// Direction labels: upstream_to_client is the queued, policed direction.
+const (
+	toClient   = 0
+	toUpstream = 1
+)
+
+var directionNames = [2]string{toClient: "upstream_to_client", toUpstream: "client_to_upstream"}
+
+func newMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		connectionsActive: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sluice_connections_active", Help: "Proxied WebSocket sessions open now.",
+		}),
+		connectionsTotal: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_connections_accepted_total", Help: "Upgrade requests that became proxied sessions.",
+		}),
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_connections_rejected_total", Help: "Upgrade requests answered without a session, by reason.",
+		}, []string{"reason"}),
+		handshakeSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sluice_handshake_duration_seconds", Help: "Time from the client's request to sluice's 101, upstream dial included.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+		}),
+		dialFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_upstream_dial_failures_total", Help: "Upstream connections that failed before a 101, by reason.",
+		}, []string{"reason"}),
+		closeCodes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_close_codes_total", Help: "Close frames by leg (client, upstream), direction (sent, received) and code; application codes are grouped as 3xxx and 4xxx.",
+		}, []string{"leg", "direction", "code"}),
+		evictions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_evictions_total", Help: "Clients closed by sluice to protect the process or the backend, by reason.",
+		}, []string{"reason"}),
+		protocolErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_protocol_errors_total", Help: "Connections failed for breaking RFC 6455, by leg and close code sent.",
+		}, []string{"leg", "code"}),
+		pingsSent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_pings_sent_total", Help: "Keepalive pings sluice sent to clients.",
+		}),
+		upstreamPingsSent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_upstream_pings_sent_total", Help: "Keepalive pings sluice sent to the upstream.",
+		}),
+		upstreamPongMissed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_upstream_pong_timeouts_total", Help: "Upstream legs closed because the upstream stopped answering pings.",
+		}),
+		queueWaitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sluice_queue_wait_seconds", Help: "Time a message waited in a client's queue before its writer took it.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
+		}),
+		sessionSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sluice_session_duration_seconds", Help: "Lifetime of proxied sessions.",
+			Buckets: prometheus.ExponentialBuckets(1, 4, 10),
+		}),
+	}
+	msgs := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_messages_total", Help: "Data messages forwarded, by direction.",
+	}, []string{"direction"})
+	byts := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_bytes_total", Help: "Frame bytes forwarded (headers and payload), by direction.",
+	}, []string{"direction"})
+	for d, name := range directionNames {
+		m.messages[d] = msgs.WithLabelValues(name)
+		m.bytes[d] = byts.WithLabelValues(name)
+	}
+	if reg != nil {
+		reg.MustRegister(m.connectionsActive, m.connectionsTotal, m.rejected, m.handshakeSeconds,
+			m.dialFailures, msgs, byts, m.closeCodes, m.evictions, m.protocolErrors, m.pingsSent,
+			m.upstreamPingsSent, m.upstreamPongMissed, m.queueWaitSeconds, m.sessionSeconds)
+	}
+	return m
+}
+
+// closeCodeLabel keeps the code label's cardinality small.
+func closeCodeLabel(c ws.StatusCode) string {
+	switch {
+	case c >= 3000 && c < 4000:
+		return "3xxx"
+	case c >= 4000 && c < 5000:
+		return "4xxx"
+	}
+	return strconv.Itoa(int(c))
+}

@@ -1,0 +1,364 @@
+// Package proxy splices WebSocket connections: each client connection is
+// paired with one upstream connection, and frames flow both ways through
+// bounded queues, one writer goroutine per socket.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/gobwas/ws"
+	"github.com/rs/zerolog"
+
+	"sluice/frame"
+	"sluice/limiter"
+)
+
+func setReceiveBuffer(fd uintptr, n int) error {
+	return syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, n)
+}
+
+// Server accepts WebSocket upgrades and proxies each to the upstream.
+// Sessions outlive the HTTP handler that made them: net/http's Shutdown
+// does not see hijacked connections, so the Server tracks them itself.
+type Server struct {
+	opts    Options
+	log     zerolog.Logger
+	metrics *Metrics
+	budget  *limiter.Budget
+	http    *http.Server
+	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	nextID   atomic.Uint64
+	draining atomic.Bool
+	// lastUpstreamOK is the unix nanotime of the last successful upstream
+	// TCP connect, for readiness.
+	lastUpstreamOK atomic.Int64
+
+	mu        sync.Mutex
+	sessions  map[*session]struct{} // guarded by mu
+	evictions evictionLog           // guarded by mu
+	wg       sync.WaitGroup        // one per session
+	stop     context.CancelFunc
+	guardWG  sync.WaitGroup
+}
+
+// New returns a Server for opts. Call Serve to accept connections and
+// Shutdown to drain them.
+func New(opts Options) (*Server, error) {
+	if err := opts.setDefaults(); err != nil {
+		return nil, err
+	}
+	s := &Server{
+		opts:     opts,
+		log:      opts.Logger,
+		metrics:  newMetrics(opts.Registerer),
+		sessions: make(map[*session]struct{}),
+	}
+	bc := opts.Budget
+	if bc.ObserveWait == nil {
+		bc.ObserveWait = func(d time.Duration) { s.metrics.queueWaitSeconds.Observe(d.Seconds()) }
+	}
+	s.budget = limiter.NewBudget(bc)
+	s.http = &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: opts.HandshakeTimeout,
+		ReadTimeout:       opts.HandshakeTimeout,
+		MaxHeaderBytes:    opts.MaxHeaderBytes,
+		ErrorLog:          nil,
+	}
+	s.http.SetKeepAlivesEnabled(false)
+	d := net.Dialer{Control: s.controlUpstreamSocket}
+	s.netDial = d.DialContext
+	ctx, cancel := context.WithCancel(context.Background())
+	s.stop = cancel
+	s.guardWG.Add(1)
+	go func() {
+		defer s.guardWG.Done()
+		s.budget.Guard(ctx)
+	}()
+	return s, nil
+}
+
+// controlUpstreamSocket sets the upstream socket's receive buffer before
+// it connects, so the window it advertises is small from the start.
+func (s *Server) controlUpstreamSocket(network, address string, c syscall.RawConn) error {
+	if s.opts.UpstreamReadBuffer <= 0 {
+		return nil
+	}
+	var serr error
+	err := c.Control(func(fd uintptr) { serr = setReceiveBuffer(fd, s.opts.UpstreamReadBuffer) })
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// Budget exposes the global queue accounting, for metrics and status pages.
+func (s *Server) Budget() *limiter.Budget { return s.budget }
+
+// Sessions is the number of live proxied sessions.
+func (s *Server) Sessions() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.sessions)
+}
+
+// Draining reports whether Shutdown has begun.
+func (s *Server) Draining() bool { return s.draining.Load() }
+
+// LastUpstreamConnect is when the upstream last accepted a TCP connection.
+func (s *Server) LastUpstreamConnect() time.Time {
+	n := s.lastUpstreamOK.Load()
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
+
+// Serve accepts connections on ln until Shutdown. It returns
+// http.ErrServerClosed after a Shutdown.
+func (s *Server) Serve(ln net.Listener) error {
+	return s.http.Serve(ln)
+}
+
+// Shutdown stops accepting, sends 1001 Going Away to every client and its
+// upstream after their queued data, and waits for the sessions to finish
+// their close handshakes. When ctx ends first, the rest are cut off and
+// ctx's error is returned.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.draining.Store(true)
+	err := s.http.Shutdown(ctx)
+	s.mu.Lock()
+	live := make([]*session, 0, len(s.sessions))
+	for ss := range s.sessions {
+		live = append(live, ss)
+	}
+	s.mu.Unlock()
+	for _, ss := range live {
+		ss.goAway()
+	}
+	done := make(chan struct{})
+	go func() {
+		s.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.mu.Lock()
+		for ss := range s.sessions {
+			ss.abort("shutdown timeout")
+		}
+		s.mu.Unlock()
+		<-done
+		if err == nil {
+			err = ctx.Err()
+		}
+	}
+	s.stop()
+	s.guardWG.Wait()
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}
+
+// ServeHTTP answers one upgrade request: dial the upstream first, then
+// answer the client from the upstream's answer, then hand both connections
+// to a session and return, so no HTTP state outlives the handshake.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	began := time.Now()
+	if status, msg := checkUpgrade(r); status != 0 {
+		s.reject(w, status, "bad_request", msg)
+		return
+	}
+	if s.draining.Load() {
+		w.Header().Set("Retry-After", "1")
+		s.reject(w, http.StatusServiceUnavailable, "draining", "sluice is shutting down")
+		return
+	}
+	clientIP, _, _ := net.SplitHostPort(r.RemoteAddr)
+	protocols, exts := offers(r, s.opts.Queue.Policy)
+	var rej *rejection
+	var cookies []string
+	dialer := ws.Dialer{
+		Timeout:    s.opts.DialTimeout,
+		Protocols:  protocols,
+		Extensions: exts,
+		Header:     ws.HandshakeHeaderHTTP(forwardedHeader(r, clientIP)),
+		Host:       s.opts.Upstream.Host,
+		NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := s.netDial(ctx, network, addr)
+			if err == nil {
+				s.lastUpstreamOK.Store(time.Now().UnixNano())
+			}
+			return c, err
+		},
+		OnStatusError: func(status int, _ []byte, resp io.Reader) { rej = readRejection(status, resp) },
+		OnHeader: func(k, v []byte) error {
+			if string(k) == "Set-Cookie" {
+				cookies = append(cookies, string(v))
+			}
+			return nil
+		},
+	}
+	target := upstreamURL(s.opts.Upstream, r)
+	upConn, upBuf, hs, err := dialer.Dial(r.Context(), target)
+	if err != nil {
+		s.dialFailed(w, r, target, err, rej)
+		return
+	}
+	header := http.Header{}
+	if hs.Protocol != "" {
+		header.Set("Sec-WebSocket-Protocol", hs.Protocol)
+	}
+	if len(hs.Extensions) > 0 {
+		header.Set("Sec-WebSocket-Extensions", renderOptions(hs.Extensions))
+	}
+	for _, c := range cookies {
+		header.Add("Set-Cookie", c)
+	}
+	up := ws.HTTPUpgrader{Timeout: s.opts.HandshakeTimeout, Header: header}
+	conn, rw, _, err := up.Upgrade(r, w)
+	if err != nil {
+		if conn != nil {
+			conn.Close()
+		}
+		upConn.Write(frame.AppendClose(nil, ws.StatusGoingAway, "client handshake failed", true))
+		upConn.Close()
+		if upBuf != nil {
+			ws.PutReader(upBuf)
+		}
+		s.metrics.rejected.WithLabelValues("client_handshake").Inc()
+		s.log.Debug().Err(err).Str("client", r.RemoteAddr).Msg("client upgrade failed")
+		return
+	}
+	var clientPending, upstreamPending []byte
+	if rw != nil && rw.Reader.Buffered() > 0 {
+		clientPending, _ = rw.Reader.Peek(rw.Reader.Buffered())
+	}
+	if upBuf != nil {
+		upstreamPending, _ = upBuf.Peek(upBuf.Buffered())
+	}
+	s.metrics.handshakeSeconds.Observe(time.Since(began).Seconds())
+	s.metrics.connectionsTotal.Inc()
+	ext := extensionKind(hs.Extensions)
+	s.startSession(conn, clientPending, upConn, upstreamPending, r.RemoteAddr, target, hs.Protocol, ext)
+	if upBuf != nil {
+		ws.PutReader(upBuf)
+	}
+}
+
+func (s *Server) reject(w http.ResponseWriter, status int, reason, msg string) {
+	s.metrics.rejected.WithLabelValues(reason).Inc()
+	if status == http.StatusUpgradeRequired {
+		w.Header().Set("Upgrade", "websocket")
+		w.Header().Set("Sec-WebSocket-Version", "13")
+	}
+	w.Header().Set("Connection", "close")
+	http.Error(w, msg, status)
+}
+
+func (s *Server) dialFailed(w http.ResponseWriter, r *http.Request, target string, err error, rej *rejection) {
+	status, reason := dialFailure(err)
+	s.metrics.dialFailures.WithLabelValues(reason).Inc()
+	if reason == "client_gone" {
+		return
+	}
+	if rej != nil {
+		// The upstream answered, only not with 101: its answer is the
+		// client's answer.
+		s.metrics.rejected.WithLabelValues("upstream_status").Inc()
+		for k, vs := range rej.header {
+			for _, v := range vs {
+				w.Header().Add(k, v)
+			}
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(rej.body)))
+		w.Header().Set("Connection", "close")
+		w.WriteHeader(rej.status)
+		w.Write(rej.body)
+		return
+	}
+	s.log.Warn().Err(err).Str("upstream", target).Str("reason", reason).Msg("upstream dial failed")
+	s.reject(w, status, "upstream_"+reason, "upstream "+reason)
+}
+
+// forget removes a finished session from the registry.
+func (s *Server) forget(ss *session) {
+	s.mu.Lock()
+	delete(s.sessions, ss)
+	s.mu.Unlock()
+	s.wg.Done()
+}
+
+// SessionInfo is what status pages show of a session.
+type SessionInfo struct {
+	ID            uint64
+	Client        string
+	Age           time.Duration
+	QueueMessages int
+	QueueBytes    int64
+	Paused        bool
+	Slow          bool
+}
+
+// Eviction is one eviction, as status pages show it.
+type Eviction struct {
+	Time          time.Time
+	ID            uint64
+	Client        string
+	Reason        string
+	QueueMessages int
+	QueueBytes    int64
+}
+
+// evictionLog keeps the most recent evictions, oldest overwritten first.
+type evictionLog struct {
+	ring [64]Eviction
+	next int
+	n    int
+}
+
+func (l *evictionLog) add(e Eviction) {
+	l.ring[l.next] = e
+	l.next = (l.next + 1) % len(l.ring)
+	l.n = min(l.n+1, len(l.ring))
+}
+
+// RecentEvictions returns up to the last 64 evictions, newest first.
+func (s *Server) RecentEvictions() []Eviction {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Eviction, 0, s.evictions.n)
+	for i := 1; i <= s.evictions.n; i++ {
+		out = append(out, s.evictions.ring[(s.evictions.next-i+len(s.evictions.ring))%len(s.evictions.ring)])
+	}
+	return out
+}
+
+// Snapshot lists live sessions for status pages.
+func (s *Server) Snapshot() []SessionInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]SessionInfo, 0, len(s.sessions))
+	for ss := range s.sessions {
+		q := ss.client.out
+		paused, _ := q.Paused()
+		out = append(out, SessionInfo{
+			ID: ss.id, Client: ss.clientAddr, Age: time.Since(ss.began),
+			QueueMessages: q.Messages(), QueueBytes: q.Bytes(), Paused: paused,
+			Slow: q.Messages() >= s.opts.Queue.SlowDepth,
+		})
+	}
+	return out
+}

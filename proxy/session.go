@@ -1,0 +1,659 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gobwas/ws"
+	"github.com/rs/zerolog"
+
+	"sluice/frame"
+	"sluice/keepalive"
+	"sluice/limiter"
+)
+
+// inlineMax is the largest payload copied into a queued segment; larger
+// frames are streamed from socket to socket (spliced) without a copy in
+// user space.
+const inlineMax = frame.MaxPooled - frame.MaxHeaderSize
+
+// batchBytes bounds one writev.
+const batchBytes = 256 << 10
+
+// Reasons a session ends early. Each maps to the close code its client
+// gets and is a label of sluice_evictions_total.
+const (
+	evictSlow         = "slow"
+	evictGlobal       = "global_ceiling"
+	evictSlowRatio    = "slow_ratio"
+	evictWriteTimeout = "write_timeout"
+	evictPongTimeout  = "pong_timeout"
+	evictPauseTimeout = "pause_timeout"
+)
+
+// upstreamQueue bounds what waits for the upstream's socket: little, since
+// the client's reader simply waits (and so pushes back on the client) while
+// the upstream is slow to read.
+var upstreamQueue = limiter.Config{
+	Policy:      limiter.Pause,
+	MaxMessages: 8,
+	MaxBytes:    256 << 10,
+	LowWater:    0.5,
+	KeepNewest:  1,
+}
+
+// leg is one side of a session: a socket, its reader state, and the queue
+// its single writer goroutine drains.
+type leg struct {
+	s        *session
+	upstream bool // the leg toward the backend: frames sluice makes are masked
+	conn     net.Conn
+	rd       *frame.Reader
+	check    frame.Checker      // owned by this leg's reader goroutine
+	out      *limiter.Queue     // frames to write to conn
+	ka       *keepalive.Monitor // nil when keepalive is off for this leg
+	// streamDone carries the result of a streamed payload from this leg's
+	// writer to the other leg's reader, which waits for it.
+	streamDone chan error
+
+	// Counted by the reader of this leg, read after it has ended.
+	msgsIn, bytesIn uint64
+
+	// Close state, guarded by s.mu.
+	closeQueued bool // a close frame toward this leg is queued or written
+	closeSent   bool // ... and written
+	closeRcvd   bool // this leg's peer sent a close frame
+	noReply     bool // this leg broke the protocol: its close is not awaited
+	dead        bool // the socket failed: nothing more goes either way
+	sentCode    ws.StatusCode
+	rcvdCode    ws.StatusCode
+}
+
+func (l *leg) name() string {
+	if l.upstream {
+		return "upstream"
+	}
+	return "client"
+}
+
+// finished: nothing more is expected on this leg. Callers hold s.mu.
+func (l *leg) finished() bool {
+	return l.dead || (l.closeSent && (l.closeRcvd || l.noReply))
+}
+
+// SendPing implements keepalive.Peer: the ping goes on the priority lane.
+func (l *leg) SendPing(payload []byte) {
+	seg := limiter.NewSegment(frame.MaxControlFrame)
+	*seg.Buf = frame.AppendControl(*seg.Buf, ws.OpPing, payload, l.upstream)
+	if !l.out.PushControl(seg) {
+		seg.Free()
+		return
+	}
+	if l.upstream {
+		l.s.srv.metrics.upstreamPingsSent.Inc()
+	} else {
+		l.s.srv.metrics.pingsSent.Inc()
+	}
+}
+
+// Stale implements keepalive.Peer: the peer missed its pong deadline.
+func (l *leg) Stale() {
+	if l.upstream {
+		l.s.srv.metrics.upstreamPongMissed.Inc()
+		l.s.fail(l, l.s.srv.opts.UpstreamFailureCode, "upstream stopped answering pings", ws.StatusGoingAway, "pong timeout")
+		return
+	}
+	l.s.evict(evictPongTimeout)
+}
+
+// session is one proxied pair. Four goroutines serve it: a reader and a
+// writer per socket. The last of them to end finishes the session.
+type session struct {
+	srv        *Server
+	id         uint64
+	log        zerolog.Logger
+	began      time.Time
+	clientAddr string
+	target     string
+
+	client, upstream leg
+	running          atomic.Int32
+
+	mu         sync.Mutex
+	closeTimer *time.Timer // bounds the close handshake; guarded by mu
+	aborted    bool        // guarded by mu
+	endReason  string      // first reason the session began to end; guarded by mu
+	evicted    string      // eviction reason, if any; guarded by mu
+}
+
+func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn net.Conn, upPending []byte, clientAddr, target, protocol string, ext frame.Extension) {
+	ss := &session{
+		srv:        s,
+		id:         s.nextID.Add(1),
+		began:      time.Now(),
+		clientAddr: clientAddr,
+		target:     target,
+	}
+	ss.log = s.log.With().Uint64("conn", ss.id).Str("client", clientAddr).Logger()
+	ss.client = leg{s: ss, conn: clientConn, rd: frame.NewReader(clientConn, clientPending), streamDone: make(chan error, 1)}
+	ss.upstream = leg{s: ss, upstream: true, conn: upConn, rd: frame.NewReader(upConn, upPending), streamDone: make(chan error, 1)}
+	ss.client.check = frame.Checker{FromClient: true, Extension: ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
+	ss.upstream.check = frame.Checker{FromClient: false, Extension: ext}
+	ss.client.out = limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
+	ss.upstream.out = limiter.NewQueue(&upstreamQueue, s.budget, nil)
+
+	s.mu.Lock()
+	s.sessions[ss] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	s.metrics.connectionsActive.Inc()
+	ss.log.Info().Str("upstream", target).Str("protocol", protocol).Msg("session open")
+
+	ss.client.out.OnStreamDiscard(ss.client.streamDone)
+	ss.upstream.out.OnStreamDiscard(ss.upstream.streamDone)
+	if s.opts.Keepalive.Interval > 0 {
+		ss.client.ka = keepalive.Start(s.opts.Keepalive, &ss.client)
+	}
+	if s.opts.UpstreamKeepalive.Interval > 0 {
+		ss.upstream.ka = keepalive.Start(s.opts.UpstreamKeepalive, &ss.upstream)
+	}
+	ss.running.Store(4)
+	go ss.clientReader()
+	go ss.upstreamReader()
+	go ss.clientWriter()
+	go ss.upstreamWriter()
+	if s.draining.Load() {
+		ss.goAway()
+	}
+}
+
+// Role names for stack dumps.
+func (s *session) clientReader()   { defer s.exit(); s.pump(&s.client, &s.upstream) }
+func (s *session) upstreamReader() { defer s.exit(); s.pump(&s.upstream, &s.client) }
+func (s *session) clientWriter()   { defer s.exit(); s.write(&s.client, &s.upstream) }
+func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.client) }
+
+// pump reads frames from src, checks them and queues them for dst's writer.
+func (s *session) pump(src, dst *leg) {
+	var ctl [frame.MaxControlFrame]byte
+	var ctlPayload [ws.MaxControlFramePayloadSize]byte
+	dir := toUpstream
+	if src.upstream {
+		dir = toClient
+	}
+	msgs, byts := s.srv.metrics.messages[dir], s.srv.metrics.bytes[dir]
+	for {
+		h, raw, err := src.rd.ReadHeader()
+		if err != nil {
+			var fe *frame.Error
+			if errors.As(err, &fe) {
+				s.violation(src, fe)
+			} else {
+				s.lost(src, err)
+			}
+			return
+		}
+		if err := src.check.Check(h); err != nil {
+			s.violation(src, err.(*frame.Error))
+			return
+		}
+		if src.ka != nil {
+			src.ka.Heard()
+		}
+		size := int64(len(raw)) + h.Length
+		if h.OpCode.IsControl() {
+			n := copy(ctl[:], raw)
+			wire := ctl[:n+int(h.Length)]
+			if err := src.rd.ReadFull(wire[n:]); err != nil {
+				s.lost(src, err)
+				return
+			}
+			payload := ctlPayload[:h.Length]
+			copy(payload, wire[n:])
+			if h.Masked {
+				ws.Cipher(payload, h.Mask, 0)
+			}
+			switch h.OpCode {
+			case ws.OpClose:
+				s.closeReceived(src, dst, payload, wire)
+				return
+			case ws.OpPong:
+				if src.ka != nil && src.ka.IsOwnPong(payload) {
+					continue
+				}
+			}
+			seg := limiter.NewSegment(len(wire))
+			*seg.Buf = append(*seg.Buf, wire...)
+			if !dst.out.PushControl(seg) {
+				seg.Free()
+			}
+			continue
+		}
+
+		var seg *limiter.Segment
+		if h.Length <= inlineMax {
+			seg = limiter.NewSegment(int(size))
+			b := append(*seg.Buf, raw...)
+			b = b[:size]
+			if err := src.rd.ReadFull(b[len(raw):]); err != nil {
+				seg.Free()
+				s.lost(src, err)
+				return
+			}
+			*seg.Buf = b
+		} else {
+			seg = limiter.NewSegment(len(raw))
+			*seg.Buf = append(*seg.Buf, raw...)
+			seg.Follow = h.Length
+		}
+		seg.Start = h.OpCode != ws.OpContinuation
+		seg.End = h.Fin
+		follow := seg.Follow
+		byts.Add(float64(size))
+		src.bytesIn += uint64(size)
+		if h.Fin {
+			msgs.Inc()
+			src.msgsIn++
+		}
+		err = dst.out.Push(seg)
+		switch err {
+		case nil:
+			if follow > 0 {
+				// dst's writer copies the payload straight from src's
+				// socket; src is not read until it is done.
+				switch err := <-dst.streamDone; err {
+				case nil:
+					continue
+				case limiter.ErrClosed:
+					// Discarded unwritten: skip the payload below.
+				default:
+					return
+				}
+			} else {
+				continue
+			}
+		case limiter.ErrOverflow:
+			s.evict(evictSlow)
+		case limiter.ErrPauseTimeout:
+			s.evict(evictPauseTimeout)
+		}
+		// The frame has nowhere to go: dst is closing. Keep reading src
+		// until its close frame answers ours.
+		if err != nil {
+			seg.Free()
+		}
+		if follow > 0 {
+			if err := src.rd.Discard(follow); err != nil {
+				s.lost(src, err)
+				return
+			}
+		}
+	}
+}
+
+// write is the only goroutine that writes to dst's socket. It takes
+// batches from dst's queue, control frames first, and writes each batch
+// with one writev under a deadline. After a close frame it writes nothing.
+func (s *session) write(dst, src *leg) {
+	var batch [64]*limiter.Segment
+	var bufs [64][]byte
+	var nb net.Buffers
+	timeout := s.srv.opts.WriteTimeout
+	for {
+		segs, err := dst.out.Take(batch[:0], batchBytes)
+		if err != nil {
+			return
+		}
+		for i, seg := range segs {
+			bufs[i] = seg.Bytes()
+		}
+		nb = bufs[:len(segs)]
+		last := segs[len(segs)-1]
+		deadline := timeout
+		if last.Close && onlyControl(segs) {
+			// A close with no data before it is best effort: a slow
+			// client's window may be shut for good.
+			deadline = min(timeout, closeWriteTimeout)
+		}
+		dst.conn.SetWriteDeadline(time.Now().Add(deadline))
+		_, err = nb.WriteTo(dst.conn)
+		if err == nil && last.Follow > 0 {
+			_, err = src.rd.CopyN(dst.conn, last.Follow)
+			dst.streamDone <- err
+		} else if last.Follow > 0 {
+			dst.streamDone <- err
+		}
+		closed := last.Close
+		for i, seg := range segs {
+			seg.Free()
+			bufs[i] = nil
+			batch[i] = nil
+		}
+		if err != nil {
+			s.writeFailed(dst, err)
+			return
+		}
+		if closed {
+			s.closeWritten(dst)
+			return
+		}
+	}
+}
+
+// closeWriteTimeout bounds the write of a close frame that no data
+// precedes (evictions, protocol errors).
+const closeWriteTimeout = time.Second
+
+func onlyControl(segs []*limiter.Segment) bool {
+	for _, s := range segs {
+		if !s.Control {
+			return false
+		}
+	}
+	return true
+}
+
+// closeReceived handles a valid or invalid close frame from src.
+func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
+	code, _, err := frame.ParseClose(payload)
+	if err != nil {
+		s.violation(src, err.(*frame.Error))
+		return
+	}
+	s.srv.metrics.closeCodes.WithLabelValues(src.name(), "received", closeCodeLabel(code)).Inc()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	src.closeRcvd = true
+	src.rcvdCode = code
+	s.noteEnd(src.name() + " closed")
+	if !dst.closeQueued && !dst.dead {
+		// Pass the close on as it came: same code, same reason, same mask.
+		seg := limiter.NewSegment(len(wire))
+		*seg.Buf = append(*seg.Buf, wire...)
+		s.queueClose(dst, seg, code, false)
+	}
+	if !src.closeQueued && dst.dead {
+		// Nobody can answer for the other side: echo the code.
+		echo := code
+		if echo == ws.StatusNoStatusRcvd {
+			echo = ws.StatusNormalClosure
+		}
+		s.queueClose(src, closeSegment(echo, "", src.upstream), echo, false)
+	}
+	s.checkDoneLocked()
+}
+
+// closeSegment makes a close frame sluice originates.
+func closeSegment(code ws.StatusCode, reason string, masked bool) *limiter.Segment {
+	seg := limiter.NewSegment(frame.MaxControlFrame)
+	*seg.Buf = frame.AppendClose(*seg.Buf, code, reason, masked)
+	return seg
+}
+
+// queueClose queues seg as l's close frame and starts the close timer.
+// Callers hold s.mu.
+func (s *session) queueClose(l *leg, seg *limiter.Segment, code ws.StatusCode, first bool) {
+	if l.dead || !l.out.PushClose(seg, first) {
+		seg.Free()
+		return
+	}
+	l.closeQueued = true
+	l.sentCode = code
+	s.armCloseTimerLocked()
+}
+
+// closeLeg queues a close frame that sluice originates toward l.
+// Callers hold s.mu.
+func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool) {
+	if l.dead {
+		return
+	}
+	if l.closeQueued {
+		if first {
+			// Let the queued close overtake the data.
+			l.out.Expedite()
+		}
+		return
+	}
+	s.queueClose(l, closeSegment(code, reason, l.upstream), code, first)
+}
+
+func (s *session) armCloseTimerLocked() {
+	if s.closeTimer == nil && !s.aborted {
+		s.closeTimer = time.AfterFunc(s.srv.opts.CloseTimeout, func() { s.abort("close handshake timed out") })
+	}
+}
+
+// closeWritten: the writer put dst's close frame on the wire.
+func (s *session) closeWritten(dst *leg) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	dst.closeSent = true
+	s.srv.metrics.closeCodes.WithLabelValues(dst.name(), "sent", closeCodeLabel(dst.sentCode)).Inc()
+	s.checkDoneLocked()
+}
+
+// checkDoneLocked ends the session once both legs have finished their
+// close handshakes. Callers hold s.mu.
+func (s *session) checkDoneLocked() {
+	if s.client.finished() && s.upstream.finished() {
+		s.abortLocked("")
+	}
+}
+
+// noteEnd records the first reason the session began to end.
+// Callers hold s.mu.
+func (s *session) noteEnd(reason string) {
+	if s.endReason == "" {
+		s.endReason = reason
+	}
+}
+
+// lost: src's socket failed or ended without a close frame.
+func (s *session) lost(src *leg, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.aborted {
+		return
+	}
+	src.dead = true
+	src.conn.Close()
+	dst := &s.client
+	code, reason := s.srv.opts.UpstreamFailureCode, "upstream connection lost"
+	if !src.upstream {
+		dst, code, reason = &s.upstream, ws.StatusGoingAway, "client went away"
+	}
+	if src.closeRcvd {
+		// It closed properly before: the socket ending is expected.
+		s.checkDoneLocked()
+		return
+	}
+	s.noteEnd(src.name() + " lost: " + errString(err))
+	s.closeLeg(dst, code, reason, false)
+	s.checkDoneLocked()
+}
+
+// writeFailed: a write to dst failed or timed out.
+func (s *session) writeFailed(dst *leg, err error) {
+	if !dst.upstream && errors.Is(err, os.ErrDeadlineExceeded) {
+		s.evict(evictWriteTimeout)
+	}
+	if dst.upstream && errors.Is(err, os.ErrDeadlineExceeded) {
+		s.fail(dst, s.srv.opts.UpstreamFailureCode, "upstream stopped reading", ws.StatusGoingAway, "write timeout")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.aborted {
+		return
+	}
+	dst.dead = true
+	dst.out.Close()
+	dst.conn.Close()
+	other := &s.upstream
+	code, reason := ws.StatusGoingAway, "client went away"
+	if dst.upstream {
+		other, code, reason = &s.client, s.srv.opts.UpstreamFailureCode, "upstream connection lost"
+	}
+	s.noteEnd(dst.name() + " write failed: " + errString(err))
+	s.closeLeg(other, code, reason, false)
+	s.checkDoneLocked()
+}
+
+// violation: src broke the protocol. It gets the error's close code at
+// once (its close is not awaited); the other leg is told after its data.
+func (s *session) violation(src *leg, fe *frame.Error) {
+	if src.upstream {
+		s.fail(src, s.srv.opts.UpstreamFailureCode, "upstream protocol error", ws.StatusProtocolError, fe.Reason)
+	} else {
+		s.mu.Lock()
+		src.noReply = true
+		s.noteEnd("client protocol error: " + fe.Reason)
+		s.closeLeg(src, fe.Code, fe.Reason, true)
+		s.closeLeg(&s.upstream, ws.StatusGoingAway, "client protocol error", false)
+		s.checkDoneLocked()
+		s.mu.Unlock()
+	}
+	s.srv.metrics.protocolErrors.WithLabelValues(src.name(), closeCodeLabel(fe.Code)).Inc()
+	s.log.Warn().Str("leg", src.name()).Int("code", int(fe.Code)).Str("error", fe.Reason).Msg("protocol violation")
+}
+
+// fail ends the session because the upstream failed: the client gets
+// clientCode after its queued data, the upstream gets upCode at once.
+func (s *session) fail(up *leg, clientCode ws.StatusCode, clientReason string, upCode ws.StatusCode, upReason string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	up.noReply = true
+	s.noteEnd(clientReason)
+	s.closeLeg(up, upCode, upReason, true)
+	s.closeLeg(&s.client, clientCode, clientReason, false)
+	s.checkDoneLocked()
+}
+
+// evict closes the client to protect the process or the backend: 1013 at
+// once, ahead of its queued data, and 1001 to the upstream so the backend
+// frees its side.
+func (s *session) evict(reason string) {
+	s.client.out.MarkEvicted()
+	// Read the queue before the close frame's priority discards it.
+	msgs, byts := s.client.out.Messages(), s.client.out.Bytes()
+	s.mu.Lock()
+	if s.evicted != "" || s.aborted {
+		s.mu.Unlock()
+		return
+	}
+	s.evicted = reason
+	s.noteEnd("evicted: " + reason)
+	s.client.noReply = true
+	code := frame.StatusTryAgainLater
+	text := "slow client"
+	if reason == evictPongTimeout {
+		code, text = ws.StatusGoingAway, "pong timeout"
+	}
+	s.closeLeg(&s.client, code, text, true)
+	s.closeLeg(&s.upstream, ws.StatusGoingAway, "client evicted", true)
+	s.checkDoneLocked()
+	s.mu.Unlock()
+	s.srv.metrics.evictions.WithLabelValues(reason).Inc()
+	s.srv.mu.Lock()
+	s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: reason, QueueMessages: msgs, QueueBytes: byts})
+	s.srv.mu.Unlock()
+	s.log.Warn().Str("reason", reason).Int("queue_messages", msgs).Int64("queue_bytes", byts).Msg("client evicted")
+}
+
+// guardEvict is the Budget's way to evict this session.
+func (s *session) guardEvict(r limiter.Reason) {
+	switch r {
+	case limiter.ReasonGlobalCeiling:
+		s.evict(evictGlobal)
+	default:
+		s.evict(evictSlowRatio)
+	}
+}
+
+// goAway starts a graceful close for shutdown: 1001 to both legs after
+// their queued data.
+func (s *session) goAway() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.noteEnd("shutdown")
+	s.closeLeg(&s.client, ws.StatusGoingAway, "server shutting down", false)
+	s.closeLeg(&s.upstream, ws.StatusGoingAway, "proxy shutting down", false)
+}
+
+// abort closes both sockets and queues, which ends every goroutine of the
+// session.
+func (s *session) abort(reason string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if reason != "" {
+		s.noteEnd(reason)
+	}
+	s.abortLocked(reason)
+}
+
+func (s *session) abortLocked(string) {
+	if s.aborted {
+		return
+	}
+	s.aborted = true
+	if s.closeTimer != nil {
+		s.closeTimer.Stop()
+	}
+	for _, l := range []*leg{&s.client, &s.upstream} {
+		if l.ka != nil {
+			l.ka.Stop()
+		}
+		l.out.Close()
+		l.conn.Close()
+	}
+}
+
+// exit is deferred by each goroutine; the last one finishes the session.
+func (s *session) exit() {
+	if s.running.Add(-1) != 0 {
+		return
+	}
+	s.abort("")
+	s.client.rd.Release()
+	s.upstream.rd.Release()
+	m := s.srv.metrics
+	m.connectionsActive.Dec()
+	d := time.Since(s.began)
+	m.sessionSeconds.Observe(d.Seconds())
+	s.mu.Lock()
+	reason, evicted := s.endReason, s.evicted
+	s.mu.Unlock()
+	ev := s.log.Info()
+	if evicted != "" {
+		ev = ev.Str("evicted", evicted)
+	}
+	ev.Str("reason", reason).
+		Dur("duration", d).
+		Int("client_close_sent", int(s.client.sentCode)).
+		Int("client_close_received", int(s.client.rcvdCode)).
+		Int("upstream_close_sent", int(s.upstream.sentCode)).
+		Int("upstream_close_received", int(s.upstream.rcvdCode)).
+		Uint64("msgs_to_upstream", s.client.msgsIn).
+		Uint64("bytes_to_upstream", s.client.bytesIn).
+		Uint64("msgs_to_client", s.upstream.msgsIn).
+		Uint64("bytes_to_client", s.upstream.bytesIn).
+		Msg("session closed")
+	s.srv.forget(s)
+}
+
+func errString(err error) string {
+	switch {
+	case err == nil:
+		return ""
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return "EOF"
+	case errors.Is(err, net.ErrClosed):
+		return "closed"
+	}
+	return err.Error()
+}
