@@ -30,6 +30,7 @@ type Reader struct {
 	lastN         int
 	lastErr       error
 	headerScratch [MaxHeaderSize]byte
+	limited       io.LimitedReader // reused by CopyN
 }
 
 // NewReader returns a Reader of conn. pending holds bytes already read from
@@ -105,33 +106,48 @@ func (r *Reader) readRaw(fd uintptr) bool {
 	}
 }
 
+// maxEmptyReads is how many (0, nil) reads in a row fill tolerates before
+// giving up with io.ErrNoProgress, as bufio does.
+const maxEmptyReads = 100
+
 // fill reads more bytes into the buffer, making room at its end first.
 func (r *Reader) fill() error {
 	if r.buf != nil && r.r > 0 {
 		if r.r == r.w {
 			r.r, r.w = 0, 0
 		} else if cap(*r.buf)-r.w < MaxHeaderSize {
-			n := copy(*r.buf, (*r.buf)[r.r:r.w])
+			// The buffer has length 0: copy into its full capacity.
+			n := copy((*r.buf)[:cap(*r.buf)], (*r.buf)[r.r:r.w])
 			r.r, r.w = 0, n
 		}
 	}
 	if r.raw == nil {
 		r.grab()
-		n, err := r.conn.Read((*r.buf)[r.w:cap(*r.buf)])
-		r.w += n
-		if n > 0 {
-			return nil
+		for range maxEmptyReads {
+			n, err := r.conn.Read((*r.buf)[r.w:cap(*r.buf)])
+			r.w += n
+			if n > 0 {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
 		}
-		if err == nil {
-			err = io.ErrNoProgress
+		return io.ErrNoProgress
+	}
+	err := r.raw.Read(r.readFn)
+	if err == nil {
+		err = r.lastErr
+	}
+	if err != nil {
+		// A deadline can end the wait before readRaw runs, and EOF or a
+		// socket error ends it with nothing read: give the buffer back
+		// here too, so a Reader that stops holds none.
+		if r.buf != nil && r.r == r.w {
+			PutBuffer(r.buf)
+			r.buf = nil
 		}
 		return err
-	}
-	if err := r.raw.Read(r.readFn); err != nil {
-		return err
-	}
-	if r.lastErr != nil {
-		return r.lastErr
 	}
 	r.w += r.lastN
 	return nil
@@ -246,10 +262,27 @@ func (r *Reader) CopyN(dst io.Writer, n int64) (int64, error) {
 		PutBuffer(r.buf)
 		r.buf = nil
 	}
-	m, err := io.CopyN(dst, r.conn, n-done)
+	// A LimitedReader of our own, not io.CopyN's, so the copy allocates
+	// nothing; *net.TCPConn's ReadFrom turns it into splice(2).
+	r.limited = io.LimitedReader{R: r.conn, N: n - done}
+	var m int64
+	var err error
+	if rf, ok := dst.(io.ReaderFrom); ok {
+		m, err = rf.ReadFrom(&r.limited)
+	} else {
+		// TLS and other writers without ReadFrom: copy through a pooled
+		// buffer rather than the 32 KiB io.Copy would allocate.
+		b := GetBuffer(32 << 10)
+		m, err = io.CopyBuffer(struct{ io.Writer }{dst}, &r.limited, (*b)[:cap(*b)])
+		PutBuffer(b)
+	}
 	done += m
+	r.limited.R = nil
 	if err != nil {
 		return done, unexpected(err)
+	}
+	if done < n {
+		return done, io.ErrUnexpectedEOF
 	}
 	return done, nil
 }

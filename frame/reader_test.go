@@ -183,6 +183,15 @@ var payloadMethods = []payloadMethod{
 	{"Discard", func(r *Reader, h ws.Header) ([]byte, error) {
 		return nil, r.Discard(h.Length)
 	}},
+	{"CopyN to a plain Writer", func(r *Reader, h ws.Header) ([]byte, error) {
+		// No ReadFrom: CopyN takes its io.Copy path.
+		var b bytes.Buffer
+		n, err := r.CopyN(struct{ io.Writer }{&b}, h.Length)
+		if err == nil && n != h.Length {
+			return nil, io.ErrShortWrite
+		}
+		return b.Bytes(), err
+	}},
 }
 
 // expectFrame reads one frame and checks its header, raw header bytes and
@@ -248,8 +257,8 @@ func TestReaderHeadersByteByByte(t *testing.T) {
 			if tr.raw {
 				pause = 100 * time.Microsecond
 			}
-			done := writeChunks(t, w, pause, true, chunks...)
 			r := newTestReader(t, c, nil)
+			done := writeChunks(t, w, pause, true, chunks...)
 			for i, f := range frames {
 				expectFrame(t, r, f, payloadMethods[i%len(payloadMethods)])
 			}
@@ -264,13 +273,12 @@ func TestReaderHeadersByteByByte(t *testing.T) {
 func manySmallFrames(count int) []testFrame {
 	frames := make([]testFrame, count)
 	for i := range frames {
-		op := ws.OpBinary
-		if i%7 == 3 {
-			op = ws.OpPing
-		}
-		n := i % 23
-		if i%101 == 50 {
+		op, n := ws.OpBinary, i%23
+		switch {
+		case i%101 == 50:
 			n = 126 + i%300 // 16-bit lengths from time to time
+		case i%7 == 3:
+			op = ws.OpPing
 		}
 		frames[i] = makeFrame(op, true, true, n, uint64(i))
 	}
@@ -284,8 +292,8 @@ func TestReaderManySmallFramesOneWrite(t *testing.T) {
 		for _, m := range payloadMethods {
 			t.Run(tr.name+"/"+m.name, func(t *testing.T) {
 				w, c := tr.pair(t)
-				done := writeChunks(t, w, 0, true, stream)
 				r := newTestReader(t, c, nil)
+				done := writeChunks(t, w, 0, true, stream)
 				ch := &Checker{FromClient: true}
 				for _, f := range frames {
 					expectFrame(t, r, f, m)
@@ -315,8 +323,8 @@ func TestReaderOddChunks(t *testing.T) {
 				chunks = append(chunks, rest[:n])
 				rest = rest[n:]
 			}
-			done := writeChunks(t, w, 0, true, chunks...)
 			r := newTestReader(t, c, nil)
+			done := writeChunks(t, w, 0, true, chunks...)
 			for i, f := range frames {
 				expectFrame(t, r, f, payloadMethods[i%len(payloadMethods)])
 			}
@@ -341,8 +349,8 @@ func TestReaderPayloadMethods(t *testing.T) {
 				// Split the stream so a payload is partly buffered and partly
 				// still on the wire.
 				stream := wireOf(frames...)
-				done := writeChunks(t, w, 0, true, stream[:4000], stream[4000:20000], stream[20000:])
 				r := newTestReader(t, c, nil)
+				done := writeChunks(t, w, 0, true, stream[:4000], stream[4000:20000], stream[20000:])
 				for _, f := range frames {
 					expectFrame(t, r, f, m)
 				}
@@ -364,8 +372,8 @@ func TestReaderLengthMSB(t *testing.T) {
 		for name, stream := range streams {
 			t.Run(tr.name+"/"+name, func(t *testing.T) {
 				w, c := tr.pair(t)
-				done := writeChunks(t, w, 0, false, stream)
 				r := newTestReader(t, c, nil)
+				done := writeChunks(t, w, 0, false, stream)
 				var err error
 				for i := 0; i < 3 && err == nil; i++ {
 					var h ws.Header
@@ -407,14 +415,15 @@ func TestReaderUnexpectedEOF(t *testing.T) {
 		{"small payload ReadFull", makeFrame(ws.OpText, true, false, 10, 3).wire()[:7], payloadMethods[0]},
 		{"small payload CopyN", makeFrame(ws.OpText, true, false, 10, 3).wire()[:7], payloadMethods[1]},
 		{"small payload Discard", makeFrame(ws.OpText, true, false, 10, 3).wire()[:7], payloadMethods[2]},
+		{"payload CopyN to a plain Writer", full[:len(full)-1], payloadMethods[3]},
 		{"empty payload", makeFrame(ws.OpText, true, false, 10, 3).wire()[:2], payloadMethods[0]},
 	}
 	for _, tr := range transports {
 		for _, tc := range cases {
 			t.Run(tr.name+"/"+tc.name, func(t *testing.T) {
 				w, c := tr.pair(t)
-				done := writeChunks(t, w, 0, true, tc.stream)
 				r := newTestReader(t, c, nil)
+				done := writeChunks(t, w, 0, true, tc.stream)
 				var err error
 				for i := 0; i < 3 && err == nil; i++ {
 					var h ws.Header
@@ -436,8 +445,8 @@ func TestReaderCleanEOF(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(tr.name+"/empty", func(t *testing.T) {
 			w, c := tr.pair(t)
-			done := writeChunks(t, w, 0, true)
 			r := newTestReader(t, c, nil)
+			done := writeChunks(t, w, 0, true)
 			expectEOF(t, r)
 			expectEOF(t, r) // and it stays at EOF
 			waitWriter(t, done)
@@ -445,8 +454,8 @@ func TestReaderCleanEOF(t *testing.T) {
 		t.Run(tr.name+"/after frames", func(t *testing.T) {
 			frames := []testFrame{makeFrame(ws.OpText, true, true, 10, 1), makeFrame(ws.OpBinary, true, true, 20000, 2)}
 			w, c := tr.pair(t)
-			done := writeChunks(t, w, 0, true, wireOf(frames...))
 			r := newTestReader(t, c, nil)
+			done := writeChunks(t, w, 0, true, wireOf(frames...))
 			for _, f := range frames {
 				expectFrame(t, r, f, payloadMethods[1])
 			}
@@ -469,8 +478,8 @@ func TestReaderPending(t *testing.T) {
 		t.Run(tr.name, func(t *testing.T) {
 			w, c := tr.pair(t)
 			pending := bytes.Clone(stream[:cut])
-			done := writeChunks(t, w, 0, true, stream[cut:])
 			r := newTestReader(t, c, pending)
+			done := writeChunks(t, w, 0, true, stream[cut:])
 			if r.Buffered() != cut {
 				t.Fatalf("Buffered %d, want %d", r.Buffered(), cut)
 			}
@@ -484,8 +493,8 @@ func TestReaderPending(t *testing.T) {
 	}
 	t.Run("only pending", func(t *testing.T) {
 		w, c := pipePair(t)
-		w.Close()
 		r := newTestReader(t, c, stream)
+		w.Close()
 		for _, f := range frames {
 			expectFrame(t, r, f, payloadMethods[1])
 		}
@@ -497,8 +506,8 @@ func TestReaderPending(t *testing.T) {
 			t.Fatalf("frame of %d bytes", len(big))
 		}
 		w, c := pipePair(t)
-		w.Close()
 		r := newTestReader(t, c, big)
+		w.Close()
 		h, _, err := r.ReadHeader()
 		if err != nil {
 			t.Fatal(err)
@@ -523,8 +532,8 @@ func TestReaderIdleHoldsNoBuffer(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			w, c := tcpPair(t)
 			f := makeFrame(ws.OpText, true, true, 50, 1)
-			done := writeChunks(t, w, 0, false, f.wire())
 			r := newTestReader(t, c, nil)
+			done := writeChunks(t, w, 0, false, f.wire())
 			expectFrame(t, r, f, payloadMethods[0])
 			waitWriter(t, done)
 			if r.Buffered() != 0 {
@@ -555,8 +564,8 @@ func TestReaderIdleHoldsNoBuffer(t *testing.T) {
 	t.Run("after CopyN", func(t *testing.T) {
 		w, c := tcpPair(t)
 		f := makeFrame(ws.OpBinary, true, true, 200000, 1)
-		done := writeChunks(t, w, 0, false, f.wire())
 		r := newTestReader(t, c, nil)
+		done := writeChunks(t, w, 0, false, f.wire())
 		expectFrame(t, r, f, payloadMethods[1])
 		waitWriter(t, done)
 		if r.buf != nil {
@@ -565,8 +574,8 @@ func TestReaderIdleHoldsNoBuffer(t *testing.T) {
 	})
 	t.Run("partial header keeps buffer", func(t *testing.T) {
 		w, c := tcpPair(t)
-		done := writeChunks(t, w, 0, false, []byte{0x82, 0xfe, 0x01})
 		r := newTestReader(t, c, nil)
+		done := writeChunks(t, w, 0, false, []byte{0x82, 0xfe, 0x01})
 		c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 		if _, _, err := r.ReadHeader(); !errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatalf("ReadHeader: %v, want a deadline error", err)
@@ -616,13 +625,15 @@ func TestReaderDeadline(t *testing.T) {
 			t.Run(tr.name+"/"+m.name, func(t *testing.T) {
 				w, c := tr.pair(t)
 				f := makeFrame(ws.OpBinary, true, false, 50000, 1)
-				done := writeChunks(t, w, 0, false, f.wire()[:30000])
 				r := newTestReader(t, c, nil)
+				done := writeChunks(t, w, 0, false, f.wire()[:30000])
 				h, _, err := r.ReadHeader()
 				if err != nil {
 					t.Fatal(err)
 				}
-				waitWriter(t, done)
+				if tr.raw {
+					waitWriter(t, done)
+				} // else the pipe writer blocks until cleanup closes it
 				c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 				if _, err := m.read(r, h); !errors.Is(err, os.ErrDeadlineExceeded) {
 					t.Fatalf("%s: %v, want a deadline error", m.name, err)
@@ -672,5 +683,37 @@ func TestReaderCopyNTCP(t *testing.T) {
 	}
 	expectFrame(t, r, last, payloadMethods[0])
 	expectEOF(t, r)
+	waitWriter(t, done)
+}
+
+// TestReaderCopyNTCPTruncated cuts the stream inside a payload on the splice
+// path: CopyN must report io.ErrUnexpectedEOF, not a short success.
+func TestReaderCopyNTCPTruncated(t *testing.T) {
+	const size = 1 << 20
+	in, c := tcpPair(t)
+	out, sink := tcpPair(t)
+	f := makeFrame(ws.OpBinary, true, true, size, 7)
+	wire := f.wire()
+	r := newTestReader(t, c, nil)
+	done := writeChunks(t, in, 0, true, wire[:len(wire)-1000])
+
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // sinkDrainer: keeps the output socket from filling up
+		defer wg.Done()
+		sink.SetReadDeadline(time.Now().Add(testTimeout))
+		io.Copy(io.Discard, sink)
+	}()
+	t.Cleanup(wg.Wait)
+	t.Cleanup(func() { out.Close() })
+
+	h, _, err := r.ReadHeader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := r.CopyN(out, h.Length)
+	if err != io.ErrUnexpectedEOF || n != size-1000 {
+		t.Fatalf("CopyN: %d, %v; want %d, io.ErrUnexpectedEOF", n, err, size-1000)
+	}
 	waitWriter(t, done)
 }

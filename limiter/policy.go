@@ -48,4 +48,6 @@ var (
 	ErrPauseTimeout = errors.New("limiter: paused too long")
 	// ErrClosed: the queue was closed; nothing more will be written.
 	ErrClosed = errors.New("limiter: queue closed")
+	// ErrIdle: Take found nothing to write; the writer should end.
+	ErrIdle = errors.New("limiter: nothing to write")
 )

@@ -66,39 +66,62 @@ type Queue struct {
 	closeFirst    bool
 	closed        bool // aborted: Take and Push fail
 	writerInMsg   bool // the writer has taken a message's start but not its end
-	writerWaiting bool
+	writerRunning bool // a writer is taking; the next one is started by kick
 	roomWanted    bool // the producer waits on room
 	roomForStart  bool // ... to start a message: the count must fall too
 	slow          bool
 	pausedAt      int64 // monotonic ns the current pause began; 0 if none
 	dropped       uint64
 
-	wake chan struct{} // to the writer: something to take
 	room chan struct{} // to the producer: below low water, or closed
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
 	// streamDiscarded hears ErrClosed when a segment with Follow bytes is
 	// freed unwritten, so the producer waiting for it can go on.
 	streamDiscarded chan<- error
+	startWriter     func() // see OnWork
 }
 
 // OnStreamDiscard names the channel told when a streamed segment is
 // discarded before its writer copied it. Call it before the first Push.
-func (q *Queue) OnStreamDiscard(ch chan<- error) {
-	q.mu.Lock()
-	q.streamDiscarded = ch
+func (q *Queue) OnStreamDiscard(ch chan<- error) { q.streamDiscarded = ch }
+
+// OnWork names the function that starts the queue's writer. The queue
+// calls it, outside its lock, whenever something is queued while no writer
+// is running; the writer runs until Take returns ErrIdle or ErrClosed. So
+// an idle connection has no writer goroutine at all. Call it before the
+// first Push.
+func (q *Queue) OnWork(start func()) { q.startWriter = start }
+
+// kick reports whether the caller must start a writer once it has let go
+// of mu: there is work and nobody to do it. Callers hold mu.
+func (q *Queue) kick() bool {
+	if q.writerRunning || q.closed || q.startWriter == nil {
+		return false
+	}
+	if q.nctl == 0 && q.head == nil && q.closeFrame == nil {
+		return false
+	}
+	q.writerRunning = true
+	return true
+}
+
+func (q *Queue) unlockAndKick() {
+	start := q.kick()
 	q.mu.Unlock()
+	if start {
+		q.startWriter()
+	}
 }
 
 // Expedite discards the data lane so that a queued close frame leaves at
 // once.
 func (q *Queue) Expedite() {
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	q.discardLocked()
 	q.closeFirst = true
-	q.signalWriter()
 	q.signalRoom()
+	q.unlockAndKick()
 }
 
 // NewQueue makes a queue bounded by cfg and counted in b (if not nil).
@@ -107,7 +130,6 @@ func NewQueue(cfg *Config, b *Budget, onEvict func(Reason)) *Queue {
 	q := &Queue{
 		cfg:     cfg,
 		budget:  b,
-		wake:    make(chan struct{}, 1),
 		room:    make(chan struct{}, 1),
 		onEvict: onEvict,
 	}
@@ -214,8 +236,7 @@ func (q *Queue) Push(seg *Segment) error {
 	if seg.Start {
 		q.addMessages(1)
 	}
-	q.signalWriter()
-	q.mu.Unlock()
+	q.unlockAndKick()
 	return nil
 }
 
@@ -281,14 +302,14 @@ func (q *Queue) dropOldest(n int64) bool {
 // queued); the caller still owns seg then.
 func (q *Queue) PushControl(seg *Segment) bool {
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	if q.closed || q.closeFrame != nil || q.nctl == ctlSlots {
+		q.mu.Unlock()
 		return false
 	}
 	seg.Control = true
 	q.ctl[q.nctl] = seg
 	q.nctl++
-	q.signalWriter()
+	q.unlockAndKick()
 	return true
 }
 
@@ -298,19 +319,18 @@ func (q *Queue) PushControl(seg *Segment) bool {
 // first set still discards the data, so the queued close leaves at once.
 func (q *Queue) PushClose(seg *Segment, first bool) bool {
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	if first {
 		q.discardLocked()
 		q.closeFirst = true
 	}
 	if q.closed || q.closeFrame != nil {
-		q.signalWriter()
+		q.unlockAndKick()
 		return false
 	}
 	seg.Control, seg.Close = true, true
 	q.closeFrame = seg
-	q.signalWriter()
 	q.signalRoom()
+	q.unlockAndKick()
 	return true
 }
 
@@ -340,24 +360,24 @@ func (q *Queue) freeUnwritten(s *Segment) {
 	s.Free()
 }
 
-// Take appends to dst what the writer should write next, blocking until
-// there is something or the queue is closed: control frames first, then
-// data up to maxBytes and cap(dst) and, once the data lane is empty, a
-// queued close frame. It always returns at least one segment, even past
-// maxBytes or cap(dst). A segment with Follow or Close ends the batch. It
-// returns ErrClosed once the queue is closed.
+// Take appends to dst what the writer should write next: control frames
+// first, then data up to maxBytes and cap(dst) and, once the data lane is
+// empty, a queued close frame. It always returns at least one segment, even
+// past maxBytes or cap(dst). A segment with Follow or Close ends the batch.
+// It never blocks: with nothing queued it returns ErrIdle and the writer
+// should end (OnWork starts the next one); once the queue is closed it
+// returns ErrClosed.
 func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 	q.mu.Lock()
-	for !q.closed && q.nctl == 0 && q.head == nil && q.closeFrame == nil {
-		q.writerWaiting = true
-		q.mu.Unlock()
-		<-q.wake
-		q.mu.Lock()
-	}
-	q.writerWaiting = false
 	if q.closed {
+		q.writerRunning = false
 		q.mu.Unlock()
 		return dst, ErrClosed
+	}
+	if q.nctl == 0 && q.head == nil && q.closeFrame == nil {
+		q.writerRunning = false
+		q.mu.Unlock()
+		return dst, ErrIdle
 	}
 	for i := 0; i < q.nctl; i++ {
 		dst = append(dst, q.ctl[i])
@@ -426,20 +446,10 @@ func (q *Queue) Close() {
 	}
 	q.closed = true
 	q.endPause()
-	q.signalWriter()
 	q.signalRoom()
 	q.mu.Unlock()
 	if q.budget != nil && q.cfg.SlowDepth > 0 {
 		q.budget.unregister(q)
-	}
-}
-
-func (q *Queue) signalWriter() {
-	if q.writerWaiting {
-		select {
-		case q.wake <- struct{}{}:
-		default:
-		}
 	}
 }
 

@@ -46,9 +46,9 @@ type Server struct {
 	mu        sync.Mutex
 	sessions  map[*session]struct{} // guarded by mu
 	evictions evictionLog           // guarded by mu
-	wg       sync.WaitGroup        // one per session
-	stop     context.CancelFunc
-	guardWG  sync.WaitGroup
+	wg        sync.WaitGroup        // one per session
+	stop      context.CancelFunc
+	guardWG   sync.WaitGroup
 }
 
 // New returns a Server for opts. Call Serve to accept connections and

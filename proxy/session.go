@@ -111,18 +111,18 @@ func (l *leg) Stale() {
 	l.s.evict(evictPongTimeout)
 }
 
-// session is one proxied pair. Four goroutines serve it: a reader and a
-// writer per socket. The last of them to end finishes the session.
+// session is one proxied pair. Up to four goroutines serve it: a reader
+// per socket for its whole life, and a writer per socket while that
+// socket's queue has work. The last of them to end finishes the session.
 type session struct {
 	srv        *Server
 	id         uint64
-	log        zerolog.Logger
 	began      time.Time
 	clientAddr string
 	target     string
 
 	client, upstream leg
-	running          atomic.Int32
+	running          atomic.Int32 // goroutines serving the session; 0 once finished
 
 	mu         sync.Mutex
 	closeTimer *time.Timer // bounds the close handshake; guarded by mu
@@ -139,7 +139,6 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 		clientAddr: clientAddr,
 		target:     target,
 	}
-	ss.log = s.log.With().Uint64("conn", ss.id).Str("client", clientAddr).Logger()
 	ss.client = leg{s: ss, conn: clientConn, rd: frame.NewReader(clientConn, clientPending), streamDone: make(chan error, 1)}
 	ss.upstream = leg{s: ss, upstream: true, conn: upConn, rd: frame.NewReader(upConn, upPending), streamDone: make(chan error, 1)}
 	ss.client.check = frame.Checker{FromClient: true, Extension: ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
@@ -152,24 +151,43 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	s.wg.Add(1)
 	s.mu.Unlock()
 	s.metrics.connectionsActive.Inc()
-	ss.log.Info().Str("upstream", target).Str("protocol", protocol).Msg("session open")
+	ss.event(s.log.Info()).Str("upstream", target).Str("protocol", protocol).Msg("session open")
 
 	ss.client.out.OnStreamDiscard(ss.client.streamDone)
 	ss.upstream.out.OnStreamDiscard(ss.upstream.streamDone)
+	// Writers run only while their queue has work: an idle session is
+	// two goroutines, its readers.
+	// Func values made once: `go ss.clientWriter()` would allocate a
+	// closure per start.
+	clientWriter, upstreamWriter := ss.clientWriter, ss.upstreamWriter
+	ss.client.out.OnWork(func() {
+		if ss.enter() {
+			go clientWriter()
+		}
+	})
+	ss.upstream.out.OnWork(func() {
+		if ss.enter() {
+			go upstreamWriter()
+		}
+	})
 	if s.opts.Keepalive.Interval > 0 {
 		ss.client.ka = keepalive.Start(s.opts.Keepalive, &ss.client)
 	}
 	if s.opts.UpstreamKeepalive.Interval > 0 {
 		ss.upstream.ka = keepalive.Start(s.opts.UpstreamKeepalive, &ss.upstream)
 	}
-	ss.running.Store(4)
+	ss.running.Store(2)
 	go ss.clientReader()
 	go ss.upstreamReader()
-	go ss.clientWriter()
-	go ss.upstreamWriter()
 	if s.draining.Load() {
 		ss.goAway()
 	}
+}
+
+// event adds the session's identity to a log line. A per-session
+// sub-logger would hold its own buffer for the session's whole life.
+func (s *session) event(e *zerolog.Event) *zerolog.Event {
+	return e.Uint64("conn", s.id).Str("client", s.clientAddr)
 }
 
 // Role names for stack dumps.
@@ -296,23 +314,23 @@ func (s *session) pump(src, dst *leg) {
 	}
 }
 
-// write is the only goroutine that writes to dst's socket. It takes
-// batches from dst's queue, control frames first, and writes each batch
-// with one writev under a deadline. After a close frame it writes nothing.
+// write is the only goroutine that writes to dst's socket while it runs.
+// It takes batches from dst's queue, control frames first, and writes each
+// batch with one writev under a deadline; it ends when the queue is empty
+// (the queue starts the next writer) and after a close frame.
 func (s *session) write(dst, src *leg) {
-	var batch [64]*limiter.Segment
-	var bufs [64][]byte
-	var nb net.Buffers
+	var batch [maxBatch]*limiter.Segment
 	timeout := s.srv.opts.WriteTimeout
 	for {
 		segs, err := dst.out.Take(batch[:0], batchBytes)
 		if err != nil {
 			return
 		}
+		iov := iovecPool.Get().(*iovecs)
 		for i, seg := range segs {
-			bufs[i] = seg.Bytes()
+			iov.bufs[i] = seg.Bytes()
 		}
-		nb = bufs[:len(segs)]
+		iov.nb = iov.bufs[:len(segs)]
 		last := segs[len(segs)-1]
 		deadline := timeout
 		if last.Close && onlyControl(segs) {
@@ -321,7 +339,9 @@ func (s *session) write(dst, src *leg) {
 			deadline = min(timeout, closeWriteTimeout)
 		}
 		dst.conn.SetWriteDeadline(time.Now().Add(deadline))
-		_, err = nb.WriteTo(dst.conn)
+		_, err = iov.nb.WriteTo(dst.conn)
+		iov.bufs = [maxBatch][]byte{}
+		iovecPool.Put(iov)
 		if err == nil && last.Follow > 0 {
 			_, err = src.rd.CopyN(dst.conn, last.Follow)
 			dst.streamDone <- err
@@ -331,7 +351,6 @@ func (s *session) write(dst, src *leg) {
 		closed := last.Close
 		for i, seg := range segs {
 			seg.Free()
-			bufs[i] = nil
 			batch[i] = nil
 		}
 		if err != nil {
@@ -344,6 +363,18 @@ func (s *session) write(dst, src *leg) {
 		}
 	}
 }
+
+// maxBatch bounds the frames in one writev.
+const maxBatch = 64
+
+// iovecs is a writer's scratch for one writev, pooled so that an idle
+// writer holds none.
+type iovecs struct {
+	bufs [maxBatch][]byte
+	nb   net.Buffers
+}
+
+var iovecPool = sync.Pool{New: func() any { return new(iovecs) }}
 
 // closeWriteTimeout bounds the write of a close frame that no data
 // precedes (evictions, protocol errors).
@@ -519,7 +550,7 @@ func (s *session) violation(src *leg, fe *frame.Error) {
 		s.mu.Unlock()
 	}
 	s.srv.metrics.protocolErrors.WithLabelValues(src.name(), closeCodeLabel(fe.Code)).Inc()
-	s.log.Warn().Str("leg", src.name()).Int("code", int(fe.Code)).Str("error", fe.Reason).Msg("protocol violation")
+	s.event(s.srv.log.Warn()).Str("leg", src.name()).Int("code", int(fe.Code)).Str("error", fe.Reason).Msg("protocol violation")
 }
 
 // fail ends the session because the upstream failed: the client gets
@@ -562,7 +593,7 @@ func (s *session) evict(reason string) {
 	s.srv.mu.Lock()
 	s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: reason, QueueMessages: msgs, QueueBytes: byts})
 	s.srv.mu.Unlock()
-	s.log.Warn().Str("reason", reason).Int("queue_messages", msgs).Int64("queue_bytes", byts).Msg("client evicted")
+	s.event(s.srv.log.Warn()).Str("reason", reason).Int("queue_messages", msgs).Int64("queue_bytes", byts).Msg("client evicted")
 }
 
 // guardEvict is the Budget's way to evict this session.
@@ -613,6 +644,20 @@ func (s *session) abortLocked(string) {
 	}
 }
 
+// enter counts a new writer goroutine in, unless the session has already
+// finished.
+func (s *session) enter() bool {
+	for {
+		n := s.running.Load()
+		if n == 0 {
+			return false
+		}
+		if s.running.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
 // exit is deferred by each goroutine; the last one finishes the session.
 func (s *session) exit() {
 	if s.running.Add(-1) != 0 {
@@ -628,7 +673,7 @@ func (s *session) exit() {
 	s.mu.Lock()
 	reason, evicted := s.endReason, s.evicted
 	s.mu.Unlock()
-	ev := s.log.Info()
+	ev := s.event(s.srv.log.Info())
 	if evicted != "" {
 		ev = ev.Str("evicted", evicted)
 	}

@@ -1,0 +1,214 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"runtime"
+	"runtime/metrics"
+	"runtime/pprof"
+	"testing"
+	"time"
+
+	"github.com/gobwas/ws"
+	"github.com/rs/zerolog"
+
+	"sluice/limiter"
+)
+
+// benchBackend is a raw gobwas/ws backend: sink reads and discards every
+// frame, counting payload bytes; source writes the given frame n times.
+type benchBackend struct {
+	ln    net.Listener
+	conns chan net.Conn
+}
+
+func newBenchBackend(tb testing.TB) *benchBackend {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	b := &benchBackend{ln: ln, conns: make(chan net.Conn, 4096)}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				close(b.conns)
+				return
+			}
+			if _, err := ws.Upgrade(c); err != nil {
+				c.Close()
+				continue
+			}
+			b.conns <- c
+		}
+	}()
+	tb.Cleanup(func() { ln.Close() })
+	return b
+}
+
+func startBenchProxy(tb testing.TB, backend string, opts Options) (string, *Server) {
+	u, _ := url.Parse("ws://" + backend)
+	opts.Upstream = u
+	opts.Logger = zerolog.Nop()
+	srv, err := New(opts)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	go srv.Serve(ln)
+	tb.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	})
+	return ln.Addr().String(), srv
+}
+
+// dialRaw opens a client WebSocket as a bare net.Conn.
+func dialRaw(tb testing.TB, addr string) (net.Conn, *bufio.Reader) {
+	c, br, _, err := ws.Dial(context.Background(), "ws://"+addr+"/")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return c, br
+}
+
+var frameSizes = []struct {
+	name string
+	n    int
+}{{"128B", 128}, {"16KiB", 16 << 10}, {"1MiB", 1 << 20}}
+
+// BenchmarkClientToUpstream measures the frame path from a client to the
+// backend: allocations per frame are the whole process's (reader, writer,
+// queue), divided by b.N.
+func BenchmarkClientToUpstream(b *testing.B) {
+	for _, size := range frameSizes {
+		b.Run(size.name, func(b *testing.B) {
+			backend := newBenchBackend(b)
+			addr, _ := startBenchProxy(b, backend.ln.Addr().String(), Options{})
+			client, _ := dialRaw(b, addr)
+			defer client.Close()
+			up := <-backend.conns
+			defer up.Close()
+			payload := make([]byte, size.n)
+			wire := ws.MustCompileFrame(ws.MaskFrame(ws.NewBinaryFrame(payload)))
+			want := int64(len(wire)) // masked frame in, masked frame out
+			done := make(chan error, 1)
+			b.SetBytes(int64(size.n))
+			b.ReportAllocs()
+			b.ResetTimer()
+			go func() {
+				_, err := io.CopyN(io.Discard, up, want*int64(b.N))
+				done <- err
+			}()
+			for i := 0; i < b.N; i++ {
+				if _, err := client.Write(wire); err != nil {
+					b.Fatal(err)
+				}
+			}
+			if err := <-done; err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}
+
+// BenchmarkUpstreamToClient measures the queued direction: backend frames
+// through the client's queue and writer.
+func BenchmarkUpstreamToClient(b *testing.B) {
+	for _, size := range frameSizes {
+		b.Run(size.name, func(b *testing.B) {
+			backend := newBenchBackend(b)
+			// Pause: the backend writes in a tight loop, faster than any
+			// client reads, and the benchmark measures the path, not a
+			// policy.
+			addr, _ := startBenchProxy(b, backend.ln.Addr().String(), Options{Queue: limiter.Config{Policy: limiter.Pause}})
+			client, br := dialRaw(b, addr)
+			defer client.Close()
+			up := <-backend.conns
+			defer up.Close()
+			var r io.Reader = client
+			if br != nil {
+				r = io.MultiReader(br, client)
+			}
+			payload := make([]byte, size.n)
+			wire := ws.MustCompileFrame(ws.NewBinaryFrame(payload))
+			done := make(chan error, 1)
+			b.SetBytes(int64(size.n))
+			b.ReportAllocs()
+			b.ResetTimer()
+			go func() {
+				_, err := io.CopyN(io.Discard, r, int64(len(wire))*int64(b.N))
+				done <- err
+			}()
+			for i := 0; i < b.N; i++ {
+				if _, err := up.Write(wire); err != nil {
+					b.Fatal(err)
+				}
+			}
+			if err := <-done; err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}
+
+// BenchmarkIdleSessions opens 1,000 idle proxied sessions and reports the
+// Go memory (heap in use + goroutine stacks) they add, per session. Run it
+// with -benchtime=1x; the backend's and the clients' sockets live in the
+// same process, so their share is measured without sluice and subtracted.
+func BenchmarkIdleSessions(b *testing.B) {
+	const n = 1000
+	backend := newBenchBackend(b)
+	addr, srv := startBenchProxy(b, backend.ln.Addr().String(), Options{})
+	base, baseStack := goMemoryParts()
+	// Keep every conn referenced: a collected net.Conn is closed by its
+	// finalizer.
+	var clients, ups []net.Conn
+	for i := 0; i < n; i++ {
+		c, _ := dialRaw(b, addr)
+		clients = append(clients, c)
+		ups = append(ups, <-backend.conns)
+	}
+	for srv.Sessions() < n {
+		time.Sleep(time.Millisecond)
+	}
+	withSessions, stackSessions := goMemoryParts()
+	if f, err := os.Create(os.Getenv("IDLE_HEAP_PROFILE")); err == nil {
+		pprof.Lookup("heap").WriteTo(f, 0)
+		f.Close()
+	}
+	// The same number of raw client and backend conns without sluice, to
+	// subtract the test's own share.
+	direct := newBenchBackend(b)
+	var raws []net.Conn
+	for i := 0; i < n; i++ {
+		c, _ := dialRaw(b, direct.ln.Addr().String())
+		raws = append(raws, c, <-direct.conns)
+	}
+	withDirect, stackDirect := goMemoryParts()
+	heapTest, stackTest := withDirect-withSessions, stackDirect-stackSessions
+	b.ReportMetric(float64(withSessions-base-heapTest)/n, "heap-B/session")
+	b.ReportMetric(float64(stackSessions-baseStack-stackTest)/n, "stack-B/session")
+	b.ReportMetric(float64(srv.Sessions()), "sessions")
+	b.ReportMetric(float64(runtime.NumGoroutine()), "goroutines")
+	for _, c := range append(append(clients, ups...), raws...) {
+		c.Close()
+	}
+}
+
+// goMemoryParts is live heap objects and goroutine stacks, after a GC.
+func goMemoryParts() (heap, stacks int64) {
+	runtime.GC()
+	runtime.GC()
+	s := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/heap/stacks:bytes"}}
+	metrics.Read(s)
+	return int64(s[0].Value.Uint64()), int64(s[1].Value.Uint64())
+}
