@@ -29,6 +29,7 @@ type Options struct {
 	HandshakeTimeout time.Duration // client request headers; default 10s
 	WriteTimeout     time.Duration // one write to either socket; default 10s
 	CloseTimeout     time.Duration // a close handshake, both legs; default 5s
+	DrainSpread      time.Duration // Shutdown's 1001s are spread over this; 0: all at once
 	MaxHeaderBytes   int           // client request headers; default 32 KiB
 
 	// MaxFrameBytes and MaxMessageBytes bound what a client may send

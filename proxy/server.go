@@ -38,7 +38,8 @@ type Server struct {
 	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
 
 	nextID   atomic.Uint64
-	draining atomic.Bool
+	draining atomic.Bool // readiness fails: BeginDrain or Shutdown was called
+	closing  atomic.Bool // new upgrades are refused: Shutdown was called
 	// lastUpstreamOK is the unix nanotime of the last successful upstream
 	// TCP connect, for readiness.
 	lastUpstreamOK atomic.Int64
@@ -46,9 +47,10 @@ type Server struct {
 	mu        sync.Mutex
 	sessions  map[*session]struct{} // guarded by mu
 	evictions evictionLog           // guarded by mu
-	wg        sync.WaitGroup        // one per session
-	stop      context.CancelFunc
-	guardWG   sync.WaitGroup
+	// sessionGone hears from forget when a session ends, for Shutdown.
+	sessionGone chan struct{}
+	stop        context.CancelFunc
+	guardWG     sync.WaitGroup
 }
 
 // New returns a Server for opts. Call Serve to accept connections and
@@ -58,10 +60,11 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{
-		opts:     opts,
-		log:      opts.Logger,
-		metrics:  newMetrics(opts.Registerer),
-		sessions: make(map[*session]struct{}),
+		opts:        opts,
+		log:         opts.Logger,
+		metrics:     newMetrics(opts.Registerer),
+		sessions:    make(map[*session]struct{}),
+		sessionGone: make(chan struct{}, 1),
 	}
 	bc := opts.Budget
 	if bc.ObserveWait == nil {
@@ -112,8 +115,13 @@ func (s *Server) Sessions() int {
 	return len(s.sessions)
 }
 
-// Draining reports whether Shutdown has begun.
+// Draining reports whether a drain has begun: readiness should fail so
+// load balancers stop sending new clients.
 func (s *Server) Draining() bool { return s.draining.Load() }
+
+// BeginDrain makes Draining true while new upgrades are still served, so
+// a load balancer can notice before Shutdown starts refusing them.
+func (s *Server) BeginDrain() { s.draining.Store(true) }
 
 // LastUpstreamConnect is when the upstream last accepted a TCP connection.
 func (s *Server) LastUpstreamConnect() time.Time {
@@ -131,45 +139,69 @@ func (s *Server) Serve(ln net.Listener) error {
 }
 
 // Shutdown stops accepting, sends 1001 Going Away to every client and its
-// upstream after their queued data, and waits for the sessions to finish
-// their close handshakes. When ctx ends first, the rest are cut off and
-// ctx's error is returned.
+// upstream after their queued data — spread over Options.DrainSpread so
+// clients do not all reconnect at once — and waits for the sessions to
+// finish their close handshakes. When ctx ends first, the rest are cut off
+// and ctx's error is returned.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.draining.Store(true)
+	s.closing.Store(true)
 	err := s.http.Shutdown(ctx)
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
 	s.mu.Lock()
 	live := make([]*session, 0, len(s.sessions))
 	for ss := range s.sessions {
 		live = append(live, ss)
 	}
 	s.mu.Unlock()
-	for _, ss := range live {
+	var gap time.Duration
+	if len(live) > 1 {
+		gap = s.opts.DrainSpread / time.Duration(len(live)-1)
+	}
+	for i, ss := range live {
+		if i > 0 && gap > 0 {
+			t := time.NewTimer(gap)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+			}
+			t.Stop()
+		}
 		ss.goAway()
 	}
-	done := make(chan struct{})
-	go func() {
-		s.wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-ctx.Done():
+	if werr := s.waitSessions(ctx); werr != nil {
 		s.mu.Lock()
 		for ss := range s.sessions {
 			ss.abort("shutdown timeout")
 		}
 		s.mu.Unlock()
-		<-done
+		s.waitSessions(context.Background())
 		if err == nil {
-			err = ctx.Err()
+			err = werr
 		}
 	}
 	s.stop()
 	s.guardWG.Wait()
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
-	}
 	return err
+}
+
+// waitSessions waits until no session is left or ctx ends.
+func (s *Server) waitSessions(ctx context.Context) error {
+	for {
+		s.mu.Lock()
+		n := len(s.sessions)
+		s.mu.Unlock()
+		if n == 0 {
+			return nil
+		}
+		select {
+		case <-s.sessionGone:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 // ServeHTTP answers one upgrade request: dial the upstream first, then
@@ -181,7 +213,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.reject(w, status, "bad_request", msg)
 		return
 	}
-	if s.draining.Load() {
+	if s.closing.Load() {
 		w.Header().Set("Retry-After", "1")
 		s.reject(w, http.StatusServiceUnavailable, "draining", "sluice is shutting down")
 		return
@@ -298,7 +330,10 @@ func (s *Server) forget(ss *session) {
 	s.mu.Lock()
 	delete(s.sessions, ss)
 	s.mu.Unlock()
-	s.wg.Done()
+	select {
+	case s.sessionGone <- struct{}{}:
+	default:
+	}
 }
 
 // SessionInfo is what status pages show of a session.

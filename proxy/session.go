@@ -146,19 +146,11 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	ss.client.out = limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
 	ss.upstream.out = limiter.NewQueue(&upstreamQueue, s.budget, nil)
 
-	s.mu.Lock()
-	s.sessions[ss] = struct{}{}
-	s.wg.Add(1)
-	s.mu.Unlock()
-	s.metrics.connectionsActive.Inc()
-	ss.event(s.log.Info()).Str("upstream", target).Str("protocol", protocol).Msg("session open")
-
 	ss.client.out.OnStreamDiscard(ss.client.streamDone)
 	ss.upstream.out.OnStreamDiscard(ss.upstream.streamDone)
 	// Writers run only while their queue has work: an idle session is
-	// two goroutines, its readers.
-	// Func values made once: `go ss.clientWriter()` would allocate a
-	// closure per start.
+	// two goroutines, its readers. Func values made once: `go
+	// ss.clientWriter()` would allocate a closure per start.
 	clientWriter, upstreamWriter := ss.clientWriter, ss.upstreamWriter
 	ss.client.out.OnWork(func() {
 		if ss.enter() {
@@ -170,18 +162,28 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 			go upstreamWriter()
 		}
 	})
+	// The readers count as running from here, so that a keepalive ping or
+	// a drain can start a writer before they do.
+	ss.running.Store(2)
 	if s.opts.Keepalive.Interval > 0 {
 		ss.client.ka = keepalive.Start(s.opts.Keepalive, &ss.client)
 	}
 	if s.opts.UpstreamKeepalive.Interval > 0 {
 		ss.upstream.ka = keepalive.Start(s.opts.UpstreamKeepalive, &ss.upstream)
 	}
-	ss.running.Store(2)
-	go ss.clientReader()
-	go ss.upstreamReader()
-	if s.draining.Load() {
+
+	// Fully built: only now may Shutdown see it.
+	s.mu.Lock()
+	s.sessions[ss] = struct{}{}
+	s.mu.Unlock()
+	s.metrics.connectionsActive.Inc()
+	ss.event(s.log.Info()).Str("upstream", target).Str("protocol", protocol).Msg("session open")
+	if s.closing.Load() {
+		// Shutdown may have listed the sessions before this one joined.
 		ss.goAway()
 	}
+	go ss.clientReader()
+	go ss.upstreamReader()
 }
 
 // event adds the session's identity to a log line. A per-session
@@ -578,6 +580,17 @@ func (s *session) evict(reason string) {
 		return
 	}
 	s.evicted = reason
+	s.mu.Unlock()
+	// Counted and logged before the close frames go, so both are there by
+	// the time the client or the backend sees the close.
+	s.srv.metrics.evictions.WithLabelValues(reason).Inc()
+	s.srv.mu.Lock()
+	s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: reason, QueueMessages: msgs, QueueBytes: byts})
+	s.srv.mu.Unlock()
+	s.event(s.srv.log.Warn()).Str("reason", reason).Int("queue_messages", msgs).Int64("queue_bytes", byts).Msg("client evicted")
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.noteEnd("evicted: " + reason)
 	s.client.noReply = true
 	code := frame.StatusTryAgainLater
@@ -588,12 +601,6 @@ func (s *session) evict(reason string) {
 	s.closeLeg(&s.client, code, text, true)
 	s.closeLeg(&s.upstream, ws.StatusGoingAway, "client evicted", true)
 	s.checkDoneLocked()
-	s.mu.Unlock()
-	s.srv.metrics.evictions.WithLabelValues(reason).Inc()
-	s.srv.mu.Lock()
-	s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: reason, QueueMessages: msgs, QueueBytes: byts})
-	s.srv.mu.Unlock()
-	s.event(s.srv.log.Warn()).Str("reason", reason).Int("queue_messages", msgs).Int64("queue_bytes", byts).Msg("client evicted")
 }
 
 // guardEvict is the Budget's way to evict this session.

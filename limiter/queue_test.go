@@ -1,0 +1,1687 @@
+package limiter
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// dataSeg makes a data segment of size bytes (at least 8) whose first
+// eight bytes carry id, so tests can tell segments apart after a Take.
+func dataSeg(id uint64, size int, start, end bool) *Segment {
+	s := NewSegment(size)
+	b := (*s.Buf)[:size]
+	clear(b)
+	binary.BigEndian.PutUint64(b, id)
+	*s.Buf = b
+	s.Start, s.End = start, end
+	return s
+}
+
+// msg makes a single-frame message.
+func msg(id uint64, size int) *Segment { return dataSeg(id, size, true, true) }
+
+// ctlSeg makes a two-byte control frame tagged with tag.
+func ctlSeg(tag byte) *Segment {
+	s := NewSegment(2)
+	*s.Buf = append(*s.Buf, 0x89, tag)
+	return s
+}
+
+func idOf(s *Segment) uint64 { return binary.BigEndian.Uint64(s.Bytes()) }
+
+// label names a taken segment for comparisons: "c<tag>" for a control
+// frame, "close" for a close frame, "d<id>" for data.
+func label(s *Segment) string {
+	switch {
+	case s.Close:
+		return "close"
+	case s.Control:
+		return fmt.Sprintf("c%d", (*s.Buf)[1])
+	}
+	return fmt.Sprintf("d%d", idOf(s))
+}
+
+func labels(segs []*Segment) []string {
+	out := make([]string, len(segs))
+	for i, s := range segs {
+		out[i] = label(s)
+	}
+	return out
+}
+
+func freeAll(segs []*Segment) {
+	for _, s := range segs {
+		s.Free()
+	}
+}
+
+func mustPush(t *testing.T, q *Queue, s *Segment) {
+	t.Helper()
+	if err := q.Push(s); err != nil {
+		s.Free()
+		t.Fatalf("Push(%s): %v", label(s), err)
+	}
+}
+
+// take runs one Take with a fresh batch of capacity n and returns the
+// labels of what it got, freeing the segments.
+func take(t *testing.T, q *Queue, n int, maxBytes int64) []string {
+	t.Helper()
+	segs, err := q.Take(make([]*Segment, 0, n), maxBytes)
+	if err != nil {
+		t.Fatalf("Take: %v", err)
+	}
+	l := labels(segs)
+	freeAll(segs)
+	return l
+}
+
+// bigCfg bounds nothing the tests reach unless they mean to.
+func bigCfg(p Policy) *Config {
+	return &Config{Policy: p, MaxMessages: 1000, MaxBytes: 1 << 30, LowWater: 0.5, KeepNewest: 1}
+}
+
+// asyncPush pushes s from a new goroutine; the result arrives on the
+// returned channel.
+func asyncPush(q *Queue, s *Segment) <-chan error {
+	done := make(chan error, 1)
+	go func() { done <- q.Push(s) }()
+	return done
+}
+
+// returned reports whether ch has a value, without blocking.
+func returned(ch <-chan error) (error, bool) {
+	select {
+	case err := <-ch:
+		return err, true
+	default:
+		return nil, false
+	}
+}
+
+// countWork makes q count its OnWork calls in the returned int, for tests
+// that play the writer themselves on one goroutine. Each call must come
+// with q's lock free, or a writer started inline would deadlock.
+func countWork(t *testing.T, q *Queue) *int {
+	n := new(int)
+	q.OnWork(func() {
+		if !q.mu.TryLock() {
+			t.Error("OnWork called with the queue's lock held")
+		} else {
+			q.mu.Unlock()
+		}
+		*n++
+	})
+	return n
+}
+
+// drain plays a writer to the end of its burst: it takes batches of
+// capacity n until Take fails, and returns their labels and the error.
+func drain(t *testing.T, q *Queue, n int) ([]string, error) {
+	t.Helper()
+	var got []string
+	for {
+		segs, err := q.Take(make([]*Segment, 0, n), 1<<20)
+		if err != nil {
+			if len(segs) != 0 {
+				t.Fatalf("Take returned %v with %v", labels(segs), err)
+			}
+			return got, err
+		}
+		got = append(got, labels(segs)...)
+		freeAll(segs)
+	}
+}
+
+// burstWriter runs a queue's writer the way a session does (proxy
+// session.write): OnWork starts a goroutine per burst, which takes batches
+// until Take returns ErrIdle or ErrClosed, or until it has taken a close
+// frame. It checks the start-on-demand contract as it goes.
+type burstWriter struct {
+	tb       testing.TB
+	q        *Queue
+	batch    int
+	maxBytes int64
+	// handle sees each batch before it is freed. It runs on the writer of
+	// the moment; the queue orders the writers, so what it touches needs
+	// no lock.
+	handle func(segs []*Segment)
+
+	wg          sync.WaitGroup
+	starts      atomic.Int64  // OnWork calls
+	idle        atomic.Int64  // writers that ended on ErrIdle
+	emptyStarts atomic.Int64  // writers whose first Take found nothing
+	holding     atomic.Int32  // writers between a Take that returned segments and the next
+	done        chan struct{} // closed once a writer has taken the close frame or met ErrClosed
+	doneOnce    sync.Once
+}
+
+// newBurstWriter makes q's writers take batches of capacity batch (at most
+// maxBytes) and show them to handle, which may be nil. Call it before the
+// first push.
+func newBurstWriter(tb testing.TB, q *Queue, batch int, maxBytes int64, handle func([]*Segment)) *burstWriter {
+	w := &burstWriter{tb: tb, q: q, batch: batch, maxBytes: maxBytes, handle: handle, done: make(chan struct{})}
+	q.OnWork(w.start)
+	return w
+}
+
+// start is q's OnWork.
+func (w *burstWriter) start() {
+	if w.holding.Load() != 0 {
+		// A writer that holds a batch has not seen ErrIdle: it is running.
+		w.tb.Error("OnWork called while a writer is running")
+	}
+	w.starts.Add(1)
+	w.wg.Add(1)
+	go w.writeBurst()
+}
+
+// writeBurst is one writer goroutine: one burst of Takes.
+func (w *burstWriter) writeBurst() {
+	defer w.wg.Done()
+	batch := make([]*Segment, 0, w.batch)
+	for first := true; ; first = false {
+		segs, err := w.q.Take(batch[:0], w.maxBytes)
+		switch {
+		case errors.Is(err, ErrIdle):
+			if first {
+				w.emptyStarts.Add(1)
+			}
+			w.idle.Add(1)
+			return
+		case errors.Is(err, ErrClosed):
+			w.finish()
+			return
+		case err != nil:
+			w.tb.Errorf("Take: %v", err)
+			return
+		}
+		if w.holding.Add(1) != 1 {
+			w.tb.Error("two writers hold batches at once")
+		}
+		if w.handle != nil {
+			w.handle(segs)
+		}
+		closed := segs[len(segs)-1].Close
+		freeAll(segs)
+		w.holding.Add(-1)
+		if closed {
+			w.finish()
+			return
+		}
+	}
+}
+
+func (w *burstWriter) finish() { w.doneOnce.Do(func() { close(w.done) }) }
+
+// wait waits for every writer started so far to end. Call it only once
+// nothing can start another: every push has returned and the queue is
+// closed.
+func (w *burstWriter) wait() {
+	w.wg.Wait()
+	if n := w.emptyStarts.Load(); n != 0 {
+		w.tb.Errorf("%d writers were started with nothing to take", n)
+	}
+}
+
+func TestTakeOrder(t *testing.T) {
+	q := NewQueue(bigCfg(Evict), nil, nil)
+	defer q.Close()
+	mustPush(t, q, msg(1, 16))
+	mustPush(t, q, dataSeg(2, 16, true, false))
+	if !q.PushControl(ctlSeg(1)) {
+		t.Fatal("PushControl refused on an empty lane")
+	}
+	mustPush(t, q, dataSeg(3, 16, false, true))
+	if !q.PushControl(ctlSeg(2)) {
+		t.Fatal("PushControl refused")
+	}
+	got := take(t, q, 64, 1<<20)
+	want := []string{"c1", "c2", "d1", "d2", "d3"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("Take = %v, want %v", got, want)
+	}
+	if q.Bytes() != 0 || q.Messages() != 0 {
+		t.Fatalf("after draining: Bytes %d Messages %d, want 0 0", q.Bytes(), q.Messages())
+	}
+}
+
+func TestControlLaneBound(t *testing.T) {
+	q := NewQueue(bigCfg(Evict), nil, nil)
+	defer q.Close()
+	for i := range ctlSlots {
+		if !q.PushControl(ctlSeg(byte(i))) {
+			t.Fatalf("PushControl %d refused", i)
+		}
+	}
+	extra := ctlSeg(9)
+	if q.PushControl(extra) {
+		t.Fatal("PushControl beyond ctlSlots accepted")
+	}
+	extra.Free()
+	if got := take(t, q, 64, 1<<20); len(got) != ctlSlots {
+		t.Fatalf("Take = %v, want %d control frames", got, ctlSlots)
+	}
+	// The lane has room again.
+	if !q.PushControl(ctlSeg(5)) {
+		t.Fatal("PushControl refused after the lane was drained")
+	}
+}
+
+func TestCloseFrame(t *testing.T) {
+	tests := []struct {
+		name  string
+		first bool
+		batch int      // capacity of each Take
+		want  []string // labels of every Take, one string per batch
+	}{
+		{"after data", false, 64, []string{"c1 d1 d2 d3 close"}},
+		{"after data small batches", false, 2, []string{"c1 d1", "d2 d3", "close"}},
+		{"first", true, 64, []string{"c1 close"}},
+		{"first small batches", true, 1, []string{"c1 close"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := NewBudget(BudgetConfig{})
+			cfg := bigCfg(Evict)
+			cfg.SlowDepth = 100
+			q := NewQueue(cfg, b, nil)
+			defer q.Close()
+			for id := uint64(1); id <= 3; id++ {
+				mustPush(t, q, msg(id, 32))
+			}
+			if !q.PushControl(ctlSeg(1)) {
+				t.Fatal("PushControl refused")
+			}
+			if !q.PushClose(closeSeg(), tt.first) {
+				t.Fatal("PushClose refused on an open queue")
+			}
+			if tt.first {
+				if q.Bytes() != 0 || q.Messages() != 0 || b.Stats().QueuedBytes != 0 {
+					t.Fatalf("priority close kept data: Bytes %d Messages %d budget %d",
+						q.Bytes(), q.Messages(), b.Stats().QueuedBytes)
+				}
+			}
+
+			// Nothing is accepted once a close is queued.
+			late := msg(9, 32)
+			if err := q.Push(late); !errors.Is(err, ErrClosed) {
+				t.Fatalf("Push after PushClose = %v, want ErrClosed", err)
+			}
+			late.Free()
+			lateCtl := ctlSeg(9)
+			if q.PushControl(lateCtl) {
+				t.Fatal("PushControl after PushClose accepted")
+			}
+			lateCtl.Free()
+			lateClose := closeSeg()
+			if q.PushClose(lateClose, false) {
+				t.Fatal("a second PushClose accepted")
+			}
+			lateClose.Free()
+
+			var got []string
+			for range tt.want {
+				got = append(got, joinLabels(take(t, q, tt.batch, 1<<20)))
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Fatalf("batches = %q, want %q", got, tt.want)
+			}
+			if segs, err := q.Take(nil, 1<<20); !errors.Is(err, ErrClosed) || len(segs) != 0 {
+				t.Fatalf("Take after the close = %v, %v; want nothing, ErrClosed", labels(segs), err)
+			}
+			if q.Bytes() != 0 || b.Stats().QueuedBytes != 0 {
+				t.Fatalf("after the close: Bytes %d budget %d, want 0", q.Bytes(), b.Stats().QueuedBytes)
+			}
+		})
+	}
+}
+
+func closeSeg() *Segment {
+	s := NewSegment(4)
+	*s.Buf = append(*s.Buf, 0x88, 2, 0x03, 0xe8)
+	return s
+}
+
+func joinLabels(l []string) string {
+	out := ""
+	for i, s := range l {
+		if i > 0 {
+			out += " "
+		}
+		out += s
+	}
+	return out
+}
+
+// A later priority close is refused but still pushes the queued one ahead
+// of the data, as Expedite does.
+func TestPushCloseFirstAfterQueuedClose(t *testing.T) {
+	for _, expedite := range []bool{false, true} {
+		t.Run(fmt.Sprintf("expedite=%v", expedite), func(t *testing.T) {
+			q := NewQueue(bigCfg(Evict), nil, nil)
+			defer q.Close()
+			mustPush(t, q, msg(1, 32))
+			mustPush(t, q, msg(2, 32))
+			if !q.PushClose(closeSeg(), false) {
+				t.Fatal("PushClose refused")
+			}
+			if expedite {
+				q.Expedite()
+			} else {
+				s := closeSeg()
+				if q.PushClose(s, true) {
+					t.Fatal("second PushClose accepted")
+				}
+				s.Free()
+			}
+			if q.Bytes() != 0 || q.Messages() != 0 {
+				t.Fatalf("data kept: Bytes %d Messages %d", q.Bytes(), q.Messages())
+			}
+			if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"close"}) {
+				t.Fatalf("Take = %v, want [close]", got)
+			}
+		})
+	}
+}
+
+// A writer is started only once there is something to take, takes
+// exactly that and ends; a close frame ends the writers for good. (Take
+// itself never waits: the writer waits for OnWork.)
+func TestWriterStartsOnWork(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue(bigCfg(Evict), nil, nil)
+		defer q.Close()
+		work := make(chan struct{}, 1)
+		q.OnWork(func() {
+			select {
+			case work <- struct{}{}:
+			default:
+				t.Error("OnWork called again before the writer ran")
+			}
+		})
+		type result struct {
+			batches []string
+			err     error
+		}
+		// writeAsync is a writer that waits for OnWork, then takes until
+		// Take fails.
+		writeAsync := func(q *Queue) <-chan result {
+			ch := make(chan result, 1)
+			go func() {
+				<-work
+				var r result
+				for {
+					segs, err := q.Take(make([]*Segment, 0, 8), 1<<20)
+					if err != nil {
+						r.err = err
+						break
+					}
+					r.batches = append(r.batches, joinLabels(labels(segs)))
+					freeAll(segs)
+				}
+				ch <- r
+			}()
+			return ch
+		}
+		for _, step := range []struct {
+			name    string
+			do      func()
+			want    string
+			wantErr error // that ended the writer
+		}{
+			{"data", func() { mustPush(t, q, msg(1, 16)) }, "d1", ErrIdle},
+			{"control", func() { q.PushControl(ctlSeg(3)) }, "c3", ErrIdle},
+			{"close", func() { q.PushClose(closeSeg(), false) }, "close", ErrClosed},
+		} {
+			ch := writeAsync(q)
+			synctest.Wait()
+			if len(ch) != 0 {
+				t.Fatalf("%s: the writer ran on an empty queue", step.name)
+			}
+			step.do()
+			r := <-ch
+			if !errors.Is(r.err, step.wantErr) || !slices.Equal(r.batches, []string{step.want}) {
+				t.Fatalf("%s: writer took %q and ended on %v; want [%s] and %v", step.name, r.batches, r.err, step.want, step.wantErr)
+			}
+		}
+		// Nothing starts a writer after the close frame.
+		late := msg(9, 16)
+		if err := q.Push(late); !errors.Is(err, ErrClosed) {
+			t.Fatalf("Push after the close frame = %v, want ErrClosed", err)
+		}
+		late.Free()
+		synctest.Wait()
+		if len(work) != 0 {
+			t.Fatal("OnWork called after the close frame was taken")
+		}
+
+		// A writer started before Close finds the queue closed.
+		q2 := NewQueue(bigCfg(Evict), nil, nil)
+		q2.OnWork(func() { work <- struct{}{} })
+		mustPush(t, q2, msg(1, 16))
+		q2.Close()
+		if r := <-writeAsync(q2); !errors.Is(r.err, ErrClosed) || len(r.batches) != 0 {
+			t.Fatalf("writer after Close took %q and ended on %v; want nothing and ErrClosed", r.batches, r.err)
+		}
+	})
+}
+
+// OnWork is called once per idle-to-busy transition: the first push to an
+// idle queue starts a writer, and nothing else does until that writer has
+// seen ErrIdle.
+func TestOnWorkOncePerBurst(t *testing.T) {
+	q := NewQueue(bigCfg(Evict), nil, nil)
+	defer q.Close()
+	calls := countWork(t, q)
+	want := func(n int, step string) {
+		t.Helper()
+		if *calls != n {
+			t.Fatalf("%s: OnWork called %d times, want %d", step, *calls, n)
+		}
+	}
+	if segs, err := q.Take(nil, 1<<20); !errors.Is(err, ErrIdle) || len(segs) != 0 {
+		t.Fatalf("Take on a new queue = %v, %v; want nothing, ErrIdle", labels(segs), err)
+	}
+	want(0, "Take on an empty queue")
+	for id := uint64(1); id <= 10; id++ {
+		mustPush(t, q, msg(id, 16))
+	}
+	want(1, "ten pushes without a Take")
+
+	// The writer has taken part of the queue: it still runs, so nothing
+	// new starts another, not even on a lane it has emptied.
+	if got := take(t, q, 3, 1<<20); !slices.Equal(got, []string{"d1", "d2", "d3"}) {
+		t.Fatalf("Take = %v, want [d1 d2 d3]", got)
+	}
+	mustPush(t, q, msg(11, 16))
+	if !q.PushControl(ctlSeg(1)) {
+		t.Fatal("PushControl refused")
+	}
+	want(1, "pushes while the writer runs")
+	got, err := drain(t, q, 64)
+	if !errors.Is(err, ErrIdle) || len(got) != 9 || got[0] != "c1" || got[8] != "d11" {
+		t.Fatalf("writer's burst took %v and ended on %v; want c1 d4..d11, ErrIdle", got, err)
+	}
+	want(1, "ErrIdle")
+
+	// The writer has ended: the next push starts one.
+	mustPush(t, q, msg(12, 16))
+	want(2, "a push after ErrIdle")
+	take(t, q, 64, 1<<20)
+	mustPush(t, q, msg(13, 16))
+	want(2, "a push after the writer emptied the queue but before it saw ErrIdle")
+	drain(t, q, 64)
+	// Another Take on the idle queue changes nothing.
+	if _, err := q.Take(nil, 1<<20); !errors.Is(err, ErrIdle) {
+		t.Fatalf("Take on an idle queue = %v, want ErrIdle", err)
+	}
+	want(2, "a second ErrIdle")
+	mustPush(t, q, msg(14, 16))
+	want(3, "a push after ErrIdle")
+}
+
+// Every way of queueing something starts a writer on an idle queue.
+func TestOnWorkEachPush(t *testing.T) {
+	tests := []struct {
+		name string
+		push func(q *Queue) bool
+		want string // what the writer takes
+	}{
+		{"Push", func(q *Queue) bool { return q.Push(msg(1, 16)) == nil }, "d1"},
+		{"PushControl", func(q *Queue) bool { return q.PushControl(ctlSeg(1)) }, "c1"},
+		{"PushClose", func(q *Queue) bool { return q.PushClose(closeSeg(), false) }, "close"},
+		{"PushClose first", func(q *Queue) bool { return q.PushClose(closeSeg(), true) }, "close"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			q := NewQueue(bigCfg(Evict), nil, nil)
+			defer q.Close()
+			calls := countWork(t, q)
+			if !tt.push(q) {
+				t.Fatal("push refused on an empty queue")
+			}
+			if *calls != 1 {
+				t.Fatalf("OnWork called %d times, want 1", *calls)
+			}
+			if got, _ := drain(t, q, 64); !slices.Equal(got, []string{tt.want}) {
+				t.Fatalf("writer took %v, want [%s]", got, tt.want)
+			}
+			if *calls != 1 {
+				t.Fatalf("OnWork called %d times after the writer's burst, want 1", *calls)
+			}
+		})
+	}
+}
+
+// Nothing queued, no writer: a refused push, an Expedite with nothing to
+// expedite and anything after Close or after the close frame leave OnWork
+// alone.
+func TestOnWorkNotWithoutWork(t *testing.T) {
+	// refused pushes whatever refuses them; each must leave seg to the caller.
+	refused := func(t *testing.T, q *Queue) {
+		t.Helper()
+		s := msg(9, 16)
+		if err := q.Push(s); err == nil {
+			t.Fatal("Push accepted")
+		}
+		s.Free()
+		s = ctlSeg(9)
+		if q.PushControl(s) {
+			t.Fatal("PushControl accepted")
+		}
+		s.Free()
+		for _, first := range []bool{false, true} {
+			s = closeSeg()
+			if q.PushClose(s, first) {
+				t.Fatalf("PushClose(first=%v) accepted", first)
+			}
+			s.Free()
+		}
+		q.Expedite()
+	}
+
+	t.Run("empty", func(t *testing.T) {
+		q := NewQueue(bigCfg(Evict), nil, nil)
+		defer q.Close()
+		calls := countWork(t, q)
+		q.Expedite()
+		if *calls != 0 {
+			t.Fatalf("Expedite on an empty queue called OnWork %d times", *calls)
+		}
+	})
+	t.Run("control lane full", func(t *testing.T) {
+		q := NewQueue(bigCfg(Evict), nil, nil)
+		defer q.Close()
+		calls := countWork(t, q)
+		for i := range ctlSlots {
+			q.PushControl(ctlSeg(byte(i)))
+		}
+		s := ctlSeg(9)
+		if q.PushControl(s) {
+			t.Fatal("PushControl beyond ctlSlots accepted")
+		}
+		s.Free()
+		if *calls != 1 {
+			t.Fatalf("OnWork called %d times, want 1", *calls)
+		}
+	})
+	t.Run("closed idle", func(t *testing.T) {
+		q := NewQueue(bigCfg(Evict), nil, nil)
+		calls := countWork(t, q)
+		q.Close()
+		refused(t, q)
+		if *calls != 0 {
+			t.Fatalf("OnWork called %d times on a closed queue", *calls)
+		}
+		if segs, err := q.Take(nil, 1<<20); !errors.Is(err, ErrClosed) || len(segs) != 0 {
+			t.Fatalf("Take after Close = %v, %v; want nothing, ErrClosed", labels(segs), err)
+		}
+	})
+	t.Run("closed running", func(t *testing.T) {
+		q := NewQueue(bigCfg(Evict), nil, nil)
+		calls := countWork(t, q)
+		mustPush(t, q, msg(1, 16))
+		q.Close()
+		if got, err := drain(t, q, 64); !errors.Is(err, ErrClosed) || len(got) != 0 {
+			t.Fatalf("writer after Close took %v and ended on %v; want nothing, ErrClosed", got, err)
+		}
+		refused(t, q)
+		if *calls != 1 {
+			t.Fatalf("OnWork called %d times, want 1 (before Close)", *calls)
+		}
+	})
+	for _, first := range []bool{false, true} {
+		t.Run(fmt.Sprintf("close frame taken first=%v", first), func(t *testing.T) {
+			q := NewQueue(bigCfg(Evict), nil, nil)
+			defer q.Close()
+			calls := countWork(t, q)
+			mustPush(t, q, msg(1, 16))
+			q.PushClose(closeSeg(), first)
+			want := []string{"d1", "close"}
+			if first {
+				want = want[1:]
+			}
+			if got := take(t, q, 64, 1<<20); !slices.Equal(got, want) {
+				t.Fatalf("Take = %v, want %v", got, want)
+			}
+			for range 2 {
+				if segs, err := q.Take(nil, 1<<20); !errors.Is(err, ErrClosed) || len(segs) != 0 {
+					t.Fatalf("Take after the close frame = %v, %v; want nothing, ErrClosed", labels(segs), err)
+				}
+			}
+			refused(t, q)
+			if *calls != 1 {
+				t.Fatalf("OnWork called %d times, want 1 (for the first push)", *calls)
+			}
+		})
+	}
+}
+
+// ErrIdle leaves dst as it came, like ErrClosed.
+func TestTakeIdleKeepsDst(t *testing.T) {
+	q := NewQueue(bigCfg(Evict), nil, nil)
+	mark := ctlSeg(7)
+	defer mark.Free()
+	dst := append(make([]*Segment, 0, 4), mark)
+	for _, wantErr := range []error{ErrIdle, ErrClosed} {
+		if wantErr == ErrClosed {
+			q.Close()
+		}
+		got, err := q.Take(dst, 1<<20)
+		if !errors.Is(err, wantErr) || len(got) != 1 || got[0] != mark {
+			t.Fatalf("Take = %v, %v; want dst unchanged and %v", labels(got), err, wantErr)
+		}
+	}
+}
+
+func TestTakeBatching(t *testing.T) {
+	tests := []struct {
+		name     string
+		push     []*Segment
+		batch    int
+		maxBytes int64
+		want     []string // one string per Take
+	}{
+		{
+			name:     "maxBytes",
+			push:     []*Segment{msg(1, 100), msg(2, 100), msg(3, 100), msg(4, 100), msg(5, 100)},
+			batch:    64,
+			maxBytes: 250,
+			want:     []string{"d1 d2", "d3 d4", "d5"},
+		},
+		{
+			name:     "maxBytes exact",
+			push:     []*Segment{msg(1, 100), msg(2, 100), msg(3, 100)},
+			batch:    64,
+			maxBytes: 200,
+			want:     []string{"d1 d2", "d3"},
+		},
+		{
+			name:     "at least one segment",
+			push:     []*Segment{msg(1, 500), msg(2, 100)},
+			batch:    64,
+			maxBytes: 50,
+			want:     []string{"d1", "d2"},
+		},
+		{
+			name:     "cap",
+			push:     []*Segment{msg(1, 10), msg(2, 10), msg(3, 10), msg(4, 10), msg(5, 10)},
+			batch:    2,
+			maxBytes: 1 << 20,
+			want:     []string{"d1 d2", "d3 d4", "d5"},
+		},
+		{
+			name:     "zero cap still takes one",
+			push:     []*Segment{msg(1, 10), msg(2, 10)},
+			batch:    0,
+			maxBytes: 1 << 20,
+			want:     []string{"d1", "d2"},
+		},
+		{
+			name:     "follow ends the batch",
+			push:     []*Segment{msg(1, 10), follow(2, 5000, true, false), dataSeg(3, 10, false, true), msg(4, 10)},
+			batch:    64,
+			maxBytes: 1 << 20,
+			want:     []string{"d1 d2", "d3 d4"},
+		},
+		{
+			name:     "follow first",
+			push:     []*Segment{follow(1, 5000, true, true), follow(2, 5000, true, true)},
+			batch:    64,
+			maxBytes: 1 << 20,
+			want:     []string{"d1", "d2"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			q := NewQueue(bigCfg(Evict), nil, nil)
+			defer q.Close()
+			for _, s := range tt.push {
+				mustPush(t, q, s)
+			}
+			var got []string
+			for range tt.want {
+				got = append(got, joinLabels(take(t, q, tt.batch, tt.maxBytes)))
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Fatalf("batches = %q, want %q", got, tt.want)
+			}
+			if q.Bytes() != 0 || q.Messages() != 0 {
+				t.Fatalf("left: Bytes %d Messages %d", q.Bytes(), q.Messages())
+			}
+		})
+	}
+}
+
+// follow makes a streamed frame's header segment: 16 bytes in memory and
+// n payload bytes to copy from the source.
+func follow(id uint64, n int64, start, end bool) *Segment {
+	s := dataSeg(id, 16, start, end)
+	s.Follow = n
+	return s
+}
+
+// The close frame never rides in the batch of a streamed frame: the writer
+// must copy the stream's payload before it writes the close.
+func TestCloseAfterFollow(t *testing.T) {
+	q := NewQueue(bigCfg(Evict), nil, nil)
+	defer q.Close()
+	mustPush(t, q, follow(1, 1000, true, true))
+	q.PushClose(closeSeg(), false)
+	if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"d1"}) {
+		t.Fatalf("first Take = %v, want [d1]", got)
+	}
+	if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"close"}) {
+		t.Fatalf("second Take = %v, want [close]", got)
+	}
+}
+
+func TestEvictPolicy(t *testing.T) {
+	t.Run("messages", func(t *testing.T) {
+		q := NewQueue(&Config{Policy: Evict, MaxMessages: 3, MaxBytes: 1 << 20, LowWater: 0.5}, nil, nil)
+		defer q.Close()
+		for id := uint64(1); id <= 3; id++ {
+			mustPush(t, q, msg(id, 16))
+		}
+		s := msg(4, 16)
+		if err := q.Push(s); !errors.Is(err, ErrOverflow) {
+			t.Fatalf("Push at MaxMessages = %v, want ErrOverflow", err)
+		}
+		s.Free()
+		if q.Messages() != 3 {
+			t.Fatalf("Messages = %d after a refused push, want 3", q.Messages())
+		}
+		take(t, q, 1, 1<<20)
+		mustPush(t, q, msg(4, 16))
+	})
+	t.Run("bytes", func(t *testing.T) {
+		q := NewQueue(&Config{Policy: Evict, MaxMessages: 100, MaxBytes: 1000, LowWater: 0.5}, nil, nil)
+		defer q.Close()
+		mustPush(t, q, msg(1, 600))
+		s := msg(2, 500)
+		if err := q.Push(s); !errors.Is(err, ErrOverflow) {
+			t.Fatalf("Push past MaxBytes = %v, want ErrOverflow", err)
+		}
+		s.Free()
+		mustPush(t, q, msg(3, 400)) // exactly MaxBytes
+		s = msg(4, 8)
+		if err := q.Push(s); !errors.Is(err, ErrOverflow) {
+			t.Fatalf("Push at MaxBytes = %v, want ErrOverflow", err)
+		}
+		s.Free()
+		if q.Bytes() != 1000 {
+			t.Fatalf("Bytes = %d, want 1000", q.Bytes())
+		}
+	})
+	t.Run("oversized message into an empty queue", func(t *testing.T) {
+		q := NewQueue(&Config{Policy: Evict, MaxMessages: 100, MaxBytes: 1000, LowWater: 0.5}, nil, nil)
+		defer q.Close()
+		mustPush(t, q, msg(1, 5000))
+		s := msg(2, 8)
+		if err := q.Push(s); !errors.Is(err, ErrOverflow) {
+			t.Fatalf("Push behind an oversized message = %v, want ErrOverflow", err)
+		}
+		s.Free()
+	})
+}
+
+// The rest of a started message is never refused: it waits for the writer.
+func TestContinuationWaitsForWriter(t *testing.T) {
+	for _, p := range []Policy{Evict, Drop, Pause} {
+		t.Run(p.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				b := NewBudget(BudgetConfig{})
+				q := NewQueue(&Config{Policy: p, MaxMessages: 100, MaxBytes: 1000, LowWater: 0.5, KeepNewest: 1}, b, nil)
+				defer q.Close()
+				mustPush(t, q, dataSeg(1, 600, true, false))
+				done := asyncPush(q, dataSeg(2, 600, false, true))
+				synctest.Wait()
+				if _, ok := returned(done); ok {
+					t.Fatal("continuation past MaxBytes did not wait")
+				}
+				if paused, _ := q.Paused(); !paused {
+					t.Fatal("Paused() = false while the continuation waits")
+				}
+				if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"d1"}) {
+					t.Fatalf("Take = %v, want [d1]", got)
+				}
+				if err := <-done; err != nil {
+					t.Fatalf("continuation Push = %v", err)
+				}
+				if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"d2"}) {
+					t.Fatalf("Take = %v, want [d2]", got)
+				}
+				if b.Stats().Paused != 0 {
+					t.Fatalf("Stats().Paused = %d after the wait, want 0", b.Stats().Paused)
+				}
+			})
+		})
+	}
+}
+
+// A message many times MaxBytes streams through when the writer keeps
+// taking, whatever the marks: the message being pushed must not count
+// against the room its own continuation waits for.
+func TestHugeMessageStreams(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  Config
+	}{
+		{"evict", Config{Policy: Evict, MaxMessages: 4, MaxBytes: 4096, LowWater: 0.5}},
+		{"evict one message", Config{Policy: Evict, MaxMessages: 1, MaxBytes: 4096, LowWater: 0.5}},
+		{"evict low water rounds to 0", Config{Policy: Evict, MaxMessages: 4, MaxBytes: 4096, LowWater: 0.1}},
+		{"drop one message", Config{Policy: Drop, MaxMessages: 1, MaxBytes: 4096, LowWater: 0.5, KeepNewest: 1}},
+		{"pause one message", Config{Policy: Pause, MaxMessages: 1, MaxBytes: 4096, LowWater: 0.5}},
+		{"pause", Config{Policy: Pause, MaxMessages: 8, MaxBytes: 4096, LowWater: 0.5}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				b := NewBudget(BudgetConfig{})
+				q := NewQueue(&tt.cfg, b, nil)
+				defer q.Close()
+				const frames, size = 200, 1000
+				var ids []uint64 // owned by the writers
+				w := newBurstWriter(t, q, 4, 2048, func(segs []*Segment) {
+					for _, s := range segs {
+						if !s.Close {
+							ids = append(ids, idOf(s))
+						}
+					}
+				})
+				// Messages many times MaxBytes; under Evict only one, since
+				// the next would find the queue at its mark.
+				messages := 3
+				if tt.cfg.Policy == Evict {
+					messages = 1
+				}
+				var id uint64
+				for range messages {
+					for i := range frames {
+						id++
+						if err := q.Push(dataSeg(id, size, i == 0, i == frames-1)); err != nil {
+							t.Fatalf("Push frame %d: %v", id, err)
+						}
+					}
+				}
+				q.PushClose(closeSeg(), false)
+				<-w.done
+				w.wait()
+				if len(ids) != int(id) {
+					t.Fatalf("writer got %d frames, want %d", len(ids), id)
+				}
+				for i, v := range ids {
+					if v != uint64(i+1) {
+						t.Fatalf("frame %d is %d: out of order", i+1, v)
+					}
+				}
+			})
+		})
+	}
+}
+
+func TestDropPolicy(t *testing.T) {
+	t.Run("newest kept", func(t *testing.T) {
+		b := NewBudget(BudgetConfig{})
+		q := NewQueue(&Config{Policy: Drop, MaxMessages: 5, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 3}, b, nil)
+		defer q.Close()
+		for id := uint64(1); id <= 20; id++ {
+			mustPush(t, q, msg(id, 16))
+			if q.Messages() > 5 {
+				t.Fatalf("after push %d: Messages = %d, past MaxMessages", id, q.Messages())
+			}
+		}
+		// Each overflow keeps KeepNewest-1 old messages and adds the new
+		// one; pushes below the mark add up to MaxMessages again.
+		got := take(t, q, 64, 1<<20)
+		want := []string{"d16", "d17", "d18", "d19", "d20"}
+		if !slices.Equal(got, want) {
+			t.Fatalf("queue holds %v, want %v", got, want)
+		}
+		if q.Dropped() != 15 || b.Stats().DroppedTotal != 15 {
+			t.Fatalf("Dropped = %d, budget DroppedTotal = %d; want 15", q.Dropped(), b.Stats().DroppedTotal)
+		}
+	})
+
+	t.Run("bytes", func(t *testing.T) {
+		q := NewQueue(&Config{Policy: Drop, MaxMessages: 100, MaxBytes: 1000, LowWater: 0.5, KeepNewest: 100}, nil, nil)
+		defer q.Close()
+		for id := uint64(1); id <= 4; id++ {
+			mustPush(t, q, msg(id, 300))
+		}
+		// 900 + 300 > 1000: the oldest goes, though KeepNewest allows more.
+		got := take(t, q, 64, 1<<20)
+		if want := []string{"d2", "d3", "d4"}; !slices.Equal(got, want) {
+			t.Fatalf("queue holds %v, want %v", got, want)
+		}
+		if q.Dropped() != 1 {
+			t.Fatalf("Dropped = %d, want 1", q.Dropped())
+		}
+	})
+
+	t.Run("whole messages", func(t *testing.T) {
+		q := NewQueue(&Config{Policy: Drop, MaxMessages: 4, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 2}, nil, nil)
+		defer q.Close()
+		rng := rand.New(rand.NewPCG(1, 2))
+		var id uint64
+		for m := 0; m < 200; m++ {
+			n := 1 + rng.IntN(5)
+			for i := range n {
+				id++
+				mustPush(t, q, dataSeg(id, 16, i == 0, i == n-1))
+			}
+			if m%7 == 6 {
+				// Let the writer take a little now and then, sometimes
+				// stopping inside a message.
+				segs, err := q.Take(make([]*Segment, 0, 1+rng.IntN(3)), 1<<20)
+				if err != nil {
+					t.Fatal(err)
+				}
+				ok := checkWhole(t, segs, &wholeState{})
+				freeAll(segs)
+				if !ok {
+					t.FailNow()
+				}
+			}
+		}
+		if q.Dropped() == 0 {
+			t.Fatal("nothing dropped: the test does not test")
+		}
+	})
+
+	t.Run("started message is not cut", func(t *testing.T) {
+		q := NewQueue(&Config{Policy: Drop, MaxMessages: 2, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 1}, nil, nil)
+		defer q.Close()
+		mustPush(t, q, dataSeg(1, 16, true, false))
+		mustPush(t, q, dataSeg(2, 16, false, false))
+		mustPush(t, q, dataSeg(3, 16, false, true))
+		if got := take(t, q, 1, 1<<20); !slices.Equal(got, []string{"d1"}) {
+			t.Fatalf("Take = %v, want [d1]", got)
+		}
+		mustPush(t, q, msg(4, 16))
+		mustPush(t, q, msg(5, 16)) // over MaxMessages: 4 goes, 1's tail stays
+		mustPush(t, q, msg(6, 16)) // 5 goes, 1's tail stays
+		got := take(t, q, 64, 1<<20)
+		if want := []string{"d2", "d3", "d6"}; !slices.Equal(got, want) {
+			t.Fatalf("queue holds %v, want %v", got, want)
+		}
+		if q.Dropped() != 2 {
+			t.Fatalf("Dropped = %d, want 2", q.Dropped())
+		}
+	})
+
+	t.Run("started message too big waits", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			q := NewQueue(&Config{Policy: Drop, MaxMessages: 10, MaxBytes: 1000, LowWater: 0.5, KeepNewest: 1}, nil, nil)
+			defer q.Close()
+			mustPush(t, q, dataSeg(1, 100, true, false))
+			mustPush(t, q, dataSeg(2, 800, false, true))
+			if got := take(t, q, 1, 1<<20); !slices.Equal(got, []string{"d1"}) {
+				t.Fatalf("Take = %v, want [d1]", got)
+			}
+			// 800 + 300 > 1000 and only the started message is queued:
+			// nothing may be dropped, so the producer waits.
+			done := asyncPush(q, msg(3, 300))
+			synctest.Wait()
+			if _, ok := returned(done); ok {
+				t.Fatal("Push did not wait for the started message")
+			}
+			if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"d2"}) {
+				t.Fatalf("Take = %v, want [d2]", got)
+			}
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"d3"}) {
+				t.Fatalf("Take = %v, want [d3]", got)
+			}
+			if q.Dropped() != 0 {
+				t.Fatalf("Dropped = %d, want 0", q.Dropped())
+			}
+		})
+	})
+}
+
+// wholeState follows the frames a writer takes, across batches.
+type wholeState struct {
+	inMsg bool
+	last  uint64 // id of the last frame
+}
+
+// checkWhole checks that segs continue whole messages: ids rise, a message
+// starts only after the last one ended, and the frames of one message have
+// consecutive ids (none of it was dropped). It reports the first fault
+// with t.Errorf, since writer goroutines call it too, and returns false.
+func checkWhole(t *testing.T, segs []*Segment, st *wholeState) bool {
+	t.Helper()
+	for _, s := range segs {
+		if s.Control {
+			continue
+		}
+		id := idOf(s)
+		if id <= st.last && st.last != 0 {
+			t.Errorf("frame %d after %d: out of order", id, st.last)
+			return false
+		}
+		switch {
+		case s.Start && st.inMsg:
+			t.Errorf("frame %d starts a message inside message ending at %d", id, st.last)
+			return false
+		case !s.Start && !st.inMsg && st.last != 0:
+			t.Errorf("frame %d continues a message that was not started (last %d)", id, st.last)
+			return false
+		case !s.Start && st.last != 0 && id != st.last+1:
+			t.Errorf("frame %d continues a message whose frame %d..%d was dropped", id, st.last+1, id-1)
+			return false
+		}
+		st.inMsg = !s.End
+		st.last = id
+	}
+	return true
+}
+
+func TestPausePolicy(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := NewBudget(BudgetConfig{})
+		q := NewQueue(&Config{Policy: Pause, MaxMessages: 10, MaxBytes: 1 << 20, LowWater: 0.5, SlowDepth: 100}, b, nil)
+		defer q.Close()
+		for id := uint64(1); id <= 10; id++ {
+			mustPush(t, q, msg(id, 16))
+		}
+		done := asyncPush(q, msg(11, 16))
+		synctest.Wait()
+		if _, ok := returned(done); ok {
+			t.Fatal("Push past the high-water mark did not block")
+		}
+		if paused, _ := q.Paused(); !paused {
+			t.Fatal("Paused() = false while the producer is blocked")
+		}
+		if st := b.Stats(); st.Paused != 1 {
+			t.Fatalf("Stats().Paused = %d, want 1", st.Paused)
+		}
+		time.Sleep(3 * time.Second)
+		if _, since := q.Paused(); since != 3*time.Second {
+			t.Fatalf("Paused() since = %v, want 3s", since)
+		}
+
+		var got []string
+		// 10 -> 6 messages: still above the low-water mark of 5.
+		for range 4 {
+			got = append(got, take(t, q, 1, 1<<20)...)
+			synctest.Wait()
+			if _, ok := returned(done); ok {
+				t.Fatalf("producer resumed at %d messages, above the low-water mark", q.Messages())
+			}
+		}
+		got = append(got, take(t, q, 1, 1<<20)...) // 5: at the mark
+		synctest.Wait()
+		if err, ok := returned(done); !ok || err != nil {
+			t.Fatalf("producer at the low-water mark: returned %v, err %v", ok, err)
+		}
+		if paused, _ := q.Paused(); paused {
+			t.Fatal("Paused() = true after the producer resumed")
+		}
+		st := b.Stats()
+		if st.Paused != 0 || st.PausedTime != 3*time.Second {
+			t.Fatalf("Stats() Paused %d PausedTime %v, want 0 and 3s", st.Paused, st.PausedTime)
+		}
+		got = append(got, take(t, q, 64, 1<<20)...)
+		var want []string
+		for id := 1; id <= 11; id++ {
+			want = append(want, fmt.Sprintf("d%d", id))
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("writer got %v, want %v", got, want)
+		}
+	})
+}
+
+func TestPauseBytesLowWater(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue(&Config{Policy: Pause, MaxMessages: 100, MaxBytes: 1000, LowWater: 0.5}, nil, nil)
+		defer q.Close()
+		for id := uint64(1); id <= 5; id++ {
+			mustPush(t, q, msg(id, 200))
+		}
+		done := asyncPush(q, msg(6, 200))
+		synctest.Wait()
+		take(t, q, 2, 1<<20) // 600 bytes left: above 500
+		synctest.Wait()
+		if _, ok := returned(done); ok {
+			t.Fatal("producer resumed above the low-water mark in bytes")
+		}
+		take(t, q, 1, 1<<20) // 400
+		synctest.Wait()
+		if err, ok := returned(done); !ok || err != nil {
+			t.Fatalf("producer below the low-water mark: returned %v, err %v", ok, err)
+		}
+	})
+}
+
+func TestPauseMax(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := NewBudget(BudgetConfig{})
+		q := NewQueue(&Config{Policy: Pause, MaxMessages: 1, MaxBytes: 1 << 20, LowWater: 0.5, PauseMax: 5 * time.Second}, b, nil)
+		defer q.Close()
+		mustPush(t, q, msg(1, 16))
+		start := time.Now()
+		s := msg(2, 16)
+		done := asyncPush(q, s)
+		synctest.Wait()
+		if b.Stats().Paused != 1 {
+			t.Fatalf("Stats().Paused = %d, want 1", b.Stats().Paused)
+		}
+		if err := <-done; !errors.Is(err, ErrPauseTimeout) {
+			t.Fatalf("Push = %v, want ErrPauseTimeout", err)
+		}
+		s.Free()
+		if d := time.Since(start); d != 5*time.Second {
+			t.Fatalf("pause ended after %v, want 5s", d)
+		}
+		if st := b.Stats(); st.Paused != 0 || st.PausedTime != 5*time.Second {
+			t.Fatalf("Stats() Paused %d PausedTime %v, want 0 and 5s", st.Paused, st.PausedTime)
+		}
+		if paused, _ := q.Paused(); paused {
+			t.Fatal("Paused() = true after the timeout")
+		}
+		// The queue still works: a push after the writer drains succeeds.
+		take(t, q, 64, 1<<20)
+		mustPush(t, q, msg(3, 16))
+	})
+}
+
+func TestCloseUnblocksProducer(t *testing.T) {
+	for _, how := range []string{"Close", "PushClose", "PushClose first"} {
+		t.Run(how, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				b := NewBudget(BudgetConfig{})
+				q := NewQueue(&Config{Policy: Pause, MaxMessages: 1, MaxBytes: 1 << 20, LowWater: 0.5}, b, nil)
+				defer q.Close()
+				mustPush(t, q, msg(1, 16))
+				s := msg(2, 16)
+				done := asyncPush(q, s)
+				synctest.Wait()
+				switch how {
+				case "Close":
+					q.Close()
+				case "PushClose":
+					q.PushClose(closeSeg(), false)
+				default:
+					q.PushClose(closeSeg(), true)
+				}
+				if err := <-done; !errors.Is(err, ErrClosed) {
+					t.Fatalf("paused Push = %v, want ErrClosed", err)
+				}
+				s.Free()
+				if b.Stats().Paused != 0 {
+					t.Fatalf("Stats().Paused = %d, want 0", b.Stats().Paused)
+				}
+			})
+		})
+	}
+}
+
+func TestStreamDiscard(t *testing.T) {
+	tests := []struct {
+		name    string
+		discard func(q *Queue)
+		want    bool // ErrClosed expected on the channel
+	}{
+		{"Close", func(q *Queue) { q.Close() }, true},
+		{"Expedite", func(q *Queue) { q.Expedite() }, true},
+		{"PushClose first", func(q *Queue) { q.PushClose(closeSeg(), true) }, true},
+		{"PushClose after data", func(q *Queue) { q.PushClose(closeSeg(), false) }, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			q := NewQueue(bigCfg(Evict), nil, nil)
+			defer q.Close()
+			ch := make(chan error, 1)
+			q.OnStreamDiscard(ch)
+			mustPush(t, q, msg(1, 16))
+			mustPush(t, q, follow(2, 1000, true, true))
+			tt.discard(q)
+			select {
+			case err := <-ch:
+				if !tt.want || !errors.Is(err, ErrClosed) {
+					t.Fatalf("channel got %v, want nothing=%v", err, !tt.want)
+				}
+			default:
+				if tt.want {
+					t.Fatal("nothing on the channel for a discarded stream")
+				}
+			}
+		})
+	}
+
+	t.Run("dropped", func(t *testing.T) {
+		q := NewQueue(&Config{Policy: Drop, MaxMessages: 2, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 1}, nil, nil)
+		defer q.Close()
+		ch := make(chan error, 1)
+		q.OnStreamDiscard(ch)
+		mustPush(t, q, follow(1, 1000, true, true))
+		mustPush(t, q, msg(2, 16))
+		mustPush(t, q, msg(3, 16)) // drops 1 and 2
+		select {
+		case err := <-ch:
+			if !errors.Is(err, ErrClosed) {
+				t.Fatalf("channel got %v, want ErrClosed", err)
+			}
+		default:
+			t.Fatal("nothing on the channel for a dropped stream")
+		}
+	})
+
+	t.Run("taken", func(t *testing.T) {
+		// A streamed segment the writer took is the writer's to report.
+		q := NewQueue(bigCfg(Evict), nil, nil)
+		ch := make(chan error, 1)
+		q.OnStreamDiscard(ch)
+		mustPush(t, q, follow(1, 1000, true, true))
+		take(t, q, 64, 1<<20)
+		q.Close()
+		if len(ch) != 0 {
+			t.Fatalf("channel got %v for a stream the writer took", <-ch)
+		}
+	})
+}
+
+func TestCloseIdempotent(t *testing.T) {
+	b := NewBudget(BudgetConfig{})
+	cfg := bigCfg(Evict)
+	cfg.SlowDepth = 1
+	q := NewQueue(cfg, b, nil)
+	mustPush(t, q, msg(1, 100))
+	q.PushControl(ctlSeg(1))
+	q.PushClose(closeSeg(), false)
+	q.Close()
+	q.Close()
+	if st := b.Stats(); st.QueuedBytes != 0 || st.Slow != 0 || st.Connections != 0 {
+		t.Fatalf("after Close: %+v", st)
+	}
+	if segs, err := q.Take(nil, 1<<20); !errors.Is(err, ErrClosed) || len(segs) != 0 {
+		t.Fatalf("Take after Close = %v, %v", labels(segs), err)
+	}
+	s := msg(2, 16)
+	if err := q.Push(s); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Push after Close = %v", err)
+	}
+	s.Free()
+	c := ctlSeg(1)
+	if q.PushControl(c) {
+		t.Fatal("PushControl after Close accepted")
+	}
+	c.Free()
+	c = closeSeg()
+	if q.PushClose(c, true) {
+		t.Fatal("PushClose after Close accepted")
+	}
+	c.Free()
+}
+
+func TestObserveWait(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var waits []time.Duration
+		b := NewBudget(BudgetConfig{ObserveWait: func(d time.Duration) { waits = append(waits, d) }})
+		q := NewQueue(bigCfg(Evict), b, nil)
+		defer q.Close()
+		mustPush(t, q, msg(1, 16))
+		time.Sleep(time.Second)
+		mustPush(t, q, dataSeg(2, 16, true, false))
+		time.Sleep(time.Second)
+		mustPush(t, q, dataSeg(3, 16, false, true))
+		take(t, q, 64, 1<<20)
+		// One observation per batch, for the newest message it started.
+		if !slices.Equal(waits, []time.Duration{time.Second}) {
+			t.Fatalf("waits = %v, want [1s]", waits)
+		}
+		q.PushControl(ctlSeg(1))
+		take(t, q, 64, 1<<20)
+		if len(waits) != 1 {
+			t.Fatalf("a control-only batch was observed: %v", waits)
+		}
+	})
+}
+
+func TestPolicyNames(t *testing.T) {
+	for _, p := range []Policy{Evict, Drop, Pause} {
+		got, err := ParsePolicy(p.String())
+		if err != nil || got != p {
+			t.Fatalf("ParsePolicy(%q) = %v, %v", p.String(), got, err)
+		}
+	}
+	if _, err := ParsePolicy("block"); err == nil {
+		t.Fatal("ParsePolicy(block) succeeded")
+	}
+	if s := Policy(7).String(); s != "Policy(7)" {
+		t.Fatalf("Policy(7).String() = %q", s)
+	}
+}
+
+// One producer, its writers and one goroutine sending control frames, as a
+// session runs them: every data frame arrives once, in order, in whole
+// messages; every accepted control frame arrives before the close; one
+// writer runs at a time, started on demand.
+func TestConcurrentPushTake(t *testing.T) {
+	const total = 100_000
+	tests := []struct {
+		name     string
+		cfg      Config
+		lossless bool
+	}{
+		{"pause", Config{Policy: Pause, MaxMessages: 16, MaxBytes: 8 << 10, LowWater: 0.5, SlowDepth: 8}, true},
+		{"drop", Config{Policy: Drop, MaxMessages: 16, MaxBytes: 8 << 10, LowWater: 0.5, KeepNewest: 4, SlowDepth: 8}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := NewBudget(BudgetConfig{})
+			q := NewQueue(&tt.cfg, b, nil)
+
+			// Owned by the writers, read once they have all ended.
+			var (
+				st       wholeState
+				frames   int
+				ctlGot   int
+				sawClose bool
+			)
+			w := newBurstWriter(t, q, 16, 4096, func(segs []*Segment) {
+				for _, s := range segs {
+					switch {
+					case s.Close:
+						sawClose = true
+					case s.Control:
+						ctlGot++
+					default:
+						frames++
+						if id := idOf(s); tt.lossless && id != uint64(frames) {
+							t.Errorf("frame %d arrived as number %d", id, frames)
+						}
+					}
+				}
+				checkWhole(t, segs, &st)
+				if t.Failed() {
+					q.Close() // stops the writers and the producer
+				}
+			})
+
+			stop := make(chan struct{})
+			var wg sync.WaitGroup
+			var ctlSent int
+			wg.Go(func() { // control frames
+				for i := 0; ; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					s := ctlSeg(byte(i))
+					if q.PushControl(s) {
+						ctlSent++
+					} else {
+						s.Free()
+						runtime.Gosched()
+					}
+				}
+			})
+			var pushErr error
+			produced := make(chan struct{})
+			wg.Go(func() { // producer
+				defer close(produced)
+				rng := rand.New(rand.NewPCG(3, 4))
+				for id := uint64(1); id <= total; {
+					n := min(1+rng.IntN(4), total-int(id)+1)
+					for i := range n {
+						s := dataSeg(id, 8+rng.IntN(600), i == 0, i == n-1)
+						if err := q.Push(s); err != nil {
+							s.Free()
+							pushErr = fmt.Errorf("Push %d: %w", id, err)
+							q.Close()
+							return
+						}
+						id++
+					}
+				}
+				q.PushClose(closeSeg(), false)
+			})
+
+			<-produced
+			if pushErr == nil {
+				<-w.done // the close frame is queued, or a failed writer closed the queue
+			}
+			q.Close()
+			close(stop)
+			wg.Wait()
+			w.wait()
+			if pushErr != nil {
+				t.Fatal(pushErr)
+			}
+			if !sawClose {
+				t.Fatal("no close frame")
+			}
+			if tt.lossless && frames != total {
+				t.Fatalf("writer got %d frames, want %d", frames, total)
+			}
+			if st.last != total {
+				t.Fatalf("last frame %d, want %d", st.last, total)
+			}
+			if ctlGot != ctlSent {
+				t.Fatalf("writer got %d control frames, %d were accepted", ctlGot, ctlSent)
+			}
+			if starts, idle := w.starts.Load(), w.idle.Load(); starts != idle+1 {
+				t.Fatalf("%d writers started, %d ended idle: want all but the last (which took the close)", starts, idle)
+			}
+			if s := b.Stats(); s.QueuedBytes != 0 || s.Slow != 0 || s.Paused != 0 || s.Connections != 0 {
+				t.Fatalf("budget after the run: %+v", s)
+			}
+			t.Logf("%d frames, %d control frames, %d messages dropped, %d writer bursts",
+				frames, ctlGot, q.Dropped(), w.starts.Load())
+		})
+	}
+}
+
+// pushTakeCases are shared by the benchmarks.
+var pushTakeCases = []struct {
+	name   string
+	cfg    Config
+	budget bool
+}{
+	{"evict", Config{Policy: Evict, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5}, false},
+	{"evict/budget", Config{Policy: Evict, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, SlowDepth: 50}, true},
+	{"drop/budget", Config{Policy: Drop, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 10, SlowDepth: 50}, true},
+	{"pause", Config{Policy: Pause, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5}, false},
+	{"pause/budget", Config{Policy: Pause, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, SlowDepth: 50}, true},
+}
+
+// The queue adds no allocation to a push and a take: the same segment
+// goes round, so no pool is involved.
+func TestPushTakeAllocs(t *testing.T) {
+	for _, bc := range pushTakeCases {
+		t.Run(bc.name, func(t *testing.T) {
+			var bud *Budget
+			if bc.budget {
+				bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
+			}
+			q := NewQueue(&bc.cfg, bud, func(Reason) {})
+			defer q.Close()
+			s := msg(1, 64)
+			defer s.Free()
+			batch := make([]*Segment, 0, 8)
+			allocs := testing.AllocsPerRun(1000, func() {
+				if err := q.Push(s); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := q.Take(batch[:0], 1<<20); err != nil {
+					t.Fatal(err)
+				}
+			})
+			if allocs != 0 {
+				t.Fatalf("Push+Take allocates %v per run, want 0", allocs)
+			}
+		})
+	}
+}
+
+// Nor does a burst: a push that starts the writer, its Take and the Take
+// that finds the queue idle.
+func TestBurstAllocs(t *testing.T) {
+	for _, bc := range pushTakeCases {
+		t.Run(bc.name, func(t *testing.T) {
+			var bud *Budget
+			if bc.budget {
+				bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
+			}
+			q := NewQueue(&bc.cfg, bud, func(Reason) {})
+			defer q.Close()
+			var starts int
+			q.OnWork(func() { starts++ })
+			s := msg(1, 64)
+			defer s.Free()
+			batch := make([]*Segment, 0, 8)
+			const runs = 1000
+			allocs := testing.AllocsPerRun(runs, func() {
+				if err := q.Push(s); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := q.Take(batch[:0], 1<<20); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := q.Take(batch[:0], 1<<20); !errors.Is(err, ErrIdle) {
+					t.Fatalf("Take on an emptied queue = %v, want ErrIdle", err)
+				}
+			})
+			if allocs != 0 {
+				t.Fatalf("a burst allocates %v per run, want 0", allocs)
+			}
+			if starts != runs+1 { // AllocsPerRun runs once more to warm up
+				t.Fatalf("OnWork called %d times for %d bursts", starts, runs+1)
+			}
+		})
+	}
+}
+
+// BenchmarkPushTake is the steady state of one connection: push one
+// segment, take one batch, free it.
+func BenchmarkPushTake(b *testing.B) {
+	for _, bc := range pushTakeCases {
+		b.Run(bc.name, func(b *testing.B) {
+			var bud *Budget
+			if bc.budget {
+				bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
+			}
+			q := NewQueue(&bc.cfg, bud, func(Reason) {})
+			defer q.Close()
+			batch := make([]*Segment, 0, 64)
+			payload := make([]byte, 512)
+			b.ReportAllocs()
+			b.SetBytes(int64(len(payload)))
+			for b.Loop() {
+				s := NewSegment(len(payload))
+				*s.Buf = append(*s.Buf, payload...)
+				s.Start, s.End = true, true
+				if err := q.Push(s); err != nil {
+					b.Fatal(err)
+				}
+				segs, err := q.Take(batch[:0], 1<<20)
+				if err != nil {
+					b.Fatal(err)
+				}
+				freeAll(segs)
+			}
+		})
+	}
+}
+
+// BenchmarkBurst is one burst of an otherwise idle connection: push one
+// segment, which starts the writer (here a counter), take it, and find the
+// queue idle.
+func BenchmarkBurst(b *testing.B) {
+	for _, bc := range pushTakeCases {
+		b.Run(bc.name, func(b *testing.B) {
+			var bud *Budget
+			if bc.budget {
+				bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
+			}
+			q := NewQueue(&bc.cfg, bud, func(Reason) {})
+			defer q.Close()
+			var starts int
+			q.OnWork(func() { starts++ })
+			batch := make([]*Segment, 0, 64)
+			payload := make([]byte, 512)
+			b.ReportAllocs()
+			b.SetBytes(int64(len(payload)))
+			n := 0
+			for b.Loop() {
+				s := NewSegment(len(payload))
+				*s.Buf = append(*s.Buf, payload...)
+				s.Start, s.End = true, true
+				if err := q.Push(s); err != nil {
+					b.Fatal(err)
+				}
+				segs, err := q.Take(batch[:0], 1<<20)
+				if err != nil {
+					b.Fatal(err)
+				}
+				freeAll(segs)
+				if _, err := q.Take(batch[:0], 1<<20); !errors.Is(err, ErrIdle) {
+					b.Fatal(err)
+				}
+				n++
+			}
+			if starts != n {
+				b.Fatalf("OnWork called %d times for %d bursts", starts, n)
+			}
+		})
+	}
+}
+
+// BenchmarkPushTakeParallel runs the producer on its own goroutine and the
+// writers as a session does, one goroutine per burst started by OnWork.
+func BenchmarkPushTakeParallel(b *testing.B) {
+	for _, bc := range pushTakeCases {
+		if bc.cfg.Policy != Pause {
+			continue // no segment may be refused
+		}
+		b.Run(bc.name, func(b *testing.B) {
+			var bud *Budget
+			if bc.budget {
+				bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
+			}
+			q := NewQueue(&bc.cfg, bud, func(Reason) {})
+			w := newBurstWriter(b, q, 64, 64<<10, nil)
+			payload := make([]byte, 512)
+			b.ReportAllocs()
+			b.SetBytes(int64(len(payload)))
+			n := 0
+			for b.Loop() {
+				s := NewSegment(len(payload))
+				*s.Buf = append(*s.Buf, payload...)
+				s.Start, s.End = true, true
+				if err := q.Push(s); err != nil {
+					b.Fatal(err)
+				}
+				n++
+			}
+			q.PushClose(closeSeg(), false)
+			<-w.done
+			q.Close()
+			w.wait()
+			b.ReportMetric(float64(w.starts.Load())/float64(n), "bursts/op")
+		})
+	}
+}
