@@ -18,9 +18,14 @@ import (
 // /readyz to answer without probing the upstream itself.
 const readyWindow = 10 * time.Second
 
-// adminHandler serves the operator's endpoints on the admin listener.
-func adminHandler(srv *proxy.Server, reg *prometheus.Registry, upstreamAddr string) http.Handler {
+// adminHandler serves the operator's endpoints on the admin listener;
+// status, if not nil, adds the live status page.
+func adminHandler(srv *proxy.Server, reg *prometheus.Registry, upstreamAddr string, status *statusPage) http.Handler {
 	mux := http.NewServeMux()
+	if status != nil {
+		mux.HandleFunc("GET /status", status.servePage)
+		mux.HandleFunc("GET /status.json", status.serveJSON)
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("ok\n"))

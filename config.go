@@ -67,7 +67,7 @@ type Config struct {
 
 	// --- limits ---
 
-	// MaxFrameBytes caps the payload of one frame from either side; a peer
+	// MaxFrameBytes caps the payload of one frame from a client; a client
 	// that announces more is closed with 1009 before anything is allocated.
 	MaxFrameBytes ByteSize `env:"MAX_FRAME_BYTES" envDefault:"16MiB" want:"a size of at least 125 bytes, such as 65536, 64KiB or 16MiB"`
 	// MaxMessageBytes caps the total payload of one (possibly fragmented)

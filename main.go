@@ -104,7 +104,13 @@ func serve(ctx context.Context, cfg Config, log zerolog.Logger, ready func(wsAdd
 			return fmt.Errorf("SLUICE_ADMIN_ADDR=%q: %w", cfg.AdminAddr, err)
 		}
 		adminAddr = aln.Addr().String()
-		admin = &http.Server{Handler: adminHandler(srv, reg, upstreamHostPort(opts.Upstream)), ReadHeaderTimeout: 5 * time.Second}
+		// The status page samples its history until serve returns, so
+		// the drain is on its chart too.
+		statusCtx, stopStatus := context.WithCancel(context.WithoutCancel(ctx))
+		status := newStatusPage(statusCtx, srv, reg, opts.Queue.Policy.String())
+		defer status.Wait()
+		defer stopStatus()
+		admin = &http.Server{Handler: adminHandler(srv, reg, upstreamHostPort(opts.Upstream), status), ReadHeaderTimeout: 5 * time.Second}
 		go admin.Serve(aln)
 	}
 	serveErr := make(chan error, 1)
@@ -123,9 +129,21 @@ func serve(ctx context.Context, cfg Config, log zerolog.Logger, ready func(wsAdd
 			return err
 		}
 	}
-	log.Info().Int("sessions", srv.Sessions()).Dur("timeout", cfg.ShutdownTimeout).Msg("draining")
+	// Readiness fails first; new clients are still served for DrainDelay
+	// so the load balancer can notice, then the sessions are closed.
+	srv.BeginDrain()
+	log.Info().Int("sessions", srv.Sessions()).Dur("delay", cfg.DrainDelay).
+		Dur("spread", cfg.DrainSpread).Dur("timeout", cfg.ShutdownTimeout).Msg("draining")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
+	if cfg.DrainDelay > 0 {
+		t := time.NewTimer(cfg.DrainDelay)
+		select {
+		case <-t.C:
+		case <-sctx.Done():
+		}
+		t.Stop()
+	}
 	err = srv.Shutdown(sctx)
 	if admin != nil {
 		admin.Shutdown(sctx)
@@ -148,6 +166,7 @@ func proxyOptions(cfg Config, log zerolog.Logger, reg prometheus.Registerer) pro
 		HandshakeTimeout:    cfg.HandshakeTimeout,
 		WriteTimeout:        cfg.WriteTimeout,
 		CloseTimeout:        cfg.CloseTimeout,
+		DrainSpread:         cfg.DrainSpread,
 		MaxHeaderBytes:      int(cfg.MaxHeaderBytes),
 		MaxFrameBytes:       int64(cfg.MaxFrameBytes),
 		MaxMessageBytes:     int64(cfg.MaxMessageBytes),

@@ -1,0 +1,340 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/rs/zerolog"
+	"go.uber.org/goleak"
+
+	"sluice/proxy"
+)
+
+// floodBackend is a gorilla/websocket server that writes 4 KiB messages
+// to every connection as fast as it can, until closed.
+type floodBackend struct {
+	ln   net.Listener
+	srv  *http.Server
+	stop chan struct{}
+	once sync.Once
+	wg   sync.WaitGroup // two per connection
+}
+
+func startFloodBackend(t *testing.T) *floodBackend {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &floodBackend{ln: ln, stop: make(chan struct{})}
+	up := websocket.Upgrader{}
+	b.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		b.wg.Add(2)
+		defer b.wg.Done()
+		defer c.Close()
+		go func() { // answer sluice's close, then let the writer fail
+			defer b.wg.Done()
+			for {
+				if _, _, err := c.NextReader(); err != nil {
+					return
+				}
+			}
+		}()
+		msg := make([]byte, 4096)
+		for {
+			select {
+			case <-b.stop:
+				return
+			default:
+			}
+			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			if err := c.WriteMessage(websocket.BinaryMessage, msg); err != nil {
+				return
+			}
+		}
+	})}
+	go b.srv.Serve(ln)
+	return b
+}
+
+func (b *floodBackend) close() {
+	b.once.Do(func() {
+		close(b.stop)
+		b.srv.Close()
+		b.wg.Wait()
+	})
+}
+
+// startSluice runs serve on loopback with env (plus the upstream and
+// addresses) and returns its addresses and a function that drains it and
+// waits for serve to return.
+func startSluice(t *testing.T, env map[string]string) (wsAddr, adminAddr string, srv *proxy.Server, stop func()) {
+	t.Helper()
+	env[envPrefix+"LISTEN_ADDR"] = "127.0.0.1:0"
+	env[envPrefix+"ADMIN_ADDR"] = "127.0.0.1:0"
+	cfg, err := LoadConfig(env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- serve(ctx, cfg, zerolog.Nop(), func(ws, admin string, s *proxy.Server) {
+			wsAddr, adminAddr, srv = ws, admin, s
+			close(ready)
+		})
+	}()
+	select {
+	case <-ready:
+	case err := <-done:
+		cancel()
+		t.Fatalf("serve: %v", err)
+	}
+	return wsAddr, adminAddr, srv, func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	}
+}
+
+// dialStalled connects a client with a small receive window and an
+// Ethernet MSS, as the demo's slow clients do, so that the kernel holds
+// little once it stops reading.
+func dialStalled(t *testing.T, u string) *websocket.Conn {
+	t.Helper()
+	nd := &net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
+		return setSockopts(c, sockopt{syscall.SOL_SOCKET, syscall.SO_RCVBUF, slowClientRcv},
+			sockopt{syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, ethernetMSS})
+	}}
+	d := websocket.Dialer{NetDialContext: nd.DialContext, HandshakeTimeout: 5 * time.Second}
+	c, _, err := d.Dial(u, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func getStatus(t *testing.T, client *http.Client, url string) statusJSON {
+	t.Helper()
+	resp, err := client.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
+		t.Fatalf("GET %s: %s, Content-Type %q", url, resp.Status, resp.Header.Get("Content-Type"))
+	}
+	var s statusJSON
+	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestStatusShowsSlowClient: a client that stops reading behind a real
+// sluice and a flooding backend shows up in /status.json's top list as
+// slow, with its own address and a non-empty queue.
+func TestStatusShowsSlowClient(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	backend := startFloodBackend(t)
+	defer backend.close()
+	wsAddr, adminAddr, _, stop := startSluice(t, map[string]string{
+		envPrefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
+		envPrefix + "POLICY":                 "drop", // keeps the slow client connected
+		envPrefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
+		envPrefix + "SHUTDOWN_TIMEOUT":       "3s",
+		envPrefix + "CLOSE_TIMEOUT":          "1s",
+	})
+	stopped := false
+	defer func() {
+		if !stopped {
+			stop()
+		}
+	}()
+	tr := &http.Transport{}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+
+	c := dialStalled(t, "ws://"+wsAddr+"/feed")
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, _, err := c.ReadMessage(); err != nil { // then it stops reading
+		t.Fatal(err)
+	}
+	me := c.LocalAddr().String()
+
+	// The queue's depth moves (drop trims it, the kernel takes some as its
+	// send buffer grows), so wait for one document that shows it all.
+	var got statusJSON
+	var row *statusSession
+	for deadline := time.Now().Add(10 * time.Second); row == nil && time.Now().Before(deadline); {
+		got = getStatus(t, client, "http://"+adminAddr+"/status.json")
+		for i, s := range got.Top {
+			if s.Client == me && s.State == stateSlow && s.QueueBytes > 0 && s.QueueMessages > 0 &&
+				got.Totals.Slow == 1 && got.Totals.QueuedBytes > 0 {
+				row = &got.Top[i]
+			}
+		}
+		if row == nil {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if row == nil {
+		t.Fatalf("client %s never showed as slow with a queue; last: totals %+v, top %+v", me, got.Totals, got.Top)
+	}
+	if got.Policy != "drop" || got.Totals.Connections != 1 {
+		t.Errorf("totals = %+v, policy %q; want 1 connection, policy drop", got.Totals, got.Policy)
+	}
+	if got.Totals.Ceiling != 64<<20 || got.Totals.Share <= 0 || got.Totals.Draining {
+		t.Errorf("totals = %+v; want the 64 MiB ceiling, a share above 0, not draining", got.Totals)
+	}
+	if got.Totals.Evictions == nil || *got.Totals.Evictions != 0 {
+		t.Errorf("evictions = %v; want a count of 0", got.Totals.Evictions)
+	}
+	if len(got.History) == 0 || got.Evictions == nil {
+		t.Errorf("history has %d samples, evictions %v; want a sample and an empty list", len(got.History), got.Evictions)
+	}
+	t.Logf("slow row: %+v", *row)
+
+	resp, err := client.Get("http://" + adminAddr + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if ct := resp.Header.Get("Content-Type"); resp.StatusCode != http.StatusOK || !strings.HasPrefix(ct, "text/html") {
+		t.Errorf("GET /status: %s, Content-Type %q; want 200 text/html", resp.Status, ct)
+	}
+	for _, id := range []string{"connections", "slow", "paused", "queued-bytes", "dropped", "evictions-total", "top-table", "evictions", "chart"} {
+		if !strings.Contains(string(page), fmt.Sprintf("id=%q", id)) {
+			t.Errorf("page has no element with id %q", id)
+		}
+	}
+	if strings.Contains(string(page), "src=\"http") || strings.Contains(string(page), "href=\"http") {
+		t.Error("page loads an external asset")
+	}
+
+	c.Close()
+	stop()
+	stopped = true
+	backend.close()
+	tr.CloseIdleConnections()
+}
+
+func TestTopSessions(t *testing.T) {
+	s := func(id uint64, bytes int64, msgs int) proxy.SessionInfo {
+		return proxy.SessionInfo{ID: id, QueueBytes: bytes, QueueMessages: msgs}
+	}
+	ids := func(in []proxy.SessionInfo) []uint64 {
+		var out []uint64
+		for _, x := range in {
+			out = append(out, x.ID)
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name string
+		in   []proxy.SessionInfo
+		k    int
+		want []uint64
+	}{
+		{"empty", nil, 3, nil},
+		{"fewer than k", []proxy.SessionInfo{s(1, 10, 1), s(2, 30, 3)}, 3, []uint64{2, 1}},
+		{"keeps the deepest", []proxy.SessionInfo{s(1, 10, 1), s(2, 50, 5), s(3, 0, 0), s(4, 40, 4), s(5, 20, 2)}, 3, []uint64{2, 4, 5}},
+		{"ties: messages, then id", []proxy.SessionInfo{s(3, 10, 1), s(1, 10, 1), s(2, 10, 2)}, 2, []uint64{2, 1}},
+		{"k zero", []proxy.SessionInfo{s(1, 10, 1)}, 0, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := ids(topSessions(tc.in, tc.k))
+			if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+				t.Errorf("topSessions = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func BenchmarkTopSessions(b *testing.B) {
+	all := make([]proxy.SessionInfo, 50_000)
+	for i := range all {
+		all[i] = proxy.SessionInfo{ID: uint64(i), QueueBytes: int64(i*7919) % 100_000, QueueMessages: i % 100}
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		topSessions(all, statusTopN)
+	}
+}
+
+func TestStatusHistoryRing(t *testing.T) {
+	p := &statusPage{}
+	for i := range statusHistoryLen + 5 {
+		p.record(statusSample{T: int64(i)})
+	}
+	h := p.history()
+	if len(h) != statusHistoryLen || h[0].T != 5 || h[len(h)-1].T != statusHistoryLen+4 {
+		t.Fatalf("history: %d samples from %d to %d; want %d from 5 to %d",
+			len(h), h[0].T, h[len(h)-1].T, statusHistoryLen, statusHistoryLen+4)
+	}
+}
+
+// TestStatusShowsEviction: under the evict policy the same stalled client
+// is closed, and /status.json lists it among the evictions with its reason
+// and counts it by reason.
+func TestStatusShowsEviction(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	backend := startFloodBackend(t)
+	defer backend.close()
+	wsAddr, adminAddr, _, stop := startSluice(t, map[string]string{
+		envPrefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
+		envPrefix + "POLICY":                 "evict",
+		envPrefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
+		envPrefix + "SHUTDOWN_TIMEOUT":       "3s",
+		envPrefix + "CLOSE_TIMEOUT":          "1s",
+	})
+	defer stop()
+	tr := &http.Transport{}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+
+	c := dialStalled(t, "ws://"+wsAddr+"/feed")
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	// On a busy machine the flood may get the client evicted before it
+	// reads anything: then its first read is the 1013.
+	if _, _, err := c.ReadMessage(); err != nil && !websocket.IsCloseError(err, 1013) {
+		t.Fatal(err)
+	}
+	me := c.LocalAddr().String()
+	var got statusJSON
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		got = getStatus(t, client, "http://"+adminAddr+"/status.json")
+		if len(got.Evictions) > 0 {
+			break
+		}
+	}
+	if len(got.Evictions) != 1 {
+		t.Fatalf("evictions = %+v; want the stalled client", got.Evictions)
+	}
+	e := got.Evictions[0]
+	if e.Client != me || e.Reason != "slow" || e.QueueMessages == 0 || e.Time.IsZero() {
+		t.Errorf("eviction = %+v; want client %s, reason slow, its queue, a time", e, me)
+	}
+	if got.Totals.Evictions == nil || *got.Totals.Evictions != 1 || got.Totals.EvictionsByReason["slow"] != 1 {
+		t.Errorf("totals: evictions %v by reason %v; want 1, slow 1", got.Totals.Evictions, got.Totals.EvictionsByReason)
+	}
+}
