@@ -59,6 +59,11 @@ type Config struct {
 	// buffer that absorbs a burst from the backend while clients are slow.
 	// 0 keeps the kernel default.
 	UpstreamReadBuffer ByteSize `env:"UPSTREAM_READ_BUFFER" envDefault:"64KiB" want:"0 (kernel default) or a size from 4KiB to 64MiB, such as 64KiB"`
+	// ClientWriteBuffer is SO_SNDBUF of client sockets. 0 keeps the
+	// kernel's autotuning, which can buffer megabytes for a stalled client
+	// before sluice's queue for it starts to fill; a fixed size (e.g.
+	// 256KiB) makes slow clients visible sooner and bounds kernel memory.
+	ClientWriteBuffer ByteSize `env:"CLIENT_WRITE_BUFFER" envDefault:"0" want:"0 (kernel default) or a size from 4KiB to 64MiB, such as 256KiB"`
 	// UpstreamCloseCode is the close code sent to clients when their
 	// upstream fails: 1014 Bad Gateway says what happened, but some client
 	// libraries reject it; 1011 Internal Error and 1012 Service Restart are
@@ -272,6 +277,8 @@ func (cfg Config) check(c *checker) {
 	c.field("UpstreamDialTimeout", cfg.UpstreamDialTimeout > 0, cfg.UpstreamDialTimeout)
 	c.field("UpstreamReadBuffer", cfg.UpstreamReadBuffer == 0 ||
 		(cfg.UpstreamReadBuffer >= 4*KiB && cfg.UpstreamReadBuffer <= 64*MiB), cfg.UpstreamReadBuffer)
+	c.field("ClientWriteBuffer", cfg.ClientWriteBuffer == 0 ||
+		(cfg.ClientWriteBuffer >= 4*KiB && cfg.ClientWriteBuffer <= 64*MiB), cfg.ClientWriteBuffer)
 	c.field("UpstreamCloseCode", slices.Contains([]int{1011, 1012, 1014}, cfg.UpstreamCloseCode), cfg.UpstreamCloseCode)
 
 	c.field("MaxFrameBytes", cfg.MaxFrameBytes >= 125, cfg.MaxFrameBytes)

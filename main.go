@@ -172,6 +172,7 @@ func proxyOptions(cfg Config, log zerolog.Logger, reg prometheus.Registerer) pro
 		MaxMessageBytes:     int64(cfg.MaxMessageBytes),
 		UpstreamFailureCode: ws.StatusCode(cfg.UpstreamCloseCode),
 		UpstreamReadBuffer:  int(cfg.UpstreamReadBuffer),
+		ClientWriteBuffer:   int(cfg.ClientWriteBuffer),
 		Queue: limiter.Config{
 			Policy:      policy,
 			MaxMessages: cfg.QueueMaxMessages,

@@ -45,6 +45,12 @@ type Options struct {
 	// paused reader pushes back on the backend quickly; 0 keeps the
 	// kernel's default.
 	UpstreamReadBuffer int
+	// ClientWriteBuffer is SO_SNDBUF for client sockets. The kernel's
+	// autotuned send buffer can hold megabytes for a stalled client
+	// before its queue in sluice even starts to grow; a fixed buffer makes
+	// sluice see a slow client sooner and bounds that kernel memory. 0
+	// keeps the kernel's default.
+	ClientWriteBuffer int
 
 	// Queue bounds each client's downstream queue.
 	Queue limiter.Config

@@ -274,6 +274,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.log.Debug().Err(err).Str("client", r.RemoteAddr).Msg("client upgrade failed")
 		return
 	}
+	if s.opts.ClientWriteBuffer > 0 {
+		if sc, ok := conn.(syscall.Conn); ok {
+			if raw, err := sc.SyscallConn(); err == nil {
+				raw.Control(func(fd uintptr) {
+					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
+				})
+			}
+		}
+	}
 	var clientPending, upstreamPending []byte
 	if rw != nil && rw.Reader.Buffered() > 0 {
 		clientPending, _ = rw.Reader.Peek(rw.Reader.Buffered())
