@@ -267,7 +267,12 @@ func (q *Queue) dropOldest(n int64) bool {
 			prev, cur = cur, cur.next
 		}
 	}
+	// Keep the newest KeepNewest-1 whole messages besides the new one; the
+	// message being written does not take one of their places.
 	keep := q.cfg.KeepNewest - 1
+	if q.writerInMsg {
+		keep++
+	}
 	for cur != nil && cur.Start && (int(q.msgs.Load()) > keep || q.cfg.over(true, int(q.msgs.Load()), q.bytes.Load(), n)) {
 		// Find the end of this message; it is complete, since the producer
 		// is starting a new one.

@@ -1026,6 +1026,25 @@ func TestDropPolicy(t *testing.T) {
 		}
 	})
 
+	t.Run("started message does not take a newest place", func(t *testing.T) {
+		q := NewQueue(&Config{Policy: Drop, MaxMessages: 5, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 3}, nil, nil)
+		defer q.Close()
+		mustPush(t, q, dataSeg(1, 16, true, false))
+		mustPush(t, q, dataSeg(2, 16, false, true))
+		if got := take(t, q, 1, 1<<20); !slices.Equal(got, []string{"d1"}) {
+			t.Fatalf("Take = %v, want [d1]", got)
+		}
+		// d9 overflows: d5 and d6 go, d7 and d8 stay with it.
+		for id := uint64(3); id <= 9; id++ {
+			mustPush(t, q, msg(id, 16))
+		}
+		// The rest of the started message, then the newest KeepNewest.
+		got := take(t, q, 64, 1<<20)
+		if want := []string{"d2", "d7", "d8", "d9"}; !slices.Equal(got, want) {
+			t.Fatalf("queue holds %v, want %v", got, want)
+		}
+	})
+
 	t.Run("started message too big waits", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			q := NewQueue(&Config{Policy: Drop, MaxMessages: 10, MaxBytes: 1000, LowWater: 0.5, KeepNewest: 1}, nil, nil)

@@ -48,6 +48,9 @@ func checkUpgrade(r *http.Request) (int, string) {
 	if !r.ProtoAtLeast(1, 1) {
 		return http.StatusBadRequest, "WebSocket upgrades need HTTP/1.1"
 	}
+	if r.Host == "" {
+		return http.StatusBadRequest, "missing Host"
+	}
 	if !headerHasToken(r.Header, "Connection", "upgrade") {
 		return http.StatusBadRequest, "missing Connection: Upgrade"
 	}

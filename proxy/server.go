@@ -39,13 +39,14 @@ type Server struct {
 
 	nextID   atomic.Uint64
 	draining atomic.Bool // readiness fails: BeginDrain or Shutdown was called
-	closing  atomic.Bool // new upgrades are refused: Shutdown was called
+	closing  atomic.Bool // new upgrades are refused: Shutdown was called; set under mu
 	// lastUpstreamOK is the unix nanotime of the last successful upstream
 	// TCP connect, for readiness.
 	lastUpstreamOK atomic.Int64
 
 	mu        sync.Mutex
 	sessions  map[*session]struct{} // guarded by mu
+	inflight  int                   // upgrades being handled, guarded by mu
 	evictions evictionLog           // guarded by mu
 	// sessionGone hears from forget when a session ends, for Shutdown.
 	sessionGone chan struct{}
@@ -145,7 +146,9 @@ func (s *Server) Serve(ln net.Listener) error {
 // and ctx's error is returned.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.draining.Store(true)
+	s.mu.Lock()
 	s.closing.Store(true)
+	s.mu.Unlock()
 	err := s.http.Shutdown(ctx)
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
@@ -187,11 +190,25 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return err
 }
 
-// waitSessions waits until no session is left or ctx ends.
+func (s *Server) handshakeDone() {
+	s.mu.Lock()
+	s.inflight--
+	s.mu.Unlock()
+	s.signalGone()
+}
+
+func (s *Server) signalGone() {
+	select {
+	case s.sessionGone <- struct{}{}:
+	default:
+	}
+}
+
+// waitSessions waits until no session or upgrade is left, or ctx ends.
 func (s *Server) waitSessions(ctx context.Context) error {
 	for {
 		s.mu.Lock()
-		n := len(s.sessions)
+		n := len(s.sessions) + s.inflight
 		s.mu.Unlock()
 		if n == 0 {
 			return nil
@@ -213,11 +230,19 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.reject(w, status, "bad_request", msg)
 		return
 	}
+	// An upgrade under way is counted, so that Shutdown waits for the
+	// session it may still become: net/http forgets a connection once it
+	// is hijacked.
+	s.mu.Lock()
 	if s.closing.Load() {
+		s.mu.Unlock()
 		w.Header().Set("Retry-After", "1")
 		s.reject(w, http.StatusServiceUnavailable, "draining", "sluice is shutting down")
 		return
 	}
+	s.inflight++
+	s.mu.Unlock()
+	defer s.handshakeDone()
 	clientIP, _, _ := net.SplitHostPort(r.RemoteAddr)
 	protocols, exts := offers(r, s.opts.Queue.Policy)
 	var rej *rejection
@@ -259,6 +284,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	for _, c := range cookies {
 		header.Add("Set-Cookie", c)
 	}
+	// checkUpgrade accepted the request with the tokens anywhere in
+	// Upgrade and Connection; the upgrader reads only the first value, so
+	// give it the canonical ones rather than fail after the upstream
+	// already said yes.
+	r.Header.Set("Upgrade", "websocket")
+	r.Header.Set("Connection", "Upgrade")
 	up := ws.HTTPUpgrader{Timeout: s.opts.HandshakeTimeout, Header: header}
 	conn, rw, _, err := up.Upgrade(r, w)
 	if err != nil {
@@ -339,10 +370,7 @@ func (s *Server) forget(ss *session) {
 	s.mu.Lock()
 	delete(s.sessions, ss)
 	s.mu.Unlock()
-	select {
-	case s.sessionGone <- struct{}{}:
-	default:
-	}
+	s.signalGone()
 }
 
 // SessionInfo is what status pages show of a session.
