@@ -123,6 +123,7 @@ type session struct {
 
 	client, upstream leg
 	running          atomic.Int32 // goroutines serving the session; 0 once finished
+	frames           frameWatch   // client frame read timeout (admission.go)
 
 	mu         sync.Mutex
 	closeTimer *time.Timer // bounds the close handshake; guarded by mu
@@ -208,6 +209,7 @@ func (s *session) pump(src, dst *leg) {
 	}
 	msgs, byts := s.srv.metrics.messages[dir], s.srv.metrics.bytes[dir]
 	for {
+		src.frameEnd() // frame read timeout (admission.go): idle between frames is fine
 		h, raw, err := src.rd.ReadHeader()
 		if err != nil {
 			var fe *frame.Error
@@ -222,6 +224,7 @@ func (s *session) pump(src, dst *leg) {
 			s.violation(src, err.(*frame.Error))
 			return
 		}
+		src.frameStart(h) // the frame must now arrive whole within FrameReadTimeout
 		if src.ka != nil {
 			src.ka.Heard()
 		}
@@ -403,6 +406,10 @@ func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
 	defer s.mu.Unlock()
 	src.closeRcvd = true
 	src.rcvdCode = code
+	if src.ka != nil {
+		// It said goodbye: silence from now on is not staleness.
+		src.ka.Stop()
+	}
 	s.noteEnd(src.name() + " closed")
 	if !dst.closeQueued && !dst.dead {
 		// Pass the close on as it came: same code, same reason, same mask.
@@ -496,6 +503,9 @@ func (s *session) lost(src *leg, err error) {
 	}
 	src.dead = true
 	src.conn.Close()
+	if src.ka != nil {
+		src.ka.Stop()
+	}
 	dst := &s.client
 	code, reason := s.srv.opts.UpstreamFailureCode, "upstream connection lost"
 	if !src.upstream {
@@ -575,7 +585,9 @@ func (s *session) evict(reason string) {
 	// Read the queue before the close frame's priority discards it.
 	msgs, byts := s.client.out.Messages(), s.client.out.Bytes()
 	s.mu.Lock()
-	if s.evicted != "" || s.aborted {
+	if s.evicted != "" || s.aborted || s.endReason != "" {
+		// Already ending for another reason (a close, a lost socket, a
+		// drain): that reason stands, and the close under way bounds it.
 		s.mu.Unlock()
 		return
 	}

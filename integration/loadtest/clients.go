@@ -1,0 +1,405 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"math/bits"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// Clients, all gorilla/websocket, independent of sluice.
+
+const (
+	// dialTimeout bounds a TCP connect plus the WebSocket handshake.
+	dialTimeout = 10 * time.Second
+	// firstSource and sources: clients bind 127.0.0.2 to 127.0.0.255 in
+	// turn, so that tens of thousands of connections do not run out of one
+	// address's ephemeral ports.
+	firstSource = 2
+	sources     = 254
+)
+
+// sourceAddr is the local address of client i.
+func sourceAddr(i int) *net.TCPAddr {
+	return &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(firstSource+i%sources))}
+}
+
+// socketOpts is applied to a client socket before it connects.
+type socketOpts struct {
+	rcvBuf int // SO_RCVBUF; 0 = kernel default
+	mss    int // TCP_MAXSEG; 0 = kernel default
+}
+
+// control sets the options on the raw socket.
+func (o socketOpts) control(_, _ string, rc syscall.RawConn) error {
+	if o.rcvBuf == 0 && o.mss == 0 {
+		return nil
+	}
+	var serr error
+	err := rc.Control(func(fd uintptr) {
+		if o.rcvBuf > 0 {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, o.rcvBuf)
+		}
+		if serr == nil && o.mss > 0 {
+			serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, o.mss)
+		}
+	})
+	return errors.Join(err, serr)
+}
+
+// dialWS opens client i's WebSocket to url from client i's source address.
+// readBuf sizes gorilla's read buffer (small for idle fleets); write
+// buffers come from a pool, so idle connections hold none.
+func dialWS(ctx context.Context, url string, i int, opts socketOpts, readBuf int) (*websocket.Conn, error) {
+	nd := net.Dialer{LocalAddr: sourceAddr(i), Timeout: dialTimeout, Control: opts.control}
+	d := websocket.Dialer{
+		NetDialContext:   nd.DialContext,
+		HandshakeTimeout: dialTimeout,
+		ReadBufferSize:   readBuf,
+		WriteBufferSize:  256,
+		WriteBufferPool:  writePool,
+	}
+	c, resp, err := d.DialContext(ctx, url, nil)
+	if err != nil {
+		if resp != nil {
+			return nil, fmt.Errorf("dial %s: %w (HTTP %s)", url, err, resp.Status)
+		}
+		return nil, fmt.Errorf("dial %s: %w", url, err)
+	}
+	return c, nil
+}
+
+// writePool shares write buffers among client connections.
+var writePool = &sync.Pool{}
+
+// connectAll calls dial for clients 0 to n-1, at most workers at once (so
+// the target's listen backlog is not flooded). When strict it stops at the
+// first failure; otherwise it counts failures and keeps the first.
+func connectAll(ctx context.Context, n, workers int, strict bool, dial func(ctx context.Context, i int) error) (failed int, firstErr error) {
+	var mu sync.Mutex
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	next := atomic.Int64{}
+	var wg sync.WaitGroup
+	for range min(workers, n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				if err := dial(ctx, i); err != nil {
+					mu.Lock()
+					failed++
+					if firstErr == nil {
+						firstErr = err
+					}
+					mu.Unlock()
+					if strict {
+						cancel()
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr == nil && ctx.Err() != nil {
+		firstErr = ctx.Err()
+	}
+	return failed, firstErr
+}
+
+// --- broadcast clients ------------------------------------------------------
+
+// fastClient reads every message as it comes and measures it. Its fields
+// are owned by its fastReader goroutine until that returns.
+type fastClient struct {
+	conn     *websocket.Conn
+	lat      histogram // recv time - send time, while counting
+	received int64     // messages while counting
+	gaps     int64     // messages missing between received ones, while counting
+	disorder int64     // messages whose sequence number went backwards
+	ended    string    // how the connection ended while counting; "" if it did not
+	done     chan struct{}
+}
+
+// fastReader is a fast client's goroutine. Messages count while counting
+// is set; gaps are judged against the message before, counted or not.
+func (f *fastClient) fastReader(counting *atomic.Bool) {
+	defer close(f.done)
+	var hdr [headerLen]byte
+	var last uint64
+	for {
+		_, rd, err := f.conn.NextReader()
+		if err == nil {
+			_, err = io.ReadFull(rd, hdr[:])
+		}
+		now := time.Now().UnixNano()
+		if err == nil {
+			_, err = io.Copy(io.Discard, rd)
+		}
+		if err != nil {
+			if counting.Load() {
+				f.ended = outcome(err)
+			}
+			return
+		}
+		seq := binary.BigEndian.Uint64(hdr[:])
+		sent := int64(binary.BigEndian.Uint64(hdr[8:]))
+		if counting.Load() {
+			f.received++
+			f.lat.record(time.Duration(now - sent))
+			switch {
+			case last == 0:
+			case seq > last+1:
+				f.gaps += int64(seq - last - 1)
+			case seq <= last:
+				f.disorder++
+			}
+		}
+		last = max(last, seq)
+	}
+}
+
+// slowClient reads until stopAt, then stops reading (its small receive
+// window closes and the sender's backlog grows) until resumed, then reads
+// on to find out how it was closed. Its fields are owned by its
+// slowReader goroutine until done closes.
+type slowClient struct {
+	conn    *websocket.Conn
+	resume  chan struct{} // closed by the harness after setting a read deadline
+	outcome string        // how the connection ended, or "open"
+	done    chan struct{}
+}
+
+// slowReader is a slow client's goroutine.
+func (s *slowClient) slowReader(stopAt *atomic.Int64) {
+	defer close(s.done)
+	read := func() error {
+		_, rd, err := s.conn.NextReader()
+		if err == nil {
+			_, err = io.Copy(io.Discard, rd)
+		}
+		return err
+	}
+	for time.Now().UnixNano() < stopAt.Load() {
+		if err := read(); err != nil {
+			s.outcome = outcome(err)
+			return
+		}
+	}
+	<-s.resume
+	for {
+		if err := read(); err != nil {
+			s.outcome = outcome(err)
+			return
+		}
+	}
+}
+
+// outcome names how a read ended: the close code received, "eof" (closed
+// without a close frame), "rst" (reset), "open" (the read deadline passed)
+// or "error".
+func outcome(err error) string {
+	var ce *websocket.CloseError
+	var ne net.Error
+	switch {
+	case errors.As(err, &ce) && ce.Code == websocket.CloseAbnormalClosure:
+		return "eof" // gorilla's name for an EOF with no close frame
+	case errors.As(err, &ce):
+		return fmt.Sprint(ce.Code)
+	case errors.As(err, &ne) && ne.Timeout():
+		return "open"
+	case errors.Is(err, syscall.ECONNRESET):
+		return "rst"
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed):
+		return "eof"
+	}
+	return "error"
+}
+
+// --- idle clients -----------------------------------------------------------
+
+// idleFleet is a set of idle connections that read only to answer pings.
+type idleFleet struct {
+	pings    atomic.Int64 // pings received, all connections
+	holding  atomic.Bool  // set while the hold window runs
+	stopping atomic.Bool  // set before the harness closes the connections
+
+	mu          sync.Mutex
+	conns       []*websocket.Conn // guarded by mu
+	early       int               // ended before the hold; guarded by mu
+	dropped     int               // ended during the hold; guarded by mu
+	dropReasons map[string]int    // guarded by mu
+	readers     sync.WaitGroup
+}
+
+// add starts an idle reader on c.
+func (f *idleFleet) add(c *websocket.Conn) {
+	f.mu.Lock()
+	f.conns = append(f.conns, c)
+	f.mu.Unlock()
+	f.readers.Add(1)
+	go f.idleReader(c)
+}
+
+// idleReader reads c (gorilla answers pings while reading) until it ends,
+// and counts an end it did not cause.
+func (f *idleFleet) idleReader(c *websocket.Conn) {
+	defer f.readers.Done()
+	pong := c.PingHandler()
+	c.SetPingHandler(func(data string) error {
+		f.pings.Add(1)
+		return pong(data)
+	})
+	for {
+		_, rd, err := c.NextReader()
+		if err == nil {
+			_, err = io.Copy(io.Discard, rd)
+		}
+		if err == nil {
+			continue
+		}
+		if f.stopping.Load() {
+			return
+		}
+		f.mu.Lock()
+		if f.holding.Load() {
+			f.dropped++
+			if f.dropReasons == nil {
+				f.dropReasons = map[string]int{}
+			}
+			f.dropReasons[outcome(err)]++
+		} else {
+			f.early++
+		}
+		f.mu.Unlock()
+		return
+	}
+}
+
+// closeAll closes every connection's socket and waits for the readers,
+// at most timeout.
+func (f *idleFleet) closeAll(timeout time.Duration) {
+	f.stopping.Store(true)
+	f.mu.Lock()
+	conns := f.conns
+	f.mu.Unlock()
+	for _, c := range conns {
+		c.Close()
+	}
+	waitGroup(&f.readers, timeout)
+}
+
+// waitGroup waits for wg, at most timeout; false if it timed out.
+func waitGroup(wg *sync.WaitGroup, timeout time.Duration) bool {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return true
+	case <-time.After(timeout):
+		return false
+	}
+}
+
+// --- latency histogram ------------------------------------------------------
+
+// subBuckets per power of two: values are kept within 1/32 (~3%).
+const (
+	subBits    = 5
+	subBuckets = 1 << subBits
+)
+
+// histogram counts durations in microseconds in log-linear buckets: exact
+// below 64 µs, then 32 buckets per power of two. Memory is fixed, whatever
+// the count. The zero value is ready to use.
+type histogram struct {
+	counts [64 * subBuckets]int64
+	n      int64
+	max    int64 // µs
+}
+
+func bucketOf(us int64) int {
+	shift := max(bits.Len64(uint64(us))-(subBits+1), 0)
+	return shift*subBuckets + int(us>>shift)
+}
+
+// bucketMid is the middle of bucket b's range, in µs.
+func bucketMid(b int) float64 {
+	if b < 2*subBuckets {
+		return float64(b)
+	}
+	shift := b/subBuckets - 1
+	low := int64(b-shift*subBuckets) << shift
+	return float64(low) + float64(int64(1)<<shift-1)/2
+}
+
+// record adds d (negative durations, from clock steps, count as 0).
+func (h *histogram) record(d time.Duration) {
+	us := max(d.Microseconds(), 0)
+	b := min(bucketOf(us), len(h.counts)-1)
+	h.counts[b]++
+	h.n++
+	h.max = max(h.max, us)
+}
+
+// merge adds o's counts to h.
+func (h *histogram) merge(o *histogram) {
+	for i, c := range o.counts {
+		h.counts[i] += c
+	}
+	h.n += o.n
+	h.max = max(h.max, o.max)
+}
+
+// millis is a latency in milliseconds; NaN (no sample) is null in JSON.
+type millis float64
+
+func (m millis) MarshalJSON() ([]byte, error) {
+	if math.IsNaN(float64(m)) || math.IsInf(float64(m), 0) {
+		return []byte("null"), nil
+	}
+	return json.Marshal(float64(m))
+}
+
+// quantileMs is the q-quantile in milliseconds, NaN when empty.
+func (h *histogram) quantileMs(q float64) millis {
+	if h.n == 0 {
+		return millis(math.NaN())
+	}
+	rank := int64(math.Ceil(q * float64(h.n)))
+	rank = max(rank, 1)
+	var seen int64
+	for b, c := range h.counts {
+		seen += c
+		if seen >= rank {
+			return millis(min(bucketMid(b), float64(h.max)) / 1000)
+		}
+	}
+	return millis(float64(h.max) / 1000)
+}
+
+// maxMs is the largest value in milliseconds, NaN when empty.
+func (h *histogram) maxMs() millis {
+	if h.n == 0 {
+		return millis(math.NaN())
+	}
+	return millis(float64(h.max) / 1000)
+}

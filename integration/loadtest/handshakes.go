@@ -1,0 +1,135 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// handshakeResult is one handshakes run.
+type handshakeResult struct {
+	Target     string         `json:"target"`
+	Workers    int            `json:"workers"`
+	Duration   float64        `json:"duration_s"`
+	Handshakes int64          `json:"handshakes"` // upgrades that succeeded
+	Rate       float64        `json:"per_s"`
+	P50        millis         `json:"p50_ms"` // connect + upgrade
+	P99        millis         `json:"p99_ms"`
+	Max        millis         `json:"max_ms"`
+	Errors     int64          `json:"errors"`
+	ErrorKinds map[string]int `json:"error_kinds,omitempty"`
+	// CloseNot1000 counts closes that did not come back as 1000.
+	CloseNot1000 int64   `json:"close_not_1000"`
+	TargetCPU    float64 `json:"target_cpu_s"`
+	BackendCPU   float64 `json:"backend_cpu_s"`
+	HarnessCPU   float64 `json:"harness_cpu_s"`
+}
+
+// runHandshakes runs cfg.workers loops of connect, upgrade, close through
+// spec for cfg.duration.
+func runHandshakes(ctx context.Context, r *runner, spec targetSpec) (res handshakeResult, err error) {
+	cfg := r.cfg
+	res = handshakeResult{Target: spec.label, Workers: cfg.workers}
+	be, err := startBackend(ctx, r, 0, r.runBudget())
+	if err != nil {
+		return res, err
+	}
+	defer be.stop()
+	tg, err := startTarget(ctx, r, spec, be.addr)
+	if err != nil {
+		return res, err
+	}
+	defer tg.stop()
+	mon := newMonitor(time.Second, "", tg.proc, be.process)
+	defer mon.stopMonitor()
+
+	start := time.Now()
+	until := start.Add(cfg.duration)
+	tcpu0, bcpu0, hcpu0 := mon.now(tg.proc).CPU, mon.now(be.process).CPU, selfCPU()
+	hists := make([]histogram, cfg.workers)
+	var ok, failed, not1000 atomic.Int64
+	var mu sync.Mutex
+	kinds := map[string]int{}
+	var wg sync.WaitGroup
+	for w := range cfg.workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			handshakeWorker(ctx, w, cfg.workers, tg.url, until, &hists[w], &ok, &not1000, func(err error) {
+				failed.Add(1)
+				mu.Lock()
+				kinds[errorKind(err)]++
+				mu.Unlock()
+			})
+		}()
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return res, fmt.Errorf("handshakes: %w", ctx.Err())
+	}
+	res.Duration = time.Since(start).Seconds()
+	res.TargetCPU = mon.now(tg.proc).CPU - tcpu0
+	res.BackendCPU = mon.now(be.process).CPU - bcpu0
+	res.HarnessCPU = selfCPU() - hcpu0
+	var all histogram
+	for i := range hists {
+		all.merge(&hists[i])
+	}
+	res.Handshakes, res.Errors, res.CloseNot1000 = ok.Load(), failed.Load(), not1000.Load()
+	res.Rate = float64(res.Handshakes) / res.Duration
+	res.P50, res.P99, res.Max = all.quantileMs(0.50), all.quantileMs(0.99), all.maxMs()
+	if len(kinds) > 0 {
+		res.ErrorKinds = kinds
+	}
+	if tg.proc != nil && !tg.proc.alive() {
+		return res, tg.proc.failure()
+	}
+	return res, nil
+}
+
+// handshakeWorker connects, upgrades and closes (1000, waiting for the
+// echo) in a loop until until. Worker w of n uses source addresses w,
+// w+n, w+2n, … in turn, spreading TIME_WAIT over them.
+func handshakeWorker(ctx context.Context, w, n int, url string, until time.Time, h *histogram, ok, not1000 *atomic.Int64, fail func(error)) {
+	for i := w; time.Now().Before(until) && ctx.Err() == nil; i += n {
+		t0 := time.Now()
+		c, err := dialWS(ctx, url, i, socketOpts{}, 1024)
+		if err != nil {
+			fail(err)
+			sleep(ctx, 10*time.Millisecond) // no hot loop against a refusing target
+			continue
+		}
+		h.record(time.Since(t0))
+		ok.Add(1)
+		deadline := time.Now().Add(2 * time.Second)
+		c.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), deadline)
+		c.SetReadDeadline(deadline)
+		for {
+			if _, _, err := c.NextReader(); err != nil {
+				if outcome(err) != "1000" {
+					not1000.Add(1)
+				}
+				break
+			}
+		}
+		c.Close()
+	}
+}
+
+// errorKind shortens a dial error for counting.
+func errorKind(err error) string {
+	switch o := outcome(err); o {
+	case "error":
+		s := err.Error()
+		if len(s) > 80 {
+			s = s[:80] + "…"
+		}
+		return s
+	default:
+		return o
+	}
+}

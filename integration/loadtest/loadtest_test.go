@@ -1,0 +1,148 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"math"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestMain lets the test binary serve as the backend process, which the
+// harness starts by re-executing itself with the backend subcommand.
+func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == backendCommand {
+		os.Exit(backendMain(os.Args[2:]))
+	}
+	os.Exit(m.Run())
+}
+
+func TestParseTargets(t *testing.T) {
+	tests := []struct {
+		in      string
+		labels  []string
+		env     [][]string
+		wantErr bool
+	}{
+		{in: "direct,sluice", labels: []string{"direct", "sluice"}, env: [][]string{nil, nil}},
+		{in: "sluice:SLUICE_POLICY=drop", labels: []string{"sluice:SLUICE_POLICY=drop"}, env: [][]string{{"SLUICE_POLICY=drop"}}},
+		{
+			in:     "sluice:SLUICE_PING_INTERVAL=0,sluice:SLUICE_PING_INTERVAL=1s;SLUICE_PONG_TIMEOUT=500ms",
+			labels: []string{"sluice:SLUICE_PING_INTERVAL=0", "sluice:SLUICE_PING_INTERVAL=1s;SLUICE_PONG_TIMEOUT=500ms"},
+			env:    [][]string{{"SLUICE_PING_INTERVAL=0"}, {"SLUICE_PING_INTERVAL=1s", "SLUICE_PONG_TIMEOUT=500ms"}},
+		},
+		{ // a comma inside a target continues it
+			in:     "sluice:SLUICE_PING_INTERVAL=1s,SLUICE_PONG_TIMEOUT=500ms,direct",
+			labels: []string{"sluice:SLUICE_PING_INTERVAL=1s,SLUICE_PONG_TIMEOUT=500ms", "direct"},
+			env:    [][]string{{"SLUICE_PING_INTERVAL=1s", "SLUICE_PONG_TIMEOUT=500ms"}, nil},
+		},
+		{in: "cmd:echo a,b,direct", labels: []string{"cmd:echo a,b", "direct"}, env: [][]string{nil, nil}},
+		{in: "nginx", wantErr: true},
+		{in: "sluice:POLICY=drop", wantErr: true},
+		{in: "sluice:SLUICE_UPSTREAM_URL=ws://x", wantErr: true},
+		{in: "cmd:", wantErr: true},
+		{in: "", wantErr: true},
+	}
+	for _, tt := range tests {
+		got, err := parseTargets(tt.in)
+		if (err != nil) != tt.wantErr {
+			t.Errorf("parseTargets(%q): error %v, want error %v", tt.in, err, tt.wantErr)
+			continue
+		}
+		for i, s := range got {
+			if i >= len(tt.labels) || s.label != tt.labels[i] || !slices.Equal(s.env, tt.env[i]) {
+				t.Errorf("parseTargets(%q)[%d] = %q %q, want %q", tt.in, i, s.label, s.env, tt.labels)
+			}
+		}
+		if err == nil && len(got) != len(tt.labels) {
+			t.Errorf("parseTargets(%q): %d targets, want %d", tt.in, len(got), len(tt.labels))
+		}
+	}
+}
+
+func TestHistogram(t *testing.T) {
+	var h histogram
+	for i := 1; i <= 1000; i++ {
+		h.record(time.Duration(i) * time.Millisecond)
+	}
+	for _, c := range []struct{ q, want float64 }{{0.5, 500}, {0.99, 990}, {1, 1000}} {
+		if got := float64(h.quantileMs(c.q)); math.Abs(got-c.want)/c.want > 0.04 {
+			t.Errorf("quantile %v = %v ms, want %v ms within 4%%", c.q, got, c.want)
+		}
+	}
+	if got := float64(h.maxMs()); got != 1000 {
+		t.Errorf("max = %v ms, want 1000", got)
+	}
+}
+
+// TestBroadcastDirectAndSluice runs broadcast mode against the backend
+// itself and against the sluice binary, 10 clients (one slow) for 2 s each.
+func TestBroadcastDirectAndSluice(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds sluice and runs processes for several seconds; skipped with -short")
+	}
+	args := []string{"-mode", "broadcast", "-compare", "direct,sluice", "-clients", "10", "-slow", "0.1", "-duration", "2s", "-close-wait", "1s"}
+	cfg, err := parseFlags(args, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	r := &runner{cfg: cfg, stdout: io.Discard, stderr: &stderr}
+	if r.noFile, err = raiseNoFile(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	if r.sluiceBin, err = buildSluice(ctx, t.TempDir()); err != nil {
+		t.Fatal(err)
+	}
+	res, err := runAll(ctx, r, runBroadcast)
+	if err != nil {
+		t.Fatalf("%v\nstderr:\n%s", err, stderr.String())
+	}
+	for i, rs := range res {
+		if len(rs) != 1 {
+			t.Fatalf("target %d: %d results, want 1", i, len(rs))
+		}
+		x := rs[0]
+		t.Logf("%s: %.1f msgs/s per fast client, p50 %.2f ms, p99 %.2f ms, gaps %d, slow %v, target RSS %d, backend RSS %d",
+			x.Target, x.FastMsgsPerSec, x.FastP50, x.FastP99, x.FastGaps, x.SlowCloses, x.TargetPeakRSS, x.BackendPeakRSS)
+		if x.FastReceived <= 0 || x.FastMsgsPerSec <= 0 {
+			t.Errorf("%s: fast clients received %d messages (%.1f/s)", x.Target, x.FastReceived, x.FastMsgsPerSec)
+		}
+		if math.IsNaN(float64(x.FastP50)) || x.FastP50 < 0 || x.FastP99 < x.FastP50 || x.FastMax < x.FastP99 {
+			t.Errorf("%s: latency p50 %v, p99 %v, max %v ms: not ordered", x.Target, x.FastP50, x.FastP99, x.FastMax)
+		}
+		if x.FastClosed != 0 {
+			t.Errorf("%s: %d fast clients were closed: %v", x.Target, x.FastClosed, x.FastCloseCounts)
+		}
+		slow := 0
+		for _, n := range x.SlowCloses {
+			slow += n
+		}
+		if slow != 1 {
+			t.Errorf("%s: %d slow client outcomes %v, want 1", x.Target, slow, x.SlowCloses)
+		}
+		if x.BackendPeakRSS <= 0 || x.Backend.Broadcasts <= 0 {
+			t.Errorf("%s: backend peak RSS %d, broadcasts %d", x.Target, x.BackendPeakRSS, x.Backend.Broadcasts)
+		}
+	}
+	if direct := res[0][0]; direct.FastGaps != 0 {
+		t.Errorf("direct: %d gaps, want 0", direct.FastGaps)
+	}
+	if s := res[1][0]; s.TargetPeakRSS <= 0 || s.TargetCPU <= 0 {
+		t.Errorf("sluice: peak RSS %d, CPU %v s: want both above 0", s.TargetPeakRSS, s.TargetCPU)
+	}
+
+	var out bytes.Buffer
+	writeBroadcastReport(&out, r, res)
+	for _, row := range []string{"\n| direct | 10 | 1 |", "\n| sluice | 10 | 1 |"} {
+		if !strings.Contains(out.String(), row) {
+			t.Errorf("report has no row starting %q:\n%s", row, out.String())
+		}
+	}
+}

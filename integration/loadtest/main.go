@@ -1,0 +1,519 @@
+// Command loadtest is sluice's load harness. It starts a naive gorilla
+// broadcast backend as a separate process, the target in front of it
+// (nothing, the sluice binary, or any proxy command), and a fleet of
+// clients; then it measures delivery latency and loss, close codes, and
+// the memory and CPU of the target and of the backend. Every connection is
+// on 127.0.0.0/8, every run is bounded in count and time, and every process
+// the harness starts is killed (with its process group) when the run ends,
+// fails or is interrupted.
+//
+//	go run ./integration/loadtest -mode broadcast -compare direct,sluice -clients 50 -slow 0.1 -duration 8s
+//	go run ./integration/loadtest -mode idle -clients 2000 -duration 10s \
+//	    -compare 'sluice:SLUICE_PING_INTERVAL=0,sluice:SLUICE_PING_INTERVAL=1s;SLUICE_PONG_TIMEOUT=500ms'
+//	go run ./integration/loadtest -mode handshakes -compare direct,sluice -duration 5s
+//
+// Run with -help for every flag.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == backendCommand {
+		os.Exit(backendMain(os.Args[2:]))
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "loadtest:", err)
+		os.Exit(1)
+	}
+}
+
+// Modes.
+const (
+	modeBroadcast  = "broadcast"
+	modeIdle       = "idle"
+	modeHandshakes = "handshakes"
+)
+
+// config is the parsed command line.
+type config struct {
+	mode      string
+	targets   []targetSpec
+	clients   int
+	slow      float64
+	slowAfter time.Duration
+	slowRcv   int
+	slowMSS   int
+	size      int
+	rate      float64
+	serialise bool
+	shared    bool
+	duration  time.Duration
+	timeout   time.Duration // hard cap on the whole invocation
+	repeat    int
+	workers   int // handshake workers; concurrent dials in other modes
+	closeWait time.Duration
+	sluiceEnv []string // K=V for every sluice target
+	sluiceBin string
+	jsonPath  string
+	verbose   bool
+	command   string // the command line, for the report
+}
+
+const usageText = `usage: go run ./integration/loadtest [flags]
+
+Modes (-mode):
+  broadcast   a backend broadcasts -size-byte messages at -rate/s to -clients
+              clients, of which the -slow share stop reading after -slow-after;
+              reports fast-client latency and gaps, slow-client close codes,
+              and peak RSS and CPU of the target and the backend
+  idle        -clients idle proxied connections held for -duration; reports
+              memory per connection, CPU while holding, disconnects, pings
+  handshakes  -workers loops of connect + upgrade + close for -duration;
+              reports upgrades per second and handshake latency
+
+Targets (-target, or a comma-separated list in -compare):
+  direct                  clients connect to the backend itself
+  sluice                  the repository's sluice binary (built once), with
+                          SLUICE_LOG_LEVEL=warn and SLUICE_SHUTDOWN_TIMEOUT=5s
+                          unless -sluice-env or the target sets them
+  sluice:K=V;K=V          sluice with these SLUICE_* settings ("," also works
+                          between pairs: a piece that does not start with
+                          direct, sluice or cmd: continues the previous target)
+  cmd:SHELL COMMAND       any proxy, run with sh -c in the foreground; it must
+                          listen on $PROXY_LISTEN (also $PROXY_HOST, $PROXY_PORT)
+                          and forward to $BACKEND_ADDR ($BACKEND_HOST,
+                          $BACKEND_PORT, $BACKEND_URL); it counts as up once
+                          the port accepts
+
+A target's own SLUICE_* settings win over -sluice-env's.
+Example: -compare 'direct,sluice:SLUICE_POLICY=evict,sluice:SLUICE_POLICY=drop,sluice:SLUICE_POLICY=pause'
+
+Output: a markdown table on stdout, a row per target, under the command line
+and the machine's load; progress and the children's stderr on stderr. Each
+run starts a fresh backend and target and stops them (SIGTERM, then SIGKILL
+to the process group) when it ends, fails or is interrupted. The exit status
+is 1 on any setup error, and in idle mode when a connection failed or dropped.
+
+Flags:
+`
+
+// parseFlags parses args into a config.
+func parseFlags(args []string, stderr io.Writer) (config, error) {
+	var c config
+	var target, compare, sluiceEnv string
+	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.mode, "mode", modeBroadcast, "broadcast, idle or handshakes")
+	fs.StringVar(&target, "target", "sluice", "the target of a single run (see above)")
+	fs.StringVar(&compare, "compare", "", "targets to run one after another, comma-separated; overrides -target")
+	fs.IntVar(&c.clients, "clients", 0, "clients: default 100 in broadcast, 1000 in idle (up to 100000)")
+	fs.Float64Var(&c.slow, "slow", 0.1, "broadcast: share of the clients that stop reading, 0 to 1")
+	fs.DurationVar(&c.slowAfter, "slow-after", 2*time.Second, "broadcast: slow clients read this long after all are connected, then stop")
+	fs.IntVar(&c.slowRcv, "slow-rcvbuf", 4096, "broadcast: SO_RCVBUF of slow clients, set before connect (0 = kernel default)")
+	fs.IntVar(&c.slowMSS, "slow-mss", 1460, "broadcast: TCP_MAXSEG of slow clients, so senders size their buffers as on Ethernet rather than for loopback's 64 KiB MSS (0 = kernel default)")
+	fs.IntVar(&c.size, "size", 1024, "broadcast: bytes per message, 16 to 1048576")
+	fs.Float64Var(&c.rate, "rate", 50, "broadcast: messages per second sent to every client, up to 10000")
+	fs.BoolVar(&c.serialise, "serialise", false, "broadcast: the backend writes to every connection in turn from one goroutine instead of per-connection queues and writers")
+	fs.BoolVar(&c.shared, "shared", false, "broadcast: the backend queues one shared buffer per message instead of a copy per connection")
+	fs.DurationVar(&c.duration, "duration", 20*time.Second, "measured time of each run (broadcast run, idle hold, handshake loop), up to 1h")
+	fs.DurationVar(&c.timeout, "timeout", 0, "hard cap on the whole invocation (0 = computed from the runs: setup, connect and teardown allowances plus -duration each)")
+	fs.IntVar(&c.repeat, "repeat", 1, "run the whole comparison this many times and report medians, 1 to 20")
+	fs.IntVar(&c.workers, "workers", 16, "handshakes: concurrent workers; other modes: concurrent dials while connecting")
+	fs.DurationVar(&c.closeWait, "close-wait", 2*time.Second, "broadcast: after the run, how long slow clients read on to find how they were closed")
+	fs.StringVar(&sluiceEnv, "sluice-env", "", "SLUICE_* settings for every sluice target: 'K=V,K=V' (or ';')")
+	fs.StringVar(&c.sluiceBin, "sluice-bin", "", "use this sluice binary instead of building the repository's")
+	fs.StringVar(&c.jsonPath, "json", "", "also write every run's results to this file as JSON")
+	fs.BoolVar(&c.verbose, "v", false, "copy all of the children's stderr (default: their first 10 lines each)")
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usageText)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected argument %q (flags only; see -help)", fs.Arg(0))
+	}
+	c.command = commandLine(args)
+
+	var problems []error
+	bad := func(format string, a ...any) { problems = append(problems, fmt.Errorf(format, a...)) }
+	switch c.mode {
+	case modeBroadcast:
+		if c.clients == 0 {
+			c.clients = 100
+		}
+	case modeIdle:
+		if c.clients == 0 {
+			c.clients = 1000
+		}
+	case modeHandshakes:
+	default:
+		bad("-mode %q: want broadcast, idle or handshakes", c.mode)
+	}
+	list := target
+	if compare != "" {
+		list = compare
+	}
+	var err error
+	if c.targets, err = parseTargets(list); err != nil {
+		problems = append(problems, err)
+	}
+	if c.sluiceEnv, err = parseEnvPairs(sluiceEnv); err != nil {
+		problems = append(problems, fmt.Errorf("-sluice-env: %w", err))
+	}
+	if c.clients < 0 || c.clients > 100000 {
+		bad("-clients %d: want 1 to 100000", c.clients)
+	}
+	if c.slow < 0 || c.slow > 1 {
+		bad("-slow %v: want 0 to 1", c.slow)
+	}
+	if c.slowAfter < 0 {
+		bad("-slow-after %v: want >= 0", c.slowAfter)
+	}
+	if c.slowRcv < 0 || c.slowMSS < 0 {
+		bad("-slow-rcvbuf and -slow-mss: want >= 0")
+	}
+	if c.size < headerLen || c.size > 1<<20 {
+		bad("-size %d: want 16 to 1048576", c.size)
+	}
+	if c.rate <= 0 || c.rate > 10000 {
+		bad("-rate %v: want above 0, up to 10000", c.rate)
+	}
+	if c.duration <= 0 || c.duration > time.Hour {
+		bad("-duration %v: want above 0, up to 1h", c.duration)
+	}
+	if c.timeout < 0 {
+		bad("-timeout %v: want >= 0", c.timeout)
+	}
+	if c.repeat < 1 || c.repeat > 20 {
+		bad("-repeat %d: want 1 to 20", c.repeat)
+	}
+	if c.workers < 1 || c.workers > 1024 {
+		bad("-workers %d: want 1 to 1024", c.workers)
+	}
+	if c.closeWait <= 0 || c.closeWait > time.Minute {
+		bad("-close-wait %v: want above 0, up to 1m", c.closeWait)
+	}
+	return c, errors.Join(problems...)
+}
+
+// commandLine is how the report shows the invocation: as `go run` when
+// the binary is go run's (or go test's) temporary build.
+func commandLine(args []string) string {
+	self := "go run ./integration/loadtest"
+	if len(os.Args) > 0 && !strings.Contains(os.Args[0], "/go-build") {
+		self = shellQuote(os.Args[0])
+	}
+	parts := []string{self}
+	for _, a := range args {
+		parts = append(parts, shellQuote(a))
+	}
+	return strings.Join(parts, " ")
+}
+
+// shellQuote quotes s for sh when it needs it.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./:=,+@%") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// Target kinds.
+const (
+	kindDirect = "direct"
+	kindSluice = "sluice"
+	kindCmd    = "cmd"
+)
+
+// targetSpec is one target as given on the command line.
+type targetSpec struct {
+	label   string   // as written
+	kind    string   // kindDirect, kindSluice or kindCmd
+	env     []string // sluice: SLUICE_* K=V pairs
+	command string   // cmd: the shell command
+}
+
+// parseTargets splits a comma-separated target list. A piece that does not
+// start with direct, sluice or cmd: continues the previous target, so
+// commands and env pairs may contain commas.
+func parseTargets(list string) ([]targetSpec, error) {
+	var labels []string
+	for _, piece := range strings.Split(list, ",") {
+		p := strings.TrimSpace(piece)
+		starts := p == kindDirect || p == kindSluice || strings.HasPrefix(p, kindSluice+":") || strings.HasPrefix(p, kindCmd+":")
+		switch {
+		case starts:
+			labels = append(labels, p)
+		case len(labels) > 0:
+			labels[len(labels)-1] += "," + piece
+		case p == "":
+			return nil, errors.New("empty target list")
+		default:
+			return nil, fmt.Errorf("target %q: want direct, sluice, sluice:K=V;K=V or cmd:COMMAND", p)
+		}
+	}
+	var specs []targetSpec
+	for _, l := range labels {
+		s := targetSpec{label: l}
+		switch {
+		case l == kindDirect:
+			s.kind = kindDirect
+		case l == kindSluice:
+			s.kind = kindSluice
+		case strings.HasPrefix(l, kindSluice+":"):
+			s.kind = kindSluice
+			env, err := parseEnvPairs(strings.TrimPrefix(l, kindSluice+":"))
+			if err != nil {
+				return nil, fmt.Errorf("target %q: %w", l, err)
+			}
+			s.env = env
+		case strings.HasPrefix(l, kindCmd+":"):
+			s.kind = kindCmd
+			s.command = strings.TrimSpace(strings.TrimPrefix(l, kindCmd+":"))
+			if s.command == "" {
+				return nil, fmt.Errorf("target %q: empty command", l)
+			}
+		default:
+			return nil, fmt.Errorf("target %q: want direct, sluice, sluice:K=V;K=V or cmd:COMMAND", l)
+		}
+		specs = append(specs, s)
+	}
+	return specs, nil
+}
+
+// parseEnvPairs parses "K=V;K=V" (or ","), where every K is a SLUICE_*
+// variable the harness does not own.
+func parseEnvPairs(s string) ([]string, error) {
+	var out []string
+	for _, kv := range strings.FieldsFunc(s, func(r rune) bool { return r == ';' || r == ',' }) {
+		kv = strings.TrimSpace(kv)
+		if kv == "" {
+			continue
+		}
+		k, _, ok := strings.Cut(kv, "=")
+		if !ok || !strings.HasPrefix(k, "SLUICE_") {
+			return nil, fmt.Errorf("%q: want SLUICE_NAME=value", kv)
+		}
+		for _, owned := range harnessOwned {
+			if k == owned {
+				return nil, fmt.Errorf("%s is set by the harness", k)
+			}
+		}
+		out = append(out, kv)
+	}
+	return out, nil
+}
+
+// runner carries what every run needs.
+type runner struct {
+	cfg       config
+	sluiceBin string
+	stdout    io.Writer
+	stderr    io.Writer
+	noFile    uint64 // RLIMIT_NOFILE hard limit, which children inherit
+}
+
+// run is the whole invocation: checks, the sluice build, every run, the
+// report.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cfg, err := parseFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	r := &runner{cfg: cfg, stdout: stdout, stderr: stderr}
+	if r.noFile, err = raiseNoFile(); err != nil {
+		return err
+	}
+	if err := r.checkFiles(); err != nil {
+		return err
+	}
+	budget := cfg.timeout
+	if budget == 0 {
+		budget = time.Duration(cfg.repeat*len(cfg.targets)) * r.runBudget()
+		if r.needsSluice() && cfg.sluiceBin == "" {
+			budget += buildTimeout
+		}
+	}
+	ctx, cancel := context.WithTimeoutCause(ctx, budget, fmt.Errorf("the invocation's time limit (%v, -timeout) passed", budget))
+	defer cancel()
+
+	if r.needsSluice() {
+		if cfg.sluiceBin != "" {
+			r.sluiceBin = cfg.sluiceBin
+		} else {
+			dir, err := os.MkdirTemp("", "loadtest-sluice-")
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(dir)
+			fmt.Fprintln(stderr, "loadtest: building sluice…")
+			if r.sluiceBin, err = buildSluice(ctx, dir); err != nil {
+				return err
+			}
+		}
+	}
+	host := hostInfo()
+	switch cfg.mode {
+	case modeBroadcast:
+		res, err := runAll(ctx, r, runBroadcast)
+		return finish(r, host, res, err, writeBroadcastReport)
+	case modeIdle:
+		res, err := runAll(ctx, r, runIdle)
+		if err == nil {
+			err = idleFailures(res)
+		}
+		return finish(r, host, res, err, writeIdleReport)
+	default:
+		res, err := runAll(ctx, r, runHandshakes)
+		return finish(r, host, res, err, writeHandshakeReport)
+	}
+}
+
+// needsSluice reports whether any target is sluice.
+func (r *runner) needsSluice() bool {
+	for _, t := range r.cfg.targets {
+		if t.kind == kindSluice {
+			return true
+		}
+	}
+	return false
+}
+
+// runBudget bounds one run: setup, connecting, the measured duration and
+// teardown. The run's context ends then, whatever it is doing.
+func (r *runner) runBudget() time.Duration {
+	b := 60*time.Second + r.cfg.duration + 2*stopGrace
+	switch r.cfg.mode {
+	case modeBroadcast:
+		b += r.cfg.closeWait + time.Duration(r.cfg.clients)*5*time.Millisecond
+	case modeIdle:
+		b += time.Duration(r.cfg.clients) * 5 * time.Millisecond
+	}
+	return b
+}
+
+// runAll runs one function per target, -repeat times (targets in turn
+// within each round), and returns the results by target, in round order.
+// It stops at the first error, returning what finished.
+func runAll[R any](ctx context.Context, r *runner, one func(context.Context, *runner, targetSpec) (R, error)) ([][]R, error) {
+	res := make([][]R, len(r.cfg.targets))
+	total := r.cfg.repeat * len(r.cfg.targets)
+	n := 0
+	for round := range r.cfg.repeat {
+		for i, t := range r.cfg.targets {
+			n++
+			fmt.Fprintf(r.stderr, "loadtest: [%d/%d] %s %s…\n", n, total, r.cfg.mode, t.label)
+			start := time.Now()
+			rctx, cancel := context.WithTimeoutCause(ctx, r.runBudget(),
+				fmt.Errorf("the run's time limit (%v: setup, connecting, -duration and teardown) passed", r.runBudget()))
+			out, err := one(rctx, r, t)
+			if err != nil && rctx.Err() != nil {
+				err = fmt.Errorf("%w: %v", err, context.Cause(rctx))
+			}
+			cancel()
+			if err != nil {
+				return res, fmt.Errorf("%s, round %d: %w", t.label, round+1, err)
+			}
+			fmt.Fprintf(r.stderr, "loadtest: [%d/%d] done in %v\n", n, total, time.Since(start).Round(100*time.Millisecond))
+			res[i] = append(res[i], out)
+		}
+	}
+	return res, nil
+}
+
+// finish writes the report of whatever finished, and the JSON file, and
+// returns runErr.
+func finish[R any](r *runner, host string, res [][]R, runErr error, write func(io.Writer, *runner, [][]R)) error {
+	done := 0
+	for _, rs := range res {
+		done += len(rs)
+	}
+	if done > 0 {
+		fmt.Fprintf(r.stdout, "# loadtest: %s\n\n", r.cfg.mode)
+		fmt.Fprintf(r.stdout, "    %s\n\n", r.cfg.command)
+		fmt.Fprintf(r.stdout, "%s\n\n", host)
+		write(r.stdout, r, res)
+		if r.cfg.jsonPath != "" {
+			if err := writeJSON(r, res); err != nil {
+				return errors.Join(runErr, err)
+			}
+		}
+	}
+	return runErr
+}
+
+// raiseNoFile raises this process's RLIMIT_NOFILE as far as it may go:
+// the hard limit to 1<<20 if permitted (CAP_SYS_RESOURCE), and the soft
+// limit to the hard one. Children inherit it (Go restores the original
+// limit in children only when the program never set it itself), and Go
+// programs such as sluice raise their soft limit to the hard one anyway.
+// It returns the hard limit.
+func raiseNoFile() (uint64, error) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, fmt.Errorf("getrlimit: %w", err)
+	}
+	if want := uint64(1 << 20); lim.Max < want {
+		if syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: want, Max: want}) == nil {
+			return want, nil
+		}
+	}
+	lim.Cur = lim.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, fmt.Errorf("setrlimit: %w", err)
+	}
+	return lim.Max, nil
+}
+
+// checkFiles refuses runs that would run out of file descriptors: the
+// harness and the backend hold one per client, a proxy two.
+func (r *runner) checkFiles() error {
+	const spare = 100
+	n := uint64(r.cfg.clients)
+	if r.cfg.mode == modeHandshakes {
+		n = uint64(r.cfg.workers)
+	}
+	need := n + spare
+	for _, t := range r.cfg.targets {
+		if t.kind != kindDirect {
+			need = 2*n + spare
+		}
+	}
+	if need > r.noFile {
+		return fmt.Errorf("%d clients need about %d open files in the proxy but RLIMIT_NOFILE's hard limit is %d "+
+			"(and raising it needs CAP_SYS_RESOURCE): lower -clients, or raise the limit (ulimit -Hn as root) before running",
+			n, need, r.noFile)
+	}
+	return nil
+}
+
+// hostInfo describes the machine and its load for the report header.
+func hostInfo() string {
+	load, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(load))
+	if len(f) > 3 {
+		f = f[:3]
+	}
+	return fmt.Sprintf("%s · %s · %d CPUs · load average %s at start",
+		time.Now().Format(time.RFC3339), runtime.Version(), runtime.NumCPU(), strings.Join(f, " "))
+}

@@ -1,0 +1,329 @@
+package main
+
+import (
+	"cmp"
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"math"
+	"os"
+	"slices"
+	"strings"
+)
+
+// Reports: one markdown table per invocation, a row per target. With
+// -repeat, every number is the median over the rounds and every text
+// column lists each round's value when they differ.
+
+// table accumulates a markdown table.
+type table struct {
+	header []string
+	rows   [][]string
+}
+
+func (t *table) add(cells ...string) { t.rows = append(t.rows, cells) }
+
+func (t *table) write(w io.Writer) {
+	fmt.Fprintf(w, "| %s |\n", strings.Join(t.header, " | "))
+	sep := make([]string, len(t.header))
+	for i := range sep {
+		sep[i] = "---"
+		if i > 0 {
+			sep[i] = "---:"
+		}
+	}
+	fmt.Fprintf(w, "|%s|\n", strings.Join(sep, "|"))
+	for _, r := range t.rows {
+		fmt.Fprintf(w, "| %s |\n", strings.Join(r, " | "))
+	}
+}
+
+// med is the median of f over rs, ignoring NaNs (NaN if none is left).
+func med[R any](rs []R, f func(R) float64) float64 {
+	var xs []float64
+	for _, r := range rs {
+		if v := f(r); !math.IsNaN(v) {
+			xs = append(xs, v)
+		}
+	}
+	if len(xs) == 0 {
+		return math.NaN()
+	}
+	slices.Sort(xs)
+	n := len(xs)
+	if n%2 == 1 {
+		return xs[n/2]
+	}
+	return (xs[n/2-1] + xs[n/2]) / 2
+}
+
+// each lists f over rs: once if every round agrees, else "a / b / c".
+func each[R any](rs []R, f func(R) string) string {
+	var vals []string
+	for _, r := range rs {
+		vals = append(vals, f(r))
+	}
+	if len(slices.Compact(slices.Clone(vals))) == 1 {
+		return vals[0]
+	}
+	return strings.Join(vals, " / ")
+}
+
+// counts formats outcome counts as "5×1013 2×eof", most frequent first.
+func counts[V int | float64](m map[string]V) string {
+	if len(m) == 0 {
+		return "—"
+	}
+	keys := slices.Collect(maps.Keys(m))
+	slices.SortFunc(keys, func(a, b string) int {
+		return cmp.Or(cmp.Compare(m[b], m[a]), strings.Compare(a, b))
+	})
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%v×%s", m[k], k)
+	}
+	return strings.Join(parts, " ")
+}
+
+// num formats v with prec decimals, "—" for NaN.
+func num(v float64, prec int) string {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return "—"
+	}
+	return fmt.Sprintf("%.*f", prec, v)
+}
+
+// ms formats milliseconds with two significant decimals below 10.
+func ms(v float64) string {
+	if !math.IsNaN(v) && v < 10 {
+		return num(v, 2)
+	}
+	return num(v, 1)
+}
+
+// mib formats bytes as MiB.
+func mib(b float64) string { return num(b/(1<<20), 1) }
+
+// size formats bytes with a binary unit.
+func size(b float64) string {
+	switch {
+	case math.IsNaN(b):
+		return "—"
+	case b < 1<<10:
+		return fmt.Sprintf("%.0f B", b)
+	case b < 1<<20:
+		return fmt.Sprintf("%.1f KiB", b/(1<<10))
+	case b < 1<<30:
+		return fmt.Sprintf("%.1f MiB", b/(1<<20))
+	}
+	return fmt.Sprintf("%.2f GiB", b/(1<<30))
+}
+
+// dash replaces s by "—" when the target is direct (no target process).
+func dash(spec string, s string) string {
+	if spec == kindDirect {
+		return "—"
+	}
+	return s
+}
+
+// rounds describes how many rounds a row aggregates.
+func rounds(r *runner) string {
+	if r.cfg.repeat == 1 {
+		return "one run per target"
+	}
+	return fmt.Sprintf("medians of %d rounds per target (text columns list each round when they differ)", r.cfg.repeat)
+}
+
+func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
+	c := r.cfg
+	backend := "a queue and a writer goroutine per connection, a copy of each message per connection"
+	if c.shared {
+		backend = "a queue and a writer goroutine per connection, one shared buffer per message"
+	}
+	if c.serialise {
+		backend = "one goroutine writing to every connection in turn, no deadline"
+	}
+	fmt.Fprintf(w, "%d clients, %.0f%% slow (SO_RCVBUF %d, MSS %d; they stop reading %v after all are connected); "+
+		"%d-byte messages at %g/s to every client; %v per run; %s. Backend: %s.\n\n",
+		c.clients, c.slow*100, c.slowRcv, c.slowMSS, c.slowAfter, c.size, c.rate, c.duration, rounds(r), backend)
+	t := table{header: []string{"target", "clients", "slow", "backend sent msgs/s", "msgs/s per fast client", "fast p50 ms", "fast p99 ms", "fast max ms",
+		"fast gaps", "fast closed", "slow clients ended", "target peak RSS MiB", "target CPU s", "backend peak RSS MiB", "backend CPU s",
+		"harness CPU s", "backend peak per-client backlog", "backend peak queued", "sluice peak queued", "sluice evictions", "sluice dropped msgs"}}
+	for _, rs := range res {
+		if len(rs) == 0 {
+			continue
+		}
+		kind := kindOf(rs[0].Target)
+		sluice := kind == kindSluice
+		f := func(g func(broadcastResult) float64) float64 { return med(rs, g) }
+		t.add(rs[0].Target,
+			fmt.Sprint(rs[0].Clients),
+			fmt.Sprintf("%d", rs[0].Slow),
+			num(f(func(x broadcastResult) float64 { return x.SentPerSec }), 1),
+			num(f(func(x broadcastResult) float64 { return x.FastMsgsPerSec }), 1),
+			ms(f(func(x broadcastResult) float64 { return float64(x.FastP50) })),
+			ms(f(func(x broadcastResult) float64 { return float64(x.FastP99) })),
+			ms(f(func(x broadcastResult) float64 { return float64(x.FastMax) })),
+			num(f(func(x broadcastResult) float64 { return float64(x.FastGaps) }), 0),
+			each(rs, func(x broadcastResult) string { return counts(x.FastCloseCounts) }),
+			each(rs, func(x broadcastResult) string { return counts(x.SlowCloses) }),
+			dash(kind, mib(f(func(x broadcastResult) float64 { return float64(x.TargetPeakRSS) }))),
+			dash(kind, num(f(func(x broadcastResult) float64 { return x.TargetCPU }), 2)),
+			mib(f(func(x broadcastResult) float64 { return float64(x.BackendPeakRSS) })),
+			num(f(func(x broadcastResult) float64 { return x.BackendCPU }), 2),
+			num(f(func(x broadcastResult) float64 { return x.HarnessCPU }), 2),
+			backlog(c, rs),
+			size(f(func(x broadcastResult) float64 { return float64(x.Backend.PeakQueuedBytes) })),
+			onlyIf(sluice, size(f(func(x broadcastResult) float64 { return x.SluicePeakQueued }))),
+			onlyIf(sluice, each(rs, func(x broadcastResult) string { return counts(x.SluiceEvictions) })),
+			onlyIf(sluice, num(f(func(x broadcastResult) float64 { return x.SluiceDropped }), 0)),
+		)
+	}
+	t.write(w)
+	fmt.Fprint(w, `
+- backend sent msgs/s: what the backend broadcast per second during the measured window (below
+  -rate when it fell over a second behind: a starved machine, or a blocked -serialise loop).
+- msgs/s per fast client, latency (receive time minus the backend's send stamp, same clock) and
+  gaps (sequence numbers skipped) cover the fast clients during the window; fast closed: fast
+  clients whose connection ended during it.
+- slow clients ended: how each slow client's connection ended as it read on for -close-wait after
+  the window: the close code received, eof (no close frame), rst (reset) or open.
+- CPU: user+system seconds of each process group during the window (harness: the clients, which
+  share the CPUs with everything else). Peak RSS: the highest sample (every 200 ms), or VmHWM.
+- backend backlog: bytes (messages) queued or being written for one connection; queued: all
+  connections together. sluice peak queued: sluice_queued_bytes, sampled every 200 ms.
+`)
+}
+
+// backlog formats the backend's peak per-client backlog in bytes and
+// messages.
+func backlog(c config, rs []broadcastResult) string {
+	if c.serialise {
+		return "— (no queues)"
+	}
+	b := med(rs, func(x broadcastResult) float64 { return float64(x.Backend.PeakBacklogBytes) })
+	m := med(rs, func(x broadcastResult) float64 { return float64(x.Backend.PeakBacklogMessages) })
+	return fmt.Sprintf("%s (%s msgs)", size(b), num(m, 0))
+}
+
+// onlyIf is s, or "—" when not applicable.
+func onlyIf(ok bool, s string) string {
+	if !ok {
+		return "—"
+	}
+	return s
+}
+
+// kindOf is the kind of a target label.
+func kindOf(label string) string {
+	switch {
+	case label == kindDirect:
+		return kindDirect
+	case strings.HasPrefix(label, kindCmd+":"):
+		return kindCmd
+	}
+	return kindSluice
+}
+
+func writeIdleReport(w io.Writer, r *runner, res [][]idleResult) {
+	fmt.Fprintf(w, "%d idle connections (sources 127.0.0.2-255), held %v after connecting; %s.\n\n",
+		r.cfg.clients, r.cfg.duration, rounds(r))
+	t := table{header: []string{"target", "conns", "connect s", "failed or dropped while connecting", "target RSS KiB/conn (connected)",
+		"target RSS KiB/conn (end of hold)", "Go heap KiB/conn", "Go stack KiB/conn", "goroutines", "target CPU s (hold)",
+		"harness CPU s (hold)", "pings/conn (hold)", "dropped (hold)", "backend RSS KiB/conn"}}
+	for _, rs := range res {
+		if len(rs) == 0 {
+			continue
+		}
+		kind := kindOf(rs[0].Target)
+		sluice := kind == kindSluice
+		f := func(g func(idleResult) float64) float64 { return med(rs, g) }
+		t.add(rs[0].Target,
+			num(f(func(x idleResult) float64 { return float64(x.Conns) }), 0),
+			num(f(func(x idleResult) float64 { return x.ConnectSecs }), 1),
+			num(f(func(x idleResult) float64 { return float64(x.ConnectErrors + x.EarlyDisconnects) }), 0),
+			dash(kind, num(f(func(x idleResult) float64 {
+				return x.perConn(float64(x.TargetRSSBefore), float64(x.TargetRSSConnected))
+			}), 1)),
+			dash(kind, num(f(func(x idleResult) float64 { return x.perConn(float64(x.TargetRSSBefore), float64(x.TargetRSSEnd)) }), 1)),
+			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.perConn(x.HeapBefore, x.HeapEnd) }), 2)),
+			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.perConn(x.StackBefore, x.StackEnd) }), 2)),
+			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.Goroutines }), 0)),
+			dash(kind, num(f(func(x idleResult) float64 { return x.TargetHoldCPU }), 2)),
+			num(f(func(x idleResult) float64 { return x.HarnessHoldCPU }), 2),
+			num(f(func(x idleResult) float64 { return x.PingsPerConn }), 1),
+			each(rs, func(x idleResult) string {
+				if x.HoldDisconnects == 0 {
+					return "0"
+				}
+				return fmt.Sprintf("%d (%s)", x.HoldDisconnects, counts(x.DisconnectCodes))
+			}),
+			num(f(func(x idleResult) float64 {
+				return x.perConn(float64(x.BackendRSSBefore), float64(x.BackendRSSConnected))
+			}), 1),
+		)
+	}
+	t.write(w)
+	fmt.Fprint(w, `
+- RSS per connection: the target's resident set (whole process group) once all are connected
+  (and at the end of the hold) minus before the first, divided by the connections. Go heap and
+  stack: go_memstats_heap_inuse_bytes and go_memstats_stack_inuse_bytes from sluice's /metrics,
+  end of hold minus before, per connection.
+- CPU: user+system seconds of the target during the hold only. pings/conn: pings the clients
+  received and answered during the hold. dropped: connections that ended during the hold
+  (must be 0).
+`)
+}
+
+func writeHandshakeReport(w io.Writer, r *runner, res [][]handshakeResult) {
+	fmt.Fprintf(w, "%d workers, each: connect (sources 127.0.0.2-255), upgrade, close 1000 and wait for the echo; %v per run; %s.\n\n",
+		r.cfg.workers, r.cfg.duration, rounds(r))
+	t := table{header: []string{"target", "workers", "upgrades/s", "p50 ms", "p99 ms", "max ms", "errors", "close not 1000",
+		"target CPU s", "target CPU µs/upgrade", "backend CPU s", "harness CPU s"}}
+	for _, rs := range res {
+		if len(rs) == 0 {
+			continue
+		}
+		kind := kindOf(rs[0].Target)
+		f := func(g func(handshakeResult) float64) float64 { return med(rs, g) }
+		t.add(rs[0].Target,
+			fmt.Sprint(rs[0].Workers),
+			num(f(func(x handshakeResult) float64 { return x.Rate }), 0),
+			ms(f(func(x handshakeResult) float64 { return float64(x.P50) })),
+			ms(f(func(x handshakeResult) float64 { return float64(x.P99) })),
+			ms(f(func(x handshakeResult) float64 { return float64(x.Max) })),
+			each(rs, func(x handshakeResult) string {
+				if x.Errors == 0 {
+					return "0"
+				}
+				return fmt.Sprintf("%d (%s)", x.Errors, counts(x.ErrorKinds))
+			}),
+			num(f(func(x handshakeResult) float64 { return float64(x.CloseNot1000) }), 0),
+			dash(kind, num(f(func(x handshakeResult) float64 { return x.TargetCPU }), 2)),
+			dash(kind, num(f(func(x handshakeResult) float64 { return x.TargetCPU / float64(x.Handshakes) * 1e6 }), 0)),
+			num(f(func(x handshakeResult) float64 { return x.BackendCPU }), 2),
+			num(f(func(x handshakeResult) float64 { return x.HarnessCPU }), 2),
+		)
+	}
+	t.write(w)
+	fmt.Fprint(w, `
+- latency: from starting the TCP connect to the 101 response; CPU: user+system seconds of the
+  process group during the run. The harness shares the CPUs with the target and the backend.
+`)
+}
+
+// writeJSON writes every run's results to -json.
+func writeJSON[R any](r *runner, res [][]R) error {
+	out := struct {
+		Command string `json:"command"`
+		Mode    string `json:"mode"`
+		Results [][]R  `json:"results"` // by target, then round
+	}{r.cfg.command, r.cfg.mode, res}
+	b, err := json.MarshalIndent(out, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(r.cfg.jsonPath, append(b, '\n'), 0o644)
+}
