@@ -48,6 +48,11 @@ func checkUpgrade(r *http.Request) (int, string) {
 	if !r.ProtoAtLeast(1, 1) {
 		return http.StatusBadRequest, "WebSocket upgrades need HTTP/1.1"
 	}
+	if r.ContentLength > 0 || len(r.TransferEncoding) > 0 {
+		// After the 101 those bytes would be read as frames, while an HTTP
+		// device in front saw them as a body: a smuggling surface.
+		return http.StatusBadRequest, "an upgrade request has no body"
+	}
 	if r.Host == "" {
 		return http.StatusBadRequest, "missing Host"
 	}
