@@ -16,6 +16,8 @@ import (
 	"github.com/KimMachineGun/automemlimit/memlimit"
 	"github.com/caarlos0/env/v11"
 	"github.com/rs/zerolog"
+
+	"sluice/proxy"
 )
 
 // envPrefix is prepended to every variable name of Config.
@@ -78,9 +80,44 @@ type Config struct {
 	// MaxMessageBytes caps the total payload of one (possibly fragmented)
 	// message. It may be smaller or larger than MaxFrameBytes.
 	MaxMessageBytes ByteSize `env:"MAX_MESSAGE_BYTES" envDefault:"16MiB" want:"a size of at least 125 bytes, such as 65536, 64KiB or 16MiB"`
+	// FrameReadTimeout bounds how long a client may take to send one
+	// frame once it has started: a client that stalls mid-frame holds a
+	// connection and a buffer for nothing, and keepalive cannot catch it
+	// while its frame is open. It is evicted (1013). Idle between frames
+	// is fine. 0 turns the bound off.
+	FrameReadTimeout time.Duration `env:"FRAME_READ_TIMEOUT" envDefault:"30s" want:"0 (off) or a positive duration such as 30s"`
 	// WriteTimeout bounds each write batch to a socket; a peer that does not
 	// drain its socket within it is closed.
 	WriteTimeout time.Duration `env:"WRITE_TIMEOUT" envDefault:"10s" want:"a positive duration such as 500ms, 10s or 1m"`
+
+	// --- admission (checked before the upstream is dialled) ---
+
+	// MaxConnections bounds the client connections open at once, upgrades
+	// in progress included; past it, new upgrades get 503 with a
+	// Retry-After. Each costs two file descriptors and some memory: the
+	// default protects a process with the usual 1Mi descriptors and a few
+	// GiB of memory. 0 means no limit.
+	MaxConnections int `env:"MAX_CONNECTIONS" envDefault:"50000" want:"0 (no limit) or a whole number up to 10000000, such as 50000"`
+	// MaxConnectionsPerIP bounds the connections of one client address
+	// (one /64 for IPv6); past it, 429 with a Retry-After. Behind a load
+	// balancer it needs TrustedProxies, or every client shares the
+	// balancer's address. 0 means no limit.
+	MaxConnectionsPerIP int `env:"MAX_CONNECTIONS_PER_IP" envDefault:"0" want:"0 (no limit) or a whole number up to 10000000, such as 100"`
+	// TrustedProxies lists the peers (load balancers) whose
+	// X-Forwarded-For, or Forwarded when there is no X-Forwarded-For,
+	// names the client. Empty trusts nobody: the client is the socket's
+	// peer.
+	TrustedProxies []string `env:"TRUSTED_PROXIES" want:"a comma-separated list of CIDRs or IP addresses, such as 10.0.0.0/8,192.168.1.7,fd00::/8"`
+	// AllowedOrigins lists the web origins whose pages may open
+	// WebSockets through sluice; another Origin gets 403 (cross-site
+	// WebSocket hijacking). Requests without an Origin header (not
+	// browsers) pass. Empty allows every origin.
+	AllowedOrigins []string `env:"ALLOWED_ORIGINS" want:"a comma-separated list of origins scheme://host[:port], where the host may start with *. for every subdomain, such as https://app.example.com,https://*.example.com"`
+	// MaxHandshakesPerSecond bounds new upgrades per second (a token
+	// bucket whose burst is the same number), so a reconnect storm
+	// cannot overload the upstream; past it, 503 with a Retry-After.
+	// 0 means no limit.
+	MaxHandshakesPerSecond int `env:"MAX_HANDSHAKES_PER_SECOND" envDefault:"0" want:"0 (no limit) or a whole number up to 1000000, such as 500"`
 
 	// --- backpressure (per connection and direction) ---
 
@@ -283,7 +320,14 @@ func (cfg Config) check(c *checker) {
 
 	c.field("MaxFrameBytes", cfg.MaxFrameBytes >= 125, cfg.MaxFrameBytes)
 	c.field("MaxMessageBytes", cfg.MaxMessageBytes >= 125, cfg.MaxMessageBytes)
+	c.field("FrameReadTimeout", cfg.FrameReadTimeout >= 0, cfg.FrameReadTimeout)
 	c.field("WriteTimeout", cfg.WriteTimeout > 0, cfg.WriteTimeout)
+
+	c.field("MaxConnections", cfg.MaxConnections >= 0 && cfg.MaxConnections <= 10_000_000, cfg.MaxConnections)
+	c.field("MaxConnectionsPerIP", cfg.MaxConnectionsPerIP >= 0 && cfg.MaxConnectionsPerIP <= 10_000_000, cfg.MaxConnectionsPerIP)
+	c.list("TrustedProxies", cfg.TrustedProxies, func(s string) error { _, err := proxy.ParseTrustedProxy(s); return err })
+	c.list("AllowedOrigins", cfg.AllowedOrigins, proxy.CheckOriginPattern)
+	c.field("MaxHandshakesPerSecond", cfg.MaxHandshakesPerSecond >= 0 && cfg.MaxHandshakesPerSecond <= 1_000_000, cfg.MaxHandshakesPerSecond)
 
 	c.field("Policy", cfg.Policy.valid(), cfg.Policy)
 	c.field("QueueMaxMessages", cfg.QueueMaxMessages >= 1 && cfg.QueueMaxMessages <= 1_000_000, cfg.QueueMaxMessages)
@@ -467,6 +511,34 @@ func (c *checker) field(name string, ok bool, value any) {
 	f := fieldsByName[name]
 	c.bad[name] = true
 	c.add(Problem{Var: f.key, Value: c.show(name, value), Msg: "want " + f.want, order: f.index})
+}
+
+// list checks each entry of a list variable with valid and reports name as
+// bad at the first entry that fails, quoting why.
+func (c *checker) list(name string, entries []string, valid func(string) error) {
+	if c.anyBad(name) {
+		return
+	}
+	for _, e := range listEntries(entries) {
+		if err := valid(e); err != nil {
+			f := fieldsByName[name]
+			c.bad[name] = true
+			c.add(Problem{Var: f.key, Value: c.show(name, entries), Msg: "want " + f.want + "; " + err.Error(), order: f.index})
+			return
+		}
+	}
+}
+
+// listEntries trims the entries of a comma-separated variable and drops
+// empty ones, so that "a, b," means [a b].
+func listEntries(entries []string) []string {
+	var out []string
+	for _, e := range entries {
+		if e = strings.TrimSpace(e); e != "" {
+			out = append(out, e)
+		}
+	}
+	return out
 }
 
 // cross reports name as conflicting with other unless ok; msg has one %s

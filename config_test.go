@@ -90,7 +90,9 @@ func defaultConfig(t *testing.T) Config {
 		UpstreamCloseCode:    1014,
 		MaxFrameBytes:        16 * MiB,
 		MaxMessageBytes:      16 * MiB,
+		FrameReadTimeout:     30 * time.Second,
 		WriteTimeout:         10 * time.Second,
+		MaxConnections:       50000,
 		Policy:               PolicyEvict,
 		QueueMaxMessages:     100,
 		QueueMaxBytes:        10 * MiB,
@@ -196,6 +198,21 @@ func TestLoadConfigValues(t *testing.T) {
 		{"SLUICE_LOG_LEVEL", "WARN", func(c Config) any { return c.LogLevel }, zerolog.WarnLevel},
 		{"SLUICE_LOG_LEVEL", "disabled", func(c Config) any { return c.LogLevel }, zerolog.Disabled},
 		{"SLUICE_LOG_FORMAT", "Console", func(c Config) any { return c.LogFormat }, "console"},
+		{"SLUICE_FRAME_READ_TIMEOUT", "0", func(c Config) any { return c.FrameReadTimeout }, time.Duration(0)},
+		{"SLUICE_FRAME_READ_TIMEOUT", "1m", func(c Config) any { return c.FrameReadTimeout }, time.Minute},
+		{"SLUICE_MAX_CONNECTIONS", "0", func(c Config) any { return c.MaxConnections }, 0},
+		{"SLUICE_MAX_CONNECTIONS", "10000000", func(c Config) any { return c.MaxConnections }, 10_000_000},
+		{"SLUICE_MAX_CONNECTIONS_PER_IP", "100", func(c Config) any { return c.MaxConnectionsPerIP }, 100},
+		{"SLUICE_MAX_HANDSHAKES_PER_SECOND", "1000000", func(c Config) any { return c.MaxHandshakesPerSecond }, 1_000_000},
+		{"SLUICE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7 ,fd00::/8,", func(c Config) any {
+			return fmt.Sprint(proxyOptions(c, zerolog.Nop(), nil).TrustedProxies)
+		}, "[10.0.0.0/8 192.168.1.7/32 fd00::/8]"},
+		{"SLUICE_TRUSTED_PROXIES", "::ffff:10.0.0.0/104", func(c Config) any {
+			return fmt.Sprint(proxyOptions(c, zerolog.Nop(), nil).TrustedProxies)
+		}, "[10.0.0.0/8]"},
+		{"SLUICE_ALLOWED_ORIGINS", "https://app.example.com, https://*.example.com,http://localhost:3000", func(c Config) any {
+			return fmt.Sprint(proxyOptions(c, zerolog.Nop(), nil).AllowedOrigins)
+		}, "[https://app.example.com https://*.example.com http://localhost:3000]"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.key+"="+tt.value, func(t *testing.T) {
@@ -290,6 +307,16 @@ func TestLoadConfigInvalid(t *testing.T) {
 		{"SLUICE_LOG_LEVEL", "verbose"},
 		{"SLUICE_LOG_LEVEL", "-2"},
 		{"SLUICE_LOG_FORMAT", "text"},
+		{"SLUICE_FRAME_READ_TIMEOUT", "-1s"},
+		{"SLUICE_FRAME_READ_TIMEOUT", "30"},
+		{"SLUICE_MAX_CONNECTIONS", "-1"},
+		{"SLUICE_MAX_CONNECTIONS", "10000001"},
+		{"SLUICE_MAX_CONNECTIONS", "lots"},
+		{"SLUICE_MAX_CONNECTIONS_PER_IP", "-1"},
+		{"SLUICE_MAX_CONNECTIONS_PER_IP", "1.5"},
+		{"SLUICE_MAX_HANDSHAKES_PER_SECOND", "-5"},
+		{"SLUICE_MAX_HANDSHAKES_PER_SECOND", "1000001"},
+		{"SLUICE_MAX_HANDSHAKES_PER_SECOND", "0.5"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.key+"="+tt.value, func(t *testing.T) {
@@ -303,6 +330,49 @@ func TestLoadConfigInvalid(t *testing.T) {
 				t.Errorf("config on error is %+v, want the zero Config", cfg)
 			}
 		})
+	}
+}
+
+// TestLoadConfigLists: a bad entry of a list variable is reported on one
+// line naming the variable, the whole value, the allowed form and the
+// entry at fault.
+func TestLoadConfigLists(t *testing.T) {
+	t.Parallel()
+	tests := []struct{ key, value, why string }{
+		{"SLUICE_TRUSTED_PROXIES", "10.0.0.0/8,10.0.0.300", `"10.0.0.300" is not an IP address or a CIDR`},
+		{"SLUICE_TRUSTED_PROXIES", "10.0.0.0/33", `"10.0.0.0/33" is not a CIDR such as 10.0.0.0/8 or fd00::/8`},
+		{"SLUICE_TRUSTED_PROXIES", "fe80::1%eth0", `"fe80::1%eth0" is not an IP address or a CIDR`},
+		{"SLUICE_TRUSTED_PROXIES", "proxy.internal", `"proxy.internal" is not an IP address or a CIDR`},
+		{"SLUICE_TRUSTED_PROXIES", "10.0.0.0/8 fd00::/8", `"10.0.0.0/8 fd00::/8" is not a CIDR such as 10.0.0.0/8 or fd00::/8`},
+		{"SLUICE_ALLOWED_ORIGINS", "https://app.example.com/", `"https://app.example.com/" has more than a host and port`},
+		{"SLUICE_ALLOWED_ORIGINS", "app.example.com", `"app.example.com" has no scheme://`},
+		{"SLUICE_ALLOWED_ORIGINS", "*.example.com", `"*.example.com" has no scheme://`},
+		{"SLUICE_ALLOWED_ORIGINS", "https://ok.example.com,https://*", `"https://*" has a * that is not a leading *. label`},
+		{"SLUICE_ALLOWED_ORIGINS", "https://a.*.example.com", `"https://a.*.example.com" has a * that is not a leading *. label`},
+		{"SLUICE_ALLOWED_ORIGINS", "https://*example.com", `"https://*example.com" has a * that is not a leading *. label`},
+		{"SLUICE_ALLOWED_ORIGINS", "https://example.com:0", `"https://example.com:0" has an invalid port`},
+		{"SLUICE_ALLOWED_ORIGINS", "https://example.com:99999", `"https://example.com:99999" has an invalid port`},
+		{"SLUICE_ALLOWED_ORIGINS", "https://user@example.com", `"https://user@example.com" has more than a host and port`},
+		{"SLUICE_ALLOWED_ORIGINS", "null", `"null" has no scheme://`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.key+"="+tt.value, func(t *testing.T) {
+			t.Parallel()
+			_, err := LoadConfig(environ(tt.key, tt.value))
+			lines := problemLines(t, err)
+			want := fmt.Sprintf("%s=%q: want %s; %s", tt.key, tt.value, fieldsByName[map[string]string{
+				"SLUICE_TRUSTED_PROXIES": "TrustedProxies", "SLUICE_ALLOWED_ORIGINS": "AllowedOrigins",
+			}[tt.key]].want, tt.why)
+			if len(lines) != 1 || !strings.HasPrefix(lines[0], want) {
+				t.Errorf("error:\n%s\nwant a line starting:\n%s", err, want)
+			}
+		})
+	}
+	// Validate checks a Config built in code the same way.
+	cfg := defaultConfig(t)
+	cfg.AllowedOrigins = []string{"https://ok.example.com", "example.com"}
+	if got := problemLines(t, cfg.Validate()); len(got) != 1 || !strings.HasPrefix(got[0], `SLUICE_ALLOWED_ORIGINS="[https://ok.example.com example.com]": want `) {
+		t.Errorf("Validate: %q", got)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
@@ -173,6 +174,15 @@ func proxyOptions(cfg Config, log zerolog.Logger, reg prometheus.Registerer) pro
 		UpstreamFailureCode: ws.StatusCode(cfg.UpstreamCloseCode),
 		UpstreamReadBuffer:  int(cfg.UpstreamReadBuffer),
 		ClientWriteBuffer:   int(cfg.ClientWriteBuffer),
+
+		// Client limits; LoadConfig has checked every entry.
+		FrameReadTimeout:       cfg.FrameReadTimeout,
+		MaxConnections:         cfg.MaxConnections,
+		MaxConnectionsPerIP:    cfg.MaxConnectionsPerIP,
+		TrustedProxies:         trustedProxies(cfg.TrustedProxies),
+		AllowedOrigins:         listEntries(cfg.AllowedOrigins),
+		MaxHandshakesPerSecond: cfg.MaxHandshakesPerSecond,
+
 		Queue: limiter.Config{
 			Policy:      policy,
 			MaxMessages: cfg.QueueMaxMessages,
@@ -189,6 +199,18 @@ func proxyOptions(cfg Config, log zerolog.Logger, reg prometheus.Registerer) pro
 		Keepalive:         keepalive.Config{Interval: cfg.PingInterval, Timeout: cfg.PongTimeout},
 		UpstreamKeepalive: keepalive.Config{Interval: cfg.UpstreamPingInterval, Timeout: cfg.PongTimeout},
 	}
+}
+
+// trustedProxies parses SLUICE_TRUSTED_PROXIES, which LoadConfig has
+// checked.
+func trustedProxies(entries []string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, e := range listEntries(entries) {
+		if p, err := proxy.ParseTrustedProxy(e); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // upstreamHostPort is the TCP address of the upstream URL.

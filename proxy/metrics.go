@@ -90,6 +90,13 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 		m.messages[d] = msgs.WithLabelValues(name)
 		m.bytes[d] = byts.WithLabelValues(name)
 	}
+	// Admission control's reasons and the frame read timeout exist from the
+	// start, at 0, so that alerts on their rate need no absent()
+	// (admission.go).
+	for _, r := range refusals {
+		m.rejected.WithLabelValues(r.reason)
+	}
+	m.evictions.WithLabelValues(evictReadTimeout)
 	if reg != nil {
 		reg.MustRegister(m.connectionsActive, m.connectionsTotal, m.rejected, m.handshakeSeconds,
 			m.dialFailures, msgs, byts, m.closeCodes, m.evictions, m.protocolErrors, m.pingsSent,

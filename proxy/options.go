@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"errors"
+	"net/netip"
 	"net/url"
 	"time"
 
@@ -36,6 +37,36 @@ type Options struct {
 	// (1009 past them); 0 means no bound. The upstream is trusted.
 	MaxFrameBytes   int64
 	MaxMessageBytes int64
+
+	// FrameReadTimeout bounds how long a client takes to send one frame,
+	// from its header to the last byte of its payload; a client that
+	// stalls mid-frame is evicted (read_timeout, 1013). Between frames a
+	// client may idle. 0 means no bound.
+	FrameReadTimeout time.Duration
+
+	// Admission control, checked before the upstream is dialled (see
+	// admission.go). 0 or empty means no check, for each.
+	//
+	// MaxConnections bounds the connections admitted at once, handshakes
+	// in progress included: past it, 503 with Retry-After.
+	MaxConnections int
+	// MaxConnectionsPerIP bounds them per client address (per /64 for
+	// IPv6): past it, 429 with Retry-After.
+	MaxConnectionsPerIP int
+	// TrustedProxies are the peers believed when their X-Forwarded-For
+	// (or, without one, Forwarded) header names the client. The client so
+	// found is the one the limits count, the logs name, and the last entry
+	// of the X-Forwarded-For sent upstream.
+	TrustedProxies []netip.Prefix
+	// AllowedOrigins lists the origins browsers may connect from
+	// (https://app.example.com, or https://*.example.com for every
+	// subdomain); another Origin gets 403. Requests without an Origin
+	// header pass. New fails on an entry CheckOriginPattern rejects.
+	AllowedOrigins []string
+	// MaxHandshakesPerSecond bounds new upgrades with a token bucket whose
+	// burst equals the rate: past it, 503 with Retry-After, so a reconnect
+	// storm cannot overload the upstream.
+	MaxHandshakesPerSecond int
 
 	// UpstreamFailureCode is the close code clients get when the upstream
 	// fails: 1014 by default; 1011 or 1012 for fleets whose client library
@@ -80,6 +111,9 @@ func (o *Options) setDefaults() error {
 	def(&o.HandshakeTimeout, 10*time.Second)
 	def(&o.WriteTimeout, 10*time.Second)
 	def(&o.CloseTimeout, 5*time.Second)
+	if o.FrameReadTimeout < 0 || o.MaxConnections < 0 || o.MaxConnectionsPerIP < 0 || o.MaxHandshakesPerSecond < 0 {
+		return errors.New("proxy: FrameReadTimeout, MaxConnections, MaxConnectionsPerIP and MaxHandshakesPerSecond must not be negative")
+	}
 	if o.MaxHeaderBytes <= 0 {
 		o.MaxHeaderBytes = 32 << 10
 	}

@@ -34,6 +34,7 @@ type Server struct {
 	log     zerolog.Logger
 	metrics *Metrics
 	budget  *limiter.Budget
+	adm     *admission // connection limits, origins, handshake rate (admission.go)
 	http    *http.Server
 	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
 
@@ -60,10 +61,15 @@ func New(opts Options) (*Server, error) {
 	if err := opts.setDefaults(); err != nil {
 		return nil, err
 	}
+	adm, err := newAdmission(&opts)
+	if err != nil {
+		return nil, err
+	}
 	s := &Server{
 		opts:        opts,
 		log:         opts.Logger,
 		metrics:     newMetrics(opts.Registerer),
+		adm:         adm,
 		sessions:    make(map[*session]struct{}),
 		sessionGone: make(chan struct{}, 1),
 	}
@@ -243,7 +249,19 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.inflight++
 	s.mu.Unlock()
 	defer s.handshakeDone()
+	// Admission control (admission.go): origin, connection limits and
+	// handshake rate, all before anything is dialled.
+	cl := s.adm.clientOf(r)
+	slot, ok := s.admit(w, r, cl)
+	if !ok {
+		return
+	}
+	defer slot.release() // a no-op once the session has the slot
 	clientIP, _, _ := net.SplitHostPort(r.RemoteAddr)
+	upHeader := forwardedHeader(r, clientIP)
+	if cl.xff != "" {
+		upHeader.Set("X-Forwarded-For", cl.xff)
+	}
 	protocols, exts := offers(r, s.opts.Queue.Policy)
 	var rej *rejection
 	var cookies []string
@@ -251,7 +269,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		Timeout:    s.opts.DialTimeout,
 		Protocols:  protocols,
 		Extensions: exts,
-		Header:     ws.HandshakeHeaderHTTP(forwardedHeader(r, clientIP)),
+		Header:     ws.HandshakeHeaderHTTP(upHeader),
 		Host:       s.opts.Upstream.Host,
 		NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			c, err := s.netDial(ctx, network, addr)
@@ -324,7 +342,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.metrics.handshakeSeconds.Observe(time.Since(began).Seconds())
 	s.metrics.connectionsTotal.Inc()
 	ext := extensionKind(hs.Extensions)
-	s.startSession(conn, clientPending, upConn, upstreamPending, r.RemoteAddr, target, hs.Protocol, ext)
+	slot.handOff() // released by forget, from the session's client address
+	s.startSession(conn, clientPending, upConn, upstreamPending, cl.addr, target, hs.Protocol, ext)
 	if upBuf != nil {
 		ws.PutReader(upBuf)
 	}
@@ -365,8 +384,11 @@ func (s *Server) dialFailed(w http.ResponseWriter, r *http.Request, target strin
 	s.reject(w, status, "upstream_"+reason, "upstream "+reason)
 }
 
-// forget removes a finished session from the registry.
+// forget removes a finished session from the registry and frees its
+// admission slot.
 func (s *Server) forget(ss *session) {
+	ss.frames.stop()
+	s.adm.leave(ss.clientAddr)
 	s.mu.Lock()
 	delete(s.sessions, ss)
 	s.mu.Unlock()

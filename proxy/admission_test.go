@@ -1,0 +1,1065 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/gobwas/ws"
+	"github.com/gobwas/ws/wsutil"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/rs/zerolog"
+	"go.uber.org/goleak"
+)
+
+// --- token bucket -------------------------------------------------------
+
+// bucketStep sleeps, then tries n times and wants `want` of them allowed.
+type bucketStep struct {
+	sleep   time.Duration
+	n, want int
+}
+
+var bucketTests = []struct {
+	name         string
+	rate, burst  int
+	steps        []bucketStep
+	concurrently bool
+}{
+	{"burst then one per interval", 10, 10, []bucketStep{
+		{0, 15, 10}, {100 * time.Millisecond, 5, 1}, {50 * time.Millisecond, 1, 0},
+		{50 * time.Millisecond, 1, 1}, {time.Second, 20, 10}, {10 * time.Second, 20, 10},
+	}, false},
+	{"one per second", 1, 1, []bucketStep{
+		{0, 3, 1}, {999 * time.Millisecond, 1, 0}, {time.Millisecond, 1, 1}, {time.Hour, 2, 1},
+	}, false},
+	{"burst smaller than rate", 100, 5, []bucketStep{{0, 10, 5}, {50 * time.Millisecond, 10, 5}}, false},
+	{"a million a second", 1_000_000, 1_000_000, []bucketStep{
+		{0, 1_000_100, 1_000_000}, {time.Millisecond, 2000, 1000},
+	}, false},
+	{"concurrent takers share the burst", 50, 50, []bucketStep{{0, 800, 50}, {time.Second, 800, 50}}, true},
+}
+
+func TestTokenBucket(t *testing.T) {
+	for _, tt := range bucketTests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				b := newTokenBucket(tt.rate, tt.burst)
+				for i, st := range tt.steps {
+					time.Sleep(st.sleep)
+					var got atomic.Int64
+					if tt.concurrently {
+						// Time stands still in the bubble while the
+						// goroutines run: exactly the burst gets through.
+						var wg sync.WaitGroup
+						for range 8 {
+							wg.Go(func() {
+								for range st.n / 8 {
+									if b.allow() {
+										got.Add(1)
+									}
+								}
+							})
+						}
+						wg.Wait()
+					} else {
+						for range st.n {
+							if b.allow() {
+								got.Add(1)
+							}
+						}
+					}
+					if int(got.Load()) != st.want {
+						t.Errorf("step %d (after %v): %d of %d allowed, want %d", i, st.sleep, got.Load(), st.n, st.want)
+					}
+				}
+			})
+		})
+	}
+}
+
+func BenchmarkTokenBucket(b *testing.B) {
+	bk := newTokenBucket(1_000_000, 1_000_000)
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			bk.allow()
+		}
+	})
+}
+
+// --- rate-limited rejection log -----------------------------------------
+
+func TestRejectLog(t *testing.T) {
+	ms := time.Millisecond
+	steps := []struct {
+		at      time.Duration
+		times   int
+		lines   int    // lines logged among these notes
+		counted uint64 // sum of their counts
+	}{
+		{0, 1, 1, 1},            // the first refusal is logged at once
+		{10 * ms, 999, 0, 0},    // a burst within the second is not
+		{999 * ms, 1, 0, 0},     //
+		{1000 * ms, 1, 1, 1001}, // the next line counts all of them
+		{1500 * ms, 5, 0, 0},
+		{3000 * ms, 2, 1, 6},
+		{3001 * ms, 1, 0, 0},
+	}
+	var l rejectLog
+	for _, st := range steps {
+		lines, counted := 0, uint64(0)
+		for range st.times {
+			if n, ok := l.note(st.at); ok {
+				lines++
+				counted += n
+			}
+		}
+		if lines != st.lines || counted != st.counted {
+			t.Errorf("at %v ×%d: %d lines counting %d, want %d lines counting %d", st.at, st.times, lines, counted, st.lines, st.counted)
+		}
+	}
+
+	// Concurrent refusals at one instant: one line, and nothing lost.
+	var c rejectLog
+	var lines, counted atomic.Uint64
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for range 1000 {
+				if n, ok := c.note(time.Second); ok {
+					lines.Add(1)
+					counted.Add(n)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	n, _ := c.note(3 * time.Second)
+	if lines.Load() != 1 || counted.Load()+n != 8001 {
+		t.Errorf("concurrent: %d lines, %d+%d counted; want 1 line, 8001 in all", lines.Load(), counted.Load(), n)
+	}
+}
+
+// --- trusted proxies and the client address --------------------------------
+
+func TestParseTrustedProxy(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"10.0.0.0/8", "10.0.0.0/8"},
+		{"10.1.2.3/8", "10.0.0.0/8"}, // masked
+		{"192.168.1.7", "192.168.1.7/32"},
+		{"fd00::/8", "fd00::/8"},
+		{"2001:db8::1", "2001:db8::1/128"},
+		{"::ffff:10.0.0.0/104", "10.0.0.0/8"},
+		{"::ffff:10.0.0.1", "10.0.0.1/32"},
+		{"0.0.0.0/0", "0.0.0.0/0"},
+		{"", ""},
+		{"10.0.0.0/33", ""},
+		{"10.0.0.300", ""},
+		{"10.0.0.0/", ""},
+		{"fe80::1%eth0", ""},
+		{"fe80::1%eth0/64", ""},
+		{"proxy.internal", ""},
+		{" 10.0.0.1", ""}, // LoadConfig trims; the parser does not
+	}
+	for _, tt := range tests {
+		p, err := ParseTrustedProxy(tt.in)
+		got := ""
+		if err == nil {
+			got = p.String()
+		}
+		if got != tt.want {
+			t.Errorf("ParseTrustedProxy(%q) = %q, %v; want %q", tt.in, got, err, tt.want)
+		}
+	}
+}
+
+// resolveTests are shared by TestResolveClient and the fuzz seeds.
+var resolveTests = []struct {
+	name     string
+	trusted  string // comma-separated
+	remote   string
+	xff, fwd []string
+	wantAddr string
+	wantXFF  string
+}{
+	{"no trusted proxies: headers ignored", "", "203.0.113.9:5000", []string{"198.51.100.7"}, nil, "203.0.113.9:5000", ""},
+	{"spoofed XFF from an untrusted peer", "10.0.0.0/8", "203.0.113.9:5000", []string{"198.51.100.7"}, nil, "203.0.113.9:5000", ""},
+	{"spoofed Forwarded from an untrusted peer", "10.0.0.0/8", "203.0.113.9:5000", nil, []string{"for=198.51.100.7"}, "203.0.113.9:5000", ""},
+	{"trusted peer without headers", "10.0.0.0/8", "10.0.0.1:5000", nil, nil, "10.0.0.1:5000", ""},
+	{"trusted peer names the client", "10.0.0.0/8", "10.0.0.1:5000", []string{"198.51.100.7"}, nil, "198.51.100.7", "198.51.100.7"},
+	{"rightmost untrusted entry wins over a spoof", "10.0.0.0/8", "10.0.0.1:5000", []string{"6.6.6.6, 198.51.100.7"}, nil, "198.51.100.7", "6.6.6.6, 198.51.100.7"},
+	{"trusted hops are skipped and dropped", "10.0.0.0/8", "10.0.0.1:5000", []string{"6.6.6.6, 198.51.100.7, 10.1.1.1,10.2.2.2"}, nil, "198.51.100.7", "6.6.6.6, 198.51.100.7"},
+	{"several header fields are one list", "10.0.0.0/8", "10.0.0.1:5000", []string{"6.6.6.6", "198.51.100.7, 10.1.1.1"}, nil, "198.51.100.7", "6.6.6.6, 198.51.100.7"},
+	{"every hop trusted: the farthest", "10.0.0.0/8", "10.0.0.1:5000", []string{"10.1.1.1, 10.2.2.2"}, nil, "10.1.1.1", "10.1.1.1"},
+	{"malformed rightmost entry: the peer", "10.0.0.0/8", "10.0.0.1:5000", []string{"198.51.100.7, garbage"}, nil, "10.0.0.1:5000", ""},
+	{"malformed entry stops the walk at the nearest trusted hop", "10.0.0.0/8", "10.0.0.1:5000", []string{"198.51.100.7, unknown, 10.2.2.2"}, nil, "10.2.2.2", "198.51.100.7, unknown, 10.2.2.2"},
+	{"empty entries are skipped", "10.0.0.0/8", "10.0.0.1:5000", []string{"198.51.100.7,, ,"}, nil, "198.51.100.7", "198.51.100.7"},
+	{"IPv4 with a port", "10.0.0.0/8", "10.0.0.1:5000", []string{"198.51.100.7:4711"}, nil, "198.51.100.7", "198.51.100.7"},
+	{"IPv4-mapped IPv6 is IPv4", "10.0.0.0/8", "10.0.0.1:5000", []string{"::ffff:198.51.100.7"}, nil, "198.51.100.7", "198.51.100.7"},
+	{"mapped trusted hop", "10.0.0.0/8", "10.0.0.1:5000", []string{"198.51.100.7, ::ffff:10.3.3.3"}, nil, "198.51.100.7", "198.51.100.7"},
+	{"IPv6 peer and client", "fd00::/8", "[fd00::1]:443", []string{"2001:db8::7"}, nil, "2001:db8::7", "2001:db8::7"},
+	{"IPv6 in brackets with a port", "fd00::/8", "[fd00::1]:443", []string{"[2001:DB8::7]:1234"}, nil, "2001:db8::7", "2001:db8::7"},
+	{"IPv6 in brackets", "fd00::/8", "[fd00::1]:443", []string{"[2001:db8::7]"}, nil, "2001:db8::7", "2001:db8::7"},
+	{"IPv6 zone is malformed", "fd00::/8", "[fd00::1]:443", []string{"fe80::1%eth0"}, nil, "[fd00::1]:443", ""},
+	{"IPv4-mapped peer is trusted", "10.0.0.0/8", "[::ffff:10.0.0.1]:5000", []string{"198.51.100.7"}, nil, "198.51.100.7", "198.51.100.7"},
+	{"peer without an IP", "10.0.0.0/8", "@", []string{"198.51.100.7"}, nil, "@", ""},
+	{"Forwarded", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{"for=198.51.100.7;proto=https;by=10.0.0.1"}, "198.51.100.7", "198.51.100.7"},
+	{"Forwarded chain with quoted IPv6", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{`for=6.6.6.6, for="[2001:db8::7]:4711", for=10.1.1.1`}, "2001:db8::7", "2001:db8::7"},
+	{"Forwarded name is case-insensitive, quoted IPv4 port", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{`For="198.51.100.7:80"`}, "198.51.100.7", "198.51.100.7"},
+	{"Forwarded unquoted IPv6", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{`for=[2001:db8::7]`}, "2001:db8::7", "2001:db8::7"},
+	{"Forwarded comma inside quotes", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{`for=198.51.100.7;ext="a,b", for=10.1.1.1`}, "198.51.100.7", "198.51.100.7"},
+	{"Forwarded obfuscated hop stops the walk", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{"for=6.6.6.6, for=_hidden, for=10.1.1.1"}, "10.1.1.1", "10.1.1.1"},
+	{"Forwarded unknown", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{"for=unknown"}, "10.0.0.1:5000", ""},
+	{"Forwarded element without for", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{"for=6.6.6.6, proto=https"}, "10.0.0.1:5000", ""},
+	{"Forwarded unterminated quote", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{`for="198.51.100.7`}, "10.0.0.1:5000", ""},
+	{"Forwarded duplicate for", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{"for=6.6.6.6;for=198.51.100.7"}, "10.0.0.1:5000", ""},
+	{"Forwarded space around =", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{"for = 198.51.100.7"}, "10.0.0.1:5000", ""},
+	{"Forwarded escaped quote", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{`for="198.51.100.7\"", for=10.1.1.1`}, "10.1.1.1", "10.1.1.1"},
+	{"X-Forwarded-For wins over Forwarded", "10.0.0.0/8", "10.0.0.1:5000", []string{"198.51.100.7"}, []string{"for=6.6.6.6"}, "198.51.100.7", "198.51.100.7"},
+	{"several trusted ranges", "10.0.0.0/8,192.168.0.0/16,fd00::/8", "10.0.0.1:5000", []string{"198.51.100.7, fd00::9, 192.168.4.4"}, nil, "198.51.100.7", "198.51.100.7"},
+}
+
+func parsePrefixes(t testing.TB, list string) []netip.Prefix {
+	var out []netip.Prefix
+	for s := range strings.SplitSeq(list, ",") {
+		if s == "" {
+			continue
+		}
+		p, err := ParseTrustedProxy(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+func TestResolveClient(t *testing.T) {
+	for _, tt := range resolveTests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := http.Header{}
+			for _, v := range tt.xff {
+				h.Add("X-Forwarded-For", v)
+			}
+			for _, v := range tt.fwd {
+				h.Add("Forwarded", v)
+			}
+			got := resolveClient(parsePrefixes(t, tt.trusted), tt.remote, h)
+			if got.addr != tt.wantAddr || got.xff != tt.wantXFF {
+				t.Errorf("got addr %q, xff %q; want %q, %q", got.addr, got.xff, tt.wantAddr, tt.wantXFF)
+			}
+		})
+	}
+}
+
+// FuzzResolveClient: whatever the headers say, the client is the peer or
+// an IP address, and the X-Forwarded-For sent upstream ends with it.
+func FuzzResolveClient(f *testing.F) {
+	for _, tt := range resolveTests {
+		f.Add(strings.Join(tt.xff, "\n"), strings.Join(tt.fwd, "\n"))
+	}
+	trusted := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")}
+	const peer = "10.0.0.1:5000"
+	f.Fuzz(func(t *testing.T, xff, fwd string) {
+		h := http.Header{}
+		if xff != "" {
+			h["X-Forwarded-For"] = strings.Split(xff, "\n")
+		}
+		if fwd != "" {
+			h["Forwarded"] = strings.Split(fwd, "\n")
+		}
+		cl := resolveClient(trusted, peer, h)
+		if cl.addr == peer {
+			if cl.xff != "" {
+				t.Fatalf("peer as client, but xff %q", cl.xff)
+			}
+			return
+		}
+		ip, err := netip.ParseAddr(cl.addr)
+		if err != nil || ip.Zone() != "" || ip.Is4In6() {
+			t.Fatalf("client %q is not a plain IP address", cl.addr)
+		}
+		if cl.xff != cl.addr && !strings.HasSuffix(cl.xff, ", "+cl.addr) {
+			t.Fatalf("xff %q does not end with the client %q", cl.xff, cl.addr)
+		}
+		if !clientKey(cl.addr).IsValid() {
+			t.Fatalf("client %q has no key", cl.addr)
+		}
+	})
+}
+
+func TestClientKey(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"198.51.100.7:5000", "198.51.100.7"},
+		{"198.51.100.7", "198.51.100.7"},
+		{"[::ffff:198.51.100.7]:80", "198.51.100.7"},
+		{"[2001:db8:1:2:3:4:5:6]:443", "2001:db8:1:2::"},
+		{"2001:db8:1:2:ffff::1", "2001:db8:1:2::"},
+		{"@", "invalid IP"},
+		{"", "invalid IP"},
+	}
+	for _, tt := range tests {
+		if got := clientKey(tt.in).String(); got != tt.want {
+			t.Errorf("clientKey(%q) = %s, want %s", tt.in, got, tt.want)
+		}
+	}
+}
+
+// --- origins ------------------------------------------------------------
+
+func TestOriginPatterns(t *testing.T) {
+	valid := []string{
+		"https://app.example.com", "http://localhost:3000", "https://*.example.com",
+		"HTTPS://App.Example.COM", "https://app.example.com:443", "https://[::1]:8443",
+		"chrome-extension://abcdefghijklmnop", "https://*.localhost", "http://127.0.0.1:8080",
+		"https://xn--bcher-kva.example",
+	}
+	invalid := []string{
+		"", "null", "*", "https://", "https://*", "https://*.", "https://.example.com",
+		"https://a..b", "https://exa mple.com", "https://a.example.com:", "https://a.example.com:x",
+		"https://[::1", "https://[1.2.3.4]", "https://[::1]x", "ftp//x", "1https://a",
+		"https://app.example.com/", "https://app.example.com?x", "https://app.example.com#x",
+		"https://u@app.example.com", "https://bücher.example", "https://*.*.example.com",
+		"https://a*.example.com", "https://app.example.com.", "https://" + strings.Repeat("a", 64) + ".com",
+		"https://a.example.com:65536", "https://a.example.com:0",
+	}
+	for _, s := range valid {
+		if err := CheckOriginPattern(s); err != nil {
+			t.Errorf("CheckOriginPattern(%q) = %v, want nil", s, err)
+		}
+	}
+	for _, s := range invalid {
+		if err := CheckOriginPattern(s); err == nil {
+			t.Errorf("CheckOriginPattern(%q) = nil, want an error", s)
+		}
+	}
+	if _, err := New(Options{Upstream: &url.URL{Scheme: "ws", Host: "b"}, AllowedOrigins: []string{"https://ok.example", "bad"}}); err == nil ||
+		!strings.Contains(err.Error(), `"bad"`) {
+		t.Errorf("New with a bad origin: %v", err)
+	}
+}
+
+var originTests = []struct {
+	origin string
+	ok     bool
+}{
+	{"https://app.example.com", true},
+	{"https://APP.Example.com", true},
+	{"https://app.example.com:443", true},
+	{"https://app.example.com:8443", false},
+	{"http://app.example.com", false},
+	{"https://a.example.com", true},
+	{"https://a.b.example.com", true},
+	{"https://example.com", false},
+	{"https://example.com.evil.com", false},
+	{"https://a.example.com.evil.com", false},
+	{"https://evilexample.com", false},
+	{"https://evil.com/https://a.example.com", false},
+	{"https://a.example.com/", false},
+	{"https://u@a.example.com", false},
+	{"http://a.example.com", false},
+	{"wss://a.example.com", false},
+	{"https://*.example.com", false},
+	{"https://a.example.com.", false},
+	{"http://localhost:3000", true},
+	{"http://localhost", false},
+	{"http://localhost:3001", false},
+	{"https://[::1]:8443", true},
+	{"https://[0:0::1]:8443", true},
+	{"https://[::2]:8443", false},
+	{"null", false},
+	{"", false},
+}
+
+func TestOriginAllowed(t *testing.T) {
+	a, err := newAdmission(&Options{AllowedOrigins: []string{
+		"https://app.example.com", "https://*.example.com", "http://localhost:3000", "https://[::1]:8443",
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range originTests {
+		if got := a.originAllowed(tt.origin); got != tt.ok {
+			t.Errorf("originAllowed(%q) = %v, want %v", tt.origin, got, tt.ok)
+		}
+	}
+}
+
+func FuzzOrigin(f *testing.F) {
+	for _, tt := range originTests {
+		f.Add(tt.origin)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		p, err := parseOrigin(s, true)
+		if err != nil {
+			return
+		}
+		// The canonical form parses to the same pattern.
+		host := p.host
+		if p.wildcard {
+			host = "*" + host
+		}
+		canon := p.scheme + "://" + host
+		if p.port != "" {
+			canon += ":" + p.port
+		}
+		q, err := parseOrigin(canon, true)
+		if err != nil || q != p {
+			t.Fatalf("%q parsed as %+v; its canonical form %q as %+v, %v", s, p, canon, q, err)
+		}
+	})
+}
+
+// --- the frame watch -----------------------------------------------------
+
+// TestFrameWatch drives the frame watch's clock and timer as the client's
+// reader and the timer callback do, in a synctest bubble.
+func TestFrameWatch(t *testing.T) {
+	const timeout = 30 * time.Second
+	type step struct {
+		do  string // begin, end, hold, release, or a duration to sleep
+		dur time.Duration
+	}
+	sleep := func(d time.Duration) step { return step{"sleep", d} }
+	begin, end := step{do: "begin"}, step{do: "end"}
+	hold, release := step{do: "hold"}, step{do: "release"}
+	tests := []struct {
+		name  string
+		steps []step
+		want  []time.Duration // when the frame was found overdue
+	}{
+		{"idle forever", []step{sleep(time.Hour)}, nil},
+		{"a frame in time", []step{begin, sleep(29 * time.Second), end, sleep(time.Hour)}, nil},
+		{"a stalled frame", []step{begin, sleep(time.Hour)}, []time.Duration{timeout}},
+		{"stall after many frames", func() []step {
+			var s []step
+			for range 100 {
+				s = append(s, begin, sleep(time.Second), end)
+			}
+			return append(s, begin, sleep(time.Hour))
+		}(), []time.Duration{100*time.Second + timeout}},
+		{"idle, then a stalled frame", []step{sleep(10 * time.Minute), begin, sleep(time.Hour)}, []time.Duration{10*time.Minute + timeout}},
+		{"next frame already buffered", []step{begin, sleep(10 * time.Second), end, begin, sleep(time.Hour)}, []time.Duration{10*time.Second + timeout}},
+		{"held back by the upstream", []step{begin, hold, sleep(100 * time.Second), release, sleep(time.Hour)}, []time.Duration{120 * time.Second}},
+		{"held back, then the frame ends", []step{begin, hold, sleep(100 * time.Second), release, sleep(10 * time.Second), end, sleep(time.Hour)}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				began := time.Now()
+				var w frameWatch
+				var held atomic.Bool
+				overdue := make(chan time.Duration, 10)
+				// As watchFrom and frameTimerFired do.
+				w.timer.Store(time.AfterFunc(math.MaxInt64, func() {
+					if w.check(time.Since(began), timeout, held.Load()) {
+						overdue <- time.Since(began)
+					}
+				}))
+				for _, st := range tt.steps {
+					switch st.do {
+					case "begin":
+						if w.begin(time.Since(began)) {
+							w.timer.Load().Reset(timeout)
+						}
+					case "end":
+						w.end()
+					case "hold":
+						held.Store(true)
+					case "release":
+						held.Store(false)
+					case "sleep":
+						time.Sleep(st.dur)
+					}
+				}
+				synctest.Wait()
+				w.stop()
+				close(overdue)
+				var got []time.Duration
+				for d := range overdue {
+					got = append(got, d)
+				}
+				if fmt.Sprint(got) != fmt.Sprint(tt.want) {
+					t.Errorf("overdue at %v, want %v", got, tt.want)
+				}
+			})
+		})
+	}
+}
+
+// --- end to end -------------------------------------------------------------
+
+// checkLeaks fails t if goroutines started during it outlive it (sessions,
+// timers, backend handlers). Call it first, so that it runs after every
+// other cleanup.
+func checkLeaks(t *testing.T) {
+	opt := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, opt) })
+}
+
+// echoBackend is a gobwas/ws echo server. It counts the connections it
+// accepts, and records for each, by its X-Test-Id header, the
+// X-Forwarded-For that sluice sent and how the connection ended.
+type echoBackend struct {
+	ln      net.Listener
+	accepts atomic.Int64
+	wg      sync.WaitGroup
+
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+	xff   map[string]string // by X-Test-Id
+	ends  map[string]string // by X-Test-Id: "close 1001", "cut"
+	ended chan struct{}     // pinged on each end
+}
+
+func newEchoBackend(t *testing.T) *echoBackend {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &echoBackend{ln: ln, conns: map[net.Conn]struct{}{}, xff: map[string]string{}, ends: map[string]string{}, ended: make(chan struct{}, 100)}
+	b.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b.accepts.Add(1)
+			b.mu.Lock()
+			b.conns[c] = struct{}{}
+			b.mu.Unlock()
+			b.wg.Go(func() { b.serve(c) })
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		b.mu.Lock()
+		for c := range b.conns {
+			c.Close()
+		}
+		b.mu.Unlock()
+		b.wg.Wait()
+	})
+	return b
+}
+
+func (b *echoBackend) serve(c net.Conn) {
+	defer func() {
+		c.Close()
+		b.mu.Lock()
+		delete(b.conns, c)
+		b.mu.Unlock()
+	}()
+	var id, xff string
+	u := ws.Upgrader{OnHeader: func(k, v []byte) error {
+		switch {
+		case strings.EqualFold(string(k), "X-Test-Id"):
+			id = string(v)
+		case strings.EqualFold(string(k), "X-Forwarded-For"):
+			xff = string(v)
+		}
+		return nil
+	}, OnBeforeUpgrade: func() (ws.HandshakeHeader, error) {
+		// Before the 101, so that the test sees it once its client is in.
+		b.mu.Lock()
+		b.xff[id] = xff
+		b.mu.Unlock()
+		return nil, nil
+	}}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := u.Upgrade(c); err != nil {
+		return
+	}
+	c.SetDeadline(time.Time{})
+	for {
+		msg, op, err := wsutil.ReadClientData(c)
+		if err != nil {
+			end := "cut"
+			var ce wsutil.ClosedError
+			if errors.As(err, &ce) {
+				end = fmt.Sprintf("close %d", ce.Code)
+			}
+			b.mu.Lock()
+			b.ends[id] = end
+			b.mu.Unlock()
+			b.ended <- struct{}{}
+			return
+		}
+		if err := wsutil.WriteServerMessage(c, op, msg); err != nil {
+			return
+		}
+	}
+}
+
+// waitEnd returns how the backend connection of client id ended.
+func (b *echoBackend) waitEnd(t *testing.T, id string) string {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		b.mu.Lock()
+		end, ok := b.ends[id]
+		b.mu.Unlock()
+		if ok {
+			return end
+		}
+		select {
+		case <-b.ended:
+		case <-deadline:
+			t.Fatalf("backend connection of %s did not end", id)
+		}
+	}
+}
+
+func (b *echoBackend) xffOf(id string) string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.xff[id]
+}
+
+// syncBuffer collects log lines from sessions' goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) count(substrs ...string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for line := range strings.SplitSeq(s.b.String(), "\n") {
+		all := line != ""
+		for _, sub := range substrs {
+			all = all && strings.Contains(line, sub)
+		}
+		if all {
+			n++
+		}
+	}
+	return n
+}
+
+type testProxy struct {
+	*Server
+	addr string
+	logs *syncBuffer
+}
+
+func startTestProxy(t *testing.T, b *echoBackend, opts Options) *testProxy {
+	t.Helper()
+	opts.Upstream = &url.URL{Scheme: "ws", Host: b.ln.Addr().String(), Path: "/"}
+	logs := &syncBuffer{}
+	opts.Logger = zerolog.New(logs)
+	opts.Registerer = prometheus.NewRegistry()
+	srv, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		srv.Serve(ln)
+	}()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		<-served
+	})
+	return &testProxy{Server: srv, addr: ln.Addr().String(), logs: logs}
+}
+
+func (p *testProxy) rejected(reason string) float64 {
+	return counterValue(p.metrics.rejected.WithLabelValues(reason))
+}
+
+func (p *testProxy) evicted(reason string) float64 {
+	return counterValue(p.metrics.evictions.WithLabelValues(reason))
+}
+
+func counterValue(c prometheus.Counter) float64 {
+	var m dto.Metric
+	c.Write(&m)
+	return m.GetCounter().GetValue()
+}
+
+// waitSessions waits until the proxy has n sessions.
+func (p *testProxy) waitSessions(t *testing.T, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); p.Sessions() != n; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d sessions, want %d", p.Sessions(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// wsClient is a raw client connection after its upgrade.
+type wsClient struct {
+	net.Conn
+	br *bufio.Reader
+}
+
+var clientIDs atomic.Int64
+
+// upgrade sends an upgrade request to p from the local IP (127.0.0.1 when
+// empty) with header lines kv (name, value, ...). For a 101 it returns the
+// connection, closed when the test ends; otherwise the response with its
+// body read into body.
+func upgrade(t *testing.T, p *testProxy, local string, kv ...string) (res *http.Response, body string, c *wsClient) {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if local != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(local)}
+	}
+	conn, err := d.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	var key [16]byte
+	rand.Read(key[:])
+	var req strings.Builder
+	fmt.Fprintf(&req, "GET / HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n", p.addr, base64.StdEncoding.EncodeToString(key[:]))
+	for i := 0; i+1 < len(kv); i += 2 {
+		fmt.Fprintf(&req, "%s: %s\r\n", kv[i], kv[i+1])
+	}
+	req.WriteString("\r\n")
+	if _, err := io.WriteString(conn, req.String()); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	res, err = http.ReadResponse(br, nil)
+	if err != nil {
+		conn.Close()
+		t.Fatal(err)
+	}
+	if res.StatusCode != http.StatusSwitchingProtocols {
+		b, _ := io.ReadAll(res.Body)
+		conn.Close()
+		return res, string(b), nil
+	}
+	conn.SetDeadline(time.Time{})
+	c = &wsClient{Conn: conn, br: br}
+	t.Cleanup(func() { conn.Close() })
+	return res, "", c
+}
+
+// mustUpgrade wants a 101.
+func mustUpgrade(t *testing.T, p *testProxy, local string, kv ...string) *wsClient {
+	t.Helper()
+	res, body, c := upgrade(t, p, local, kv...)
+	if c == nil {
+		t.Fatalf("upgrade: %s %q, want 101", res.Status, body)
+	}
+	return c
+}
+
+// wantRefused wants status, a Retry-After of 1 to 5 seconds when retry,
+// Connection: close, and a body containing msg.
+func wantRefused(t *testing.T, p *testProxy, status int, retry bool, msg, local string, kv ...string) {
+	t.Helper()
+	res, body, c := upgrade(t, p, local, kv...)
+	if c != nil {
+		t.Fatalf("upgrade succeeded, want %d", status)
+	}
+	if res.StatusCode != status {
+		t.Errorf("status %s, want %d", res.Status, status)
+	}
+	ra := res.Header.Get("Retry-After")
+	if n, err := strconv.Atoi(ra); retry && (err != nil || n < 1 || n > 5) {
+		t.Errorf("Retry-After %q, want 1 to 5", ra)
+	} else if !retry && ra != "" {
+		t.Errorf("Retry-After %q, want none", ra)
+	}
+	if !res.Close {
+		t.Errorf("no Connection: close")
+	}
+	if !strings.Contains(body, msg) {
+		t.Errorf("body %q, want it to contain %q", body, msg)
+	}
+}
+
+func (c *wsClient) readFrame(t *testing.T) (ws.Header, []byte) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	defer c.SetReadDeadline(time.Time{})
+	h, err := ws.ReadHeader(c.br)
+	if err != nil {
+		t.Fatalf("read frame: %v", err)
+	}
+	p := make([]byte, h.Length)
+	if _, err := io.ReadFull(c.br, p); err != nil {
+		t.Fatalf("read payload: %v", err)
+	}
+	return h, p
+}
+
+// echo sends msg and wants it back.
+func (c *wsClient) echo(t *testing.T, msg string) {
+	t.Helper()
+	if err := ws.WriteFrame(c, ws.MaskFrame(ws.NewTextFrame([]byte(msg)))); err != nil {
+		t.Fatal(err)
+	}
+	if h, p := c.readFrame(t); h.OpCode != ws.OpText || string(p) != msg {
+		t.Fatalf("echo: got %v %q, want text %q", h.OpCode, p, msg)
+	}
+}
+
+// readClose wants a close frame and returns its code.
+func (c *wsClient) readClose(t *testing.T) ws.StatusCode {
+	t.Helper()
+	h, p := c.readFrame(t)
+	if h.OpCode != ws.OpClose || len(p) < 2 {
+		t.Fatalf("got %v %q, want a close frame", h.OpCode, p)
+	}
+	return ws.StatusCode(binary.BigEndian.Uint16(p))
+}
+
+// bye closes the connection as a client going away.
+func (c *wsClient) bye() { c.Close() }
+
+func TestAdmissionEndToEnd(t *testing.T) {
+	checkLeaks(t)
+
+	t.Run("max connections", func(t *testing.T) {
+		b := newEchoBackend(t)
+		p := startTestProxy(t, b, Options{MaxConnections: 2})
+		c1 := mustUpgrade(t, p, "")
+		c2 := mustUpgrade(t, p, "")
+		wantRefused(t, p, http.StatusServiceUnavailable, true, "connection limit", "")
+		for range 20 {
+			upgrade(t, p, "")
+		}
+		if n := b.accepts.Load(); n != 2 {
+			t.Errorf("backend accepted %d connections, want 2", n)
+		}
+		if n := p.rejected("max_connections"); n != 21 {
+			t.Errorf("rejected{max_connections} = %v, want 21", n)
+		}
+		// A burst is one line (two if it straddled a second), not 21.
+		if n := p.logs.count(`"reason":"max_connections"`, "upgrades rejected"); n < 1 || n > 2 {
+			t.Errorf("%d log lines for 21 refusals:\n%s", n, p.logs.b.String())
+		}
+		c2.echo(t, "still here")
+		p.waitSessions(t, 2) // a client sees its 101 just before its session registers
+		c1.bye()
+		p.waitSessions(t, 1)
+		mustUpgrade(t, p, "").echo(t, "a freed slot")
+	})
+
+	t.Run("slot freed when the upstream refuses", func(t *testing.T) {
+		b := newEchoBackend(t)
+		p := startTestProxy(t, b, Options{MaxConnections: 1, MaxConnectionsPerIP: 1})
+		b.ln.Close()
+		for range 3 {
+			res, _, c := upgrade(t, p, "")
+			if c != nil || res.StatusCode != http.StatusBadGateway {
+				t.Fatalf("status %s, want 502 each time", res.Status)
+			}
+		}
+	})
+
+	t.Run("per IP", func(t *testing.T) {
+		b := newEchoBackend(t)
+		p := startTestProxy(t, b, Options{MaxConnectionsPerIP: 1})
+		c1 := mustUpgrade(t, p, "127.0.0.1")
+		wantRefused(t, p, http.StatusTooManyRequests, true, "too many connections", "127.0.0.1")
+		c2 := mustUpgrade(t, p, "127.0.0.2")
+		if n := b.accepts.Load(); n != 2 {
+			t.Errorf("backend accepted %d connections, want 2", n)
+		}
+		if n := p.rejected("max_connections_per_ip"); n != 1 {
+			t.Errorf("rejected{max_connections_per_ip} = %v, want 1", n)
+		}
+		p.waitSessions(t, 2)
+		c1.bye()
+		p.waitSessions(t, 1)
+		mustUpgrade(t, p, "127.0.0.1").echo(t, "again")
+		c2.echo(t, "neighbour")
+	})
+
+	t.Run("per IP behind a trusted proxy", func(t *testing.T) {
+		b := newEchoBackend(t)
+		p := startTestProxy(t, b, Options{
+			MaxConnectionsPerIP: 1,
+			TrustedProxies:      []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")},
+		})
+		mustUpgrade(t, p, "127.0.0.1", "X-Test-Id", "a", "X-Forwarded-For", "6.6.6.6, 198.51.100.7")
+		if got := b.xffOf("a"); got != "6.6.6.6, 198.51.100.7" {
+			t.Errorf("upstream X-Forwarded-For %q", got)
+		}
+		p.waitSessions(t, 1)
+		if snap := p.Snapshot(); len(snap) != 1 || snap[0].Client != "198.51.100.7" {
+			t.Errorf("status shows %+v, want client 198.51.100.7", snap)
+		}
+		wantRefused(t, p, http.StatusTooManyRequests, true, "too many", "127.0.0.1", "X-Forwarded-For", "198.51.100.7")
+		mustUpgrade(t, p, "127.0.0.1", "X-Test-Id", "b", "X-Forwarded-For", "198.51.100.8")
+		if got := b.xffOf("b"); got != "198.51.100.8" {
+			t.Errorf("upstream X-Forwarded-For %q", got)
+		}
+		// An untrusted peer cannot claim to be someone else: it is
+		// counted as itself, and its claim is passed on before it.
+		mustUpgrade(t, p, "127.0.0.2", "X-Test-Id", "c", "X-Forwarded-For", "198.51.100.7")
+		if got := b.xffOf("c"); got != "198.51.100.7, 127.0.0.2" {
+			t.Errorf("upstream X-Forwarded-For %q", got)
+		}
+		wantRefused(t, p, http.StatusTooManyRequests, true, "too many", "127.0.0.2", "X-Forwarded-For", "198.51.100.99")
+	})
+
+	t.Run("origin", func(t *testing.T) {
+		b := newEchoBackend(t)
+		p := startTestProxy(t, b, Options{AllowedOrigins: []string{"https://app.example.com", "https://*.example.com"}})
+		for _, kv := range [][]string{
+			{"Origin", "https://evil.com"},
+			{"Origin", "https://example.com.evil.com"},
+			{"Origin", "http://a.example.com"},
+			{"Origin", "null"},
+			{"Origin", "https://a.example.com", "Origin", "https://b.example.com"},
+		} {
+			wantRefused(t, p, http.StatusForbidden, false, "origin not allowed", "", kv...)
+		}
+		if n := b.accepts.Load(); n != 0 {
+			t.Errorf("backend dialled %d times for refused origins", n)
+		}
+		mustUpgrade(t, p, "", "Origin", "https://a.b.example.com").echo(t, "subdomain")
+		mustUpgrade(t, p, "", "Origin", "https://app.example.com").echo(t, "exact")
+		mustUpgrade(t, p, "").echo(t, "no origin: not a browser")
+		if n := p.rejected("origin"); n != 5 {
+			t.Errorf("rejected{origin} = %v, want 5", n)
+		}
+		if n := p.logs.count(`"reason":"origin"`, `"origin":"https://evil.com"`); n != 1 {
+			t.Errorf("want one log line naming the first refused origin:\n%s", p.logs.b.String())
+		}
+	})
+
+	t.Run("handshake rate", func(t *testing.T) {
+		b := newEchoBackend(t)
+		p := startTestProxy(t, b, Options{MaxHandshakesPerSecond: 1})
+		began := time.Now()
+		ok := 0
+		for range 5 {
+			if res, _, c := upgrade(t, p, ""); c != nil {
+				ok++
+			} else if res.StatusCode != http.StatusServiceUnavailable {
+				t.Fatalf("status %s, want 101 or 503", res.Status)
+			}
+		}
+		// One token at once, then one a second.
+		if limit := 1 + int(time.Since(began)/time.Second); ok < 1 || ok > limit {
+			t.Errorf("%d of 5 upgrades in %v got through, want 1 to %d", ok, time.Since(began), limit)
+		}
+		if ok == 5 {
+			t.Skip("too slow a machine to see the limit")
+		}
+		wantRefused(t, p, http.StatusServiceUnavailable, true, "too many new connections", "")
+		if n := b.accepts.Load(); int(n) != ok {
+			t.Errorf("backend accepted %d, want %d", n, ok)
+		}
+		if n := p.rejected("rate_limit"); int(n) != 5-ok+1 {
+			t.Errorf("rejected{rate_limit} = %v, want %d", n, 5-ok+1)
+		}
+	})
+}
+
+func TestFrameReadTimeout(t *testing.T) {
+	checkLeaks(t)
+	const timeout = 300 * time.Millisecond
+	b := newEchoBackend(t)
+	p := startTestProxy(t, b, Options{FrameReadTimeout: timeout})
+
+	neighbour := mustUpgrade(t, p, "", "X-Test-Id", "neighbour")
+	idle := mustUpgrade(t, p, "", "X-Test-Id", "idle")
+	inline := mustUpgrade(t, p, "", "X-Test-Id", "inline")
+	streamed := mustUpgrade(t, p, "", "X-Test-Id", "streamed")
+	slow := mustUpgrade(t, p, "", "X-Test-Id", "slow")
+	neighbour.echo(t, "hello")
+
+	// Half a small frame: it is read into sluice, never forwarded.
+	writeHalf := func(c *wsClient, length int64, send int) {
+		t.Helper()
+		if err := ws.WriteHeader(c, ws.Header{Fin: true, OpCode: ws.OpBinary, Masked: true, Mask: ws.NewMask(), Length: length}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write(make([]byte, send)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	began := time.Now()
+	writeHalf(inline, 100, 10)
+	// Half a large frame: its start is already spliced to the backend.
+	writeHalf(streamed, 1<<20, 200<<10)
+	// A frame that takes a while but arrives in time.
+	writeHalf(slow, 2*1024, 1024)
+	time.Sleep(timeout / 3)
+	if _, err := slow.Write(make([]byte, 1024)); err != nil {
+		t.Fatal(err)
+	}
+	if h, p := slow.readFrame(t); h.OpCode != ws.OpBinary || len(p) != 2048 {
+		t.Errorf("slow frame: got %v, %d bytes", h.OpCode, len(p))
+	}
+	for i := range 5 {
+		neighbour.echo(t, fmt.Sprint("during ", i))
+		time.Sleep(timeout / 5)
+	}
+
+	for _, c := range []*wsClient{inline, streamed} {
+		if code := c.readClose(t); code != 1013 {
+			t.Errorf("stalled client got close %d, want 1013", code)
+		}
+	}
+	if d := time.Since(began); d < timeout {
+		t.Errorf("evicted after %v, before the %v timeout", d, timeout)
+	}
+	if end := b.waitEnd(t, "inline"); end != "close 1001" {
+		t.Errorf("backend leg of the inline stall: %s, want close 1001", end)
+	}
+	// Its frame is torn: no close frame can follow it there.
+	if end := b.waitEnd(t, "streamed"); end != "cut" {
+		t.Errorf("backend leg of the streamed stall: %s, want cut", end)
+	}
+	if n := p.evicted(evictReadTimeout); n != 2 {
+		t.Errorf("evictions{read_timeout} = %v, want 2", n)
+	}
+	if n := p.logs.count(`"reason":"read_timeout"`, "client evicted"); n != 2 {
+		t.Errorf("%d eviction lines, want 2", n)
+	}
+	// Idle clients are not the frame watch's business.
+	time.Sleep(2 * timeout)
+	idle.echo(t, "idle is fine")
+	slow.echo(t, "slow is fine")
+	neighbour.echo(t, "after")
+	p.waitSessions(t, 3)
+}
