@@ -348,7 +348,7 @@ func (s *session) write(dst, src *leg) {
 		iov.bufs = [maxBatch][]byte{}
 		iovecPool.Put(iov)
 		if err == nil && last.Follow > 0 {
-			_, err = src.rd.CopyN(dst.conn, last.Follow)
+			err = s.stream(dst, src, last.Follow)
 			dst.streamDone <- err
 		} else if last.Follow > 0 {
 			dst.streamDone <- err
@@ -367,6 +367,25 @@ func (s *session) write(dst, src *leg) {
 			return
 		}
 	}
+}
+
+// streamChunk is how much of a streamed payload one write deadline
+// covers: the deadline bounds a stall, not the time a large frame takes.
+const streamChunk = 1 << 20
+
+// stream copies n payload bytes from src's socket to dst's (splice), with
+// a fresh write deadline per chunk.
+func (s *session) stream(dst, src *leg, n int64) error {
+	for n > 0 {
+		chunk := min(n, streamChunk)
+		dst.conn.SetWriteDeadline(time.Now().Add(s.srv.opts.WriteTimeout))
+		m, err := src.rd.CopyN(dst.conn, chunk)
+		n -= m
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // maxBatch bounds the frames in one writev.
