@@ -45,6 +45,13 @@ type Config struct {
 	HandshakeTimeout time.Duration `env:"HANDSHAKE_TIMEOUT" envDefault:"10s" want:"a positive duration such as 500ms, 10s or 1m"`
 	// MaxHeaderBytes caps the size of a client's upgrade request headers.
 	MaxHeaderBytes ByteSize `env:"MAX_HEADER_BYTES" envDefault:"32KiB" want:"a size from 1KiB to 1MiB, such as 8192, 32KiB or 1MiB"`
+	// TLSCertFile and TLSKeyFile, set together, make the WebSocket
+	// listener serve TLS (wss://) with this PEM certificate chain and key.
+	// Both files are reloaded on SIGHUP and when either changes (see
+	// tls.go); the admin listener stays plain HTTP. Empty serves ws://.
+	TLSCertFile string `env:"TLS_CERT_FILE" want:"the path of a PEM certificate chain, set together with SLUICE_TLS_KEY_FILE"`
+	// TLSKeyFile is the PEM private key of TLSCertFile.
+	TLSKeyFile string `env:"TLS_KEY_FILE" want:"the path of the PEM private key of SLUICE_TLS_CERT_FILE, set together with it"`
 
 	// --- upstream ---
 
@@ -71,6 +78,16 @@ type Config struct {
 	// libraries reject it; 1011 Internal Error and 1012 Service Restart are
 	// the widely accepted alternatives.
 	UpstreamCloseCode int `env:"UPSTREAM_CLOSE_CODE" envDefault:"1014" want:"1011, 1012 or 1014"`
+	// UpstreamCAFile is a PEM bundle of the CAs trusted to sign a wss://
+	// upstream's certificate, instead of the system roots (a pool of only
+	// these CAs). Empty trusts the system roots. Read once at start.
+	UpstreamCAFile string `env:"UPSTREAM_CA_FILE" want:"the path of a PEM file of CA certificates, with a wss:// upstream"`
+	// UpstreamClientCertFile and UpstreamClientKeyFile, set together, are
+	// the certificate sluice presents to a wss:// upstream that requires
+	// one (mutual TLS). Read once at start.
+	UpstreamClientCertFile string `env:"UPSTREAM_CLIENT_CERT_FILE" want:"the path of a PEM certificate chain, with a wss:// upstream and SLUICE_UPSTREAM_CLIENT_KEY_FILE"`
+	// UpstreamClientKeyFile is the PEM private key of UpstreamClientCertFile.
+	UpstreamClientKeyFile string `env:"UPSTREAM_CLIENT_KEY_FILE" want:"the path of the PEM private key of SLUICE_UPSTREAM_CLIENT_CERT_FILE, set together with it"`
 
 	// --- limits ---
 
@@ -351,6 +368,7 @@ func (cfg Config) check(c *checker) {
 
 	c.field("LogLevel", validLogLevel(cfg.LogLevel), cfg.LogLevel)
 	c.field("LogFormat", cfg.LogFormat == LogFormatJSON || cfg.LogFormat == LogFormatConsole, cfg.LogFormat)
+	cfg.checkTLS(c) // tls.go: pairs, scheme, and that the files load
 
 	// Cross-field rules.
 	c.cross(cfg.DropKeepNewest <= cfg.QueueMaxMessages, "DropKeepNewest", cfg.DropKeepNewest,

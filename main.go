@@ -87,14 +87,35 @@ func serve(ctx context.Context, cfg Config, log zerolog.Logger, ready func(wsAdd
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts := proxyOptions(cfg, log, reg)
+	upTLS, err := upstreamTLSConfig(cfg)
+	if err != nil {
+		return err
+	}
+	opts.UpstreamTLS = upTLS
 	srv, err := proxy.New(opts)
 	if err != nil {
 		return err
 	}
+	serving := false
+	defer func() {
+		if !serving {
+			// Start-up failed after New: end its guard goroutine too.
+			srv.Shutdown(context.Background())
+		}
+	}()
 	registerBudgetMetrics(reg, srv)
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("SLUICE_LISTEN_ADDR=%q: %w", cfg.ListenAddr, err)
+	}
+	if cfg.TLSCertFile != "" {
+		// wss:// with a reloadable certificate (tls.go); the admin
+		// listener below stays plain HTTP.
+		var stopTLS func()
+		if ln, stopTLS, err = listenTLS(ctx, ln, cfg, log); err != nil {
+			return err
+		}
+		defer stopTLS()
 	}
 	var admin *http.Server
 	adminAddr := ""
@@ -114,6 +135,7 @@ func serve(ctx context.Context, cfg Config, log zerolog.Logger, ready func(wsAdd
 		admin = &http.Server{Handler: adminHandler(srv, reg, upstreamHostPort(opts.Upstream), status), ReadHeaderTimeout: 5 * time.Second}
 		go admin.Serve(aln)
 	}
+	serving = true
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info().Str("addr", ln.Addr().String()).Str("admin_addr", adminAddr).

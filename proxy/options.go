@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"errors"
 	"net/netip"
 	"net/url"
@@ -72,6 +73,10 @@ type Options struct {
 	// fails: 1014 by default; 1011 or 1012 for fleets whose client library
 	// rejects 1014.
 	UpstreamFailureCode ws.StatusCode
+	// UpstreamTLS configures TLS to a wss:// upstream (custom CAs, a
+	// client certificate); nil uses the system roots. The dialer clones it
+	// to set ServerName when that is empty. Unused for ws://.
+	UpstreamTLS *tls.Config
 	// UpstreamReadBuffer is SO_RCVBUF for upstream sockets, so that a
 	// paused reader pushes back on the backend quickly; 0 keeps the
 	// kernel's default.

@@ -7,9 +7,11 @@ import (
 	"context"
 	"errors"
 	"io"
+	stdlog "log"
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -21,6 +23,16 @@ import (
 	"sluice/frame"
 	"sluice/limiter"
 )
+
+// httpErrorLog sends net/http's own complaints (TLS handshake errors from
+// scanners, malformed requests) to the structured log at debug level,
+// instead of plain lines on stderr.
+type httpErrorLog struct{ log zerolog.Logger }
+
+func (w httpErrorLog) Write(p []byte) (int, error) {
+	w.log.Debug().Str("source", "net/http").Msg(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
 
 func setReceiveBuffer(fd uintptr, n int) error {
 	return syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, n)
@@ -83,7 +95,7 @@ func New(opts Options) (*Server, error) {
 		ReadHeaderTimeout: opts.HandshakeTimeout,
 		ReadTimeout:       opts.HandshakeTimeout,
 		MaxHeaderBytes:    opts.MaxHeaderBytes,
-		ErrorLog:          nil,
+		ErrorLog:          stdlog.New(httpErrorLog{opts.Logger}, "", 0),
 	}
 	s.http.SetKeepAlivesEnabled(false)
 	d := net.Dialer{Control: s.controlUpstreamSocket}
@@ -271,6 +283,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		Extensions: exts,
 		Header:     ws.HandshakeHeaderHTTP(upHeader),
 		Host:       s.opts.Upstream.Host,
+		TLSConfig:  s.opts.UpstreamTLS,
 		NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			c, err := s.netDial(ctx, network, addr)
 			if err == nil {
@@ -324,7 +337,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if s.opts.ClientWriteBuffer > 0 {
-		if sc, ok := conn.(syscall.Conn); ok {
+		raw := conn
+		if tc, ok := conn.(interface{ NetConn() net.Conn }); ok {
+			raw = tc.NetConn() // TLS: the socket under it
+		}
+		if sc, ok := raw.(syscall.Conn); ok {
 			if raw, err := sc.SyscallConn(); err == nil {
 				raw.Control(func(fd uintptr) {
 					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
