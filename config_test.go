@@ -985,3 +985,21 @@ func TestConfigFieldsDocumented(t *testing.T) {
 		t.Fatal("type Config not found in config.go")
 	}
 }
+
+// TestReadmeListsEveryVariable keeps the README's configuration table in
+// step with Config, as TestExampleEnv does for config.example.env.
+func TestReadmeListsEveryVariable(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	params, err := env.GetFieldParamsWithOptions(&Config{}, env.Options{Prefix: envPrefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range params {
+		if !strings.Contains(string(readme), "| `"+p.Key+"` |") {
+			t.Errorf("README.md's configuration table has no row for %s", p.Key)
+		}
+	}
+}

@@ -57,6 +57,8 @@ type Server struct {
 	// TCP connect, for readiness.
 	lastUpstreamOK atomic.Int64
 
+	dialFailLog rejectLog // upstream dial failures, logged at most once a second
+
 	mu        sync.Mutex
 	sessions  map[*session]struct{} // guarded by mu
 	inflight  int                   // upgrades being handled, guarded by mu
@@ -397,7 +399,11 @@ func (s *Server) dialFailed(w http.ResponseWriter, r *http.Request, target strin
 		w.Write(rej.body)
 		return
 	}
-	s.log.Warn().Err(err).Str("upstream", target).Str("reason", reason).Msg("upstream dial failed")
+	// A dead upstream fails every upgrade at once: one line a second says
+	// so, with the count, rather than one per client.
+	if n, ok := s.dialFailLog.note(time.Since(s.adm.began)); ok {
+		s.log.Warn().Err(err).Str("upstream", target).Str("reason", reason).Uint64("failures", n).Msg("upstream dial failed")
+	}
 	s.reject(w, status, "upstream_"+reason, "upstream "+reason)
 }
 
