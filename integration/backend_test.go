@@ -101,14 +101,7 @@ func (b *backend) close() {
 		c.Close()
 	}
 	b.mu.Unlock()
-	done := make(chan struct{})
-	go func() {
-		b.wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(ioTimeout):
+	if !waitGroupWithin(&b.wg, ioTimeout) {
 		b.t.Errorf("backend handlers did not end")
 	}
 }
@@ -298,13 +291,6 @@ func closeSeenOf(err error) closeSeen {
 		return closeSeen{code: ce.Code, text: ce.Text}
 	}
 	return closeSeen{code: gorilla.CloseAbnormalClosure, err: err}
-}
-
-func nonBlockingSend[T any](ch chan<- T, v T) {
-	select {
-	case ch <- v:
-	default:
-	}
 }
 
 // serveFrames is a raw gobwas server: it records every frame as it arrives

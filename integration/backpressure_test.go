@@ -73,16 +73,7 @@ func bpStartSluice(t *testing.T, upstream string, configure func(*proxy.Options)
 		CloseTimeout: 2 * time.Second,
 	}
 	configure(&opts)
-	srv, err := proxy.New(opts)
-	if err != nil {
-		t.Fatalf("proxy.New: %v", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("listen: %v", err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	srv, addr, served := serveSluice(t, opts)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -98,7 +89,7 @@ func bpStartSluice(t *testing.T, upstream string, configure func(*proxy.Options)
 			t.Errorf("Serve did not return after Shutdown")
 		}
 	})
-	return &bpSluice{srv: srv, url: "ws://" + ln.Addr().String()}
+	return &bpSluice{srv: srv, url: "ws://" + addr}
 }
 
 // bpEvictions returns sluice's recent evictions by client address, and
@@ -124,21 +115,6 @@ func bpSession(srv *proxy.Server, addr string) (proxy.SessionInfo, bool) {
 }
 
 // --- waiting and sampling ---------------------------------------------------
-
-// bpWaitFor polls cond until it holds, failing the test after timeout. It
-// is for conditions that nothing announces (queue depths, eviction logs,
-// a backend's blocked write); every one of them is observable state, not
-// the passage of time.
-func bpWaitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 // bpSample calls f every interval on its own goroutine until the returned
 // stop is called; stop waits for the last call to end.
@@ -284,7 +260,7 @@ const bpMaxFastLatency = 2 * time.Second
 // anything.
 func bpCheckFast(t *testing.T, b *bpBackend, fast []*bpFastClient, final uint64) {
 	t.Helper()
-	bpWaitFor(t, bpWaitTimeout, fmt.Sprintf("every fast client to receive message %d", final), func() bool {
+	waitFor(t, bpWaitTimeout, fmt.Sprintf("every fast client to receive message %d", final), func() bool {
 		for _, c := range fast {
 			if c.failed() == nil && c.last.Load() < final {
 				return false
@@ -553,7 +529,7 @@ func TestBackpressureEvict(t *testing.T) {
 		slow[i] = bpDialSlow(t, s.url, fmt.Sprintf("slow%d", i), slowSize)
 	}
 	fast := bpDialFastClients(t, s.url, "fast", fastN, fastSize)
-	bpWaitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+slowN })
+	waitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+slowN })
 
 	var peak bpMax
 	stopSampling := bpSample(2*time.Millisecond, func() { peak.note(s.srv.Budget().Stats().QueuedBytes) })
@@ -561,7 +537,7 @@ func TestBackpressureEvict(t *testing.T) {
 	began := time.Now()
 	b.StartPublishing()
 
-	bpWaitFor(t, bpWaitTimeout, "every slow client to be evicted", func() bool {
+	waitFor(t, bpWaitTimeout, "every slow client to be evicted", func() bool {
 		ev, _ := bpEvictions(s.srv)
 		for _, c := range slow {
 			if _, ok := ev[c.addr]; !ok {
@@ -576,7 +552,7 @@ func TestBackpressureEvict(t *testing.T) {
 	for _, c := range slow {
 		c.Resume()
 	}
-	bpWaitFor(t, bpWaitTimeout, "the backend to see every slow client's upstream leg close", func() bool {
+	waitFor(t, bpWaitTimeout, "the backend to see every slow client's upstream leg close", func() bool {
 		for _, c := range slow {
 			if b.Conn(c.id).CloseCode() == 0 {
 				return false
@@ -584,7 +560,7 @@ func TestBackpressureEvict(t *testing.T) {
 		}
 		return true
 	})
-	bpWaitFor(t, bpWaitTimeout, "every slow client's reader to end", func() bool {
+	waitFor(t, bpWaitTimeout, "every slow client's reader to end", func() bool {
 		for _, c := range slow {
 			if !c.Closed() {
 				return false
@@ -666,16 +642,16 @@ func TestBackpressureDrop(t *testing.T) {
 		slow[i] = bpDialSlow(t, s.url, fmt.Sprintf("slow%d", i), slowSize)
 	}
 	fast := bpDialFastClients(t, s.url, "fast", fastN, fastSize)
-	bpWaitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+slowN })
+	waitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+slowN })
 	b.StartPublishing()
 
-	bpWaitFor(t, bpWaitTimeout, "sluice to drop messages for the slow clients", func() bool {
+	waitFor(t, bpWaitTimeout, "sluice to drop messages for the slow clients", func() bool {
 		return s.srv.Budget().Stats().DroppedTotal >= 10*slowN
 	})
 	final := b.StopPublishing()
 	// Dropping never blocks sluice's reader, so the backend gets every
 	// message out on every leg, the slow ones' included.
-	bpWaitFor(t, bpWaitTimeout, fmt.Sprintf("the backend to write message %d on every leg", final), func() bool {
+	waitFor(t, bpWaitTimeout, fmt.Sprintf("the backend to write message %d on every leg", final), func() bool {
 		for _, c := range slow {
 			if b.Conn(c.id).LastSeq() != final {
 				return false
@@ -686,7 +662,7 @@ func TestBackpressureDrop(t *testing.T) {
 	for _, c := range slow {
 		c.Resume()
 	}
-	bpWaitFor(t, bpWaitTimeout, fmt.Sprintf("every slow client to receive message %d", final), func() bool {
+	waitFor(t, bpWaitTimeout, fmt.Sprintf("every slow client to receive message %d", final), func() bool {
 		for _, c := range slow {
 			if c.last.Load() < final && !c.Closed() {
 				return false
@@ -767,7 +743,7 @@ func TestBackpressureDropKeepsNewestBehindPartialMessage(t *testing.T) {
 	})
 	slow := bpDialSlowURL(t, fmt.Sprintf("%s&big=%d", bpURL(s.url, "slow", size), big), "slow", size)
 	fast := bpDialFastClients(t, s.url, "fast", 2, size)
-	bpWaitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == 3 })
+	waitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == 3 })
 	slow.bigSeq, slow.bigSize = b.Conn(slow.id).first, big
 
 	// progress grows by one for each message sluice has taken from the
@@ -778,13 +754,13 @@ func TestBackpressureDropKeepsNewestBehindPartialMessage(t *testing.T) {
 		return si.QueueMessages + int(s.srv.Budget().Stats().DroppedTotal)
 	}
 	b.Publish(1)
-	bpWaitFor(t, bpWaitTimeout, "the backend to write the big message", func() bool { return b.Conn(slow.id).LastSeq() == 1 })
+	waitFor(t, bpWaitTimeout, "the backend to write the big message", func() bool { return b.Conn(slow.id).LastSeq() == 1 })
 	for k := 2; s.srv.Budget().Stats().DroppedTotal == 0; k++ {
 		if k > 50 {
 			t.Fatalf("no drop after %d messages", k-1)
 		}
 		b.Publish(1)
-		bpWaitFor(t, bpWaitTimeout, fmt.Sprintf("sluice to take message %d for the slow client", k), func() bool { return progress() >= k })
+		waitFor(t, bpWaitTimeout, fmt.Sprintf("sluice to take message %d for the slow client", k), func() bool { return progress() >= k })
 		if k == 2 {
 			// The premise: the big message is still being written.
 			if si, _ := bpSession(s.srv, slow.addr); si.QueueMessages != 2 {
@@ -796,7 +772,7 @@ func TestBackpressureDropKeepsNewestBehindPartialMessage(t *testing.T) {
 	dropped := s.srv.Budget().Stats().DroppedTotal
 	si, _ := bpSession(s.srv, slow.addr)
 	slow.Resume()
-	bpWaitFor(t, bpWaitTimeout, fmt.Sprintf("the slow client to receive message %d", final), func() bool {
+	waitFor(t, bpWaitTimeout, fmt.Sprintf("the slow client to receive message %d", final), func() bool {
 		return slow.last.Load() >= final || slow.Closed()
 	})
 	slow.Stop()
@@ -844,7 +820,7 @@ func TestBackpressurePause(t *testing.T) {
 		slow[i] = bpDialSlow(t, s.url, fmt.Sprintf("slow%d", i), size)
 	}
 	fast := bpDialFastClients(t, s.url, "fast", fastN, size)
-	bpWaitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+slowN })
+	waitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+slowN })
 
 	var depth bpMax
 	var missing atomic.Int32
@@ -863,7 +839,7 @@ func TestBackpressurePause(t *testing.T) {
 	b.StartPublishing()
 
 	const blocked = 500 * time.Millisecond
-	bpWaitFor(t, bpWaitTimeout, "the backend's writes to every slow leg to block for "+blocked.String(), func() bool {
+	waitFor(t, bpWaitTimeout, "the backend's writes to every slow leg to block for "+blocked.String(), func() bool {
 		for _, c := range slow {
 			if b.Conn(c.id).BlockedFor() <= blocked {
 				return false
@@ -873,7 +849,7 @@ func TestBackpressurePause(t *testing.T) {
 	})
 	// While those writes stay blocked, the fast clients keep up.
 	mark := b.Latest()
-	bpWaitFor(t, bpWaitTimeout, fmt.Sprintf("the fast clients to receive message %d", mark), func() bool {
+	waitFor(t, bpWaitTimeout, fmt.Sprintf("the fast clients to receive message %d", mark), func() bool {
 		for _, c := range fast {
 			if c.failed() == nil && c.last.Load() < mark {
 				return false
@@ -905,7 +881,7 @@ func TestBackpressurePause(t *testing.T) {
 		c.Resume()
 	}
 	resumedAt := b.Latest()
-	bpWaitFor(t, bpWaitTimeout, "the slow clients to catch up with the live stream", func() bool {
+	waitFor(t, bpWaitTimeout, "the slow clients to catch up with the live stream", func() bool {
 		for _, c := range slow {
 			if c.last.Load() < resumedAt && !c.Closed() {
 				return false
@@ -914,7 +890,7 @@ func TestBackpressurePause(t *testing.T) {
 		return true
 	})
 	final := b.StopPublishing()
-	bpWaitFor(t, bpWaitTimeout, fmt.Sprintf("every slow client to receive message %d", final), func() bool {
+	waitFor(t, bpWaitTimeout, fmt.Sprintf("every slow client to receive message %d", final), func() bool {
 		for _, c := range slow {
 			if c.last.Load() < final && !c.Closed() {
 				return false
@@ -927,7 +903,7 @@ func TestBackpressurePause(t *testing.T) {
 	}
 	stopSampling()
 	bpCheckFast(t, b, fast, final)
-	bpWaitFor(t, bpWaitTimeout, "the backend to finish writing to the slow legs", func() bool {
+	waitFor(t, bpWaitTimeout, "the backend to finish writing to the slow legs", func() bool {
 		for _, c := range slow {
 			if bc := b.Conn(c.id); bc.Written() != final-bc.first+1 || bc.BlockedFor() != 0 {
 				return false
@@ -995,7 +971,7 @@ func TestBackpressureGlobalCeiling(t *testing.T) {
 	}
 	smallest, middle, largest := slow[0], slow[1], slow[2]
 	fast := bpDialFastClients(t, s.url, "fast", fastN, size)
-	bpWaitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+len(sizes) })
+	waitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+len(sizes) })
 
 	var peak, peakAfter bpMax
 	var evicted atomic.Bool
@@ -1009,13 +985,13 @@ func TestBackpressureGlobalCeiling(t *testing.T) {
 	defer stopSampling()
 	b.StartPublishing()
 
-	bpWaitFor(t, bpWaitTimeout, "a global_ceiling eviction", func() bool {
+	waitFor(t, bpWaitTimeout, "a global_ceiling eviction", func() bool {
 		_, order := bpEvictions(s.srv)
 		return len(order) > 0
 	})
 	// Let the guard's eviction take effect before measuring against the
 	// ceiling: the evicted queue is discarded as it is evicted.
-	bpWaitFor(t, bpWaitTimeout, "the evicted client's upstream leg to close", func() bool {
+	waitFor(t, bpWaitTimeout, "the evicted client's upstream leg to close", func() bool {
 		ev, _ := bpEvictions(s.srv)
 		for _, c := range slow {
 			if _, ok := ev[c.addr]; ok && b.Conn(c.id).CloseCode() == 0 {
@@ -1026,7 +1002,7 @@ func TestBackpressureGlobalCeiling(t *testing.T) {
 	})
 	evicted.Store(true)
 	// The survivors fill to their high water and stay paused there...
-	bpWaitFor(t, bpWaitTimeout, "the other slow clients' queues to fill", func() bool {
+	waitFor(t, bpWaitTimeout, "the other slow clients' queues to fill", func() bool {
 		for _, c := range []*bpRawClient{smallest, middle} {
 			if si, ok := bpSession(s.srv, c.addr); ok && si.QueueMessages < maxMessages {
 				return false
@@ -1036,7 +1012,7 @@ func TestBackpressureGlobalCeiling(t *testing.T) {
 	})
 	// ... for a few more publications, that is several guard rounds.
 	mark := b.Latest() + 3
-	bpWaitFor(t, bpWaitTimeout, fmt.Sprintf("the fast clients to receive message %d", mark), func() bool {
+	waitFor(t, bpWaitTimeout, fmt.Sprintf("the fast clients to receive message %d", mark), func() bool {
 		for _, c := range fast {
 			if c.failed() == nil && c.last.Load() < mark {
 				return false
@@ -1113,23 +1089,23 @@ func TestBackpressureSlowRatio(t *testing.T) {
 	}
 	shallowest := slow[len(slow)-1]
 	fast := bpDialFastClients(t, s.url, "fast", fastN, size)
-	bpWaitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+len(sizes) })
+	waitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+len(sizes) })
 	if st := s.srv.Budget().Stats(); st.AllowedSlow != 1 {
 		t.Errorf("Stats().AllowedSlow = %d with %d connections and ratio 0.05, want 1", st.AllowedSlow, st.Connections)
 	}
 	b.StartPublishing()
 
-	bpWaitFor(t, bpWaitTimeout, "three evictions", func() bool {
+	waitFor(t, bpWaitTimeout, "three evictions", func() bool {
 		_, order := bpEvictions(s.srv)
 		return len(order) >= 3
 	})
-	bpWaitFor(t, bpWaitTimeout, "the shallowest slow client to be slow", func() bool {
+	waitFor(t, bpWaitTimeout, "the shallowest slow client to be slow", func() bool {
 		si, ok := bpSession(s.srv, shallowest.addr)
 		return !ok || si.Slow
 	})
 	// It stays, slow, for a few more guard rounds.
 	mark := b.Latest() + 4
-	bpWaitFor(t, bpWaitTimeout, fmt.Sprintf("the fast clients to receive message %d", mark), func() bool {
+	waitFor(t, bpWaitTimeout, fmt.Sprintf("the fast clients to receive message %d", mark), func() bool {
 		for _, c := range fast {
 			if c.failed() == nil && c.last.Load() < mark {
 				return false
@@ -1160,7 +1136,7 @@ func TestBackpressureSlowRatio(t *testing.T) {
 		t.Errorf("the shallowest slow client %s: %+v, want slow", shallowest.id, si)
 	}
 	for _, c := range slow[:3] {
-		bpWaitFor(t, bpWaitTimeout, "the backend to see "+c.id+"'s upstream leg close", func() bool { return b.Conn(c.id).CloseCode() != 0 })
+		waitFor(t, bpWaitTimeout, "the backend to see "+c.id+"'s upstream leg close", func() bool { return b.Conn(c.id).CloseCode() != 0 })
 		if code := b.Conn(c.id).CloseCode(); code != int(ws.StatusGoingAway) {
 			t.Errorf("client %s: backend saw its upstream leg close with %d, want 1001", c.id, code)
 		}
@@ -1204,7 +1180,7 @@ func TestBackpressureWriteTimeout(t *testing.T) {
 				})
 				slow := bpDialSlow(t, s.url, "slow", tc.slowSize)
 				fast := bpDialFastClients(t, s.url, "fast", fastN, tc.fastSize)
-				bpWaitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+1 })
+				waitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+1 })
 
 				began := time.Now()
 				if tc.interval == 0 {
@@ -1212,7 +1188,7 @@ func TestBackpressureWriteTimeout(t *testing.T) {
 				} else {
 					b.StartPublishing()
 				}
-				bpWaitFor(t, bpWaitTimeout, "the slow client's eviction", func() bool {
+				waitFor(t, bpWaitTimeout, "the slow client's eviction", func() bool {
 					ev, _ := bpEvictions(s.srv)
 					_, ok := ev[slow.addr]
 					return ok
@@ -1229,7 +1205,7 @@ func TestBackpressureWriteTimeout(t *testing.T) {
 				if after < writeTimeout {
 					t.Errorf("evicted %v after publishing began, before WriteTimeout %v", after, writeTimeout)
 				}
-				bpWaitFor(t, bpWaitTimeout, "the backend to see the slow client's upstream leg close", func() bool {
+				waitFor(t, bpWaitTimeout, "the backend to see the slow client's upstream leg close", func() bool {
 					return b.Conn(slow.id).CloseCode() != 0
 				})
 				if code := b.Conn(slow.id).CloseCode(); code != int(ws.StatusGoingAway) {

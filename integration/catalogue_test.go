@@ -345,7 +345,7 @@ func catSetup(t *testing.T) *catEnv {
 	e := &catEnv{panics: catWatchPanics(t)}
 	e.backend = catStartBackend(t)
 	u, _ := url.Parse(e.backend.url)
-	srv, err := proxy.New(proxy.Options{
+	srv, addr, served := serveSluice(t, proxy.Options{
 		Upstream:         u,
 		Logger:           zerolog.New(e.panics).Level(zerolog.WarnLevel),
 		Registerer:       prometheus.NewRegistry(),
@@ -354,16 +354,7 @@ func catSetup(t *testing.T) *catEnv {
 		MaxFrameBytes:    catMaxFrame,
 		MaxMessageBytes:  catMaxMessage,
 	})
-	if err != nil {
-		t.Fatalf("proxy.New: %v", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.srv, e.addr = srv, ln.Addr().String()
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	e.srv, e.addr = srv, addr
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), catWait)
 		defer cancel()
@@ -574,14 +565,7 @@ func (b *catBackend) close() {
 		c.Close()
 	}
 	b.mu.Unlock()
-	done := make(chan struct{})
-	go func() {
-		b.wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(catWait):
+	if !waitGroupWithin(&b.wg, catWait) {
 		b.t.Errorf("catalogue backend handlers did not end")
 	}
 }

@@ -50,7 +50,7 @@ type sluiceUnderTest struct {
 	addr string // host:port of the listener
 	url  string // ws://addr
 
-	serveErr chan error
+	serveErr <-chan error
 	once     sync.Once
 	shutErr  error
 }
@@ -73,17 +73,8 @@ func startSluice(t testing.TB, upstream string, configure func(*proxy.Options)) 
 	if configure != nil {
 		configure(&opts)
 	}
-	srv, err := proxy.New(opts)
-	if err != nil {
-		t.Fatalf("proxy.New: %v", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("listen: %v", err)
-	}
-	s := &sluiceUnderTest{srv: srv, addr: ln.Addr().String(), serveErr: make(chan error, 1)}
-	s.url = "ws://" + s.addr
-	go func() { s.serveErr <- srv.Serve(ln) }()
+	srv, addr, serveErr := serveSluice(t, opts)
+	s := &sluiceUnderTest{srv: srv, addr: addr, url: "ws://" + addr, serveErr: serveErr}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 		defer cancel()
@@ -95,6 +86,25 @@ func startSluice(t testing.TB, upstream string, configure func(*proxy.Options)) 
 		}
 	})
 	return s
+}
+
+// serveSluice builds a sluice Server from opts and serves it on
+// 127.0.0.1:0 on its own goroutine. It returns the server, its host:port and
+// a channel that receives what Serve returned; shutting the server down is
+// the caller's part.
+func serveSluice(t testing.TB, opts proxy.Options) (srv *proxy.Server, addr string, serveErr <-chan error) {
+	t.Helper()
+	srv, err := proxy.New(opts)
+	if err != nil {
+		t.Fatalf("proxy.New: %v", err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	return srv, ln.Addr().String(), served
 }
 
 // shutdown calls Shutdown once (a test may call it before the cleanup does)
@@ -162,6 +172,46 @@ func recv[T any](t testing.TB, ch <-chan T, what string) T {
 		t.Fatalf("timed out after %v waiting for %s", ioTimeout, what)
 	}
 	panic("unreachable")
+}
+
+// waitFor polls cond every 5 ms until it holds, failing the test after
+// timeout. Only for conditions that no signal announces (session counts,
+// queue depths, eviction logs, a backend's blocked write): observable
+// state, not the passage of time.
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// nonBlockingSend sends v on ch if ch has room (or a waiting receiver) and
+// drops it otherwise, so a recorder never blocks the connection it watches.
+func nonBlockingSend[T any](ch chan<- T, v T) {
+	select {
+	case ch <- v:
+	default:
+	}
+}
+
+// waitGroupWithin waits for wg for at most timeout and reports whether it
+// finished. On false the goroutine that waits on wg stays until it does.
+func waitGroupWithin(wg *sync.WaitGroup, timeout time.Duration) bool {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return true
+	case <-time.After(timeout):
+		return false
+	}
 }
 
 // --- clients ---------------------------------------------------------------

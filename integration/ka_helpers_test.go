@@ -1,18 +1,16 @@
 package integration
 
-// Helpers of the keepalive (ka) and process (proc) tests. They are kept
-// apart from the package's shared harness on purpose: every identifier here
-// starts with ka so that the files can change independently.
+// Helpers of the keepalive (ka) and process (proc) tests. The in-process
+// sluice, the waits and the test log come from the shared harness
+// (harness_test.go); what is here is particular to these tests.
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -24,25 +22,12 @@ import (
 	gorilla "github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
-	"github.com/rs/zerolog"
 
 	"sluice/proxy"
 )
 
 // kaWait bounds every wait of these tests, so that a failure cannot hang.
 const kaWait = 5 * time.Second
-
-// kaRecv waits for a value on ch for at most kaWait.
-func kaRecv[T any](t testing.TB, ch <-chan T, what string) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(kaWait):
-		t.Fatalf("timed out after %v waiting for %s", kaWait, what)
-	}
-	panic("unreachable")
-}
 
 // --- gorilla backend ----------------------------------------------------------
 
@@ -129,10 +114,7 @@ func kaStartBackend(t testing.TB, serve func(c *kaBConn)) *kaBackend {
 			b.conns[c] = struct{}{}
 			b.mu.Unlock()
 			bc := &kaBConn{Conn: c, Ended: make(chan kaLegEnd, 1)}
-			select {
-			case b.Conn <- bc:
-			default:
-			}
+			nonBlockingSend(b.Conn, bc)
 			serve(bc)
 			c.Close()
 			b.mu.Lock()
@@ -141,10 +123,7 @@ func kaStartBackend(t testing.TB, serve func(c *kaBConn)) *kaBackend {
 			select {
 			case e := <-bc.Ended:
 				bc.Ended <- e
-				select {
-				case b.Ends <- e:
-				default:
-				}
+				nonBlockingSend(b.Ends, e)
 			default:
 			}
 		}),
@@ -191,83 +170,20 @@ type kaSluice struct {
 	Reg  *prometheus.Registry
 }
 
-// kaStartSluice starts sluice in front of upstream; configure, if not nil,
+// kaStartSluice starts sluice with startSluice, keeping the registry its
+// metrics go to so that Metric can read them; configure, if not nil,
 // adjusts the options. The cleanup shuts it down and checks that no session
 // is left.
 func kaStartSluice(t testing.TB, upstream string, configure func(*proxy.Options)) *kaSluice {
 	t.Helper()
-	u, err := url.Parse(upstream)
-	if err != nil {
-		t.Fatalf("upstream URL %q: %v", upstream, err)
-	}
 	reg := prometheus.NewRegistry()
-	// Registered before the Shutdown cleanup, so it runs after it: from
-	// then on log lines are dropped. A keepalive timer callback may still
-	// be logging an eviction when Shutdown returns, and t.Log after the
-	// test has ended panics.
-	lw := &kaTestLog{t: t}
-	t.Cleanup(lw.stop)
-	opts := proxy.Options{
-		Upstream:   u,
-		Logger:     zerolog.New(lw).Level(zerolog.InfoLevel).With().Timestamp().Logger(),
-		Registerer: reg,
-	}
-	if configure != nil {
-		configure(&opts)
-	}
-	srv, err := proxy.New(opts)
-	if err != nil {
-		t.Fatalf("proxy.New: %v", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("listen: %v", err)
-	}
-	s := &kaSluice{Srv: srv, Addr: ln.Addr().String(), Reg: reg}
-	s.URL = "ws://" + s.Addr
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("sluice Shutdown: %v", err)
-		}
-		select {
-		case err := <-serveErr:
-			if !errors.Is(err, http.ErrServerClosed) {
-				t.Errorf("Serve returned %v, want http.ErrServerClosed", err)
-			}
-		case <-time.After(kaWait):
-			t.Errorf("Serve did not return after Shutdown")
-		}
-		if n := srv.Sessions(); n != 0 {
-			t.Errorf("after Shutdown: Sessions() = %d, want 0", n)
+	s := startSluice(t, upstream, func(o *proxy.Options) {
+		o.Registerer = reg
+		if configure != nil {
+			configure(o)
 		}
 	})
-	return s
-}
-
-// kaTestLog writes sluice's log lines to the test log until stop.
-type kaTestLog struct {
-	t       testing.TB
-	mu      sync.Mutex
-	stopped bool // guarded by mu
-}
-
-func (l *kaTestLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if !l.stopped {
-		l.t.Log(strings.TrimSuffix(string(p), "\n"))
-	}
-	return len(p), nil
-}
-
-func (l *kaTestLog) stop() {
-	l.mu.Lock()
-	l.stopped = true
-	l.mu.Unlock()
+	return &kaSluice{Srv: s.srv, Addr: s.addr, URL: s.url, Reg: reg}
 }
 
 // Metric sums the samples of the counter or gauge name whose labels include
@@ -484,10 +400,7 @@ func kaStartDeafBackend(t testing.TB) *kaDeafBackend {
 				continue
 			}
 			c.SetDeadline(time.Time{})
-			select {
-			case b.Conns <- c:
-			default:
-			}
+			nonBlockingSend(b.Conns, c)
 		}
 	}()
 	t.Cleanup(func() {

@@ -66,7 +66,7 @@ func TestKAIdleMiddlebox(t *testing.T) {
 		go kaCoderReader(c, msgs, done)
 		defer func() {
 			c.CloseNow()
-			kaRecv(t, done, "the client's reader to end")
+			recv(t, done, "the client's reader to end")
 		}()
 
 		select {
@@ -83,7 +83,7 @@ func TestKAIdleMiddlebox(t *testing.T) {
 		if err := c.Write(ctx, websocket.MessageText, []byte("still here")); err != nil {
 			t.Fatalf("write after idling: %v", err)
 		}
-		if got := string(kaRecv(t, msgs, "the echo after idling")); got != "still here" {
+		if got := string(recv(t, msgs, "the echo after idling")); got != "still here" {
 			t.Fatalf("echo = %q, want %q", got, "still here")
 		}
 		if n := sl.Metric(t, "sluice_pings_sent_total", nil); n < 3 {
@@ -126,7 +126,7 @@ func TestKAIdleMiddlebox(t *testing.T) {
 			t.Errorf("relay idle cuts = %d, want 1", n)
 		}
 		// sluice tells the backend that its client went away.
-		end := kaRecv(t, be.Ends, "the backend leg to end")
+		end := recv(t, be.Ends, "the backend leg to end")
 		if end.Code != int(ws.StatusGoingAway) {
 			t.Errorf("backend leg ended with %v, want 1001", end)
 		}
@@ -157,7 +157,7 @@ func TestKAUnresponsiveClientEvicted(t *testing.T) {
 		defer conn.Close()
 		began := time.Now()
 
-		end := kaRecv(t, be.Ends, "the backend leg to be closed")
+		end := recv(t, be.Ends, "the backend leg to be closed")
 		took := end.At.Sub(began)
 		if end.Code != int(ws.StatusGoingAway) {
 			t.Errorf("backend leg ended with %v, want 1001", end)
@@ -222,7 +222,7 @@ func TestKAUnresponsiveClientEvicted(t *testing.T) {
 			}
 		}()
 
-		err = kaRecv(t, done, "sluice to close the deaf client")
+		err = recv(t, done, "sluice to close the deaf client")
 		took := time.Since(began)
 		var ce *gorilla.CloseError
 		if !errors.As(err, &ce) || ce.Code != gorilla.CloseGoingAway || ce.Text != "pong timeout" {
@@ -234,7 +234,7 @@ func TestKAUnresponsiveClientEvicted(t *testing.T) {
 		if kaCountPrefix(pings, keepalive.PayloadPrefix) == 0 {
 			t.Errorf("client saw no %q ping before its eviction (pings %q)", keepalive.PayloadPrefix, pings)
 		}
-		if end := kaRecv(t, be.Ends, "the backend leg to be closed"); end.Code != int(ws.StatusGoingAway) {
+		if end := recv(t, be.Ends, "the backend leg to be closed"); end.Code != int(ws.StatusGoingAway) {
 			t.Errorf("backend leg ended with %v, want 1001", end)
 		}
 	})
@@ -285,7 +285,7 @@ func TestKAOwnPongsNotForwarded(t *testing.T) {
 			}
 		}
 	}()
-	bc := kaRecv(t, be.Conn, "the backend connection")
+	bc := recv(t, be.Conn, "the backend connection")
 
 	backendPing := func() {
 		t.Helper()
@@ -380,7 +380,7 @@ func TestKAUpstreamPongTimeout(t *testing.T) {
 	began := time.Now()
 	msgs, done := make(chan []byte, 4), make(chan error, 1)
 	go kaCoderReader(c, msgs, done)
-	up := kaRecv(t, be.Conns, "the upstream connection")
+	up := recv(t, be.Conns, "the upstream connection")
 
 	var readErr error
 	select {

@@ -47,19 +47,6 @@ func (w filterWriter) Write(p []byte) (int, error) {
 	return w.out.Write(p)
 }
 
-// waitFor polls cond until it holds or timeout passes. Only for conditions
-// that no signal announces (sluice has no "session count changed" event).
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // TestManyConcurrentSessions: 1,000 sessions open at once, each echoes 5
 // messages and closes normally; sluice then holds no session.
 func TestManyConcurrentSessions(t *testing.T) {

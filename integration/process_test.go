@@ -326,7 +326,7 @@ func TestProcSIGTERMDrain(t *testing.T) {
 	}
 
 	for range sessions {
-		r := kaRecv(t, results, "a client to be closed")
+		r := recv(t, results, "a client to be closed")
 		var ce *gorilla.CloseError
 		if !errors.As(r.err, &ce) || ce.Code != gorilla.CloseGoingAway {
 			t.Errorf("client %d read ended with %v, want close 1001", r.i, r.err)
@@ -334,7 +334,7 @@ func TestProcSIGTERMDrain(t *testing.T) {
 	}
 	// Every upstream leg, the laggard's included, is told 1001.
 	for i := range sessions + 1 {
-		if end := kaRecv(t, be.Ends, fmt.Sprintf("upstream leg %d of %d to end", i+1, sessions+1)); end.Code != int(ws.StatusGoingAway) {
+		if end := recv(t, be.Ends, fmt.Sprintf("upstream leg %d of %d to end", i+1, sessions+1)); end.Code != int(ws.StatusGoingAway) {
 			t.Errorf("upstream leg ended with %v, want 1001", end)
 		}
 	}

@@ -173,14 +173,7 @@ func TestSoak(t *testing.T) {
 
 	// Wind down: clients first, then sluice, then the backend.
 	cancel()
-	loopsDone := make(chan struct{})
-	go func() {
-		loops.Wait()
-		close(loopsDone)
-	}()
-	select {
-	case <-loopsDone:
-	case <-time.After(30 * time.Second):
+	if !waitGroupWithin(&loops, 30*time.Second) {
 		t.Fatalf("client loops did not end")
 	}
 	shutCtx, shutCancel := context.WithTimeout(context.Background(), 10*time.Second)
