@@ -295,6 +295,13 @@ func (s *session) pump(src, dst *leg) {
 				case limiter.ErrClosed:
 					// Discarded unwritten: skip the payload below.
 				default:
+					// The copy broke mid-frame: src's stream has no
+					// frame boundary left to read at, so its close reply
+					// cannot be awaited either.
+					s.mu.Lock()
+					src.noReply = true
+					s.checkDoneLocked()
+					s.mu.Unlock()
 					return
 				}
 			} else {

@@ -1,0 +1,592 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"runtime/metrics"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	cws "github.com/coder/websocket"
+	"github.com/gobwas/ws"
+	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/rs/zerolog"
+
+	"sluice/limiter"
+)
+
+// --- lifecycle helpers ------------------------------------------------------
+
+// lifecycleProxy is a sluice Server on a loopback listener, with its own
+// registry. shutdown may be called by the test; cleanup calls it once more
+// only if the test did not.
+type lifecycleProxy struct {
+	*Server
+	addr     string
+	reg      *prometheus.Registry
+	shutdown func(ctx context.Context) error
+}
+
+func startLifecycleProxy(t *testing.T, upstream string, opts Options) *lifecycleProxy {
+	t.Helper()
+	u, err := url.Parse(upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Scheme = "ws"
+	opts.Upstream = u
+	opts.Logger = zerolog.Nop()
+	reg := prometheus.NewRegistry()
+	opts.Registerer = reg
+	srv, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		srv.Serve(ln)
+	}()
+	var once sync.Once
+	var shutErr error
+	shutdown := func(ctx context.Context) error {
+		once.Do(func() { shutErr = srv.Shutdown(ctx) })
+		return shutErr
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		shutdown(ctx)
+		<-served
+	})
+	return &lifecycleProxy{Server: srv, addr: ln.Addr().String(), reg: reg, shutdown: shutdown}
+}
+
+// metricValue gathers reg and returns the value of the series name with
+// exactly the given labels: a counter's or gauge's value, a histogram's
+// sample count. A series not (yet) there reads 0.
+func metricValue(t *testing.T, reg prometheus.Gatherer, name string, labels ...string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{}
+	for i := 0; i+1 < len(labels); i += 2 {
+		want[labels[i]] = labels[i+1]
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	series:
+		for _, m := range mf.GetMetric() {
+			if len(m.GetLabel()) != len(want) {
+				continue
+			}
+			for _, lp := range m.GetLabel() {
+				if v, ok := want[lp.GetName()]; !ok || v != lp.GetValue() {
+					continue series
+				}
+			}
+			return seriesValue(m)
+		}
+	}
+	return 0
+}
+
+func seriesValue(m *dto.Metric) float64 {
+	switch {
+	case m.Counter != nil:
+		return m.GetCounter().GetValue()
+	case m.Gauge != nil:
+		return m.GetGauge().GetValue()
+	case m.Histogram != nil:
+		return float64(m.GetHistogram().GetSampleCount())
+	}
+	return 0
+}
+
+// waitMetric polls a series until it reads want; metrics are updated by
+// session goroutines that have no signal for the test to wait on.
+func waitMetric(t *testing.T, reg prometheus.Gatherer, want float64, name string, labels ...string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := metricValue(t, reg, name, labels...)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s%v = %v, want %v", name, labels, got, want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// gorillaBackend is a gorilla/websocket server on 127.0.0.1. Path /echo
+// echoes every message; /flood writes 1 KiB messages until a write fails
+// and reports, on floodClose, the close code sluice sent it.
+type gorillaBackend struct {
+	*httptest.Server
+	floodClose chan int
+}
+
+func newGorillaBackend(t *testing.T) *gorillaBackend {
+	b := &gorillaBackend{floodClose: make(chan int, 4)}
+	up := websocket.Upgrader{}
+	b.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		switch r.URL.Path {
+		case "/flood":
+			b.flood(c)
+		default:
+			for {
+				c.SetReadDeadline(time.Now().Add(20 * time.Second))
+				mt, p, err := c.ReadMessage()
+				if err != nil {
+					return
+				}
+				c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+				if err := c.WriteMessage(mt, p); err != nil {
+					return
+				}
+			}
+		}
+	}))
+	t.Cleanup(b.Close)
+	return b
+}
+
+func (b *gorillaBackend) flood(c *websocket.Conn) {
+	done := make(chan struct{})
+	go func() { // floodReader: hears sluice's close
+		defer close(done)
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		for {
+			if _, _, err := c.ReadMessage(); err != nil {
+				code := -1
+				var ce *websocket.CloseError
+				if errors.As(err, &ce) {
+					code = ce.Code
+				}
+				b.floodClose <- code
+				return
+			}
+		}
+	}()
+	msg := make([]byte, 1024)
+	for {
+		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		if err := c.WriteMessage(websocket.BinaryMessage, msg); err != nil {
+			break
+		}
+		select {
+		case <-done:
+			return
+		default:
+		}
+	}
+	<-done
+}
+
+// smallReceiveBuffer sets SO_RCVBUF before connect, so the window the
+// socket advertises is small from the start.
+func smallReceiveBuffer(n int) func(network, address string, c syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, n)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}
+}
+
+// rawBackend accepts one connection at a time on 127.0.0.1, upgrades it
+// with gobwas/ws and hands it to serve. Connections are closed at cleanup.
+func rawBackend(t *testing.T, serve func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				if _, err := ws.Upgrade(c); err != nil {
+					return
+				}
+				c.SetDeadline(time.Time{})
+				serve(c)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return "ws://" + ln.Addr().String() + "/"
+}
+
+// readCloseCode reads frames from a raw backend connection until a close
+// frame and returns its code; sluice's frames to the upstream are masked.
+func readCloseCode(c net.Conn) (ws.StatusCode, error) {
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		h, err := ws.ReadHeader(c)
+		if err != nil {
+			return 0, err
+		}
+		if h.Length > 1<<20 {
+			return 0, errors.New("frame too long for this test")
+		}
+		p := make([]byte, h.Length)
+		if _, err := io.ReadFull(c, p); err != nil {
+			return 0, err
+		}
+		if h.Masked {
+			ws.Cipher(p, h.Mask, 0)
+		}
+		if h.OpCode == ws.OpClose {
+			code, _ := ws.ParseCloseFrameData(p)
+			return code, nil
+		}
+	}
+}
+
+// --- tests ------------------------------------------------------------------
+
+func TestMetricsAcrossASession(t *testing.T) {
+	checkLeaks(t)
+	b := newGorillaBackend(t)
+	p := startLifecycleProxy(t, b.URL, Options{
+		WriteTimeout:      5 * time.Second,
+		CloseTimeout:      3 * time.Second,
+		ClientWriteBuffer: 16 << 10,
+		Queue:             limiter.Config{Policy: limiter.Evict, MaxMessages: 10},
+	})
+	reg := p.reg
+
+	// One client, echoed.
+	c1, _, err := websocket.DefaultDialer.Dial("ws://"+p.addr+"/echo", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c1.Close()
+	waitMetric(t, reg, 1, "sluice_connections_active")
+	waitMetric(t, reg, 1, "sluice_connections_accepted_total")
+	waitMetric(t, reg, 1, "sluice_handshake_duration_seconds")
+
+	for i := range 3 {
+		msg := []byte{'m', byte('0' + i)}
+		c1.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		if err := c1.WriteMessage(websocket.TextMessage, msg); err != nil {
+			t.Fatal(err)
+		}
+		c1.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, got, err := c1.ReadMessage()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != string(msg) {
+			t.Fatalf("echo %q, want %q", got, msg)
+		}
+	}
+	waitMetric(t, reg, 3, "sluice_messages_total", "direction", "client_to_upstream")
+	waitMetric(t, reg, 3, "sluice_messages_total", "direction", "upstream_to_client")
+	for _, d := range []string{"client_to_upstream", "upstream_to_client"} {
+		if v := metricValue(t, reg, "sluice_bytes_total", "direction", d); v <= 0 {
+			t.Errorf("sluice_bytes_total{direction=%q} = %v, want > 0", d, v)
+		}
+	}
+
+	// A second client stops reading while the backend floods it: a small
+	// receive window, so sluice's queue for it fills and it is evicted.
+	d := websocket.Dialer{
+		HandshakeTimeout: 5 * time.Second,
+		NetDial: func(network, addr string) (net.Conn, error) {
+			nd := net.Dialer{Control: smallReceiveBuffer(4096)}
+			return nd.Dial(network, addr)
+		},
+	}
+	c2, _, err := d.Dial("ws://"+p.addr+"/flood", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	waitMetric(t, reg, 1, "sluice_evictions_total", "reason", "slow")
+	if ev := p.RecentEvictions(); len(ev) != 1 || ev[0].Reason != evictSlow {
+		t.Errorf("RecentEvictions = %+v, want one %q", ev, evictSlow)
+	}
+	// Now read: the writer's blocked batch completes, then the 1013 that
+	// overtook the rest of the queue.
+	c2.SetReadDeadline(time.Now().Add(10 * time.Second))
+	code := -1
+	for {
+		if _, _, err := c2.ReadMessage(); err != nil {
+			var ce *websocket.CloseError
+			if errors.As(err, &ce) {
+				code = ce.Code
+			} else {
+				t.Errorf("evicted client: %v, want a close frame", err)
+			}
+			break
+		}
+	}
+	if code != -1 && code != 1013 {
+		t.Errorf("evicted client got close %d, want 1013", code)
+	}
+	select {
+	case code := <-b.floodClose:
+		if code != 1001 {
+			t.Errorf("flooding backend got close %d, want 1001", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("flooding backend never heard its close")
+	}
+	waitMetric(t, reg, 1, "sluice_close_codes_total", "leg", "client", "direction", "sent", "code", "1013")
+	waitMetric(t, reg, 1, "sluice_close_codes_total", "leg", "upstream", "direction", "sent", "code", "1001")
+	c2.Close()
+
+	// The first client closes normally.
+	c1.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if err := c1.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(1000, "bye"), time.Now().Add(5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	c1.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, _, err = c1.ReadMessage()
+	var ce *websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != 1000 {
+		t.Errorf("first client: %v, want close 1000 echoed", err)
+	}
+	waitMetric(t, reg, 1, "sluice_close_codes_total", "leg", "client", "direction", "received", "code", "1000")
+	waitMetric(t, reg, 0, "sluice_connections_active")
+	waitMetric(t, reg, 2, "sluice_connections_accepted_total")
+}
+
+func TestDrainSpread(t *testing.T) {
+	checkLeaks(t)
+	b := newGorillaBackend(t)
+	p := startLifecycleProxy(t, b.URL, Options{DrainSpread: 900 * time.Millisecond})
+
+	const n = 10
+	type arrival struct {
+		at   time.Time
+		code int
+		err  error
+	}
+	arrivals := make(chan arrival, n)
+	conns := make([]*websocket.Conn, n)
+	for i := range conns {
+		c, _, err := websocket.DefaultDialer.Dial("ws://"+p.addr+"/echo", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns[i] = c
+	}
+	for deadline := time.Now().Add(10 * time.Second); p.Sessions() != n; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d sessions, want %d", p.Sessions(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	for _, c := range conns {
+		go func() { // drainReader
+			c.SetReadDeadline(time.Now().Add(15 * time.Second))
+			for {
+				_, _, err := c.ReadMessage()
+				if err == nil {
+					continue
+				}
+				a := arrival{at: time.Now(), code: -1, err: err}
+				var ce *websocket.CloseError
+				if errors.As(err, &ce) {
+					a.code = ce.Code
+				}
+				arrivals <- a
+				return
+			}
+		}()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.shutdown(ctx); err != nil {
+		t.Errorf("Shutdown = %v, want nil", err)
+	}
+	var first, last time.Time
+	for range n {
+		a := <-arrivals // each reader ends by its read deadline at worst
+		if a.code != 1001 {
+			t.Errorf("client got %v, want close 1001", a.err)
+			continue
+		}
+		if first.IsZero() || a.at.Before(first) {
+			first = a.at
+		}
+		if a.at.After(last) {
+			last = a.at
+		}
+	}
+	if spread := last.Sub(first); spread < 600*time.Millisecond {
+		t.Errorf("1001s arrived over %v, want them spread over ~900ms (at least 600ms)", spread)
+	}
+}
+
+// upstreamFailure runs a raw backend that sends bad bytes after its
+// upgrade and checks that the client gets 1014 and the backend 1002.
+func upstreamFailure(t *testing.T, bad []byte) {
+	checkLeaks(t)
+	backendCode := make(chan ws.StatusCode, 1)
+	up := rawBackend(t, func(c net.Conn) {
+		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write(bad); err != nil {
+			t.Errorf("backend write: %v", err)
+		}
+		code, err := readCloseCode(c)
+		if err != nil {
+			t.Errorf("backend read: %v", err)
+		}
+		backendCode <- code
+	})
+	p := startLifecycleProxy(t, up, Options{CloseTimeout: 2 * time.Second})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, _, err := cws.Dial(ctx, "ws://"+p.addr+"/", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseNow()
+	_, _, err = c.Read(ctx)
+	if got := cws.CloseStatus(err); got != 1014 {
+		t.Errorf("client: %v (status %d), want close 1014", err, got)
+	}
+	select {
+	case code := <-backendCode:
+		if code != ws.StatusProtocolError {
+			t.Errorf("backend got close %d, want 1002", code)
+		}
+	case <-ctx.Done():
+		t.Fatal("backend never heard its close")
+	}
+	waitMetric(t, p.reg, 1, "sluice_protocol_errors_total", "leg", "upstream", "code", "1002")
+}
+
+func TestUpstreamMaskedFrame(t *testing.T) {
+	bad, err := ws.CompileFrame(ws.MaskFrame(ws.NewTextFrame([]byte("masked by a server"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	upstreamFailure(t, bad)
+}
+
+func TestUpstreamGarbage(t *testing.T) {
+	// FIN, reserved opcode 0x3, no payload.
+	upstreamFailure(t, []byte{0x83, 0x00})
+}
+
+func heapBytes() uint64 {
+	s := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
+}
+
+func TestUpstreamStopsReading(t *testing.T) {
+	checkLeaks(t)
+	release := make(chan struct{})
+	up := rawBackend(t, func(c net.Conn) {
+		if sc, ok := c.(syscall.Conn); ok {
+			if raw, err := sc.SyscallConn(); err == nil {
+				raw.Control(func(fd uintptr) {
+					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+				})
+			}
+		}
+		<-release // never reads
+	})
+	t.Cleanup(func() { close(release) }) // runs before rawBackend's cleanup
+	p := startLifecycleProxy(t, up, Options{WriteTimeout: 500 * time.Millisecond, CloseTimeout: 2 * time.Second})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	c, _, err := cws.Dial(ctx, "ws://"+p.addr+"/", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseNow()
+
+	heap0 := heapBytes()
+	began := time.Now()
+	const maxWrites = 40
+	written := make(chan int, 1)
+	go func() { // clientFlood
+		msg := make([]byte, 1<<20)
+		n := 0
+		for ; n < maxWrites; n++ {
+			if err := c.Write(ctx, cws.MessageBinary, msg); err != nil {
+				break
+			}
+		}
+		written <- n
+	}()
+	_, _, err = c.Read(ctx)
+	elapsed := time.Since(began)
+	heapGrowth := int64(heapBytes()) - int64(heap0)
+	if got := cws.CloseStatus(err); got != 1014 {
+		t.Errorf("client: %v (status %d), want close 1014", err, got)
+	}
+	if elapsed > 5*time.Second {
+		t.Errorf("close came %v after the first write, want within a few seconds of the 500ms write timeout", elapsed)
+	}
+	c.CloseNow() // unblocks a write still waiting on the socket
+	n := <-written
+	if n >= maxWrites {
+		t.Errorf("client wrote all %d MiB without blocking: sluice kept reading a client whose upstream does not read", n)
+	}
+	if heapGrowth > 64<<20 {
+		t.Errorf("heap grew by %d MiB while the upstream did not read", heapGrowth>>20)
+	}
+	t.Logf("client wrote %d MiB before blocking; close after %v; heap growth %d KiB", n, elapsed, heapGrowth>>10)
+	waitMetric(t, p.reg, 0, "sluice_connections_active")
+}
