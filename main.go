@@ -104,7 +104,10 @@ func serve(ctx context.Context, cfg Config, log zerolog.Logger, ready func(wsAdd
 		}
 	}()
 	registerBudgetMetrics(reg, srv)
-	ln, err := net.Listen("tcp", cfg.ListenAddr)
+	// TCP keepalive off on accepted connections, as on upstream ones:
+	// keepalive is sluice's pings, and the probes' setup costs syscalls.
+	lc := net.ListenConfig{KeepAlive: -1}
+	ln, err := lc.Listen(ctx, "tcp", cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("SLUICE_LISTEN_ADDR=%q: %w", cfg.ListenAddr, err)
 	}

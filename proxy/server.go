@@ -100,7 +100,9 @@ func New(opts Options) (*Server, error) {
 		ErrorLog:          stdlog.New(httpErrorLog{opts.Logger}, "", 0),
 	}
 	s.http.SetKeepAlivesEnabled(false)
-	d := net.Dialer{Control: s.controlUpstreamSocket}
+	// No TCP keepalive: sluice pings at the WebSocket layer, and the
+	// kernel's probes cost four setsockopt calls per connection.
+	d := net.Dialer{Control: s.controlUpstreamSocket, KeepAlive: -1}
 	s.netDial = d.DialContext
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
