@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -589,4 +590,83 @@ func TestUpstreamStopsReading(t *testing.T) {
 	}
 	t.Logf("client wrote %d MiB before blocking; close after %v; heap growth %d KiB", n, elapsed, heapGrowth>>10)
 	waitMetric(t, p.reg, 0, "sluice_connections_active")
+}
+
+// TestRefusedMessageNotTorn: while the session is ending (the client has
+// sent its close), a message whose first frame finds the client's queue
+// full is refused whole; its later frames must not reach the client as
+// continuations without a start.
+func TestRefusedMessageNotTorn(t *testing.T) {
+	checkLeaks(t)
+	sent := make(chan struct{})
+	backend := rawBackend(t, func(c net.Conn) {
+		// Wait for the client's close (forwarded by sluice), ignore it, and
+		// send 400 messages of three frames: far more than the client's
+		// socket, sluice's small send buffer and a queue of two hold.
+		if _, err := readCloseCode(c); err != nil {
+			return
+		}
+		go io.Copy(io.Discard, c)
+		part := make([]byte, 512)
+		for i := 0; i < 400; i++ {
+			for j, op := range []ws.OpCode{ws.OpText, ws.OpContinuation, ws.OpContinuation} {
+				h := ws.Header{Fin: j == 2, OpCode: op, Length: int64(len(part))}
+				if err := ws.WriteHeader(c, h); err != nil {
+					return
+				}
+				if _, err := c.Write(part); err != nil {
+					return
+				}
+			}
+		}
+		close(sent)
+		<-time.After(5 * time.Second)
+	})
+	p := startLifecycleProxy(t, backend, Options{
+		Queue:             limiter.Config{Policy: limiter.Evict, MaxMessages: 2},
+		CloseTimeout:      3 * time.Second,
+		ClientWriteBuffer: 4096,
+	})
+	d := ws.Dialer{NetDial: (&net.Dialer{Control: smallReceiveBuffer(4096)}).DialContext}
+	c, br, _, err := d.Dial(context.Background(), "ws://"+p.addr+"/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Frames that came with the 101 wait in br.
+	var r io.Reader = c
+	if br != nil {
+		r = io.MultiReader(br, c)
+	}
+	// The client says goodbye and reads nothing until the backend is done.
+	closeFrame := ws.MaskFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusNormalClosure, "")))
+	if err := ws.WriteFrame(c, closeFrame); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sent:
+	case <-time.After(10 * time.Second):
+		t.Fatal("backend did not finish sending")
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	inMessage := false
+	var seen []string
+	for {
+		h, err := ws.ReadHeader(r)
+		if err != nil {
+			break // sluice cut the connection after its close timeout
+		}
+		if _, err := io.CopyN(io.Discard, r, h.Length); err != nil {
+			break
+		}
+		seen = append(seen, fmt.Sprintf("%x/%v", h.OpCode, h.Fin))
+		switch {
+		case h.OpCode == ws.OpClose:
+			return
+		case h.OpCode == ws.OpContinuation && !inMessage:
+			t.Fatalf("continuation frame without a message start: a refused message was torn; frames %v", seen)
+		case h.OpCode.IsData():
+			inMessage = !h.Fin
+		}
+	}
 }

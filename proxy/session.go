@@ -203,6 +203,7 @@ func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.cli
 func (s *session) pump(src, dst *leg) {
 	var ctl [frame.MaxControlFrame]byte
 	var ctlPayload [ws.MaxControlFramePayloadSize]byte
+	skipRest := false // dropping the frames left of a refused message
 	dir := toUpstream
 	if src.upstream {
 		dir = toClient
@@ -258,6 +259,16 @@ func (s *session) pump(src, dst *leg) {
 			continue
 		}
 
+		if skipRest {
+			// The rest of a message whose start was refused: a
+			// continuation alone would be a protocol error at dst.
+			skipRest = !h.Fin
+			if err := src.rd.Discard(h.Length); err != nil {
+				s.lost(src, err)
+				return
+			}
+			continue
+		}
 		var seg *limiter.Segment
 		if h.Length <= inlineMax {
 			seg = limiter.NewSegment(int(size))
@@ -315,6 +326,7 @@ func (s *session) pump(src, dst *leg) {
 		// The frame has nowhere to go: dst is closing. Keep reading src
 		// until its close frame answers ours.
 		if err != nil {
+			skipRest = !seg.End
 			seg.Free()
 		}
 		if follow > 0 {
