@@ -304,7 +304,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		},
 	}
 	target := upstreamURL(s.opts.Upstream, r)
-	upConn, upBuf, hs, err := dialer.Dial(r.Context(), target)
+	// A context that never ends: the Dialer then bounds the dial with
+	// Timeout alone, instead of starting a goroutine per dial to watch the
+	// request's context. A client gone meanwhile is noticed when its 101
+	// cannot be written.
+	upConn, upBuf, hs, err := dialer.Dial(context.WithoutCancel(r.Context()), target)
 	if err != nil {
 		s.dialFailed(w, r, target, err, rej)
 		return
