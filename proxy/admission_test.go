@@ -680,15 +680,7 @@ func startTestProxy(t *testing.T, b *echoBackend, opts Options) *testProxy {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		srv.Serve(ln)
-	}()
+	addr, served := serveLoopback(t, srv)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -697,7 +689,7 @@ func startTestProxy(t *testing.T, b *echoBackend, opts Options) *testProxy {
 		}
 		<-served
 	})
-	return &testProxy{Server: srv, addr: ln.Addr().String(), logs: logs}
+	return &testProxy{Server: srv, addr: addr, logs: logs}
 }
 
 func (p *testProxy) rejected(reason string) float64 {

@@ -58,17 +58,31 @@ func startBenchProxy(tb testing.TB, backend string, opts Options) (string, *Serv
 	if err != nil {
 		tb.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	go srv.Serve(ln)
+	addr, served := serveLoopback(tb, srv)
 	tb.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		srv.Shutdown(ctx)
+		<-served
 	})
-	return ln.Addr().String(), srv
+	return addr, srv
+}
+
+// serveLoopback serves srv on a fresh 127.0.0.1 listener and returns its
+// address and a channel closed when Serve has returned. Callers shut srv
+// down in their own cleanup, with the checks their tests want.
+func serveLoopback(tb testing.TB, srv *Server) (string, <-chan struct{}) {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		srv.Serve(ln)
+	}()
+	return ln.Addr().String(), served
 }
 
 // dialRaw opens a client WebSocket as a bare net.Conn.

@@ -204,7 +204,7 @@ type rejection struct {
 	body   []byte
 }
 
-// relayedRejectionHeaders are the upstream answer's headers not passed on.
+// droppedRejectionHeaders are the upstream answer's headers not passed on.
 var droppedRejectionHeaders = append([]string{"Date", "Server"}, hopHeaders...)
 
 func readRejection(status int, resp io.Reader) *rejection {

@@ -52,15 +52,7 @@ func startLifecycleProxy(t *testing.T, upstream string, opts Options) *lifecycle
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		srv.Serve(ln)
-	}()
+	addr, served := serveLoopback(t, srv)
 	var once sync.Once
 	var shutErr error
 	shutdown := func(ctx context.Context) error {
@@ -73,7 +65,7 @@ func startLifecycleProxy(t *testing.T, upstream string, opts Options) *lifecycle
 		shutdown(ctx)
 		<-served
 	})
-	return &lifecycleProxy{Server: srv, addr: ln.Addr().String(), reg: reg, shutdown: shutdown}
+	return &lifecycleProxy{Server: srv, addr: addr, reg: reg, shutdown: shutdown}
 }
 
 // metricValue gathers reg and returns the value of the series name with
