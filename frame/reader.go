@@ -27,6 +27,7 @@ type Reader struct {
 	r, w int             // unread bytes are (*buf)[r:w]
 
 	readFn        func(fd uintptr) bool // built once: RawConn.Read's callback
+	peekFn        func(fd uintptr) bool // built once: Idle's callback
 	lastN         int
 	lastErr       error
 	headerScratch [MaxHeaderSize]byte
@@ -41,6 +42,7 @@ func NewReader(conn net.Conn, pending []byte) *Reader {
 		if raw, err := sc.SyscallConn(); err == nil {
 			r.raw = raw
 			r.readFn = r.readRaw
+			r.peekFn = r.peekRaw
 		}
 	}
 	for len(pending) > 0 {
@@ -56,6 +58,10 @@ func NewReader(conn net.Conn, pending []byte) *Reader {
 	}
 	return r
 }
+
+// RawConn is the connection's descriptor access, or nil when it has none
+// (and Idle can never report idleness).
+func (r *Reader) RawConn() syscall.RawConn { return r.raw }
 
 // Conn is the connection the Reader reads.
 func (r *Reader) Conn() net.Conn { return r.conn }
@@ -104,6 +110,48 @@ func (r *Reader) readRaw(fd uintptr) bool {
 		}
 		return true
 	}
+}
+
+// Idle reads what the socket has without waiting and reports whether no
+// byte of a next frame has arrived, so that the caller may stop reading
+// until the socket is readable again (waiting elsewhere, in an epoll set,
+// rather than in a goroutine). It is false when bytes are buffered, after
+// a read that got some, and on conns without a file descriptor (TLS may
+// hold decrypted bytes the socket does not show). A read error is
+// returned; the Reader then holds no buffer.
+func (r *Reader) Idle() (bool, error) {
+	if r.w > r.r || r.raw == nil {
+		return false, nil
+	}
+	r.r, r.w = 0, 0
+	r.lastN, r.lastErr = 0, errWouldBlock
+	if err := r.raw.Read(r.peekFn); err != nil {
+		return false, err
+	}
+	switch r.lastErr {
+	case errWouldBlock:
+		return true, nil
+	case nil:
+		r.w += r.lastN
+		return false, nil
+	}
+	if r.buf != nil {
+		PutBuffer(r.buf)
+		r.buf = nil
+	}
+	return false, r.lastErr
+}
+
+// errWouldBlock marks a read in Idle that found the socket empty.
+var errWouldBlock = errors.New("frame: would block")
+
+// peekRaw is Idle's RawConn.Read callback: one read, never a wait.
+func (r *Reader) peekRaw(fd uintptr) bool {
+	if !r.readRaw(fd) {
+		// Empty: readRaw gave the buffer back already.
+		r.lastN, r.lastErr = 0, errWouldBlock
+	}
+	return true
 }
 
 // maxEmptyReads is how many (0, nil) reads in a row fill tolerates before

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -716,4 +717,89 @@ func TestReaderCopyNTCPTruncated(t *testing.T) {
 		t.Fatalf("CopyN: %d, %v; want %d, io.ErrUnexpectedEOF", n, err, size-1000)
 	}
 	waitWriter(t, done)
+}
+
+// TestReaderIdle checks the answer a caller uses to stop reading an idle
+// socket: true only with nothing buffered and nothing on the socket, and
+// never at the cost of a byte.
+func TestReaderIdle(t *testing.T) {
+	t.Run("socket", func(t *testing.T) {
+		w, c := tcpPair(t)
+		r := newTestReader(t, c, nil)
+		if idle, err := r.Idle(); !idle || err != nil {
+			t.Fatalf("Idle on an empty socket: %v, %v", idle, err)
+		}
+		if r.buf != nil {
+			t.Fatal("an idle Reader holds a buffer")
+		}
+		// Half a frame: not idle, and the half is kept.
+		f := makeFrame(ws.OpText, true, true, 50, 1)
+		wire := f.wire()
+		waitWriter(t, writeChunks(t, w, 0, false, wire[:4]))
+		for {
+			idle, err := r.Idle()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !idle {
+				break
+			}
+			// The bytes are in flight on loopback: wait for readability
+			// the way a caller would, then ask again.
+			c.SetReadDeadline(time.Now().Add(testTimeout))
+			if err := waitReadable(c); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if r.Buffered() == 0 {
+			t.Fatal("Idle read bytes but buffers none")
+		}
+		if idle, _ := r.Idle(); idle {
+			t.Fatal("Idle with bytes buffered")
+		}
+		done := writeChunks(t, w, 0, true, wire[4:])
+		expectFrame(t, r, f, payloadMethods[0])
+		waitWriter(t, done)
+		// At EOF Idle reports the end rather than idleness.
+		c.SetReadDeadline(time.Now().Add(testTimeout))
+		if err := waitReadable(c); err != nil {
+			t.Fatal(err)
+		}
+		if idle, err := r.Idle(); idle || err != io.EOF {
+			t.Fatalf("Idle at EOF: %v, %v", idle, err)
+		}
+		if r.buf != nil {
+			t.Fatal("a Reader at EOF holds a buffer")
+		}
+	})
+	t.Run("no descriptor", func(t *testing.T) {
+		_, c := pipePair(t)
+		r := NewReader(c, nil)
+		if idle, err := r.Idle(); idle || err != nil {
+			t.Fatalf("Idle on a pipe: %v, %v; it cannot tell, so it must say no", idle, err)
+		}
+	})
+}
+
+// waitReadable blocks until c has something to read (or an error, EOF
+// included), without reading it.
+func waitReadable(c net.Conn) error {
+	raw, err := c.(syscall.Conn).SyscallConn()
+	if err != nil {
+		return err
+	}
+	var buf [1]byte
+	var perr error
+	err = raw.Read(func(fd uintptr) bool {
+		_, _, errno := syscall.Recvfrom(int(fd), buf[:], syscall.MSG_PEEK)
+		if errno == syscall.EAGAIN {
+			return false
+		}
+		perr = errno
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return perr
 }

@@ -178,10 +178,17 @@ func BenchmarkUpstreamToClient(b *testing.B) {
 // Go memory (heap in use + goroutine stacks) they add, per session. Run it
 // with -benchtime=1x; the backend's and the clients' sockets live in the
 // same process, so their share is measured without sluice and subtracted.
+// Sub-benchmarks: readers parked in the epoll set (the default), and
+// readers waiting in their goroutines (NoIdlePoll).
 func BenchmarkIdleSessions(b *testing.B) {
+	b.Run("epoll", func(b *testing.B) { benchIdleSessions(b, Options{}) })
+	b.Run("goroutines", func(b *testing.B) { benchIdleSessions(b, Options{NoIdlePoll: true}) })
+}
+
+func benchIdleSessions(b *testing.B, opts Options) {
 	const n = 1000
 	backend := newBenchBackend(b)
-	addr, srv := startBenchProxy(b, backend.ln.Addr().String(), Options{})
+	addr, srv := startBenchProxy(b, backend.ln.Addr().String(), opts)
 	base, baseStack := goMemoryParts()
 	// Keep every conn referenced: a collected net.Conn is closed by its
 	// finalizer.

@@ -49,6 +49,7 @@ type Server struct {
 	adm     *admission // connection limits, origins, handshake rate (admission.go)
 	http    *http.Server
 	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
+	idle    *idlePoller // parked readers of idle sockets; nil: readers wait in goroutines
 
 	nextID   atomic.Uint64
 	draining atomic.Bool // readiness fails: BeginDrain or Shutdown was called
@@ -92,6 +93,13 @@ func New(opts Options) (*Server, error) {
 		bc.ObserveWait = func(d time.Duration) { s.metrics.queueWaitSeconds.Observe(d.Seconds()) }
 	}
 	s.budget = limiter.NewBudget(bc)
+	if !opts.NoIdlePoll {
+		// Without it sessions still work, at a goroutine stack per idle
+		// socket: worth a warning, not a refusal.
+		if s.idle, err = newIdlePoller(); err != nil {
+			s.log.Warn().Err(err).Msg("idle readers will wait in goroutines")
+		}
+	}
 	s.http = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: opts.HandshakeTimeout,
@@ -209,6 +217,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.stop()
 	s.guardWG.Wait()
+	s.idle.close()
 	return err
 }
 

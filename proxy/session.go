@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/gobwas/ws"
@@ -61,6 +62,16 @@ type leg struct {
 	// writer to the other leg's reader, which waits for it.
 	streamDone chan error
 
+	// Parking (idle_linux.go): a reader that finds its socket empty
+	// between frames may end, leaving the socket in the server's epoll
+	// set; the poller starts reader again when it is readable.
+	reader   func()          // this leg's reader goroutine, made once
+	raw      syscall.RawConn // nil: this leg's reader never parks
+	pollID   uint64          // the leg's key in the epoll set
+	parked   atomic.Bool     // no reader runs; the next is started by wake
+	polled   bool            // registered in the epoll set; reader-owned
+	skipRest bool            // dropping the frames left of a refused message; reader-owned
+
 	// Counted by the reader of this leg, read after it has ended.
 	msgsIn, bytesIn uint64
 
@@ -112,8 +123,9 @@ func (l *leg) Stale() {
 }
 
 // session is one proxied pair. Up to four goroutines serve it: a reader
-// per socket for its whole life, and a writer per socket while that
-// socket's queue has work. The last of them to end finishes the session.
+// per socket while it has bytes to read, and a writer per socket while
+// that socket's queue has work. A reader parked in the epoll set counts as
+// running. The last of them to end finishes the session.
 type session struct {
 	srv        *Server
 	id         uint64
@@ -147,11 +159,17 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	ss.client.out = limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
 	ss.upstream.out = limiter.NewQueue(&upstreamQueue, s.budget, nil)
 
+	ss.client.reader, ss.upstream.reader = ss.clientReader, ss.upstreamReader
+	if s.idle != nil {
+		ss.client.pollID, ss.upstream.pollID = ss.id<<1, ss.id<<1|1
+		ss.client.raw, ss.upstream.raw = ss.client.rd.RawConn(), ss.upstream.rd.RawConn()
+	}
 	ss.client.out.OnStreamDiscard(ss.client.streamDone)
 	ss.upstream.out.OnStreamDiscard(ss.upstream.streamDone)
-	// Writers run only while their queue has work: an idle session is
-	// two goroutines, its readers. Func values made once: `go
-	// ss.clientWriter()` would allocate a closure per start.
+	// Writers run only while their queue has work, readers only while
+	// their socket has bytes: an idle session is no goroutine at all.
+	// Func values made once: `go ss.clientWriter()` would allocate a
+	// closure per start.
 	clientWriter, upstreamWriter := ss.clientWriter, ss.upstreamWriter
 	ss.client.out.OnWork(func() {
 		if ss.enter() {
@@ -183,8 +201,8 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 		// Shutdown may have listed the sessions before this one joined.
 		ss.goAway()
 	}
-	go ss.clientReader()
-	go ss.upstreamReader()
+	go ss.client.reader()
+	go ss.upstream.reader()
 }
 
 // event adds the session's identity to a log line. A per-session
@@ -193,17 +211,36 @@ func (s *session) event(e *zerolog.Event) *zerolog.Event {
 	return e.Uint64("conn", s.id).Str("client", s.clientAddr)
 }
 
-// Role names for stack dumps.
-func (s *session) clientReader()   { defer s.exit(); s.pump(&s.client, &s.upstream) }
-func (s *session) upstreamReader() { defer s.exit(); s.pump(&s.upstream, &s.client) }
+// Role names for stack dumps. A reader that parks hands its place in
+// the running count to the next one.
+func (s *session) clientReader() {
+	if !s.pump(&s.client, &s.upstream) {
+		s.exit()
+	}
+}
+
+func (s *session) upstreamReader() {
+	if !s.pump(&s.upstream, &s.client) {
+		s.exit()
+	}
+}
+
 func (s *session) clientWriter()   { defer s.exit(); s.write(&s.client, &s.upstream) }
 func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.client) }
 
-// pump reads frames from src, checks them and queues them for dst's writer.
-func (s *session) pump(src, dst *leg) {
+// wake starts l's reader if it is parked.
+func (l *leg) wake() {
+	if l.parked.CompareAndSwap(true, false) {
+		go l.reader()
+	}
+}
+
+// pump reads frames from src, checks them and queues them for dst's
+// writer. It returns true when it parked: src's socket is in the epoll
+// set and the goroutine must end without touching the session again.
+func (s *session) pump(src, dst *leg) (parked bool) {
 	var ctl [frame.MaxControlFrame]byte
 	var ctlPayload [ws.MaxControlFramePayloadSize]byte
-	skipRest := false // dropping the frames left of a refused message
 	dir := toUpstream
 	if src.upstream {
 		dir = toClient
@@ -211,6 +248,16 @@ func (s *session) pump(src, dst *leg) {
 	msgs, byts := s.srv.metrics.messages[dir], s.srv.metrics.bytes[dir]
 	for {
 		src.frameEnd() // frame read timeout (admission.go): idle between frames is fine
+		if src.raw != nil {
+			idle, err := src.rd.Idle()
+			if err != nil {
+				s.lost(src, err)
+				return false
+			}
+			if idle && s.srv.idle.park(src) {
+				return true
+			}
+		}
 		h, raw, err := src.rd.ReadHeader()
 		if err != nil {
 			var fe *frame.Error
@@ -219,11 +266,11 @@ func (s *session) pump(src, dst *leg) {
 			} else {
 				s.lost(src, err)
 			}
-			return
+			return false
 		}
 		if err := src.check.Check(h); err != nil {
 			s.violation(src, err.(*frame.Error))
-			return
+			return false
 		}
 		src.frameStart(h) // the frame must now arrive whole within FrameReadTimeout
 		if src.ka != nil {
@@ -235,7 +282,7 @@ func (s *session) pump(src, dst *leg) {
 			wire := ctl[:n+int(h.Length)]
 			if err := src.rd.ReadFull(wire[n:]); err != nil {
 				s.lost(src, err)
-				return
+				return false
 			}
 			payload := ctlPayload[:h.Length]
 			copy(payload, wire[n:])
@@ -245,7 +292,7 @@ func (s *session) pump(src, dst *leg) {
 			switch h.OpCode {
 			case ws.OpClose:
 				s.closeReceived(src, dst, payload, wire)
-				return
+				return false
 			case ws.OpPong:
 				if src.ka != nil && src.ka.IsOwnPong(payload) {
 					continue
@@ -259,13 +306,13 @@ func (s *session) pump(src, dst *leg) {
 			continue
 		}
 
-		if skipRest {
+		if src.skipRest {
 			// The rest of a message whose start was refused: a
 			// continuation alone would be a protocol error at dst.
-			skipRest = !h.Fin
+			src.skipRest = !h.Fin
 			if err := src.rd.Discard(h.Length); err != nil {
 				s.lost(src, err)
-				return
+				return false
 			}
 			continue
 		}
@@ -277,7 +324,7 @@ func (s *session) pump(src, dst *leg) {
 			if err := src.rd.ReadFull(b[len(raw):]); err != nil {
 				seg.Free()
 				s.lost(src, err)
-				return
+				return false
 			}
 			*seg.Buf = b
 		} else {
@@ -313,7 +360,7 @@ func (s *session) pump(src, dst *leg) {
 					src.noReply = true
 					s.checkDoneLocked()
 					s.mu.Unlock()
-					return
+					return false
 				}
 			} else {
 				continue
@@ -326,13 +373,13 @@ func (s *session) pump(src, dst *leg) {
 		// The frame has nowhere to go: dst is closing. Keep reading src
 		// until its close frame answers ours.
 		if err != nil {
-			skipRest = !seg.End
+			src.skipRest = !seg.End
 			seg.Free()
 		}
 		if follow > 0 {
 			if err := src.rd.Discard(follow); err != nil {
 				s.lost(src, err)
-				return
+				return false
 			}
 		}
 	}
@@ -575,6 +622,7 @@ func (s *session) writeFailed(dst *leg, err error) {
 	dst.dead = true
 	dst.out.Close()
 	dst.conn.Close()
+	dst.wake() // a parked reader would not see the close
 	other := &s.upstream
 	code, reason := ws.StatusGoingAway, "client went away"
 	if dst.upstream {
@@ -698,6 +746,9 @@ func (s *session) abortLocked(string) {
 		}
 		l.out.Close()
 		l.conn.Close()
+		// A parked reader is woken to find the socket closed and end,
+		// giving up its place in the running count.
+		l.wake()
 	}
 }
 
@@ -721,6 +772,8 @@ func (s *session) exit() {
 		return
 	}
 	s.abort("")
+	s.srv.idle.forget(&s.client)
+	s.srv.idle.forget(&s.upstream)
 	s.client.rd.Release()
 	s.upstream.rd.Release()
 	m := s.srv.metrics

@@ -1,0 +1,160 @@
+//go:build linux
+
+package proxy
+
+import (
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// idlePoller holds the sockets whose readers have parked: a reader that
+// finds its socket empty between frames registers the socket here
+// (one-shot) and its goroutine ends, so an idle session costs no
+// goroutine and no stack. When a socket becomes readable the poller
+// starts a reader for it again. The epoll set is itself waited on through
+// Go's netpoller, as a non-blocking *os.File, so the poller needs no
+// thread of its own either.
+type idlePoller struct {
+	epfd int
+	file *os.File // epfd, for the netpoller
+	raw  syscall.RawConn
+	done chan struct{}
+
+	mu   sync.Mutex
+	legs map[uint64]*leg // registered legs by poll id; guarded by mu
+}
+
+// pollBatch is how many readiness events one epoll_wait takes.
+const pollBatch = 256
+
+func newIdlePoller() (*idlePoller, error) {
+	fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("fcntl", err)
+	}
+	f := os.NewFile(uintptr(fd), "epoll")
+	raw, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	p := &idlePoller{epfd: fd, file: f, raw: raw, done: make(chan struct{}), legs: make(map[uint64]*leg)}
+	go p.run()
+	return p, nil
+}
+
+// run wakes parked readers until close.
+func (p *idlePoller) run() {
+	defer close(p.done)
+	events := make([]unix.EpollEvent, pollBatch)
+	ready := make([]*leg, 0, pollBatch)
+	// The callback returns false to wait (in the netpoller) for the epoll
+	// set to become readable, and true only when it broke.
+	p.raw.Read(func(fd uintptr) bool {
+		for {
+			n, err := unix.EpollWait(int(fd), events, 0)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return true
+			}
+			p.mu.Lock()
+			for _, ev := range events[:n] {
+				if l := p.legs[eventID(&ev)]; l != nil {
+					ready = append(ready, l)
+				}
+			}
+			p.mu.Unlock()
+			for i, l := range ready {
+				l.wake()
+				ready[i] = nil
+			}
+			ready = ready[:0]
+			if n < len(events) {
+				return false
+			}
+		}
+	})
+}
+
+// park registers l's socket for one readiness event and reports whether
+// l's reader may end: the poller, or an abort, starts the next one. Only
+// l's reader calls it.
+func (p *idlePoller) park(l *leg) bool {
+	if p == nil || l.raw == nil {
+		return false
+	}
+	op := unix.EPOLL_CTL_MOD
+	if !l.polled {
+		op = unix.EPOLL_CTL_ADD
+		p.mu.Lock()
+		p.legs[l.pollID] = l
+		p.mu.Unlock()
+		// Set before arming: the next reader may run before Control
+		// returns.
+		l.polled = true
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT}
+	setEventID(&ev, l.pollID)
+	// Parked before armed: the event may come at once. Level-triggered
+	// arming reports bytes that arrived since the reader last looked, so
+	// no wake-up is lost between the two.
+	l.parked.Store(true)
+	var ctlErr error
+	// Inside Control the descriptor cannot be closed and its number
+	// reused by another socket under us.
+	err := l.raw.Control(func(fd uintptr) {
+		ctlErr = unix.EpollCtl(p.epfd, op, int(fd), &ev)
+	})
+	if err == nil {
+		err = ctlErr
+	}
+	if err != nil {
+		// Not armed (the socket is closed, or epoll refused): read on in
+		// this goroutine, unless an abort has already started another.
+		if !l.parked.CompareAndSwap(true, false) {
+			return true
+		}
+		if op == unix.EPOLL_CTL_ADD {
+			l.polled = false
+		}
+		return false
+	}
+	return true
+}
+
+// forget drops l's registration; a closed socket has already left the
+// epoll set, and events still in flight for it find nothing.
+func (p *idlePoller) forget(l *leg) {
+	if p == nil || !l.polled {
+		return
+	}
+	p.mu.Lock()
+	delete(p.legs, l.pollID)
+	p.mu.Unlock()
+}
+
+// close stops the poller once no session is left to wake.
+func (p *idlePoller) close() {
+	if p == nil {
+		return
+	}
+	p.file.Close()
+	<-p.done
+}
+
+func eventID(ev *unix.EpollEvent) uint64 {
+	return uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+}
+
+func setEventID(ev *unix.EpollEvent, id uint64) {
+	ev.Fd, ev.Pad = int32(uint32(id)), int32(uint32(id>>32))
+}
