@@ -36,8 +36,8 @@ type Options struct {
 	// goroutine instead of leaving the socket in the shared epoll set
 	// (Linux): about 4 KiB of stack more per idle socket, one epoll_ctl
 	// call less per burst of frames.
-	NoIdlePoll bool
-	MaxHeaderBytes   int           // client request headers; default 32 KiB
+	NoIdlePoll     bool
+	MaxHeaderBytes int // client request headers; default 32 KiB
 
 	// MaxFrameBytes and MaxMessageBytes bound what a client may send
 	// (1009 past them); 0 means no bound. The upstream is trusted.
