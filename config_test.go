@@ -87,6 +87,7 @@ func defaultConfig(t *testing.T) Config {
 		UpstreamURL:          mustURL(t, testUpstream),
 		UpstreamDialTimeout:  5 * time.Second,
 		UpstreamReadBuffer:   64 * KiB,
+		IdlePoll:             true,
 		UpstreamCloseCode:    1014,
 		MaxFrameBytes:        16 * MiB,
 		MaxMessageBytes:      16 * MiB,

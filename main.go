@@ -199,6 +199,7 @@ func proxyOptions(cfg Config, log zerolog.Logger, reg prometheus.Registerer) pro
 		UpstreamFailureCode: ws.StatusCode(cfg.UpstreamCloseCode),
 		UpstreamReadBuffer:  int(cfg.UpstreamReadBuffer),
 		ClientWriteBuffer:   int(cfg.ClientWriteBuffer),
+		NoIdlePoll:          !cfg.IdlePoll,
 
 		// Client limits; LoadConfig has checked every entry.
 		FrameReadTimeout:       cfg.FrameReadTimeout,
