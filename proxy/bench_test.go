@@ -187,6 +187,12 @@ func BenchmarkIdleSessions(b *testing.B) {
 
 func benchIdleSessions(b *testing.B, opts Options) {
 	const n = 1000
+	if os.Getenv("IDLE_HEAP_PROFILE") != "" {
+		// Every allocation, not one per 512 KiB: the profile is read per
+		// session.
+		defer func(r int) { runtime.MemProfileRate = r }(runtime.MemProfileRate)
+		runtime.MemProfileRate = 1
+	}
 	backend := newBenchBackend(b)
 	addr, srv := startBenchProxy(b, backend.ln.Addr().String(), opts)
 	base, baseStack := goMemoryParts()

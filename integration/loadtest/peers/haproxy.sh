@@ -7,7 +7,7 @@ dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 cat >"$dir/haproxy.cfg" <<CONF
 global
-  maxconn 9000
+  maxconn 9800
 defaults
   mode http
   timeout connect 5s
