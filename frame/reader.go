@@ -287,6 +287,23 @@ func (r *Reader) ReadFull(p []byte) error {
 	return nil
 }
 
+// ReadSmall is ReadFull for p no longer than MaxHeaderSize+125 (a control
+// frame): it reads through the Reader's buffer only, so that p, never
+// handed to an interface, can live on the caller's stack.
+func (r *Reader) ReadSmall(p []byte) error {
+	for len(p) > 0 {
+		if r.w == r.r {
+			if err := r.fill(); err != nil {
+				return unexpected(err)
+			}
+		}
+		n := copy(p, (*r.buf)[r.r:r.w])
+		r.r += n
+		p = p[n:]
+	}
+	return nil
+}
+
 // CopyN writes the next n bytes of the stream to dst: first what is
 // buffered, then straight from the connection. When both ends are TCP
 // sockets the second part is spliced in the kernel (splice(2)).

@@ -101,21 +101,23 @@ func (p *idlePoller) park(l *leg) bool {
 		// Set before arming: the next reader may run before Control
 		// returns.
 		l.polled = true
+		// Made once: a closure per park would allocate.
+		l.arm = func(fd uintptr) {
+			ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT}
+			setEventID(&ev, l.pollID)
+			l.armErr = unix.EpollCtl(p.epfd, l.armOp, int(fd), &ev)
+		}
 	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT}
-	setEventID(&ev, l.pollID)
+	l.armOp = op
 	// Parked before armed: the event may come at once. Level-triggered
 	// arming reports bytes that arrived since the reader last looked, so
 	// no wake-up is lost between the two.
 	l.parked.Store(true)
-	var ctlErr error
 	// Inside Control the descriptor cannot be closed and its number
 	// reused by another socket under us.
-	err := l.raw.Control(func(fd uintptr) {
-		ctlErr = unix.EpollCtl(p.epfd, op, int(fd), &ev)
-	})
+	err := l.raw.Control(l.arm)
 	if err == nil {
-		err = ctlErr
+		err = l.armErr
 	}
 	if err != nil {
 		// Not armed (the socket is closed, or epoll refused): read on in

@@ -65,12 +65,15 @@ type leg struct {
 	// Parking (idle_linux.go): a reader that finds its socket empty
 	// between frames may end, leaving the socket in the server's epoll
 	// set; the poller starts reader again when it is readable.
-	reader   func()          // this leg's reader goroutine, made once
-	raw      syscall.RawConn // nil: this leg's reader never parks
-	pollID   uint64          // the leg's key in the epoll set
-	parked   atomic.Bool     // no reader runs; the next is started by wake
-	polled   bool            // registered in the epoll set; reader-owned
-	skipRest bool            // dropping the frames left of a refused message; reader-owned
+	reader   func()           // this leg's reader goroutine, made once
+	raw      syscall.RawConn  // nil: this leg's reader never parks
+	pollID   uint64           // the leg's key in the epoll set
+	parked   atomic.Bool      // no reader runs; the next is started by wake
+	polled   bool             // registered in the epoll set; reader-owned
+	arm      func(fd uintptr) // registers for one event, as armOp says; reader-owned
+	armOp    int              // EPOLL_CTL_ADD or _MOD; reader-owned
+	armErr   error            // arm's result; reader-owned
+	skipRest bool             // dropping the frames left of a refused message; reader-owned
 
 	// Counted by the reader of this leg, read after it has ended.
 	msgsIn, bytesIn uint64
@@ -280,7 +283,7 @@ func (s *session) pump(src, dst *leg) (parked bool) {
 		if h.OpCode.IsControl() {
 			n := copy(ctl[:], raw)
 			wire := ctl[:n+int(h.Length)]
-			if err := src.rd.ReadFull(wire[n:]); err != nil {
+			if err := src.rd.ReadSmall(wire[n:]); err != nil {
 				s.lost(src, err)
 				return false
 			}
