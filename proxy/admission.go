@@ -139,7 +139,10 @@ func (s *Server) admit(w http.ResponseWriter, r *http.Request, cl client) (t slo
 			return slot{}, false
 		}
 	}
-	key := clientKey(cl.addr)
+	var key netip.Addr // counted by only with a per-IP bound: no parse without
+	if a.perIP > 0 {
+		key = clientKey(cl.addr)
+	}
 	if a.maxConns > 0 && a.conns.Add(1) > a.maxConns {
 		a.conns.Add(-1)
 		s.refuse(w, r, refuseMaxConns, cl)
@@ -187,8 +190,11 @@ func (a *admission) free(key netip.Addr) {
 // leave frees the slot of a finished session whose client address is
 // addr (session.clientAddr, which ServeHTTP set to client.addr).
 func (a *admission) leave(addr string) {
-	if a.maxConns > 0 || a.perIP > 0 {
+	switch {
+	case a.perIP > 0:
 		a.free(clientKey(addr))
+	case a.maxConns > 0:
+		a.free(netip.Addr{}) // the key matters only to the per-IP count
 	}
 }
 

@@ -11,8 +11,11 @@ import (
 	"net/http"
 	"net/textproto"
 	"net/url"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/gobwas/httphead"
 	"github.com/gobwas/ws"
@@ -68,14 +71,21 @@ func checkUpgrade(r *http.Request) (int, string) {
 	return 0, ""
 }
 
+// validKey reports whether k is base64 for 16 bytes: 24 characters, since
+// the request parser has already refused the CR and LF that the decoder
+// would skip. Decoded on the stack: it runs for every upgrade.
 func validKey(k string) bool {
-	b, err := base64.StdEncoding.DecodeString(k)
-	return err == nil && len(b) == 16
+	if len(k) != 24 {
+		return false
+	}
+	var b [18]byte
+	n, err := base64.StdEncoding.Decode(b[:], []byte(k))
+	return err == nil && n == 16
 }
 
 func headerHasToken(h http.Header, name, token string) bool {
 	for _, v := range h.Values(name) {
-		for _, t := range strings.Split(v, ",") {
+		for t := range strings.SplitSeq(v, ",") {
 			if strings.EqualFold(strings.TrimSpace(t), token) {
 				return true
 			}
@@ -125,32 +135,112 @@ func singleJoiningSlash(a, b string) string {
 	return a + b
 }
 
-// forwardedHeader builds the upstream request's end-to-end headers: the
-// client's, less hop-by-hop ones, plus X-Forwarded-*.
-func forwardedHeader(r *http.Request, clientIP string) http.Header {
-	h := r.Header.Clone()
-	for _, v := range r.Header.Values("Connection") {
-		for _, name := range strings.Split(v, ",") {
-			if name = textproto.TrimString(name); name != "" {
-				h.Del(name)
+// forwardedHeader is the upstream request's end-to-end headers: the
+// client's, less hop-by-hop ones, plus X-Forwarded-*. It writes them
+// straight from the client's request, in the order http.Header.Write
+// would (sorted by name, the same clean-up of values), rather than build
+// a copy of the header map for every upgrade.
+type forwardedHeader struct {
+	req   http.Header
+	xff   string // X-Forwarded-For
+	proto string // X-Forwarded-Proto
+	host  string // X-Forwarded-Host
+}
+
+// forwardTo fills h for r from clientIP; xff, when not empty, is the
+// X-Forwarded-For to send instead of the received list plus clientIP
+// (client.xff).
+func (h *forwardedHeader) forwardTo(r *http.Request, clientIP, xff string) {
+	if xff == "" {
+		xff = clientIP
+		if prior := r.Header.Values("X-Forwarded-For"); len(prior) > 0 {
+			xff = strings.Join(prior, ", ") + ", " + clientIP
+		}
+	}
+	h.req, h.xff, h.proto, h.host = r.Header, xff, "http", r.Host
+	if r.TLS != nil {
+		h.proto = "https"
+	}
+}
+
+// forwarded reports whether the client's header name goes upstream.
+func (h *forwardedHeader) forwarded(name string) bool {
+	switch name {
+	case "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host":
+		return false // sluice's own values replace them
+	}
+	for _, hop := range hopHeaders {
+		if name == hop {
+			return false
+		}
+	}
+	for _, v := range h.req["Connection"] {
+		for listed := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(textproto.TrimString(listed), name) {
+				return false
 			}
 		}
 	}
-	for _, name := range hopHeaders {
-		h.Del(name)
-	}
-	if prior := r.Header.Values("X-Forwarded-For"); len(prior) > 0 {
-		clientIP = strings.Join(prior, ", ") + ", " + clientIP
-	}
-	h.Set("X-Forwarded-For", clientIP)
-	proto := "http"
-	if r.TLS != nil {
-		proto = "https"
-	}
-	h.Set("X-Forwarded-Proto", proto)
-	h.Set("X-Forwarded-Host", r.Host)
-	return h
+	return isToken(name, false) // as http.Header.Write, drop what is not a field name
 }
+
+// WriteTo implements ws.HandshakeHeader.
+func (h *forwardedHeader) WriteTo(w io.Writer) (int64, error) {
+	ws, ok := w.(io.StringWriter)
+	if !ok {
+		ws = stringWriter{w}
+	}
+	var buf [24]string // names on the stack for the usual request
+	names := append(buf[:0], "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto")
+	for name := range h.req {
+		if h.forwarded(name) {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	var n int64
+	line := func(name, v string) error {
+		if strings.ContainsAny(v, "\r\n") {
+			v = headerNewlineToSpace.Replace(v)
+		}
+		v = textproto.TrimString(v)
+		for _, s := range [...]string{name, ": ", v, "\r\n"} {
+			m, err := ws.WriteString(s)
+			n += int64(m)
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for _, name := range names {
+		var err error
+		switch name {
+		case "X-Forwarded-For":
+			err = line(name, h.xff)
+		case "X-Forwarded-Proto":
+			err = line(name, h.proto)
+		case "X-Forwarded-Host":
+			err = line(name, h.host)
+		default:
+			for _, v := range h.req[name] {
+				if err = line(name, v); err != nil {
+					break
+				}
+			}
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+var headerNewlineToSpace = strings.NewReplacer("\n", " ", "\r", " ")
+
+type stringWriter struct{ w io.Writer }
+
+func (w stringWriter) WriteString(s string) (int, error) { return w.w.Write([]byte(s)) }
 
 // offers reads the client's subprotocol and extension offers. Under the
 // Drop policy a permessage-deflate offer also asks the server for
@@ -243,4 +333,55 @@ func dialFailure(err error) (status int, reason string) {
 		return http.StatusBadGateway, "unreachable"
 	}
 	return http.StatusBadGateway, "handshake"
+}
+
+// dialState is ServeHTTP's state for the upstream dial. It is pooled, with
+// the dialer's callbacks bound to it once, so that an upgrade allocates
+// no closures and no header copy.
+type dialState struct {
+	s       *Server
+	header  forwardedHeader
+	rej     *rejection // the upstream's answer when it was not 101
+	cookies []string   // the upstream's Set-Cookie values, for the 101
+
+	netDial       func(ctx context.Context, network, addr string) (net.Conn, error)
+	onStatusError func(status int, reason []byte, resp io.Reader)
+	onHeader      func(k, v []byte) error
+}
+
+var dialStatePool = sync.Pool{New: func() any {
+	u := new(dialState)
+	u.netDial, u.onStatusError, u.onHeader = u.dial, u.statusError, u.headerLine
+	return u
+}}
+
+func getDialState(s *Server) *dialState {
+	u := dialStatePool.Get().(*dialState)
+	u.s = s
+	return u
+}
+
+func putDialState(u *dialState) {
+	clear(u.cookies)
+	u.s, u.header, u.rej, u.cookies = nil, forwardedHeader{}, nil, u.cookies[:0]
+	dialStatePool.Put(u)
+}
+
+func (u *dialState) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := u.s.netDial(ctx, network, addr)
+	if err == nil {
+		u.s.lastUpstreamOK.Store(time.Now().UnixNano())
+	}
+	return c, err
+}
+
+func (u *dialState) statusError(status int, _ []byte, resp io.Reader) {
+	u.rej = readRejection(status, resp)
+}
+
+func (u *dialState) headerLine(k, v []byte) error {
+	if string(k) == "Set-Cookie" {
+		u.cookies = append(u.cookies, string(v))
+	}
+	return nil
 }

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"strconv"
+	"sync/atomic"
 
 	"github.com/gobwas/ws"
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,7 +26,15 @@ type Metrics struct {
 	sessionSeconds     prometheus.Histogram
 	upstreamPingsSent  prometheus.Counter
 	upstreamPongMissed prometheus.Counter
+
+	// closeCodeSeries caches closeCodes' children for 1000–1015 by leg
+	// and direction: every session ends with about four closes, and a
+	// lookup by label values hashes the labels and formats the code each
+	// time. Filled on first use, so /metrics shows only codes seen.
+	closeCodeSeries [2][2][16]atomic.Pointer[counterSeries]
 }
+
+type counterSeries struct{ prometheus.Counter }
 
 // Direction labels: upstream_to_client is the queued, policed direction.
 const (
@@ -103,6 +112,35 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 			m.upstreamPingsSent, m.upstreamPongMissed, m.queueWaitSeconds, m.sessionSeconds)
 	}
 	return m
+}
+
+// closeCode is the sluice_close_codes_total series for a close frame on
+// the upstream leg or not, sent by sluice or received.
+func (m *Metrics) closeCode(upstream, sent bool, code ws.StatusCode) prometheus.Counter {
+	leg, dir := "client", "received"
+	if upstream {
+		leg = "upstream"
+	}
+	if sent {
+		dir = "sent"
+	}
+	if code < 1000 || code > 1015 {
+		return m.closeCodes.WithLabelValues(leg, dir, closeCodeLabel(code))
+	}
+	slot := &m.closeCodeSeries[b2i(upstream)][b2i(sent)][code-1000]
+	if c := slot.Load(); c != nil {
+		return c.Counter
+	}
+	c := &counterSeries{m.closeCodes.WithLabelValues(leg, dir, closeCodeLabel(code))}
+	slot.Store(c) // a racing store holds the same child
+	return c.Counter
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // closeCodeLabel keeps the code label's cardinality small.

@@ -6,7 +6,6 @@ package proxy
 import (
 	"context"
 	"errors"
-	"io"
 	stdlog "log"
 	"net"
 	"net/http"
@@ -283,34 +282,20 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	defer slot.release() // a no-op once the session has the slot
 	clientIP, _, _ := net.SplitHostPort(r.RemoteAddr)
-	upHeader := forwardedHeader(r, clientIP)
-	if cl.xff != "" {
-		upHeader.Set("X-Forwarded-For", cl.xff)
-	}
+	u := getDialState(s)
+	defer putDialState(u)
+	u.header.forwardTo(r, clientIP, cl.xff)
 	protocols, exts := offers(r, s.opts.Queue.Policy)
-	var rej *rejection
-	var cookies []string
 	dialer := ws.Dialer{
-		Timeout:    s.opts.DialTimeout,
-		Protocols:  protocols,
-		Extensions: exts,
-		Header:     ws.HandshakeHeaderHTTP(upHeader),
-		Host:       s.opts.Upstream.Host,
-		TLSConfig:  s.opts.UpstreamTLS,
-		NetDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			c, err := s.netDial(ctx, network, addr)
-			if err == nil {
-				s.lastUpstreamOK.Store(time.Now().UnixNano())
-			}
-			return c, err
-		},
-		OnStatusError: func(status int, _ []byte, resp io.Reader) { rej = readRejection(status, resp) },
-		OnHeader: func(k, v []byte) error {
-			if string(k) == "Set-Cookie" {
-				cookies = append(cookies, string(v))
-			}
-			return nil
-		},
+		Timeout:       s.opts.DialTimeout,
+		Protocols:     protocols,
+		Extensions:    exts,
+		Header:        &u.header,
+		Host:          s.opts.Upstream.Host,
+		TLSConfig:     s.opts.UpstreamTLS,
+		NetDial:       u.netDial,
+		OnStatusError: u.onStatusError,
+		OnHeader:      u.onHeader,
 	}
 	target := upstreamURL(s.opts.Upstream, r)
 	// A context that never ends: the Dialer then bounds the dial with
@@ -319,25 +304,32 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// cannot be written.
 	upConn, upBuf, hs, err := dialer.Dial(context.WithoutCancel(r.Context()), target)
 	if err != nil {
-		s.dialFailed(w, r, target, err, rej)
+		s.dialFailed(w, r, target, err, u.rej)
 		return
 	}
-	header := http.Header{}
+	var header http.Header // most upgrades add nothing: no map for them
+	if hs.Protocol != "" || len(hs.Extensions) > 0 || len(u.cookies) > 0 {
+		header = http.Header{}
+	}
 	if hs.Protocol != "" {
 		header.Set("Sec-WebSocket-Protocol", hs.Protocol)
 	}
 	if len(hs.Extensions) > 0 {
 		header.Set("Sec-WebSocket-Extensions", renderOptions(hs.Extensions))
 	}
-	for _, c := range cookies {
+	for _, c := range u.cookies {
 		header.Add("Set-Cookie", c)
 	}
 	// checkUpgrade accepted the request with the tokens anywhere in
 	// Upgrade and Connection; the upgrader reads only the first value, so
 	// give it the canonical ones rather than fail after the upstream
 	// already said yes.
-	r.Header.Set("Upgrade", "websocket")
-	r.Header.Set("Connection", "Upgrade")
+	if v := r.Header["Upgrade"]; len(v) != 1 || v[0] != "websocket" {
+		r.Header.Set("Upgrade", "websocket")
+	}
+	if v := r.Header["Connection"]; len(v) != 1 || v[0] != "Upgrade" {
+		r.Header.Set("Connection", "Upgrade")
+	}
 	up := ws.HTTPUpgrader{Timeout: s.opts.HandshakeTimeout, Header: header}
 	conn, rw, _, err := up.Upgrade(r, w)
 	if err != nil {
