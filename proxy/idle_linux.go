@@ -102,35 +102,38 @@ func (p *idlePoller) park(l *leg) bool {
 		// returns.
 		l.polled = true
 		// Made once: a closure per park would allocate.
-		l.arm = func(fd uintptr) {
-			ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT}
-			setEventID(&ev, l.pollID)
-			l.armErr = unix.EpollCtl(p.epfd, l.armOp, int(fd), &ev)
-		}
+		l.arm = func(fd uintptr) { p.arm(l, fd) }
 	}
 	l.armOp = op
+	// Inside Control the descriptor cannot be closed and its number
+	// reused by another socket under us.
+	if err := l.raw.Control(l.arm); err != nil {
+		return false // the socket is closed: read on, to find out
+	}
+	return true
+}
+
+// arm runs inside Control for park. From the moment the leg is marked
+// parked, the next reader may start (an abort) and, once epoll_ctl
+// succeeds, the poller may start it: nothing here, nor in park after
+// it, may touch l again, unless it takes the leg back first.
+func (p *idlePoller) arm(l *leg, fd uintptr) {
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT}
+	setEventID(&ev, l.pollID)
+	op := l.armOp
 	// Parked before armed: the event may come at once. Level-triggered
 	// arming reports bytes that arrived since the reader last looked, so
 	// no wake-up is lost between the two.
 	l.parked.Store(true)
-	// Inside Control the descriptor cannot be closed and its number
-	// reused by another socket under us.
-	err := l.raw.Control(l.arm)
-	if err == nil {
-		err = l.armErr
+	err := unix.EpollCtl(p.epfd, op, int(fd), &ev)
+	if err == nil || !l.parked.CompareAndSwap(true, false) {
+		return // armed, or an abort has started the next reader
 	}
-	if err != nil {
-		// Not armed (the socket is closed, or epoll refused): read on in
-		// this goroutine, unless an abort has already started another.
-		if !l.parked.CompareAndSwap(true, false) {
-			return true
-		}
-		if op == unix.EPOLL_CTL_ADD {
-			l.polled = false
-		}
-		return false
-	}
-	return true
+	// No event will come: the next reader waits in its goroutine, for
+	// good.
+	l.raw = nil
+	l.s.event(l.s.srv.log.Warn()).Str("leg", l.name()).Err(err).Msg("epoll_ctl failed: this socket's reader waits in a goroutine")
+	go l.reader()
 }
 
 // forget drops l's registration; a closed socket has already left the

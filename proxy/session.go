@@ -72,7 +72,6 @@ type leg struct {
 	polled   bool             // registered in the epoll set; reader-owned
 	arm      func(fd uintptr) // registers for one event, as armOp says; reader-owned
 	armOp    int              // EPOLL_CTL_ADD or _MOD; reader-owned
-	armErr   error            // arm's result; reader-owned
 	skipRest bool             // dropping the frames left of a refused message; reader-owned
 
 	// Counted by the reader of this leg, read after it has ended.
