@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync"
 	"time"
 
@@ -19,12 +20,16 @@ import (
 const readyWindow = 10 * time.Second
 
 // adminHandler serves the operator's endpoints on the admin listener;
-// status, if not nil, adds the live status page.
-func adminHandler(srv *proxy.Server, reg *prometheus.Registry, upstreamAddr string, status *statusPage) http.Handler {
+// status, if not nil, adds the live status page, and withPprof Go's
+// profiles (SLUICE_PPROF).
+func adminHandler(srv *proxy.Server, reg *prometheus.Registry, upstreamAddr string, status *statusPage, withPprof bool) http.Handler {
 	mux := http.NewServeMux()
 	if status != nil {
 		mux.HandleFunc("GET /status", status.servePage)
 		mux.HandleFunc("GET /status.json", status.serveJSON)
+	}
+	if withPprof {
+		registerPprof(mux)
 	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -43,6 +48,20 @@ func adminHandler(srv *proxy.Server, reg *prometheus.Registry, upstreamAddr stri
 		w.Write([]byte("ready\n"))
 	})
 	return mux
+}
+
+// registerPprof serves net/http/pprof's handlers under /debug/pprof/ on
+// mux. They are named here rather than left to the package's init, which
+// puts them on http.DefaultServeMux: nothing in sluice serves that mux, so
+// the profiles are only ever on the admin listener, and only when asked
+// for. Index serves every named profile (heap, goroutine, allocs, …) under
+// /debug/pprof/NAME.
+func registerPprof(mux *http.ServeMux) {
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 }
 
 // upstreamProbe answers "did the upstream accept a TCP connection

@@ -40,6 +40,11 @@ type Config struct {
 	// fall back to the default: it turns the admin listener off, so the
 	// admin endpoints are never exposed by accident on a public address.
 	AdminAddr string `env:"ADMIN_ADDR" envDefault:":9090" want:"a host:port such as :9090 or 127.0.0.1:9090, or empty to turn the admin listener off"`
+	// Pprof adds Go's profiles (net/http/pprof) under /debug/pprof/ on the
+	// admin listener. Off by default: profiles expose internals (command
+	// line, code paths, memory contents by type) and a CPU profile costs
+	// CPU while it runs.
+	Pprof bool `env:"PPROF" envDefault:"false" want:"true or false"`
 	// HandshakeTimeout bounds the time a client has to send its whole
 	// upgrade request, so idle half-open connections cannot pile up.
 	HandshakeTimeout time.Duration `env:"HANDSHAKE_TIMEOUT" envDefault:"10s" want:"a positive duration such as 500ms, 10s or 1m"`

@@ -82,6 +82,7 @@ func defaultConfig(t *testing.T) Config {
 	return Config{
 		ListenAddr:           ":8080",
 		AdminAddr:            ":9090",
+		Pprof:                false,
 		HandshakeTimeout:     10 * time.Second,
 		MaxHeaderBytes:       32 * KiB,
 		UpstreamURL:          mustURL(t, testUpstream),
@@ -183,6 +184,7 @@ func TestLoadConfigValues(t *testing.T) {
 		{"SLUICE_ADMIN_ADDR", "<unset>", func(c Config) any { return c.AdminAddr }, ":9090"},
 		{"SLUICE_ADMIN_ADDR", "", func(c Config) any { return c.AdminAddr }, ""},
 		{"SLUICE_ADMIN_ADDR", "localhost:9999", func(c Config) any { return c.AdminAddr }, "localhost:9999"},
+		{"SLUICE_PPROF", "true", func(c Config) any { return c.Pprof }, true},
 		{"SLUICE_POLICY", "DROP", func(c Config) any { return c.Policy }, PolicyDrop},
 		{"SLUICE_POLICY", "pause", func(c Config) any { return c.Policy }, PolicyPause},
 		{"SLUICE_UPSTREAM_CLOSE_CODE", "1011", func(c Config) any { return c.UpstreamCloseCode }, 1011},
@@ -241,6 +243,7 @@ func TestLoadConfigInvalid(t *testing.T) {
 		{"SLUICE_LISTEN_ADDR", ":http"},
 		{"SLUICE_LISTEN_ADDR", "127.0.0.1:"},
 		{"SLUICE_ADMIN_ADDR", "9090"},
+		{"SLUICE_PPROF", "yes please"},
 		{"SLUICE_HANDSHAKE_TIMEOUT", "0"},
 		{"SLUICE_HANDSHAKE_TIMEOUT", "-1s"},
 		{"SLUICE_HANDSHAKE_TIMEOUT", "10"},

@@ -135,7 +135,7 @@ func serve(ctx context.Context, cfg Config, log zerolog.Logger, ready func(wsAdd
 		status := newStatusPage(statusCtx, srv, reg, opts.Queue.Policy.String())
 		defer status.Wait()
 		defer stopStatus()
-		admin = &http.Server{Handler: adminHandler(srv, reg, upstreamHostPort(opts.Upstream), status), ReadHeaderTimeout: 5 * time.Second}
+		admin = &http.Server{Handler: adminHandler(srv, reg, upstreamHostPort(opts.Upstream), status, cfg.Pprof), ReadHeaderTimeout: 5 * time.Second}
 		go admin.Serve(aln)
 	}
 	serving = true
