@@ -127,6 +127,8 @@ func runBroadcast(ctx context.Context, r *runner, spec targetSpec) (res broadcas
 	if err != nil {
 		return res, err
 	}
+	prof := r.startProfile(ctx, tg, cfg.duration)
+	defer prof.stop()
 	start := time.Now()
 	tcpu0, bcpu0, hcpu0 := mon.now(tg.proc).CPU, mon.now(be.process).CPU, selfCPU()
 	stopAt.Store(start.Add(cfg.slowAfter).UnixNano())
@@ -151,6 +153,7 @@ func runBroadcast(ctx context.Context, r *runner, spec targetSpec) (res broadcas
 		return res, err
 	}
 	res.SentPerSec = float64(sent1.Broadcasts-sent0.Broadcasts) / res.Duration
+	prof.end(ctx)
 
 	// Slow clients read on for closeWait to see how they were closed.
 	for _, s := range slow {

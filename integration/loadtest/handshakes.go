@@ -47,6 +47,8 @@ func runHandshakes(ctx context.Context, r *runner, spec targetSpec) (res handsha
 	mon := newMonitor(time.Second, "", tg.proc, be.process)
 	defer mon.stopMonitor()
 
+	prof := r.startProfile(ctx, tg, cfg.duration)
+	defer prof.stop()
 	start := time.Now()
 	until := start.Add(cfg.duration)
 	tcpu0, bcpu0, hcpu0 := mon.now(tg.proc).CPU, mon.now(be.process).CPU, selfCPU()
@@ -75,6 +77,7 @@ func runHandshakes(ctx context.Context, r *runner, spec targetSpec) (res handsha
 	res.TargetCPU = mon.now(tg.proc).CPU - tcpu0
 	res.BackendCPU = mon.now(be.process).CPU - bcpu0
 	res.HarnessCPU = selfCPU() - hcpu0
+	prof.end(ctx)
 	var all histogram
 	for i := range hists {
 		all.merge(&hists[i])

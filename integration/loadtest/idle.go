@@ -124,6 +124,8 @@ func runIdle(ctx context.Context, r *runner, spec targetSpec) (res idleResult, e
 	tcpu0, bcpu0, hcpu0 := mon.now(tg.proc).CPU, mon.now(be.process).CPU, selfCPU()
 	pings0 := fleet.pings.Load()
 	fleet.holding.Store(true)
+	prof := r.startProfile(ctx, tg, cfg.duration)
+	defer prof.stop()
 	hold := time.Now()
 	if err := sleep(ctx, cfg.duration); err != nil {
 		return res, err
@@ -158,6 +160,9 @@ func runIdle(ctx context.Context, r *runner, spec targetSpec) (res idleResult, e
 		res.StackEnd = after.sum("go_memstats_stack_inuse_bytes")
 		res.Goroutines = after.sum("go_goroutines")
 	}
+	// After the scrape: the heap profile's GC and serving it must not be
+	// in HeapEnd.
+	prof.end(ctx)
 	return res, nil
 }
 

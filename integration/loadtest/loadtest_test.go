@@ -2,10 +2,14 @@ package main
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"io"
 	"math"
+	"net/http"
+	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -144,5 +148,97 @@ func TestBroadcastDirectAndSluice(t *testing.T) {
 		if !strings.Contains(out.String(), row) {
 			t.Errorf("report has no row starting %q:\n%s", row, out.String())
 		}
+	}
+}
+
+func TestProfileNames(t *testing.T) {
+	specs, err := parseTargets("direct,sluice,sluice:SLUICE_POLICY=drop,cmd:nginx -c /x.conf," +
+		"sluice:SLUICE_PING_INTERVAL=1s;SLUICE_PONG_TIMEOUT=500ms,sluice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	profileNames(specs)
+	want := []string{"", "sluice", "sluice-sluice_policy-drop", "", "sluice-sluice_ping_interval-1s-sluice_pong_timeout-500ms", "sluice-6"}
+	for i, s := range specs {
+		if s.profileName != want[i] {
+			t.Errorf("%q: profile name %q, want %q", s.label, s.profileName, want[i])
+		}
+	}
+	if got := sanitiseLabel("sluice:SLUICE_ALLOWED_ORIGINS=" + strings.Repeat("https://a.example.com;", 20)); len(got) > maxProfileName {
+		t.Errorf("sanitised long label is %d bytes, want at most %d", len(got), maxProfileName)
+	}
+	for _, w := range []struct {
+		window time.Duration
+		secs   int
+	}{{500 * time.Millisecond, 1}, {time.Second, 1}, {5900 * time.Millisecond, 5}, {20 * time.Second, 20}} {
+		if got := profileSeconds(w.window); got != w.secs {
+			t.Errorf("profileSeconds(%v) = %d, want %d", w.window, got, w.secs)
+		}
+	}
+}
+
+// TestFetchProfileRefused: a profile the target refuses is an error
+// naming the answer, and leaves no file.
+func TestFetchProfileRefused(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "Could not enable CPU profiling: cpu profiling already in use", http.StatusInternalServerError)
+	}))
+	defer srv.Close()
+	file := filepath.Join(t.TempDir(), "x.cpu.pprof")
+	err := fetchProfile(context.Background(), srv.URL+"/debug/pprof/profile?seconds=1", file)
+	if err == nil || !strings.Contains(err.Error(), "500") || !strings.Contains(err.Error(), "already in use") {
+		t.Errorf("error %v, want the status and the reason", err)
+	}
+	if _, err := os.Stat(file); !os.IsNotExist(err) {
+		t.Errorf("%s exists after a refused profile (stat: %v)", file, err)
+	}
+}
+
+// TestIdleProfiles runs idle mode against the backend itself and sluice
+// with -profile: sluice's hold gets a CPU and a heap profile, direct none,
+// and the report says where they are.
+func TestIdleProfiles(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds sluice and runs processes for several seconds; skipped with -short")
+	}
+	dir := filepath.Join(t.TempDir(), "prof")
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	args := []string{"-mode", "idle", "-compare", "direct,sluice", "-clients", "10", "-duration", "1500ms", "-profile", dir}
+	if err := run(ctx, args, &stdout, &stderr); err != nil {
+		t.Fatalf("%v\nstderr:\n%s", err, stderr.String())
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	want := []string{"idle-sluice-r1.cpu.pprof", "idle-sluice-r1.heap.pprof"}
+	if !slices.Equal(names, want) {
+		t.Fatalf("%s holds %q, want %q\nstderr:\n%s", dir, names, want, stderr.String())
+	}
+	for _, n := range names {
+		b, err := os.ReadFile(filepath.Join(dir, n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		zr, err := gzip.NewReader(bytes.NewReader(b))
+		if err != nil {
+			t.Errorf("%s is not a gzipped profile: %v", n, err)
+			continue
+		}
+		if raw, err := io.ReadAll(zr); err != nil || len(raw) == 0 {
+			t.Errorf("%s: %d bytes of profile, error %v", n, len(raw), err)
+		}
+		if !strings.Contains(stderr.String(), filepath.Join(dir, n)) {
+			t.Errorf("stderr does not list %s:\n%s", n, stderr.String())
+		}
+	}
+	if !strings.Contains(stdout.String(), "- profiles (-profile)") || strings.Contains(stdout.String(), "not written") {
+		t.Errorf("report notes on profiles missing or reporting a failure:\n%s", stdout.String())
 	}
 }

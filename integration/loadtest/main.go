@@ -73,6 +73,7 @@ type config struct {
 	sluiceEnv []string // K=V for every sluice target
 	sluiceBin string
 	jsonPath  string
+	profile   string // -profile DIR; "" = no profiles
 	verbose   bool
 	command   string // the command line, for the report
 }
@@ -105,6 +106,15 @@ Targets (-target, or a comma-separated list in -compare):
 
 A target's own SLUICE_* settings win over -sluice-env's.
 Example: -compare 'direct,sluice:SLUICE_POLICY=evict,sluice:SLUICE_POLICY=drop,sluice:SLUICE_POLICY=pause'
+
+Profiles (-profile DIR): every sluice target runs with SLUICE_PPROF=true, and
+each run's measured window (the broadcast window, the idle hold, the handshake
+loop) gets a CPU profile over its whole seconds (at least 1) and a heap profile
+at its end, written to DIR as MODE-TARGET-rROUND.cpu.pprof and .heap.pprof
+(TARGET: the label in [a-z0-9._-]). Other targets get none. A profile that
+cannot be fetched is reported and noted, and does not fail the run.
+  go run ./integration/loadtest -mode idle -clients 500 -duration 5s -profile /tmp/prof
+  go tool pprof -top /tmp/prof/idle-sluice-r1.heap.pprof
 
 Output: a markdown table on stdout, a row per target, under the command line
 and the machine's load; progress and the children's stderr on stderr. Each
@@ -141,6 +151,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&sluiceEnv, "sluice-env", "", "SLUICE_* settings for every sluice target: 'K=V,K=V' (or ';')")
 	fs.StringVar(&c.sluiceBin, "sluice-bin", "", "use this sluice binary instead of building the repository's")
 	fs.StringVar(&c.jsonPath, "json", "", "also write every run's results to this file as JSON")
+	fs.StringVar(&c.profile, "profile", "", "write CPU and heap profiles of every sluice target's measured windows to `DIR` (see above)")
 	fs.BoolVar(&c.verbose, "v", false, "copy all of the children's stderr (default: their first 10 lines each)")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usageText)
@@ -177,6 +188,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	if c.targets, err = parseTargets(list); err != nil {
 		problems = append(problems, err)
 	}
+	profileNames(c.targets)
 	if c.sluiceEnv, err = parseEnvPairs(sluiceEnv); err != nil {
 		problems = append(problems, fmt.Errorf("-sluice-env: %w", err))
 	}
@@ -251,6 +263,8 @@ type targetSpec struct {
 	kind    string   // kindDirect, kindSluice or kindCmd
 	env     []string // sluice: SLUICE_* K=V pairs
 	command string   // cmd: the shell command
+
+	profileName string // sluice: the label in profile file names
 }
 
 // parseTargets splits a comma-separated target list. A piece that does not
@@ -330,7 +344,9 @@ type runner struct {
 	sluiceBin string
 	stdout    io.Writer
 	stderr    io.Writer
-	noFile    uint64 // RLIMIT_NOFILE hard limit, which children inherit
+	noFile    uint64    // RLIMIT_NOFILE hard limit, which children inherit
+	profiles  *profiles // nil without -profile
+	round     int       // of the run in progress, from 1; set by runAll
 }
 
 // run is the whole invocation: checks, the sluice build, every run, the
@@ -346,6 +362,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if err := r.checkFiles(); err != nil {
 		return err
+	}
+	if cfg.profile != "" {
+		if err := os.MkdirAll(cfg.profile, 0o755); err != nil {
+			return fmt.Errorf("-profile: %w", err)
+		}
+		r.profiles = &profiles{dir: cfg.profile}
 	}
 	budget := cfg.timeout
 	if budget == 0 {
@@ -409,6 +431,9 @@ func (r *runner) runBudget() time.Duration {
 	case modeIdle:
 		b += time.Duration(r.cfg.clients) * 5 * time.Millisecond
 	}
+	if r.cfg.profile != "" {
+		b += profileSlack
+	}
 	return b
 }
 
@@ -424,6 +449,7 @@ func runAll[R any](ctx context.Context, r *runner, one func(context.Context, *ru
 			n++
 			fmt.Fprintf(r.stderr, "loadtest: [%d/%d] %s %s…\n", n, total, r.cfg.mode, t.label)
 			start := time.Now()
+			r.round = round + 1
 			rctx, cancel := context.WithTimeoutCause(ctx, r.runBudget(),
 				fmt.Errorf("the run's time limit (%v: setup, connecting, -duration and teardown) passed", r.runBudget()))
 			out, err := one(rctx, r, t)
@@ -448,11 +474,17 @@ func finish[R any](r *runner, host string, res [][]R, runErr error, write func(i
 	for _, rs := range res {
 		done += len(rs)
 	}
+	if r.profiles != nil {
+		defer r.profiles.printWritten(r.stderr)
+	}
 	if done > 0 {
 		fmt.Fprintf(r.stdout, "# loadtest: %s\n\n", r.cfg.mode)
 		fmt.Fprintf(r.stdout, "    %s\n\n", r.cfg.command)
 		fmt.Fprintf(r.stdout, "%s\n\n", host)
 		write(r.stdout, r, res)
+		if r.profiles != nil {
+			r.profiles.writeNotes(r.stdout, r.cfg)
+		}
 		if r.cfg.jsonPath != "" {
 			if err := writeJSON(r, res); err != nil {
 				return errors.Join(runErr, err)

@@ -238,6 +238,9 @@ func startTarget(ctx context.Context, r *runner, spec targetSpec, backendAddr st
 		env = append(env, sluiceDefaults...)
 		env = append(env, r.cfg.sluiceEnv...)
 		env = append(env, spec.env...)
+		if r.profiles != nil {
+			env = append(env, "SLUICE_PPROF=true") // last: it wins
+		}
 		env = append(env, "SLUICE_UPSTREAM_URL="+backendURL, "SLUICE_LISTEN_ADDR="+listen, "SLUICE_ADMIN_ADDR="+admin)
 		cmd := exec.Command(r.sluiceBin)
 		cmd.Env = env
