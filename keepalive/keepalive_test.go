@@ -107,7 +107,7 @@ func TestFirstPingJitter(t *testing.T) {
 			peers[i].answer.Store(true)
 			monitors[i] = start(cfg, peers[i])
 		}
-		time.Sleep(cfg.Interval)
+		time.Sleep(cfg.Interval + tickOf(cfg.Interval))
 		synctest.Wait()
 		lo, hi := cfg.Interval, time.Duration(0)
 		for i, p := range peers {
@@ -116,8 +116,8 @@ func TestFirstPingJitter(t *testing.T) {
 				t.Fatalf("monitor %d: no ping in the first Interval", i)
 			}
 			d := pings[0].Sub(t0)
-			if d <= 0 || d > cfg.Interval {
-				t.Fatalf("monitor %d: first ping after %v, want in (0, %v]", i, d, cfg.Interval)
+			if max := cfg.Interval + tickOf(cfg.Interval); d <= 0 || d > max {
+				t.Fatalf("monitor %d: first ping after %v, want in (0, %v]", i, d, max)
 			}
 			lo, hi = min(lo, d), max(hi, d)
 		}
@@ -150,7 +150,8 @@ func TestPingsEveryInterval(t *testing.T) {
 				if got := m.PingsSent(); got != uint64(len(pings)) {
 					t.Errorf("PingsSent = %d, peer saw %d", got, len(pings))
 				}
-				lo, hi := cfg.Interval-cfg.Interval/10, cfg.Interval+cfg.Interval/10
+				// Pings are aligned to ticks: up to one tick later.
+				lo, hi := cfg.Interval-cfg.Interval/10, cfg.Interval+cfg.Interval/10+tickOf(cfg.Interval)
 				for i := 1; i < len(pings); i++ {
 					if gap := pings[i].Sub(pings[i-1]); gap < lo || gap > hi {
 						t.Errorf("gap before ping %d = %v, want in [%v, %v]", i, gap, lo, hi)
@@ -218,8 +219,9 @@ func TestSilentPeerStale(t *testing.T) {
 						t.Errorf("stale %v after the first ping, want %v", got, cfg.Timeout)
 					}
 				}
-				// With ±10% jitter on the ping period the bound is 1.1·Interval + Timeout.
-				maxWait := cfg.Interval + cfg.Interval/10 + cfg.Timeout
+				// With ±10% jitter on the ping period, and pings aligned to
+				// ticks, the bound is 1.1·Interval + tick + Timeout.
+				maxWait := cfg.Interval + cfg.Interval/10 + tickOf(cfg.Interval) + cfg.Timeout
 				if got := stales[0].Sub(lastLife); got < cfg.Timeout || got > maxWait {
 					t.Errorf("stale %v after last answered ping, want in [%v, %v]", got, cfg.Timeout, maxWait)
 				}
@@ -458,8 +460,9 @@ func TestTimeoutNearInterval(t *testing.T) {
 		synctest.Wait()
 		pings, _, stales, _ := p.snapshot()
 		for i := 1; i < len(pings); i++ {
-			if gap := pings[i].Sub(pings[i-1]); gap <= cfg.Timeout || gap > cfg.Interval+cfg.Interval/10 {
-				t.Errorf("gap before ping %d = %v, want in (%v, %v]", i, gap, cfg.Timeout, cfg.Interval+cfg.Interval/10)
+			hi := cfg.Interval + cfg.Interval/10 + tickOf(cfg.Interval)
+			if gap := pings[i].Sub(pings[i-1]); gap <= cfg.Timeout || gap > hi {
+				t.Errorf("gap before ping %d = %v, want in (%v, %v]", i, gap, cfg.Timeout, hi)
 			}
 		}
 		if len(stales) != 0 {
@@ -614,4 +617,43 @@ func cpuTime(b *testing.B) time.Duration {
 		b.Fatalf("getrusage: %v", err)
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// TestPingsShareTicks checks that many connections' pings are batched:
+// 2,000 monitors ping at no more distinct instants than there are ticks
+// in an interval (random times would give ~2,000), so the process wakes
+// once per batch, not once per connection.
+func TestPingsShareTicks(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const n = 2000
+		cfg := testCfg
+		peers := make([]*recPeer, n)
+		monitors := make([]*Monitor, n)
+		for i := range peers {
+			peers[i] = &recPeer{}
+			peers[i].answer.Store(true)
+			monitors[i] = start(cfg, peers[i])
+		}
+		time.Sleep(3 * cfg.Interval)
+		synctest.Wait()
+		instants := map[time.Time]bool{}
+		pings := 0
+		for _, p := range peers {
+			ps, _, _, _ := p.snapshot()
+			for _, at := range ps {
+				instants[at] = true
+			}
+			pings += len(ps)
+		}
+		if pings < 2*n {
+			t.Fatalf("%d pings from %d monitors in 3 intervals", pings, n)
+		}
+		// Three intervals hold at most 3·256+1 ticks.
+		if max := 3*int(cfg.Interval/tickOf(cfg.Interval)) + 1; len(instants) > max {
+			t.Errorf("%d pings at %d distinct instants, want at most %d (one per tick)", pings, len(instants), max)
+		}
+		for _, m := range monitors {
+			m.Stop()
+		}
+	})
 }

@@ -488,7 +488,7 @@ func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
 		s.violation(src, err.(*frame.Error))
 		return
 	}
-	s.srv.metrics.closeCodes.WithLabelValues(src.name(), "received", closeCodeLabel(code)).Inc()
+	s.srv.metrics.closeCode(src.upstream, false, code).Inc()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	src.closeRcvd = true
@@ -561,7 +561,7 @@ func (s *session) closeWritten(dst *leg) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	dst.closeSent = true
-	s.srv.metrics.closeCodes.WithLabelValues(dst.name(), "sent", closeCodeLabel(dst.sentCode)).Inc()
+	s.srv.metrics.closeCode(dst.upstream, true, dst.sentCode).Inc()
 	s.checkDoneLocked()
 }
 
