@@ -203,8 +203,19 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 		// Shutdown may have listed the sessions before this one joined.
 		ss.goAway()
 	}
-	go ss.client.reader()
-	go ss.upstream.reader()
+	ss.client.startReading()
+	ss.upstream.startReading()
+}
+
+// startReading parks the new leg at once when nothing of it is buffered
+// yet (the arming reports bytes already on the socket), sparing a
+// goroutine that would only find the socket empty; otherwise, or without
+// the epoll set, its reader starts.
+func (l *leg) startReading() {
+	if l.rd.Buffered() == 0 && l.s.srv.idle.park(l) {
+		return
+	}
+	go l.reader()
 }
 
 // event adds the session's identity to a log line. A per-session
