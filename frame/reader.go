@@ -142,6 +142,16 @@ func (r *Reader) Idle() (bool, error) {
 	return false, r.lastErr
 }
 
+// Wait waits, under the connection's read deadline, until bytes arrive
+// and buffers them; it returns at once when bytes are buffered. On an
+// error (a deadline included) the Reader holds no buffer.
+func (r *Reader) Wait() error {
+	if r.w > r.r {
+		return nil
+	}
+	return r.fill()
+}
+
 // errWouldBlock marks a read in Idle that found the socket empty.
 var errWouldBlock = errors.New("frame: would block")
 

@@ -803,3 +803,28 @@ func waitReadable(c net.Conn) error {
 	}
 	return perr
 }
+
+// TestReaderWait: Wait buffers what arrives, and a deadline ends it with
+// nothing held.
+func TestReaderWait(t *testing.T) {
+	w, c := tcpPair(t)
+	r := newTestReader(t, c, nil)
+	c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	if err := r.Wait(); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Wait on a quiet socket: %v, want a deadline error", err)
+	}
+	if r.buf != nil {
+		t.Fatal("a Reader whose Wait timed out holds a buffer")
+	}
+	c.SetReadDeadline(time.Now().Add(testTimeout))
+	f := makeFrame(ws.OpText, true, true, 50, 1)
+	done := writeChunks(t, w, 0, true, f.wire())
+	if err := r.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if r.Buffered() == 0 {
+		t.Fatal("Wait returned with nothing buffered")
+	}
+	expectFrame(t, r, f, payloadMethods[0])
+	waitWriter(t, done)
+}
