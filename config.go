@@ -78,9 +78,9 @@ type Config struct {
 	// before sluice's queue for it starts to fill; a fixed size (e.g.
 	// 256KiB) makes slow clients visible sooner and bounds kernel memory.
 	ClientWriteBuffer ByteSize `env:"CLIENT_WRITE_BUFFER" envDefault:"0" want:"0 (kernel default) or a size from 4KiB to 64MiB, such as 256KiB"`
-	// IdlePoll parks the reader of an idle socket in one shared epoll set
-	// (Linux) instead of a goroutine waiting on it: about 8 KiB less per
-	// idle connection, one epoll_ctl call more per burst of frames.
+	// IdlePoll parks the reader of a socket quiet for a second in one
+	// shared epoll set (Linux) instead of a goroutine waiting on it: about
+	// 8 KiB less per idle connection.
 	IdlePoll bool `env:"IDLE_POLL" envDefault:"true" want:"true or false"`
 	// UpstreamCloseCode is the close code sent to clients when their
 	// upstream fails: 1014 Bad Gateway says what happened, but some client

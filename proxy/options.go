@@ -32,10 +32,9 @@ type Options struct {
 	WriteTimeout     time.Duration // one write to either socket; default 10s
 	CloseTimeout     time.Duration // a close handshake, both legs; default 5s
 	DrainSpread      time.Duration // Shutdown's 1001s are spread over this; 0: all at once
-	// NoIdlePoll makes the reader of an idle socket wait in its own
-	// goroutine instead of leaving the socket in the shared epoll set
-	// (Linux): about 4 KiB of stack more per idle socket, one epoll_ctl
-	// call less per burst of frames.
+	// NoIdlePoll makes the reader of a quiet socket wait in its own
+	// goroutine for good instead of leaving the socket in the shared epoll
+	// set after a second (Linux): about 4 KiB of stack more per idle socket.
 	NoIdlePoll     bool
 	MaxHeaderBytes int // client request headers; default 32 KiB
 
