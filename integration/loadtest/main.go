@@ -1,4 +1,7 @@
-// Command loadtest is sluice's load harness. It starts a naive gorilla
+//go:build linux
+
+// Command loadtest is sluice's load harness (Linux only: it reads /proc
+// and uses process-group signals). It starts a naive gorilla
 // broadcast backend as a separate process, the target in front of it
 // (nothing, the sluice binary, or any proxy command), and a fleet of
 // clients; then it measures delivery latency and loss, close codes, and
