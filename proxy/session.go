@@ -62,9 +62,9 @@ type leg struct {
 	// writer to the other leg's reader, which waits for it.
 	streamDone chan error
 
-	// Parking (idle_linux.go): a reader that finds its socket empty
-	// between frames may end, leaving the socket in the server's epoll
-	// set; the poller starts reader again when it is readable.
+	// Parking (idle_linux.go): a reader whose socket stays quiet between
+	// frames for idleGrace ends, leaving the socket in the server's epoll
+	// set; the poller starts a reader again when it is readable.
 	reader   func()           // this leg's reader goroutine, made once
 	raw      syscall.RawConn  // nil: this leg's reader never parks
 	pollID   uint64           // the leg's key in the epoll set
