@@ -49,6 +49,25 @@ type idleResult struct {
 	StackBefore float64 `json:"stack_inuse_before"`
 	StackEnd    float64 `json:"stack_inuse_end"`
 	Goroutines  float64 `json:"goroutines_end"`
+	// Where the rest of the RSS goes: the runtime's own metadata (spans,
+	// GC, profiling buckets, other), and heap pages free but not returned
+	// to the OS.
+	RuntimeBefore  float64 `json:"runtime_sys_before"`
+	RuntimeEnd     float64 `json:"runtime_sys_end"`
+	HeapFreeBefore float64 `json:"heap_free_retained_before"`
+	HeapFreeEnd    float64 `json:"heap_free_retained_end"`
+}
+
+// runtimeSys is the Go runtime's memory for its own bookkeeping.
+func runtimeSys(ms metricSet) float64 {
+	return ms.sum("go_memstats_mspan_inuse_bytes") + ms.sum("go_memstats_mcache_inuse_bytes") +
+		ms.sum("go_memstats_gc_sys_bytes") + ms.sum("go_memstats_other_sys_bytes") +
+		ms.sum("go_memstats_buck_hash_sys_bytes")
+}
+
+// heapFreeRetained is heap memory free but not returned to the OS.
+func heapFreeRetained(ms metricSet) float64 {
+	return ms.sum("go_memstats_heap_idle_bytes") - ms.sum("go_memstats_heap_released_bytes")
 }
 
 // perConn divides a growth in bytes by the connections, in KiB.
@@ -88,6 +107,7 @@ func runIdle(ctx context.Context, r *runner, spec targetSpec) (res idleResult, e
 		}
 		res.HeapBefore = before.sum("go_memstats_heap_inuse_bytes")
 		res.StackBefore = before.sum("go_memstats_stack_inuse_bytes")
+		res.RuntimeBefore, res.HeapFreeBefore = runtimeSys(before), heapFreeRetained(before)
 	}
 
 	fleet := &idleFleet{}
@@ -160,6 +180,7 @@ func runIdle(ctx context.Context, r *runner, spec targetSpec) (res idleResult, e
 		}
 		res.HeapEnd = after.sum("go_memstats_heap_inuse_bytes")
 		res.StackEnd = after.sum("go_memstats_stack_inuse_bytes")
+		res.RuntimeEnd, res.HeapFreeEnd = runtimeSys(after), heapFreeRetained(after)
 		res.Goroutines = after.sum("go_goroutines")
 	}
 	// After the scrape: the heap profile's GC and serving it must not be

@@ -233,7 +233,7 @@ func writeIdleReport(w io.Writer, r *runner, res [][]idleResult) {
 	fmt.Fprintf(w, "%d idle connections (sources 127.0.0.2-255), held %v after connecting; %s.\n\n",
 		r.cfg.clients, r.cfg.duration, rounds(r))
 	t := table{header: []string{"target", "conns", "connect s", "failed or dropped while connecting", "target RSS KiB/conn (connected)",
-		"target RSS KiB/conn (end of hold)", "Go heap KiB/conn", "Go stack KiB/conn", "goroutines", "target CPU s (hold)",
+		"target RSS KiB/conn (end of hold)", "Go heap KiB/conn", "Go stack KiB/conn", "Go runtime KiB/conn", "heap free, retained KiB/conn", "goroutines", "target CPU s (hold)",
 		"harness CPU s (hold)", "pings/conn (hold)", "dropped (hold)", "backend RSS KiB/conn"}}
 	for _, rs := range res {
 		if len(rs) == 0 {
@@ -252,6 +252,8 @@ func writeIdleReport(w io.Writer, r *runner, res [][]idleResult) {
 			dash(kind, num(f(func(x idleResult) float64 { return x.perConn(float64(x.TargetRSSBefore), float64(x.TargetRSSEnd)) }), 1)),
 			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.perConn(x.HeapBefore, x.HeapEnd) }), 2)),
 			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.perConn(x.StackBefore, x.StackEnd) }), 2)),
+			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.perConn(x.RuntimeBefore, x.RuntimeEnd) }), 2)),
+			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.perConn(x.HeapFreeBefore, x.HeapFreeEnd) }), 2)),
 			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.Goroutines }), 0)),
 			dash(kind, num(f(func(x idleResult) float64 { return x.TargetHoldCPU }), 2)),
 			num(f(func(x idleResult) float64 { return x.HarnessHoldCPU }), 2),
@@ -272,7 +274,9 @@ func writeIdleReport(w io.Writer, r *runner, res [][]idleResult) {
 - RSS per connection: the target's resident set (whole process group) once all are connected
   (and at the end of the hold) minus before the first, divided by the connections. Go heap and
   stack: go_memstats_heap_inuse_bytes and go_memstats_stack_inuse_bytes from sluice's /metrics,
-  end of hold minus before, per connection.
+  end of hold minus before, per connection. Go runtime: its own bookkeeping (mspan, mcache,
+  GC, profiling buckets and other _sys bytes). Heap free, retained: heap_idle - heap_released,
+  pages the collector freed but has not returned to the OS.
 - CPU: user+system seconds of the target during the hold only. pings/conn: pings the clients
   received and answered during the hold. dropped: connections that ended during the hold
   (must be 0).
