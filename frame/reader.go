@@ -274,32 +274,26 @@ func (r *Reader) ReadHeader() (h ws.Header, raw []byte, err error) {
 	return h, r.headerScratch[:n], nil
 }
 
-// ReadFull fills p with the next bytes of the stream.
+// ReadFull fills p with the next bytes of the stream: what is buffered,
+// then, for a large rest, straight from the connection into p.
 func (r *Reader) ReadFull(p []byte) error {
-	for len(p) > 0 {
-		if r.w == r.r {
-			// Large reads go straight into p.
-			if len(p) >= readBufferSize {
-				n, err := io.ReadFull(r.conn, p)
-				if err != nil && n < len(p) {
-					return unexpected(err)
-				}
-				return nil
-			}
-			if err := r.fill(); err != nil {
-				return unexpected(err)
-			}
-		}
+	if r.w > r.r {
 		n := copy(p, (*r.buf)[r.r:r.w])
 		r.r += n
 		p = p[n:]
 	}
+	if len(p) < readBufferSize {
+		return r.ReadSmall(p)
+	}
+	if n, err := io.ReadFull(r.conn, p); err != nil && n < len(p) {
+		return unexpected(err)
+	}
 	return nil
 }
 
-// ReadSmall is ReadFull for p no longer than MaxHeaderSize+125 (a control
-// frame): it reads through the Reader's buffer only, so that p, never
-// handed to an interface, can live on the caller's stack.
+// ReadSmall is ReadFull through the Reader's buffer only, meant for small
+// p (a control frame's payload): p, never handed to an interface, can
+// live on the caller's stack.
 func (r *Reader) ReadSmall(p []byte) error {
 	for len(p) > 0 {
 		if r.w == r.r {
