@@ -249,12 +249,13 @@ func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.cli
 // idle client between keepalive pings) gives its goroutine up.
 const idleGrace = time.Second
 
-// quiet is called by src's reader between frames. It reports whether
+// quiet is called between frames by the reader of a leg that may park
+// (src.raw is set only with the epoll set). It reports whether
 // the reader parked, after its socket stayed empty for idleGrace; when
 // it returns false, bytes are buffered or the caller waits in ReadHeader.
 func (s *session) quiet(src *leg) (parked bool, err error) {
 	idle, err := src.rd.Idle()
-	if err != nil || !idle || s.srv.idle == nil {
+	if err != nil || !idle {
 		return false, err
 	}
 	src.conn.SetReadDeadline(time.Now().Add(idleGrace))
