@@ -10,8 +10,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// idlePoller holds the sockets whose readers have parked: a reader that
-// finds its socket empty between frames registers the socket here
+// idlePoller holds the sockets whose readers have parked: a reader whose
+// socket stays quiet between frames for idleGrace registers the socket here
 // (one-shot) and its goroutine ends, so an idle session costs no
 // goroutine and no stack. When a socket becomes readable the poller
 // starts a reader for it again. The epoll set is itself waited on through
