@@ -122,14 +122,6 @@ func size(b float64) string {
 	return fmt.Sprintf("%.2f GiB", b/(1<<30))
 }
 
-// dash replaces s by "—" when the target is direct (no target process).
-func dash(spec string, s string) string {
-	if spec == kindDirect {
-		return "—"
-	}
-	return s
-}
-
 // rounds describes how many rounds a row aggregates.
 func rounds(r *runner) string {
 	if r.cfg.repeat == 1 {
@@ -153,11 +145,11 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
 	t := table{header: []string{"target", "clients", "slow", "backend sent msgs/s", "msgs/s per fast client", "fast p50 ms", "fast p99 ms", "fast max ms",
 		"fast gaps", "fast closed", "slow clients ended", "target peak RSS MiB", "target CPU s", "backend peak RSS MiB", "backend CPU s",
 		"harness CPU s", "backend peak per-client backlog", "backend peak queued", "sluice peak queued", "sluice evictions", "sluice dropped msgs"}}
-	for _, rs := range res {
+	for i, rs := range res {
 		if len(rs) == 0 {
 			continue
 		}
-		kind := kindOf(rs[0].Target)
+		kind := r.cfg.targets[i].kind
 		sluice := kind == kindSluice
 		f := func(g func(broadcastResult) float64) float64 { return med(rs, g) }
 		t.add(rs[0].Target,
@@ -171,8 +163,8 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
 			num(f(func(x broadcastResult) float64 { return float64(x.FastGaps) }), 0),
 			each(rs, func(x broadcastResult) string { return counts(x.FastCloseCounts) }),
 			each(rs, func(x broadcastResult) string { return counts(x.SlowCloses) }),
-			dash(kind, mib(f(func(x broadcastResult) float64 { return float64(x.TargetPeakRSS) }))),
-			dash(kind, num(f(func(x broadcastResult) float64 { return x.TargetCPU }), 2)),
+			onlyIf(kind != kindDirect, mib(f(func(x broadcastResult) float64 { return float64(x.TargetPeakRSS) }))),
+			onlyIf(kind != kindDirect, num(f(func(x broadcastResult) float64 { return x.TargetCPU }), 2)),
 			mib(f(func(x broadcastResult) float64 { return float64(x.BackendPeakRSS) })),
 			num(f(func(x broadcastResult) float64 { return x.BackendCPU }), 2),
 			num(f(func(x broadcastResult) float64 { return x.HarnessCPU }), 2),
@@ -218,44 +210,33 @@ func onlyIf(ok bool, s string) string {
 	return s
 }
 
-// kindOf is the kind of a target label.
-func kindOf(label string) string {
-	switch {
-	case label == kindDirect:
-		return kindDirect
-	case strings.HasPrefix(label, kindCmd+":"):
-		return kindCmd
-	}
-	return kindSluice
-}
-
 func writeIdleReport(w io.Writer, r *runner, res [][]idleResult) {
 	fmt.Fprintf(w, "%d idle connections (sources 127.0.0.2-255), held %v after connecting; %s.\n\n",
 		r.cfg.clients, r.cfg.duration, rounds(r))
 	t := table{header: []string{"target", "conns", "connect s", "failed or dropped while connecting", "target RSS KiB/conn (connected)",
 		"target RSS KiB/conn (end of hold)", "Go heap KiB/conn", "Go stack KiB/conn", "Go runtime KiB/conn", "heap free, retained KiB/conn", "goroutines", "target CPU s (hold)",
 		"harness CPU s (hold)", "pings/conn (hold)", "dropped (hold)", "backend RSS KiB/conn"}}
-	for _, rs := range res {
+	for i, rs := range res {
 		if len(rs) == 0 {
 			continue
 		}
-		kind := kindOf(rs[0].Target)
+		kind := r.cfg.targets[i].kind
 		sluice := kind == kindSluice
 		f := func(g func(idleResult) float64) float64 { return med(rs, g) }
 		t.add(rs[0].Target,
 			num(f(func(x idleResult) float64 { return float64(x.Conns) }), 0),
 			num(f(func(x idleResult) float64 { return x.ConnectSecs }), 1),
 			num(f(func(x idleResult) float64 { return float64(x.ConnectErrors + x.EarlyDisconnects) }), 0),
-			dash(kind, num(f(func(x idleResult) float64 {
+			onlyIf(kind != kindDirect, num(f(func(x idleResult) float64 {
 				return x.perConn(float64(x.TargetRSSBefore), float64(x.TargetRSSConnected))
 			}), 1)),
-			dash(kind, num(f(func(x idleResult) float64 { return x.perConn(float64(x.TargetRSSBefore), float64(x.TargetRSSEnd)) }), 1)),
+			onlyIf(kind != kindDirect, num(f(func(x idleResult) float64 { return x.perConn(float64(x.TargetRSSBefore), float64(x.TargetRSSEnd)) }), 1)),
 			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.perConn(x.HeapBefore, x.HeapEnd) }), 2)),
 			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.perConn(x.StackBefore, x.StackEnd) }), 2)),
 			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.perConn(x.RuntimeBefore, x.RuntimeEnd) }), 2)),
 			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.perConn(x.HeapFreeBefore, x.HeapFreeEnd) }), 2)),
 			onlyIf(sluice, num(f(func(x idleResult) float64 { return x.Goroutines }), 0)),
-			dash(kind, num(f(func(x idleResult) float64 { return x.TargetHoldCPU }), 2)),
+			onlyIf(kind != kindDirect, num(f(func(x idleResult) float64 { return x.TargetHoldCPU }), 2)),
 			num(f(func(x idleResult) float64 { return x.HarnessHoldCPU }), 2),
 			num(f(func(x idleResult) float64 { return x.PingsPerConn }), 1),
 			each(rs, func(x idleResult) string {
@@ -288,11 +269,11 @@ func writeHandshakeReport(w io.Writer, r *runner, res [][]handshakeResult) {
 		r.cfg.workers, r.cfg.duration, rounds(r))
 	t := table{header: []string{"target", "workers", "upgrades/s", "p50 ms", "p99 ms", "max ms", "errors", "close not 1000",
 		"target CPU s", "target CPU µs/upgrade", "backend CPU s", "harness CPU s"}}
-	for _, rs := range res {
+	for i, rs := range res {
 		if len(rs) == 0 {
 			continue
 		}
-		kind := kindOf(rs[0].Target)
+		kind := r.cfg.targets[i].kind
 		f := func(g func(handshakeResult) float64) float64 { return med(rs, g) }
 		t.add(rs[0].Target,
 			fmt.Sprint(rs[0].Workers),
@@ -307,8 +288,8 @@ func writeHandshakeReport(w io.Writer, r *runner, res [][]handshakeResult) {
 				return fmt.Sprintf("%d (%s)", x.Errors, counts(x.ErrorKinds))
 			}),
 			num(f(func(x handshakeResult) float64 { return float64(x.CloseNot1000) }), 0),
-			dash(kind, num(f(func(x handshakeResult) float64 { return x.TargetCPU }), 2)),
-			dash(kind, num(f(func(x handshakeResult) float64 { return x.TargetCPU / float64(x.Handshakes) * 1e6 }), 0)),
+			onlyIf(kind != kindDirect, num(f(func(x handshakeResult) float64 { return x.TargetCPU }), 2)),
+			onlyIf(kind != kindDirect, num(f(func(x handshakeResult) float64 { return x.TargetCPU / float64(x.Handshakes) * 1e6 }), 0)),
 			num(f(func(x handshakeResult) float64 { return x.BackendCPU }), 2),
 			num(f(func(x handshakeResult) float64 { return x.HarnessCPU }), 2),
 		)
