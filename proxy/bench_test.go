@@ -95,6 +95,26 @@ func dialRaw(tb testing.TB, addr string) (net.Conn, *bufio.Reader) {
 	return c, br
 }
 
+// benchPair starts a backend and a proxy in front of it with opts, and
+// connects one client through them. It returns the client's socket, a
+// reader of what the client receives (the bytes buffered during the
+// handshake first), and the backend's end; both sockets are closed when
+// the benchmark ends.
+func benchPair(b *testing.B, opts Options) (client net.Conn, fromProxy io.Reader, up net.Conn) {
+	b.Helper()
+	backend := newBenchBackend(b)
+	addr, _ := startBenchProxy(b, backend.ln.Addr().String(), opts)
+	client, br := dialRaw(b, addr)
+	b.Cleanup(func() { client.Close() })
+	up = <-backend.conns
+	b.Cleanup(func() { up.Close() })
+	fromProxy = client
+	if br != nil {
+		fromProxy = io.MultiReader(br, client)
+	}
+	return client, fromProxy, up
+}
+
 var frameSizes = []struct {
 	name string
 	n    int
@@ -106,12 +126,7 @@ var frameSizes = []struct {
 func BenchmarkClientToUpstream(b *testing.B) {
 	for _, size := range frameSizes {
 		b.Run(size.name, func(b *testing.B) {
-			backend := newBenchBackend(b)
-			addr, _ := startBenchProxy(b, backend.ln.Addr().String(), Options{})
-			client, _ := dialRaw(b, addr)
-			defer client.Close()
-			up := <-backend.conns
-			defer up.Close()
+			client, _, up := benchPair(b, Options{})
 			payload := make([]byte, size.n)
 			wire := ws.MustCompileFrame(ws.MaskFrame(ws.NewBinaryFrame(payload)))
 			want := int64(len(wire)) // masked frame in, masked frame out
@@ -140,19 +155,10 @@ func BenchmarkClientToUpstream(b *testing.B) {
 func BenchmarkUpstreamToClient(b *testing.B) {
 	for _, size := range frameSizes {
 		b.Run(size.name, func(b *testing.B) {
-			backend := newBenchBackend(b)
 			// Pause: the backend writes in a tight loop, faster than any
 			// client reads, and the benchmark measures the path, not a
 			// policy.
-			addr, _ := startBenchProxy(b, backend.ln.Addr().String(), Options{Queue: limiter.Config{Policy: limiter.Pause}})
-			client, br := dialRaw(b, addr)
-			defer client.Close()
-			up := <-backend.conns
-			defer up.Close()
-			var r io.Reader = client
-			if br != nil {
-				r = io.MultiReader(br, client)
-			}
+			_, r, up := benchPair(b, Options{Queue: limiter.Config{Policy: limiter.Pause}})
 			payload := make([]byte, size.n)
 			wire := ws.MustCompileFrame(ws.NewBinaryFrame(payload))
 			done := make(chan error, 1)
@@ -254,16 +260,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 		opts Options
 	}{{"epoll", Options{}}, {"goroutines", Options{NoIdlePoll: true}}} {
 		b.Run(mode.name, func(b *testing.B) {
-			backend := newBenchBackend(b)
-			addr, _ := startBenchProxy(b, backend.ln.Addr().String(), mode.opts)
-			client, br := dialRaw(b, addr)
-			defer client.Close()
-			up := <-backend.conns
-			defer up.Close()
-			var r io.Reader = client
-			if br != nil {
-				r = io.MultiReader(br, client)
-			}
+			client, r, up := benchPair(b, mode.opts)
 			payload := make([]byte, 128)
 			in := ws.MustCompileFrame(ws.MaskFrame(ws.NewBinaryFrame(payload)))
 			out := ws.MustCompileFrame(ws.NewBinaryFrame(payload))
