@@ -194,7 +194,8 @@ func BenchmarkIdleSessions(b *testing.B) {
 
 func benchIdleSessions(b *testing.B, opts Options) {
 	const n = 1000
-	if os.Getenv("IDLE_HEAP_PROFILE") != "" {
+	heapProfile := os.Getenv("IDLE_HEAP_PROFILE")
+	if heapProfile != "" {
 		// Every allocation, not one per 512 KiB: the profile is read per
 		// session.
 		defer func(r int) { runtime.MemProfileRate = r }(runtime.MemProfileRate)
@@ -211,13 +212,26 @@ func benchIdleSessions(b *testing.B, opts Options) {
 		clients = append(clients, c)
 		ups = append(ups, <-backend.conns)
 	}
-	for srv.Sessions() < n {
+	// No signal says a session has started: poll, with a deadline.
+	for deadline := time.Now().Add(10 * time.Second); srv.Sessions() < n; {
+		if time.Now().After(deadline) {
+			b.Fatalf("%d sessions, want %d", srv.Sessions(), n)
+		}
 		time.Sleep(time.Millisecond)
 	}
 	withSessions, stackSessions := goMemoryParts()
-	if f, err := os.Create(os.Getenv("IDLE_HEAP_PROFILE")); err == nil {
-		pprof.Lookup("heap").WriteTo(f, 0)
-		f.Close()
+	if heapProfile != "" {
+		f, err := os.Create(heapProfile)
+		if err != nil {
+			b.Fatal(err)
+		}
+		err = pprof.Lookup("heap").WriteTo(f, 0)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
 	}
 	// The same number of raw client and backend conns without sluice, to
 	// subtract the test's own share.
