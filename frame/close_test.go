@@ -130,22 +130,7 @@ func TestAppendCloseRoundTrip(t *testing.T) {
 	for _, masked := range []bool{false, true} {
 		for _, code := range codes {
 			for _, reason := range reasons {
-				prefix := []byte("keep")
-				b := AppendClose(prefix, code, reason, masked)
-				if !bytes.Equal(b[:4], []byte("keep")) {
-					t.Fatalf("prefix overwritten: %q", b[:4])
-				}
-				h, p, rest := readFrame(t, b[4:])
-				if len(rest) != 0 {
-					t.Fatalf("%d trailing bytes", len(rest))
-				}
-				if !h.Fin || h.OpCode != ws.OpClose || h.Rsv != 0 || h.Masked != masked {
-					t.Fatalf("header %+v", h)
-				}
-				gotCode, gotReason, err := ParseClose(p)
-				if err != nil || gotCode != code || string(gotReason) != reason {
-					t.Fatalf("masked=%v: ParseClose = %d, %q, %v; want %d, %q", masked, gotCode, gotReason, err, code, reason)
-				}
+				checkCloseRoundTrip(t, code, []byte(reason), masked)
 			}
 		}
 	}

@@ -96,22 +96,12 @@ func checkCloseRoundTrip(t *testing.T, code ws.StatusCode, reason []byte, masked
 	if !bytes.HasPrefix(wire, prefix) {
 		t.Fatalf("AppendClose overwrote dst: %q", wire[:len(prefix)])
 	}
-	wire = wire[len(prefix):]
-	r := bytes.NewReader(wire)
-	h, err := ws.ReadHeader(r)
-	if err != nil {
-		t.Fatalf("AppendClose(%d, %q) made an unreadable header: %v", code, reason, err)
-	}
+	h, payload, rest := readFrame(t, wire[len(prefix):])
 	if !h.Fin || h.OpCode != ws.OpClose || h.Rsv != 0 || h.Masked != masked {
 		t.Fatalf("AppendClose header = %+v, want a final close frame, masked %v", h, masked)
 	}
-	if h.Length > ws.MaxControlFramePayloadSize || h.Length != int64(r.Len()) {
-		t.Fatalf("close payload of %d bytes, %d on the wire", h.Length, r.Len())
-	}
-	payload := wire[len(wire)-r.Len():]
-	if masked {
-		payload = append([]byte(nil), payload...)
-		ws.Cipher(payload, h.Mask, 0)
+	if h.Length > ws.MaxControlFramePayloadSize || len(rest) != 0 {
+		t.Fatalf("close payload of %d bytes, %d more on the wire", h.Length, len(rest))
 	}
 	code2, reason2, err := ParseClose(payload)
 	if err != nil {
