@@ -576,17 +576,21 @@ func TestReaderIdleHoldsNoBuffer(t *testing.T) {
 	t.Run("partial header keeps buffer", func(t *testing.T) {
 		w, c := tcpPair(t)
 		r := newTestReader(t, c, nil)
-		done := writeChunks(t, w, 0, false, []byte{0x82, 0xfe, 0x01})
+		waitWriter(t, writeChunks(t, w, 0, false, []byte{0x82, 0xfe, 0x01}))
+		// The three bytes must be there before the short deadline starts,
+		// or it could pass with none read.
+		if err := waitReadable(c); err != nil {
+			t.Fatal(err)
+		}
 		c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 		if _, _, err := r.ReadHeader(); !errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatalf("ReadHeader: %v, want a deadline error", err)
 		}
-		waitWriter(t, done)
 		if r.Buffered() != 3 || r.buf == nil {
 			t.Fatalf("Buffered %d, buf %v: the partial header was lost", r.Buffered(), r.buf != nil)
 		}
 		c.SetReadDeadline(time.Now().Add(testTimeout))
-		done = writeChunks(t, w, 0, true, append([]byte{0x00, 1, 2, 3, 4}, make([]byte, 0x100)...))
+		done := writeChunks(t, w, 0, true, append([]byte{0x00, 1, 2, 3, 4}, make([]byte, 0x100)...))
 		h, _, err := r.ReadHeader()
 		if err != nil || h.Length != 0x100 || !h.Masked || h.Mask != [4]byte{1, 2, 3, 4} {
 			t.Fatalf("ReadHeader %+v, %v", h, err)
