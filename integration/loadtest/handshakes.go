@@ -90,6 +90,9 @@ func runHandshakes(ctx context.Context, r *runner, spec targetSpec) (res handsha
 	if len(kinds) > 0 {
 		res.ErrorKinds = kinds
 	}
+	if !be.alive() {
+		return res, be.failure()
+	}
 	if tg.proc != nil && !tg.proc.alive() {
 		return res, tg.proc.failure()
 	}
