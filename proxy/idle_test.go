@@ -150,7 +150,9 @@ func TestParkedReadersEndOnAbort(t *testing.T) {
 }
 
 // waitSessions waits until srv holds want sessions.
-func waitSessions(t *testing.T, srv *Server, want int) {
+// No signal says a session has started or ended: it polls, with a
+// deadline.
+func waitSessions(t testing.TB, srv *Server, want int) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for srv.Sessions() != want {
