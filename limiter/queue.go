@@ -398,6 +398,7 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 	}
 	first := len(dst) // nothing is taken while len(dst) == first
 	var taken int64
+	var ended int
 	var lastWait int64
 	for q.head != nil && (len(dst) < cap(dst) || len(dst) == first) && (taken == 0 || taken+q.head.Len() <= maxBytes) {
 		s := q.head
@@ -407,18 +408,25 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		}
 		s.next = nil
 		taken += s.Len()
-		q.addBytes(-s.Len())
 		if s.Start {
 			lastWait = s.queuedAt
 		}
 		if s.End {
-			q.addMessages(-1)
+			ended++
 		}
 		q.writerInMsg = !s.End
 		dst = append(dst, s)
 		if s.Follow > 0 {
 			break
 		}
+	}
+	// The counters are settled once per batch: the budget's are shared by
+	// every connection, so an atomic add per segment would contend.
+	if taken != 0 {
+		q.addBytes(-taken)
+	}
+	if ended != 0 {
+		q.addMessages(-ended)
 	}
 	if q.head == nil && q.closeFrame != nil && (len(dst) < cap(dst) || len(dst) == first) && (len(dst) == first || dst[len(dst)-1].Follow == 0) {
 		dst = append(dst, q.closeFrame)
