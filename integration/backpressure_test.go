@@ -15,8 +15,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
-	"net/url"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -26,7 +24,6 @@ import (
 
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
 	"sluice/limiter"
@@ -51,45 +48,17 @@ const (
 
 // --- sluice -----------------------------------------------------------------
 
-// bpSluice is one in-process sluice on 127.0.0.1:0.
-type bpSluice struct {
-	srv *proxy.Server
-	url string // ws://host:port
-}
-
-// bpStartSluice starts sluice in front of upstream with options adjusted by
-// configure. Its cleanup shuts it down; register it after the backend's and
-// before the clients', so that clients go first and the backend last.
-func bpStartSluice(t *testing.T, upstream string, configure func(*proxy.Options)) *bpSluice {
+// bpStartSluice starts sluice (startSluice) in front of upstream with
+// warnings-only logs, a 2 s close timeout and options adjusted by configure.
+// Its cleanup shuts it down; register it after the backend's and before the
+// clients', so that clients go first and the backend last.
+func bpStartSluice(t *testing.T, upstream string, configure func(*proxy.Options)) *sluiceUnderTest {
 	t.Helper()
-	u, err := url.Parse(upstream)
-	if err != nil {
-		t.Fatalf("upstream URL %q: %v", upstream, err)
-	}
-	opts := proxy.Options{
-		Upstream:     u,
-		Logger:       zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel),
-		Registerer:   prometheus.NewRegistry(),
-		CloseTimeout: 2 * time.Second,
-	}
-	configure(&opts)
-	srv, addr, served := serveSluice(t, opts)
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("sluice Shutdown: %v", err)
-		}
-		select {
-		case err := <-served:
-			if !errors.Is(err, http.ErrServerClosed) {
-				t.Errorf("Serve returned %v, want http.ErrServerClosed", err)
-			}
-		case <-time.After(bpIOTimeout):
-			t.Errorf("Serve did not return after Shutdown")
-		}
+	return startSluice(t, upstream, func(o *proxy.Options) {
+		o.Logger = o.Logger.Level(zerolog.WarnLevel)
+		o.CloseTimeout = 2 * time.Second
+		configure(o)
 	})
-	return &bpSluice{srv: srv, url: "ws://" + addr}
 }
 
 // bpEvictions returns sluice's recent evictions by client address, and
