@@ -223,20 +223,27 @@ func bpDialFastClients(t *testing.T, base, prefix string, n, size int) []*bpFast
 // is stuck.
 const bpMaxFastLatency = 2 * time.Second
 
+// bpWaitFast waits until every fast client that has not failed has
+// received message seq.
+func bpWaitFast(t *testing.T, fast []*bpFastClient, seq uint64) {
+	t.Helper()
+	waitFor(t, bpWaitTimeout, fmt.Sprintf("every fast client to receive message %d", seq), func() bool {
+		for _, c := range fast {
+			if c.failed() == nil && c.last.Load() < seq {
+				return false
+			}
+		}
+		return true
+	})
+}
+
 // bpCheckFast waits for every fast client to receive message final and
 // checks that each got every message from its first on, in order, with no
 // gap, and none late: a slow client elsewhere must not have cost them
 // anything.
 func bpCheckFast(t *testing.T, b *bpBackend, fast []*bpFastClient, final uint64) {
 	t.Helper()
-	waitFor(t, bpWaitTimeout, fmt.Sprintf("every fast client to receive message %d", final), func() bool {
-		for _, c := range fast {
-			if c.failed() == nil && c.last.Load() < final {
-				return false
-			}
-		}
-		return true
-	})
+	bpWaitFast(t, fast, final)
 	var worst time.Duration
 	for _, c := range fast {
 		if err := c.failed(); err != nil {
@@ -353,6 +360,20 @@ func (c *bpRawClient) Closed() bool {
 	default:
 		return false
 	}
+}
+
+// bpWaitSlow waits until every slow client has received message seq or its
+// reader has ended; what names the wait in the failure.
+func bpWaitSlow(t *testing.T, slow []*bpRawClient, seq uint64, what string) {
+	t.Helper()
+	waitFor(t, bpWaitTimeout, what, func() bool {
+		for _, c := range slow {
+			if c.last.Load() < seq && !c.Closed() {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 func (c *bpRawClient) result() (seqs []uint64, frames []int, closeCode int, err error) {
@@ -631,14 +652,7 @@ func TestBackpressureDrop(t *testing.T) {
 	for _, c := range slow {
 		c.Resume()
 	}
-	waitFor(t, bpWaitTimeout, fmt.Sprintf("every slow client to receive message %d", final), func() bool {
-		for _, c := range slow {
-			if c.last.Load() < final && !c.Closed() {
-				return false
-			}
-		}
-		return true
-	})
+	bpWaitSlow(t, slow, final, fmt.Sprintf("every slow client to receive message %d", final))
 	for _, c := range slow {
 		c.Stop()
 	}
@@ -818,14 +832,7 @@ func TestBackpressurePause(t *testing.T) {
 	})
 	// While those writes stay blocked, the fast clients keep up.
 	mark := b.Latest()
-	waitFor(t, bpWaitTimeout, fmt.Sprintf("the fast clients to receive message %d", mark), func() bool {
-		for _, c := range fast {
-			if c.failed() == nil && c.last.Load() < mark {
-				return false
-			}
-		}
-		return true
-	})
+	bpWaitFast(t, fast, mark)
 	for _, c := range slow {
 		bc := b.Conn(c.id)
 		if bc.BlockedFor() <= blocked {
@@ -850,23 +857,9 @@ func TestBackpressurePause(t *testing.T) {
 		c.Resume()
 	}
 	resumedAt := b.Latest()
-	waitFor(t, bpWaitTimeout, "the slow clients to catch up with the live stream", func() bool {
-		for _, c := range slow {
-			if c.last.Load() < resumedAt && !c.Closed() {
-				return false
-			}
-		}
-		return true
-	})
+	bpWaitSlow(t, slow, resumedAt, "the slow clients to catch up with the live stream")
 	final := b.StopPublishing()
-	waitFor(t, bpWaitTimeout, fmt.Sprintf("every slow client to receive message %d", final), func() bool {
-		for _, c := range slow {
-			if c.last.Load() < final && !c.Closed() {
-				return false
-			}
-		}
-		return true
-	})
+	bpWaitSlow(t, slow, final, fmt.Sprintf("every slow client to receive message %d", final))
 	for _, c := range slow {
 		c.Stop()
 	}
@@ -981,14 +974,7 @@ func TestBackpressureGlobalCeiling(t *testing.T) {
 	})
 	// ... for a few more publications, that is several guard rounds.
 	mark := b.Latest() + 3
-	waitFor(t, bpWaitTimeout, fmt.Sprintf("the fast clients to receive message %d", mark), func() bool {
-		for _, c := range fast {
-			if c.failed() == nil && c.last.Load() < mark {
-				return false
-			}
-		}
-		return true
-	})
+	bpWaitFast(t, fast, mark)
 	stopSampling()
 
 	_, order := bpEvictions(s.srv)
@@ -1074,14 +1060,7 @@ func TestBackpressureSlowRatio(t *testing.T) {
 	})
 	// It stays, slow, for a few more guard rounds.
 	mark := b.Latest() + 4
-	waitFor(t, bpWaitTimeout, fmt.Sprintf("the fast clients to receive message %d", mark), func() bool {
-		for _, c := range fast {
-			if c.failed() == nil && c.last.Load() < mark {
-				return false
-			}
-		}
-		return true
-	})
+	bpWaitFast(t, fast, mark)
 
 	_, order := bpEvictions(s.srv)
 	var got []string
