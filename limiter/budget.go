@@ -49,8 +49,7 @@ type BudgetConfig struct {
 // an atomic add per change; the guards look at the queues only when a
 // bound is broken.
 type Budget struct {
-	cfg         BudgetConfig
-	observeWait func(time.Duration)
+	cfg BudgetConfig
 
 	queued     atomic.Int64
 	slow       atomic.Int64
@@ -64,7 +63,7 @@ type Budget struct {
 
 // NewBudget returns a Budget with cfg's bounds.
 func NewBudget(cfg BudgetConfig) *Budget {
-	return &Budget{cfg: cfg, observeWait: cfg.ObserveWait, queues: make(map[*Queue]struct{})}
+	return &Budget{cfg: cfg, queues: make(map[*Queue]struct{})}
 }
 
 // Stats is a snapshot of the Budget's counters.

@@ -437,8 +437,8 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		q.signalRoom()
 	}
 	q.mu.Unlock()
-	if lastWait != 0 && q.budget != nil && q.budget.observeWait != nil {
-		q.budget.observeWait(time.Duration(now() - lastWait))
+	if lastWait != 0 && q.budget != nil && q.budget.cfg.ObserveWait != nil {
+		q.budget.cfg.ObserveWait(time.Duration(now() - lastWait))
 	}
 	return dst, nil
 }
