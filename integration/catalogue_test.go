@@ -19,7 +19,6 @@ package integration
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -41,7 +40,6 @@ import (
 
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
 	"sluice/proxy"
@@ -344,27 +342,14 @@ type catEnv struct {
 func catSetup(t *testing.T) *catEnv {
 	e := &catEnv{panics: catWatchPanics(t)}
 	e.backend = catStartBackend(t)
-	u, _ := url.Parse(e.backend.url)
-	srv, addr, served := serveSluice(t, proxy.Options{
-		Upstream:         u,
-		Logger:           zerolog.New(e.panics).Level(zerolog.WarnLevel),
-		Registerer:       prometheus.NewRegistry(),
-		HandshakeTimeout: catHandshakeTimeout,
-		MaxHeaderBytes:   catMaxHeaderBytes,
-		MaxFrameBytes:    catMaxFrame,
-		MaxMessageBytes:  catMaxMessage,
+	s := startSluice(t, e.backend.url, func(o *proxy.Options) {
+		o.Logger = zerolog.New(e.panics).Level(zerolog.WarnLevel)
+		o.HandshakeTimeout = catHandshakeTimeout
+		o.MaxHeaderBytes = catMaxHeaderBytes
+		o.MaxFrameBytes = catMaxFrame
+		o.MaxMessageBytes = catMaxMessage
 	})
-	e.srv, e.addr = srv, addr
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), catWait)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("sluice Shutdown: %v", err)
-		}
-		if err := <-served; !errors.Is(err, http.ErrServerClosed) {
-			t.Errorf("Serve returned %v", err)
-		}
-	})
+	e.srv, e.addr = s.srv, s.addr
 	e.neighbour = catStartNeighbour(t, "ws://"+e.addr, e.backend)
 	// Let the neighbour and both servers reach their steady state.
 	e.neighbour.madeProgress(t, e.neighbour.progress(t))
