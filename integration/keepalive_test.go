@@ -314,30 +314,36 @@ func TestKAOwnPongsNotForwarded(t *testing.T) {
 	backendPing()
 	waitBackendPongs(1)
 	// Several ping cycles, during which the client answers sluice's pings.
-	time.Sleep(5 * kaInterval)
+	var sluicePings, fromBackend int
+	countPing := func(p string) {
+		switch {
+		case strings.HasPrefix(p, keepalive.PayloadPrefix):
+			sluicePings++
+		case p == "backend-ping":
+			fromBackend++
+		default:
+			t.Errorf("client got ping %q, want sluice's or the backend's", p)
+		}
+	}
+	began := time.Now()
+	for sluicePings < 3 {
+		countPing(recv(t, clientPings, "three of sluice's pings at the client"))
+	}
+	if took := time.Since(began); took > 5*kaInterval {
+		t.Errorf("client took %v to answer 3 sluice pings, want within %v at a %v interval", took, 5*kaInterval, kaInterval)
+	}
 	// This pong follows every pong the client sent so far on the same
 	// socket, so once it is in, any forwarded sluice pong would be too.
 	backendPing()
 	waitBackendPongs(2)
 
-	var sluicePings, fromBackend int
 	for drained := false; !drained; {
 		select {
 		case p := <-clientPings:
-			switch {
-			case strings.HasPrefix(p, keepalive.PayloadPrefix):
-				sluicePings++
-			case p == "backend-ping":
-				fromBackend++
-			default:
-				t.Errorf("client got ping %q, want sluice's or the backend's", p)
-			}
+			countPing(p)
 		default:
 			drained = true
 		}
-	}
-	if sluicePings < 3 {
-		t.Errorf("client answered %d sluice pings in %v, want >= 3", sluicePings, 5*kaInterval)
 	}
 	if fromBackend != 2 {
 		t.Errorf("client got %d backend pings, want 2", fromBackend)
