@@ -1,6 +1,7 @@
 package limiter
 
 import (
+	"cmp"
 	"context"
 	"slices"
 	"sync"
@@ -159,9 +160,10 @@ func (b *Budget) Check() {
 		return
 	}
 	type cand struct {
-		q     *Queue
-		msgs  int
-		bytes int64
+		q      *Queue
+		msgs   int
+		bytes  int64
+		reason Reason // 0: stays
 	}
 	var cands []cand
 	var evictedBytes int64
@@ -169,7 +171,7 @@ func (b *Budget) Check() {
 	b.mu.Lock()
 	conns = len(b.queues)
 	for q := range b.queues {
-		c := cand{q, q.Messages(), q.Bytes()}
+		c := cand{q: q, msgs: q.Messages(), bytes: q.Bytes()}
 		if q.evicted.Load() {
 			evictedBytes += c.bytes
 			if c.msgs >= q.cfg.SlowDepth {
@@ -181,57 +183,42 @@ func (b *Budget) Check() {
 	}
 	b.mu.Unlock()
 
-	var victims []*Queue
-	reasons := make(map[*Queue]Reason)
 	if overCeiling {
-		slices.SortFunc(cands, func(x, y cand) int { return cmpDesc(x.bytes, y.bytes) })
+		slices.SortFunc(cands, func(x, y cand) int { return cmp.Compare(y.bytes, x.bytes) })
 		total := b.queued.Load() - evictedBytes
-		for _, c := range cands {
+		for i := range cands {
+			c := &cands[i]
 			if total <= b.cfg.Ceiling || c.bytes == 0 {
 				break
 			}
 			total -= c.bytes
-			victims = append(victims, c.q)
-			reasons[c.q] = ReasonGlobalCeiling
+			c.reason = ReasonGlobalCeiling
 		}
 	}
 	if tooSlow {
 		slices.SortFunc(cands, func(x, y cand) int {
-			if x.msgs != y.msgs {
-				return cmpDesc(int64(x.msgs), int64(y.msgs))
-			}
-			return cmpDesc(x.bytes, y.bytes)
+			return cmp.Or(cmp.Compare(y.msgs, x.msgs), cmp.Compare(y.bytes, x.bytes))
 		})
 		excess := int(b.slow.Load()) - evictedSlow - b.allowedSlow(conns)
-		for _, c := range cands {
+		for i := range cands {
+			c := &cands[i]
 			if excess <= 0 {
 				break
 			}
 			if c.msgs < c.q.cfg.SlowDepth {
 				continue // queues of another kind may be deeper yet not slow
 			}
-			if _, done := reasons[c.q]; !done {
-				victims = append(victims, c.q)
-				reasons[c.q] = ReasonSlowRatio
+			if c.reason == 0 {
+				c.reason = ReasonSlowRatio
 			}
 			excess--
 		}
 	}
-	for _, q := range victims {
-		if q.evicted.CompareAndSwap(false, true) && q.onEvict != nil {
-			q.onEvict(reasons[q])
+	for _, c := range cands {
+		if c.reason != 0 && c.q.evicted.CompareAndSwap(false, true) && c.q.onEvict != nil {
+			c.q.onEvict(c.reason)
 		}
 	}
-}
-
-func cmpDesc(x, y int64) int {
-	switch {
-	case x > y:
-		return -1
-	case x < y:
-		return 1
-	}
-	return 0
 }
 
 // MarkEvicted records that q's connection is being evicted for a reason of
