@@ -23,7 +23,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"runtime"
 	"runtime/metrics"
@@ -39,7 +38,6 @@ import (
 	"github.com/coder/websocket"
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
 	"sluice/keepalive"
@@ -78,27 +76,15 @@ func TestSoak(t *testing.T) {
 	began := time.Now()
 
 	backend := soakStartBackend(t)
-	u, _ := url.Parse("ws://" + backend.addr)
-	srv, err := proxy.New(proxy.Options{
-		Upstream:          u,
-		Logger:            zerolog.Nop(),
-		Registerer:        prometheus.NewRegistry(),
-		WriteTimeout:      time.Second,
-		CloseTimeout:      2 * time.Second,
-		ClientWriteBuffer: 16 << 10, // a stalled client shows within a few messages
-		Queue:             limiter.Config{Policy: limiter.Evict, MaxMessages: 50, SlowDepth: 5},
-		Keepalive:         keepalive.Config{Interval: time.Second, Timeout: 500 * time.Millisecond},
+	sl := startSluice(t, "ws://"+backend.addr, func(o *proxy.Options) {
+		o.Logger = zerolog.Nop()
+		o.WriteTimeout = time.Second
+		o.CloseTimeout = 2 * time.Second
+		o.ClientWriteBuffer = 16 << 10 // a stalled client shows within a few messages
+		o.Queue = limiter.Config{Policy: limiter.Evict, MaxMessages: 50, SlowDepth: 5}
+		o.Keepalive = keepalive.Config{Interval: time.Second, Timeout: 500 * time.Millisecond}
 	})
-	if err != nil {
-		t.Fatalf("proxy.New: %v", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	base := "ws://" + ln.Addr().String()
+	srv, base := sl.srv, sl.url
 
 	ctx, cancel := context.WithCancel(context.Background())
 	stats := &soakStats{closes: map[string]int{}}
@@ -177,13 +163,10 @@ func TestSoak(t *testing.T) {
 		t.Fatalf("client loops did not end")
 	}
 	shutCtx, shutCancel := context.WithTimeout(context.Background(), 10*time.Second)
-	if err := srv.Shutdown(shutCtx); err != nil {
+	if err := sl.shutdown(shutCtx); err != nil {
 		t.Errorf("sluice Shutdown: %v", err)
 	}
 	shutCancel()
-	if err := <-served; !errors.Is(err, http.ErrServerClosed) {
-		t.Errorf("Serve returned %v", err)
-	}
 	backend.close()
 
 	// --- report ------------------------------------------------------------
