@@ -225,7 +225,9 @@ func (q *Queue) Push(seg *Segment) error {
 		q.mu.Lock()
 	}
 	q.endPause()
-	seg.queuedAt = now()
+	if seg.Start && q.budget != nil && q.budget.cfg.ObserveWait != nil {
+		seg.queuedAt = now() // only a message's first segment is observed
+	}
 	if q.tail == nil {
 		q.head = seg
 	} else {

@@ -22,7 +22,7 @@ type Segment struct {
 	// marks a close frame, after which nothing may be written.
 	Control, Close bool
 
-	queuedAt int64 // monotonic nanoseconds at Push, for the wait histogram
+	queuedAt int64 // monotonic nanoseconds at Push of a Start segment, for the wait histogram; 0 when nobody observes
 	next     *Segment
 }
 
