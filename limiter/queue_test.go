@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -337,7 +338,7 @@ func TestCloseFrame(t *testing.T) {
 
 			var got []string
 			for range tt.want {
-				got = append(got, joinLabels(take(t, q, tt.batch, 1<<20)))
+				got = append(got, strings.Join(take(t, q, tt.batch, 1<<20), " "))
 			}
 			if !slices.Equal(got, tt.want) {
 				t.Fatalf("batches = %q, want %q", got, tt.want)
@@ -356,17 +357,6 @@ func closeSeg() *Segment {
 	s := NewSegment(4)
 	*s.Buf = append(*s.Buf, 0x88, 2, 0x03, 0xe8)
 	return s
-}
-
-func joinLabels(l []string) string {
-	out := ""
-	for i, s := range l {
-		if i > 0 {
-			out += " "
-		}
-		out += s
-	}
-	return out
 }
 
 // A later priority close is refused but still pushes the queued one ahead
@@ -432,7 +422,7 @@ func TestWriterStartsOnWork(t *testing.T) {
 						r.err = err
 						break
 					}
-					r.batches = append(r.batches, joinLabels(labels(segs)))
+					r.batches = append(r.batches, strings.Join(labels(segs), " "))
 					freeAll(segs)
 				}
 				ch <- r
@@ -757,7 +747,7 @@ func TestTakeBatching(t *testing.T) {
 			}
 			var got []string
 			for range tt.want {
-				got = append(got, joinLabels(take(t, q, tt.batch, tt.maxBytes)))
+				got = append(got, strings.Join(take(t, q, tt.batch, tt.maxBytes), " "))
 			}
 			if !slices.Equal(got, tt.want) {
 				t.Fatalf("batches = %q, want %q", got, tt.want)
