@@ -92,6 +92,14 @@ func take(t *testing.T, q *Queue, n int, maxBytes int64) []string {
 	return l
 }
 
+// takeWant runs one Take of capacity n and fails unless it got want.
+func takeWant(t *testing.T, q *Queue, n int, want ...string) {
+	t.Helper()
+	if got := take(t, q, n, 1<<20); !slices.Equal(got, want) {
+		t.Fatalf("Take = %v, want %v", got, want)
+	}
+}
+
 // bigCfg bounds nothing the tests reach unless they mean to.
 func bigCfg(p Policy) *Config {
 	return &Config{Policy: p, MaxMessages: 1000, MaxBytes: 1 << 30, LowWater: 0.5, KeepNewest: 1}
@@ -252,11 +260,7 @@ func TestTakeOrder(t *testing.T) {
 	if !q.PushControl(ctlSeg(2)) {
 		t.Fatal("PushControl refused")
 	}
-	got := take(t, q, 64, 1<<20)
-	want := []string{"c1", "c2", "d1", "d2", "d3"}
-	if !slices.Equal(got, want) {
-		t.Fatalf("Take = %v, want %v", got, want)
-	}
+	takeWant(t, q, 64, "c1", "c2", "d1", "d2", "d3")
 	if q.Bytes() != 0 || q.Messages() != 0 {
 		t.Fatalf("after draining: Bytes %d Messages %d, want 0 0", q.Bytes(), q.Messages())
 	}
@@ -383,9 +387,7 @@ func TestPushCloseFirstAfterQueuedClose(t *testing.T) {
 			if q.Bytes() != 0 || q.Messages() != 0 {
 				t.Fatalf("data kept: Bytes %d Messages %d", q.Bytes(), q.Messages())
 			}
-			if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"close"}) {
-				t.Fatalf("Take = %v, want [close]", got)
-			}
+			takeWant(t, q, 64, "close")
 		})
 	}
 }
@@ -496,9 +498,7 @@ func TestOnWorkOncePerBurst(t *testing.T) {
 
 	// The writer has taken part of the queue: it still runs, so nothing
 	// new starts another, not even on a lane it has emptied.
-	if got := take(t, q, 3, 1<<20); !slices.Equal(got, []string{"d1", "d2", "d3"}) {
-		t.Fatalf("Take = %v, want [d1 d2 d3]", got)
-	}
+	takeWant(t, q, 3, "d1", "d2", "d3")
 	mustPush(t, q, msg(11, 16))
 	if !q.PushControl(ctlSeg(1)) {
 		t.Fatal("PushControl refused")
@@ -647,9 +647,7 @@ func TestOnWorkNotWithoutWork(t *testing.T) {
 			if first {
 				want = want[1:]
 			}
-			if got := take(t, q, 64, 1<<20); !slices.Equal(got, want) {
-				t.Fatalf("Take = %v, want %v", got, want)
-			}
+			takeWant(t, q, 64, want...)
 			for range 2 {
 				if segs, err := q.Take(nil, 1<<20); !errors.Is(err, ErrClosed) || len(segs) != 0 {
 					t.Fatalf("Take after the close frame = %v, %v; want nothing, ErrClosed", labels(segs), err)
@@ -774,12 +772,8 @@ func TestCloseAfterFollow(t *testing.T) {
 	defer q.Close()
 	mustPush(t, q, follow(1, 1000, true, true))
 	q.PushClose(closeSeg(), false)
-	if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"d1"}) {
-		t.Fatalf("first Take = %v, want [d1]", got)
-	}
-	if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"close"}) {
-		t.Fatalf("second Take = %v, want [close]", got)
-	}
+	takeWant(t, q, 64, "d1")
+	takeWant(t, q, 64, "close")
 }
 
 func TestEvictPolicy(t *testing.T) {
@@ -848,15 +842,11 @@ func TestContinuationWaitsForWriter(t *testing.T) {
 				if paused, _ := q.Paused(); !paused {
 					t.Fatal("Paused() = false while the continuation waits")
 				}
-				if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"d1"}) {
-					t.Fatalf("Take = %v, want [d1]", got)
-				}
+				takeWant(t, q, 64, "d1")
 				if err := <-done; err != nil {
 					t.Fatalf("continuation Push = %v", err)
 				}
-				if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"d2"}) {
-					t.Fatalf("Take = %v, want [d2]", got)
-				}
+				takeWant(t, q, 64, "d2")
 				if b.Stats().Paused != 0 {
 					t.Fatalf("Stats().Paused = %d after the wait, want 0", b.Stats().Paused)
 				}
@@ -939,11 +929,7 @@ func TestDropPolicy(t *testing.T) {
 		}
 		// Each overflow keeps KeepNewest-1 old messages and adds the new
 		// one; pushes below the mark add up to MaxMessages again.
-		got := take(t, q, 64, 1<<20)
-		want := []string{"d16", "d17", "d18", "d19", "d20"}
-		if !slices.Equal(got, want) {
-			t.Fatalf("queue holds %v, want %v", got, want)
-		}
+		takeWant(t, q, 64, "d16", "d17", "d18", "d19", "d20")
 		if q.Dropped() != 15 || b.Stats().DroppedTotal != 15 {
 			t.Fatalf("Dropped = %d, budget DroppedTotal = %d; want 15", q.Dropped(), b.Stats().DroppedTotal)
 		}
@@ -956,10 +942,7 @@ func TestDropPolicy(t *testing.T) {
 			mustPush(t, q, msg(id, 300))
 		}
 		// 900 + 300 > 1000: the oldest goes, though KeepNewest allows more.
-		got := take(t, q, 64, 1<<20)
-		if want := []string{"d2", "d3", "d4"}; !slices.Equal(got, want) {
-			t.Fatalf("queue holds %v, want %v", got, want)
-		}
+		takeWant(t, q, 64, "d2", "d3", "d4")
 		if q.Dropped() != 1 {
 			t.Fatalf("Dropped = %d, want 1", q.Dropped())
 		}
@@ -1001,16 +984,11 @@ func TestDropPolicy(t *testing.T) {
 		mustPush(t, q, dataSeg(1, 16, true, false))
 		mustPush(t, q, dataSeg(2, 16, false, false))
 		mustPush(t, q, dataSeg(3, 16, false, true))
-		if got := take(t, q, 1, 1<<20); !slices.Equal(got, []string{"d1"}) {
-			t.Fatalf("Take = %v, want [d1]", got)
-		}
+		takeWant(t, q, 1, "d1")
 		mustPush(t, q, msg(4, 16))
 		mustPush(t, q, msg(5, 16)) // over MaxMessages: 4 goes, 1's tail stays
 		mustPush(t, q, msg(6, 16)) // 5 goes, 1's tail stays
-		got := take(t, q, 64, 1<<20)
-		if want := []string{"d2", "d3", "d6"}; !slices.Equal(got, want) {
-			t.Fatalf("queue holds %v, want %v", got, want)
-		}
+		takeWant(t, q, 64, "d2", "d3", "d6")
 		if q.Dropped() != 2 {
 			t.Fatalf("Dropped = %d, want 2", q.Dropped())
 		}
@@ -1021,18 +999,13 @@ func TestDropPolicy(t *testing.T) {
 		defer q.Close()
 		mustPush(t, q, dataSeg(1, 16, true, false))
 		mustPush(t, q, dataSeg(2, 16, false, true))
-		if got := take(t, q, 1, 1<<20); !slices.Equal(got, []string{"d1"}) {
-			t.Fatalf("Take = %v, want [d1]", got)
-		}
+		takeWant(t, q, 1, "d1")
 		// d9 overflows: d5 and d6 go, d7 and d8 stay with it.
 		for id := uint64(3); id <= 9; id++ {
 			mustPush(t, q, msg(id, 16))
 		}
 		// The rest of the started message, then the newest KeepNewest.
-		got := take(t, q, 64, 1<<20)
-		if want := []string{"d2", "d7", "d8", "d9"}; !slices.Equal(got, want) {
-			t.Fatalf("queue holds %v, want %v", got, want)
-		}
+		takeWant(t, q, 64, "d2", "d7", "d8", "d9")
 	})
 
 	t.Run("started message too big waits", func(t *testing.T) {
@@ -1041,9 +1014,7 @@ func TestDropPolicy(t *testing.T) {
 			defer q.Close()
 			mustPush(t, q, dataSeg(1, 100, true, false))
 			mustPush(t, q, dataSeg(2, 800, false, true))
-			if got := take(t, q, 1, 1<<20); !slices.Equal(got, []string{"d1"}) {
-				t.Fatalf("Take = %v, want [d1]", got)
-			}
+			takeWant(t, q, 1, "d1")
 			// 800 + 300 > 1000 and only the started message is queued:
 			// nothing may be dropped, so the producer waits.
 			done := asyncPush(q, msg(3, 300))
@@ -1051,15 +1022,11 @@ func TestDropPolicy(t *testing.T) {
 			if _, ok := returned(done); ok {
 				t.Fatal("Push did not wait for the started message")
 			}
-			if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"d2"}) {
-				t.Fatalf("Take = %v, want [d2]", got)
-			}
+			takeWant(t, q, 64, "d2")
 			if err := <-done; err != nil {
 				t.Fatal(err)
 			}
-			if got := take(t, q, 64, 1<<20); !slices.Equal(got, []string{"d3"}) {
-				t.Fatalf("Take = %v, want [d3]", got)
-			}
+			takeWant(t, q, 64, "d3")
 			if q.Dropped() != 0 {
 				t.Fatalf("Dropped = %d, want 0", q.Dropped())
 			}
