@@ -1471,12 +1471,34 @@ func TestConcurrentPushTake(t *testing.T) {
 	}
 }
 
-// pushTakeCases are shared by the benchmarks.
-var pushTakeCases = []struct {
+// pushTakeCase is a queue configuration that the benchmarks share with
+// the allocation tests.
+type pushTakeCase struct {
 	name   string
 	cfg    Config
 	budget bool
-}{
+}
+
+// newQueue makes the case's queue, counted in a Budget of its own when
+// the case has one.
+func (bc *pushTakeCase) newQueue() *Queue {
+	var bud *Budget
+	if bc.budget {
+		bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
+	}
+	return NewQueue(&bc.cfg, bud, func(Reason) {})
+}
+
+// wholeMsg makes a single-frame message of payload, as a reader would.
+func wholeMsg(payload []byte) *Segment {
+	s := NewSegment(len(payload))
+	*s.Buf = append(*s.Buf, payload...)
+	s.Start, s.End = true, true
+	return s
+}
+
+// pushTakeCases are shared by the benchmarks.
+var pushTakeCases = []pushTakeCase{
 	{"evict", Config{Policy: Evict, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5}, false},
 	{"evict/budget", Config{Policy: Evict, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, SlowDepth: 50}, true},
 	{"drop/budget", Config{Policy: Drop, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 10, SlowDepth: 50}, true},
@@ -1489,11 +1511,7 @@ var pushTakeCases = []struct {
 func TestPushTakeAllocs(t *testing.T) {
 	for _, bc := range pushTakeCases {
 		t.Run(bc.name, func(t *testing.T) {
-			var bud *Budget
-			if bc.budget {
-				bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
-			}
-			q := NewQueue(&bc.cfg, bud, func(Reason) {})
+			q := bc.newQueue()
 			defer q.Close()
 			s := msg(1, 64)
 			defer s.Free()
@@ -1518,11 +1536,7 @@ func TestPushTakeAllocs(t *testing.T) {
 func TestBurstAllocs(t *testing.T) {
 	for _, bc := range pushTakeCases {
 		t.Run(bc.name, func(t *testing.T) {
-			var bud *Budget
-			if bc.budget {
-				bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
-			}
-			q := NewQueue(&bc.cfg, bud, func(Reason) {})
+			q := bc.newQueue()
 			defer q.Close()
 			var starts int
 			q.OnWork(func() { starts++ })
@@ -1556,21 +1570,14 @@ func TestBurstAllocs(t *testing.T) {
 func BenchmarkPushTake(b *testing.B) {
 	for _, bc := range pushTakeCases {
 		b.Run(bc.name, func(b *testing.B) {
-			var bud *Budget
-			if bc.budget {
-				bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
-			}
-			q := NewQueue(&bc.cfg, bud, func(Reason) {})
+			q := bc.newQueue()
 			defer q.Close()
 			batch := make([]*Segment, 0, 64)
 			payload := make([]byte, 512)
 			b.ReportAllocs()
 			b.SetBytes(int64(len(payload)))
 			for b.Loop() {
-				s := NewSegment(len(payload))
-				*s.Buf = append(*s.Buf, payload...)
-				s.Start, s.End = true, true
-				if err := q.Push(s); err != nil {
+				if err := q.Push(wholeMsg(payload)); err != nil {
 					b.Fatal(err)
 				}
 				segs, err := q.Take(batch[:0], 1<<20)
@@ -1589,11 +1596,7 @@ func BenchmarkPushTake(b *testing.B) {
 func BenchmarkBurst(b *testing.B) {
 	for _, bc := range pushTakeCases {
 		b.Run(bc.name, func(b *testing.B) {
-			var bud *Budget
-			if bc.budget {
-				bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
-			}
-			q := NewQueue(&bc.cfg, bud, func(Reason) {})
+			q := bc.newQueue()
 			defer q.Close()
 			var starts int
 			q.OnWork(func() { starts++ })
@@ -1603,10 +1606,7 @@ func BenchmarkBurst(b *testing.B) {
 			b.SetBytes(int64(len(payload)))
 			n := 0
 			for b.Loop() {
-				s := NewSegment(len(payload))
-				*s.Buf = append(*s.Buf, payload...)
-				s.Start, s.End = true, true
-				if err := q.Push(s); err != nil {
+				if err := q.Push(wholeMsg(payload)); err != nil {
 					b.Fatal(err)
 				}
 				segs, err := q.Take(batch[:0], 1<<20)
@@ -1634,21 +1634,14 @@ func BenchmarkPushTakeParallel(b *testing.B) {
 			continue // no segment may be refused
 		}
 		b.Run(bc.name, func(b *testing.B) {
-			var bud *Budget
-			if bc.budget {
-				bud = NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.1})
-			}
-			q := NewQueue(&bc.cfg, bud, func(Reason) {})
+			q := bc.newQueue()
 			w := newBurstWriter(b, q, 64, 64<<10, nil)
 			payload := make([]byte, 512)
 			b.ReportAllocs()
 			b.SetBytes(int64(len(payload)))
 			n := 0
 			for b.Loop() {
-				s := NewSegment(len(payload))
-				*s.Buf = append(*s.Buf, payload...)
-				s.Start, s.End = true, true
-				if err := q.Push(s); err != nil {
+				if err := q.Push(wholeMsg(payload)); err != nil {
 					b.Fatal(err)
 				}
 				n++
