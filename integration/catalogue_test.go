@@ -454,8 +454,6 @@ func (e *catEnv) checkUpstream(t *testing.T, c catCase, id string) string {
 	end := up.waitEnd()
 	if end.code != c.upstream {
 		t.Errorf("upstream leg ended %v, want close %d", end, c.upstream)
-	}
-	if end.code != c.upstream {
 		return fmt.Sprintf("upstream %v", end)
 	}
 	return fmt.Sprintf("upstream %d", end.code)
