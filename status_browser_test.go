@@ -6,7 +6,6 @@ import (
 	"errors"
 	"image"
 	"image/png"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,12 +13,10 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/gorilla/websocket"
 	"go.uber.org/goleak"
 )
 
@@ -36,7 +33,7 @@ const chromiumTimeout = 60 * time.Second
 func TestStatusPageInBrowser(t *testing.T) {
 	chromium := findChromium(t)
 	defer goleak.VerifyNone(t)
-	backend := startQuietingBackend(t)
+	backend := startFloodBackend(t)
 	defer backend.close()
 	wsAddr, adminAddr, _, stop := startSluice(t, map[string]string{
 		envPrefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
@@ -133,79 +130,6 @@ func TestStatusPageInBrowser(t *testing.T) {
 	shot := filepath.Join(t.ArtifactDir(), "status.png")
 	runChromium(t, chromium, "--screenshot="+shot, "--window-size=1280,900", "--hide-scrollbars", page)
 	checkScreenshot(t, shot, 1280, 900)
-}
-
-// quietingBackend floods every connection with 4 KiB messages, like
-// floodBackend, until quiet is called; then it holds the connections open,
-// silent, until the peer or close ends them.
-type quietingBackend struct {
-	ln        net.Listener
-	srv       *http.Server
-	hush      chan struct{} // closed by quiet
-	stop      chan struct{} // closed by close
-	hushOnce  sync.Once
-	closeOnce sync.Once
-	wg        sync.WaitGroup // two per connection
-}
-
-func startQuietingBackend(t *testing.T) *quietingBackend {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &quietingBackend{ln: ln, hush: make(chan struct{}), stop: make(chan struct{})}
-	up := websocket.Upgrader{}
-	b.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, err := up.Upgrade(w, r, nil)
-		if err != nil {
-			return
-		}
-		b.wg.Add(2)
-		defer b.wg.Done()
-		defer c.Close()
-		peerGone := make(chan struct{})
-		go func() { // answers sluice's close
-			defer b.wg.Done()
-			defer close(peerGone)
-			for {
-				if _, _, err := c.NextReader(); err != nil {
-					return
-				}
-			}
-		}()
-		msg := make([]byte, 4096)
-	flood:
-		for {
-			select {
-			case <-b.hush:
-				break flood
-			case <-b.stop:
-				return
-			default:
-			}
-			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-			if err := c.WriteMessage(websocket.BinaryMessage, msg); err != nil {
-				return
-			}
-		}
-		select {
-		case <-peerGone:
-		case <-b.stop:
-		}
-	})}
-	go b.srv.Serve(ln)
-	return b
-}
-
-func (b *quietingBackend) quiet() { b.hushOnce.Do(func() { close(b.hush) }) }
-
-func (b *quietingBackend) close() {
-	b.closeOnce.Do(func() {
-		close(b.stop)
-		b.srv.Close()
-		b.wg.Wait()
-	})
 }
 
 // findChromium returns the Chromium binary, or skips the test.

@@ -21,13 +21,16 @@ import (
 )
 
 // floodBackend is a gorilla/websocket server that writes 4 KiB messages
-// to every connection as fast as it can, until closed.
+// to every connection as fast as it can until quiet is called; then it
+// holds the connections open, silent, until the peer or close ends them.
 type floodBackend struct {
-	ln   net.Listener
-	srv  *http.Server
-	stop chan struct{}
-	once sync.Once
-	wg   sync.WaitGroup // two per connection
+	ln        net.Listener
+	srv       *http.Server
+	hush      chan struct{} // closed by quiet
+	stop      chan struct{} // closed by close
+	hushOnce  sync.Once
+	closeOnce sync.Once
+	wg        sync.WaitGroup // two per connection
 }
 
 func startFloodBackend(t *testing.T) *floodBackend {
@@ -36,7 +39,7 @@ func startFloodBackend(t *testing.T) *floodBackend {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &floodBackend{ln: ln, stop: make(chan struct{})}
+	b := &floodBackend{ln: ln, hush: make(chan struct{}), stop: make(chan struct{})}
 	up := websocket.Upgrader{}
 	b.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		c, err := up.Upgrade(w, r, nil)
@@ -46,8 +49,10 @@ func startFloodBackend(t *testing.T) *floodBackend {
 		b.wg.Add(2)
 		defer b.wg.Done()
 		defer c.Close()
-		go func() { // answer sluice's close, then let the writer fail
+		peerGone := make(chan struct{})
+		go func() { // answers sluice's close, then lets the writer fail
 			defer b.wg.Done()
+			defer close(peerGone)
 			for {
 				if _, _, err := c.NextReader(); err != nil {
 					return
@@ -55,8 +60,11 @@ func startFloodBackend(t *testing.T) *floodBackend {
 			}
 		}()
 		msg := make([]byte, 4096)
+	flood:
 		for {
 			select {
+			case <-b.hush:
+				break flood
 			case <-b.stop:
 				return
 			default:
@@ -66,13 +74,20 @@ func startFloodBackend(t *testing.T) *floodBackend {
 				return
 			}
 		}
+		select {
+		case <-peerGone:
+		case <-b.stop:
+		}
 	})}
 	go b.srv.Serve(ln)
 	return b
 }
 
+// quiet stops the flood but keeps the connections open.
+func (b *floodBackend) quiet() { b.hushOnce.Do(func() { close(b.hush) }) }
+
 func (b *floodBackend) close() {
-	b.once.Do(func() {
+	b.closeOnce.Do(func() {
 		close(b.stop)
 		b.srv.Close()
 		b.wg.Wait()
