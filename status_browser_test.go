@@ -61,15 +61,14 @@ func TestStatusPageInBrowser(t *testing.T) {
 
 	// Open the page only once the server reports the client slow, so the
 	// browser is not racing the kernel's send buffer.
-	slow := false
-	for deadline := time.Now().Add(10 * time.Second); !slow && time.Now().Before(deadline); {
-		for _, s := range getStatus(t, client, "http://"+adminAddr+"/status.json").Top {
-			slow = slow || (s.Client == me && s.State == stateSlow && s.QueueBytes > 0)
+	_, slow := pollStatus(t, client, "http://"+adminAddr+"/status.json", func(got statusJSON) bool {
+		for _, s := range got.Top {
+			if s.Client == me && s.State == stateSlow && s.QueueBytes > 0 {
+				return true
+			}
 		}
-		if !slow {
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
+		return false
+	})
 	if !slow {
 		t.Fatalf("client %s never showed as slow in /status.json", me)
 	}

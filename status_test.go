@@ -162,6 +162,23 @@ func getStatus(t *testing.T, client *http.Client, url string) statusJSON {
 	return s
 }
 
+// pollStatus reads /status.json until done accepts a document or 10 s
+// pass, and returns the last document read and whether done accepted it.
+func pollStatus(t *testing.T, client *http.Client, url string, done func(statusJSON) bool) (statusJSON, bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s := getStatus(t, client, url)
+		if done(s) {
+			return s, true
+		}
+		if !time.Now().Before(deadline) {
+			return s, false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // TestStatusShowsSlowClient: a client that stops reading behind a real
 // sluice and a flooding backend shows up in /status.json's top list as
 // slow, with its own address and a non-empty queue.
@@ -176,12 +193,7 @@ func TestStatusShowsSlowClient(t *testing.T) {
 		envPrefix + "SHUTDOWN_TIMEOUT":       "3s",
 		envPrefix + "CLOSE_TIMEOUT":          "1s",
 	})
-	stopped := false
-	defer func() {
-		if !stopped {
-			stop()
-		}
-	}()
+	defer stop()
 	tr := &http.Transport{}
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
@@ -196,21 +208,18 @@ func TestStatusShowsSlowClient(t *testing.T) {
 
 	// The queue's depth moves (drop trims it, the kernel takes some as its
 	// send buffer grows), so wait for one document that shows it all.
-	var got statusJSON
-	var row *statusSession
-	for deadline := time.Now().Add(10 * time.Second); row == nil && time.Now().Before(deadline); {
-		got = getStatus(t, client, "http://"+adminAddr+"/status.json")
-		for i, s := range got.Top {
+	var row statusSession
+	got, ok := pollStatus(t, client, "http://"+adminAddr+"/status.json", func(got statusJSON) bool {
+		for _, s := range got.Top {
 			if s.Client == me && s.State == stateSlow && s.QueueBytes > 0 && s.QueueMessages > 0 &&
 				got.Totals.Slow == 1 && got.Totals.QueuedBytes > 0 {
-				row = &got.Top[i]
+				row = s
+				return true
 			}
 		}
-		if row == nil {
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
-	if row == nil {
+		return false
+	})
+	if !ok {
 		t.Fatalf("client %s never showed as slow with a queue; last: totals %+v, top %+v", me, got.Totals, got.Top)
 	}
 	if got.Policy != "drop" || got.Totals.Connections != 1 {
@@ -225,7 +234,7 @@ func TestStatusShowsSlowClient(t *testing.T) {
 	if len(got.History) == 0 || got.Evictions == nil {
 		t.Errorf("history has %d samples, evictions %v; want a sample and an empty list", len(got.History), got.Evictions)
 	}
-	t.Logf("slow row: %+v", *row)
+	t.Logf("slow row: %+v", row)
 
 	resp, err := client.Get("http://" + adminAddr + "/status")
 	if err != nil {
@@ -244,12 +253,6 @@ func TestStatusShowsSlowClient(t *testing.T) {
 	if strings.Contains(string(page), "src=\"http") || strings.Contains(string(page), "href=\"http") {
 		t.Error("page loads an external asset")
 	}
-
-	c.Close()
-	stop()
-	stopped = true
-	backend.close()
-	tr.CloseIdleConnections()
 }
 
 func TestTopSessions(t *testing.T) {
@@ -335,13 +338,7 @@ func TestStatusShowsEviction(t *testing.T) {
 		t.Fatal(err)
 	}
 	me := c.LocalAddr().String()
-	var got statusJSON
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		got = getStatus(t, client, "http://"+adminAddr+"/status.json")
-		if len(got.Evictions) > 0 {
-			break
-		}
-	}
+	got, _ := pollStatus(t, client, "http://"+adminAddr+"/status.json", func(got statusJSON) bool { return len(got.Evictions) > 0 })
 	if len(got.Evictions) != 1 {
 		t.Fatalf("evictions = %+v; want the stalled client", got.Evictions)
 	}
