@@ -590,7 +590,7 @@ func TestUpstreamStopsReading(t *testing.T) {
 // continuations without a start.
 func TestRefusedMessageNotTorn(t *testing.T) {
 	checkLeaks(t)
-	sent := make(chan struct{})
+	sent, done := make(chan struct{}), make(chan struct{})
 	backend := rawBackend(t, func(c net.Conn) {
 		// Wait for the client's close (forwarded by sluice), ignore it, and
 		// send 400 messages of three frames: far more than the client's
@@ -612,8 +612,9 @@ func TestRefusedMessageNotTorn(t *testing.T) {
 			}
 		}
 		close(sent)
-		<-time.After(5 * time.Second)
+		<-done // hold the upstream open: the session ends by sluice's close timeout
 	})
+	t.Cleanup(func() { close(done) }) // runs before rawBackend's cleanup
 	p := startLifecycleProxy(t, backend, Options{
 		Queue:             limiter.Config{Policy: limiter.Evict, MaxMessages: 2},
 		CloseTimeout:      3 * time.Second,
