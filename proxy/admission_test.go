@@ -706,17 +706,6 @@ func counterValue(c prometheus.Counter) float64 {
 	return m.GetCounter().GetValue()
 }
 
-// waitSessions waits until the proxy has n sessions.
-func (p *testProxy) waitSessions(t *testing.T, n int) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); p.Sessions() != n; {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d sessions, want %d", p.Sessions(), n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // wsClient is a raw client connection after its upgrade.
 type wsClient struct {
 	net.Conn
@@ -866,9 +855,9 @@ func TestAdmissionEndToEnd(t *testing.T) {
 			t.Errorf("%d log lines for 21 refusals:\n%s", n, p.logs.b.String())
 		}
 		c2.echo(t, "still here")
-		p.waitSessions(t, 2) // a client sees its 101 just before its session registers
+		waitSessions(t, p.Server, 2) // a client sees its 101 just before its session registers
 		c1.bye()
-		p.waitSessions(t, 1)
+		waitSessions(t, p.Server, 1)
 		mustUpgrade(t, p, "").echo(t, "a freed slot")
 	})
 
@@ -896,9 +885,9 @@ func TestAdmissionEndToEnd(t *testing.T) {
 		if n := p.rejected("max_connections_per_ip"); n != 1 {
 			t.Errorf("rejected{max_connections_per_ip} = %v, want 1", n)
 		}
-		p.waitSessions(t, 2)
+		waitSessions(t, p.Server, 2)
 		c1.bye()
-		p.waitSessions(t, 1)
+		waitSessions(t, p.Server, 1)
 		mustUpgrade(t, p, "127.0.0.1").echo(t, "again")
 		c2.echo(t, "neighbour")
 	})
@@ -913,7 +902,7 @@ func TestAdmissionEndToEnd(t *testing.T) {
 		if got := b.xffOf("a"); got != "6.6.6.6, 198.51.100.7" {
 			t.Errorf("upstream X-Forwarded-For %q", got)
 		}
-		p.waitSessions(t, 1)
+		waitSessions(t, p.Server, 1)
 		if snap := p.Snapshot(); len(snap) != 1 || snap[0].Client != "198.51.100.7" {
 			t.Errorf("status shows %+v, want client 198.51.100.7", snap)
 		}
@@ -1053,5 +1042,5 @@ func TestFrameReadTimeout(t *testing.T) {
 	idle.echo(t, "idle is fine")
 	slow.echo(t, "slow is fine")
 	neighbour.echo(t, "after")
-	p.waitSessions(t, 3)
+	waitSessions(t, p.Server, 3)
 }

@@ -418,12 +418,7 @@ func TestDrainSpread(t *testing.T) {
 		defer c.Close()
 		conns[i] = c
 	}
-	for deadline := time.Now().Add(10 * time.Second); p.Sessions() != n; {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d sessions, want %d", p.Sessions(), n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitSessions(t, p.Server, n)
 	for _, c := range conns {
 		go func() { // drainReader
 			c.SetReadDeadline(time.Now().Add(15 * time.Second))
