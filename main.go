@@ -148,11 +148,14 @@ func serve(ctx context.Context, cfg Config, log zerolog.Logger, ready func(wsAdd
 		ready(ln.Addr().String(), adminAddr, srv)
 	}
 
+	var serveFailed error
 	select {
 	case <-ctx.Done():
 	case err := <-serveErr:
+		// The listener failed: nobody new can connect, but the sessions
+		// and the admin server still need closing before serve returns.
 		if !errors.Is(err, http.ErrServerClosed) {
-			return err
+			serveFailed = err
 		}
 	}
 	// Readiness fails first; new clients are still served for DrainDelay
@@ -162,7 +165,7 @@ func serve(ctx context.Context, cfg Config, log zerolog.Logger, ready func(wsAdd
 		Dur("spread", cfg.DrainSpread).Dur("timeout", cfg.ShutdownTimeout).Msg("draining")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
-	if cfg.DrainDelay > 0 {
+	if cfg.DrainDelay > 0 && serveFailed == nil {
 		t := time.NewTimer(cfg.DrainDelay)
 		select {
 		case <-t.C:
@@ -178,7 +181,7 @@ func serve(ctx context.Context, cfg Config, log zerolog.Logger, ready func(wsAdd
 		log.Warn().Err(err).Msg("drain cut short")
 	}
 	log.Info().Msg("stopped")
-	return nil
+	return serveFailed
 }
 
 // proxyOptions translates the configuration for the proxy package.
