@@ -200,20 +200,6 @@ func (b *gorillaBackend) flood(c *websocket.Conn) {
 	<-done
 }
 
-// smallReceiveBuffer sets SO_RCVBUF before connect, so the window the
-// socket advertises is small from the start.
-func smallReceiveBuffer(n int) func(network, address string, c syscall.RawConn) error {
-	return func(network, address string, c syscall.RawConn) error {
-		var serr error
-		if err := c.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, n)
-		}); err != nil {
-			return err
-		}
-		return serr
-	}
-}
-
 // rawBackend accepts one connection at a time on 127.0.0.1, upgrades it
 // with gobwas/ws and hands it to serve. Connections are closed at cleanup.
 func rawBackend(t *testing.T, serve func(net.Conn)) string {
@@ -338,7 +324,7 @@ func TestMetricsAcrossASession(t *testing.T) {
 	d := websocket.Dialer{
 		HandshakeTimeout: 5 * time.Second,
 		NetDial: func(network, addr string) (net.Conn, error) {
-			nd := net.Dialer{Control: smallReceiveBuffer(4096)}
+			nd := net.Dialer{Control: receiveBuffer(4096)}
 			return nd.Dial(network, addr)
 		},
 	}
@@ -524,13 +510,7 @@ func TestUpstreamStopsReading(t *testing.T) {
 	checkLeaks(t)
 	release := make(chan struct{})
 	up := rawBackend(t, func(c net.Conn) {
-		if sc, ok := c.(syscall.Conn); ok {
-			if raw, err := sc.SyscallConn(); err == nil {
-				raw.Control(func(fd uintptr) {
-					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-				})
-			}
-		}
+		setConnBuffer(c, syscall.SO_RCVBUF, 4096)
 		<-release // never reads
 	})
 	t.Cleanup(func() { close(release) }) // runs before rawBackend's cleanup
@@ -615,7 +595,7 @@ func TestRefusedMessageNotTorn(t *testing.T) {
 		CloseTimeout:      3 * time.Second,
 		ClientWriteBuffer: 4096,
 	})
-	d := ws.Dialer{NetDial: (&net.Dialer{Control: smallReceiveBuffer(4096)}).DialContext}
+	d := ws.Dialer{NetDial: (&net.Dialer{Control: receiveBuffer(4096)}).DialContext}
 	c, br, _, err := d.Dial(context.Background(), "ws://"+p.addr+"/")
 	if err != nil {
 		t.Fatal(err)

@@ -33,8 +33,35 @@ func (w httpErrorLog) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func setReceiveBuffer(fd uintptr, n int) error {
-	return syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, n)
+// setSocketBuffer sets opt (SO_RCVBUF or SO_SNDBUF) of the socket c to n
+// bytes.
+func setSocketBuffer(c syscall.RawConn, opt, n int) error {
+	var serr error
+	if err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, opt, n) }); err != nil {
+		return err
+	}
+	return serr
+}
+
+// receiveBuffer is a net.Dialer Control that sets SO_RCVBUF to n before
+// the socket connects, so the window it advertises is small from the
+// start.
+func receiveBuffer(n int) func(network, address string, c syscall.RawConn) error {
+	return func(_, _ string, c syscall.RawConn) error { return setSocketBuffer(c, syscall.SO_RCVBUF, n) }
+}
+
+// setConnBuffer sets opt (SO_RCVBUF or SO_SNDBUF) of the socket under
+// conn, a TLS connection's included. A failure keeps the kernel's
+// default, which works: it is ignored.
+func setConnBuffer(conn net.Conn, opt, n int) {
+	if tc, ok := conn.(interface{ NetConn() net.Conn }); ok {
+		conn = tc.NetConn()
+	}
+	if sc, ok := conn.(syscall.Conn); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			setSocketBuffer(raw, opt, n)
+		}
+	}
 }
 
 // Server accepts WebSocket upgrades and proxies each to the upstream.
@@ -109,7 +136,10 @@ func New(opts Options) (*Server, error) {
 	s.http.SetKeepAlivesEnabled(false)
 	// No TCP keepalive: sluice pings at the WebSocket layer, and the
 	// kernel's probes cost four setsockopt calls per connection.
-	d := net.Dialer{Control: s.controlUpstreamSocket, KeepAlive: -1}
+	d := net.Dialer{KeepAlive: -1}
+	if opts.UpstreamReadBuffer > 0 {
+		d.Control = receiveBuffer(opts.UpstreamReadBuffer)
+	}
 	s.netDial = d.DialContext
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
@@ -119,20 +149,6 @@ func New(opts Options) (*Server, error) {
 		s.budget.Guard(ctx)
 	}()
 	return s, nil
-}
-
-// controlUpstreamSocket sets the upstream socket's receive buffer before
-// it connects, so the window it advertises is small from the start.
-func (s *Server) controlUpstreamSocket(network, address string, c syscall.RawConn) error {
-	if s.opts.UpstreamReadBuffer <= 0 {
-		return nil
-	}
-	var serr error
-	err := c.Control(func(fd uintptr) { serr = setReceiveBuffer(fd, s.opts.UpstreamReadBuffer) })
-	if err != nil {
-		return err
-	}
-	return serr
 }
 
 // Budget exposes the global queue accounting, for metrics and status pages.
@@ -346,17 +362,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if s.opts.ClientWriteBuffer > 0 {
-		raw := conn
-		if tc, ok := conn.(interface{ NetConn() net.Conn }); ok {
-			raw = tc.NetConn() // TLS: the socket under it
-		}
-		if sc, ok := raw.(syscall.Conn); ok {
-			if raw, err := sc.SyscallConn(); err == nil {
-				raw.Control(func(fd uintptr) {
-					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
-				})
-			}
-		}
+		setConnBuffer(conn, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
 	}
 	var clientPending, upstreamPending []byte
 	if rw != nil && rw.Reader.Buffered() > 0 {
