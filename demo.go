@@ -854,7 +854,8 @@ func (b *demoBackend) backendBroadcaster() {
 	start := time.Now()
 	var sent int64
 	var conns []*backendConn
-	hdr := ws.Header{Fin: true, OpCode: ws.OpBinary, Length: int64(b.size)}
+	var hdr bytes.Buffer // the same for every message
+	ws.WriteHeader(&hdr, ws.Header{Fin: true, OpCode: ws.OpBinary, Length: int64(b.size)})
 	for {
 		select {
 		case <-b.stop:
@@ -871,15 +872,10 @@ func (b *demoBackend) backendBroadcaster() {
 			}
 			b.mu.Unlock()
 			for ; sent < due; sent++ {
-				var buf bytes.Buffer
-				buf.Grow(ws.HeaderSize(hdr) + b.size)
-				ws.WriteHeader(&buf, hdr)
-				var stamp [16]byte
+				frame := make([]byte, hdr.Len()+b.size) // zeroed: the padding
+				stamp := frame[copy(frame, hdr.Bytes()):]
 				binary.BigEndian.PutUint64(stamp[:8], uint64(time.Now().UnixNano()))
-				binary.BigEndian.PutUint64(stamp[8:], uint64(sent+1))
-				buf.Write(stamp[:])
-				buf.Write(make([]byte, b.size-len(stamp)))
-				frame := buf.Bytes()
+				binary.BigEndian.PutUint64(stamp[8:16], uint64(sent+1))
 				for _, bc := range conns {
 					bc.enqueue(frame)
 				}
