@@ -648,6 +648,12 @@ func (s *syncBuffer) Write(p []byte) (int, error) {
 	return s.b.Write(p)
 }
 
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
 func (s *syncBuffer) count(substrs ...string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -852,7 +858,7 @@ func TestAdmissionEndToEnd(t *testing.T) {
 		}
 		// A burst is one line (two if it straddled a second), not 21.
 		if n := p.logs.count(`"reason":"max_connections"`, "upgrades rejected"); n < 1 || n > 2 {
-			t.Errorf("%d log lines for 21 refusals:\n%s", n, p.logs.b.String())
+			t.Errorf("%d log lines for 21 refusals:\n%s", n, p.logs.String())
 		}
 		c2.echo(t, "still here")
 		waitSessions(t, p.Server, 2) // a client sees its 101 just before its session registers
@@ -942,7 +948,7 @@ func TestAdmissionEndToEnd(t *testing.T) {
 			t.Errorf("rejected{origin} = %v, want 5", n)
 		}
 		if n := p.logs.count(`"reason":"origin"`, `"origin":"https://evil.com"`); n != 1 {
-			t.Errorf("want one log line naming the first refused origin:\n%s", p.logs.b.String())
+			t.Errorf("want one log line naming the first refused origin:\n%s", p.logs.String())
 		}
 	})
 
