@@ -952,6 +952,21 @@ func TestDropPolicy(t *testing.T) {
 		q := NewQueue(&Config{Policy: Drop, MaxMessages: 4, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 2}, nil, nil)
 		defer q.Close()
 		rng := rand.New(rand.NewPCG(1, 2))
+		// One state across every batch: a message the writer stopped
+		// inside must go on in the next batch, whatever was dropped since.
+		var st wholeState
+		takeWhole := func(n int) {
+			t.Helper()
+			segs, err := q.Take(make([]*Segment, 0, n), 1<<20)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ok := checkWhole(t, segs, &st)
+			freeAll(segs)
+			if !ok {
+				t.FailNow()
+			}
+		}
 		var id uint64
 		for m := 0; m < 200; m++ {
 			n := 1 + rng.IntN(5)
@@ -962,16 +977,12 @@ func TestDropPolicy(t *testing.T) {
 			if m%7 == 6 {
 				// Let the writer take a little now and then, sometimes
 				// stopping inside a message.
-				segs, err := q.Take(make([]*Segment, 0, 1+rng.IntN(3)), 1<<20)
-				if err != nil {
-					t.Fatal(err)
-				}
-				ok := checkWhole(t, segs, &wholeState{})
-				freeAll(segs)
-				if !ok {
-					t.FailNow()
-				}
+				takeWhole(1 + rng.IntN(3))
 			}
+		}
+		takeWhole(64) // the rest
+		if st.inMsg || st.last != id {
+			t.Fatalf("the writer ended at frame %d, inside a message: %v; want %d, false", st.last, st.inMsg, id)
 		}
 		if q.Dropped() == 0 {
 			t.Fatal("nothing dropped: the test does not test")
