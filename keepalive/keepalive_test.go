@@ -86,6 +86,18 @@ func start(cfg Config, p *recPeer) *Monitor {
 	return m
 }
 
+// startAnswering starts n Monitors whose peers answer every ping.
+func startAnswering(n int, cfg Config) ([]*recPeer, []*Monitor) {
+	peers := make([]*recPeer, n)
+	monitors := make([]*Monitor, n)
+	for i := range peers {
+		peers[i] = &recPeer{}
+		peers[i].answer.Store(true)
+		monitors[i] = start(cfg, peers[i])
+	}
+	return peers, monitors
+}
+
 // settle stops m and lets pending pong goroutines finish, so the bubble can end.
 func settle(m *Monitor, cfg Config) {
 	m.Stop()
@@ -100,13 +112,7 @@ func TestFirstPingJitter(t *testing.T) {
 		const n = 500
 		cfg := testCfg
 		t0 := time.Now()
-		peers := make([]*recPeer, n)
-		monitors := make([]*Monitor, n)
-		for i := range peers {
-			peers[i] = &recPeer{}
-			peers[i].answer.Store(true)
-			monitors[i] = start(cfg, peers[i])
-		}
+		peers, monitors := startAnswering(n, cfg)
 		time.Sleep(cfg.Interval + tickOf(cfg.Interval))
 		synctest.Wait()
 		lo, hi := cfg.Interval, time.Duration(0)
@@ -627,13 +633,7 @@ func TestPingsShareTicks(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const n = 2000
 		cfg := testCfg
-		peers := make([]*recPeer, n)
-		monitors := make([]*Monitor, n)
-		for i := range peers {
-			peers[i] = &recPeer{}
-			peers[i].answer.Store(true)
-			monitors[i] = start(cfg, peers[i])
-		}
+		peers, monitors := startAnswering(n, cfg)
 		time.Sleep(3 * cfg.Interval)
 		synctest.Wait()
 		instants := map[time.Time]bool{}
