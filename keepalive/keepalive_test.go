@@ -351,14 +351,18 @@ func TestStopPreventsCallbacks(t *testing.T) {
 				t0 := time.Now()
 				// The first ping is jittered, so a silent peer waits for it
 				// before choosing the moment to stop.
-				p := &recPeer{}
+				pinged := make(chan struct{}, 1)
+				p := &recPeer{onPing: func(*Monitor) {
+					select {
+					case pinged <- struct{}{}:
+					default:
+					}
+				}}
 				p.answer.Store(tc.answer)
 				m := start(cfg, p)
 				var first time.Duration
 				if !tc.answer {
-					for len(p.pingsNow()) == 0 {
-						time.Sleep(100 * time.Millisecond)
-					}
+					<-pinged
 					first = time.Since(t0)
 				}
 				if d := tc.stopAt(cfg, first) - time.Since(t0); d > 0 {
@@ -381,11 +385,6 @@ func TestStopPreventsCallbacks(t *testing.T) {
 			})
 		})
 	}
-}
-
-func (p *recPeer) pingsNow() []time.Time {
-	pings, _, _, _ := p.snapshot()
-	return pings
 }
 
 func TestDisabled(t *testing.T) {
