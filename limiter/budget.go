@@ -53,6 +53,7 @@ type Budget struct {
 	cfg BudgetConfig
 
 	queued     atomic.Int64
+	unsent     atomic.Int64 // part of queued: in kernel send buffers
 	slow       atomic.Int64
 	paused     atomic.Int64
 	pauseNanos atomic.Int64
@@ -70,7 +71,8 @@ func NewBudget(cfg BudgetConfig) *Budget {
 // Stats is a snapshot of the Budget's counters.
 type Stats struct {
 	Connections   int           // queues counted for the slow ratio
-	QueuedBytes   int64         // bytes in all queues
+	QueuedBytes   int64         // bytes in all queues, UnsentBytes included
+	UnsentBytes   int64         // bytes the kernel holds unacknowledged for the counted connections
 	Ceiling       int64         // BudgetConfig.Ceiling
 	Slow          int           // connections at or past their slow depth
 	Paused        int           // producers waiting for room
@@ -88,6 +90,7 @@ func (b *Budget) Stats() Stats {
 	return Stats{
 		Connections:   n,
 		QueuedBytes:   b.queued.Load(),
+		UnsentBytes:   b.unsent.Load(),
 		Ceiling:       b.cfg.Ceiling,
 		Slow:          int(b.slow.Load()),
 		Paused:        int(b.paused.Load()),
@@ -128,18 +131,42 @@ func (b *Budget) Each(f func(*Queue)) {
 // within two intervals.
 const GuardInterval = 50 * time.Millisecond
 
-// Guard checks the global bounds every GuardInterval until ctx ends.
+// Guard samples what the kernel holds unsent for each connection that
+// wrote lately and checks the global bounds, every GuardInterval until ctx
+// ends.
 func (b *Budget) Guard(ctx context.Context) {
 	t := time.NewTicker(GuardInterval)
 	defer t.Stop()
+	var scratch []*Queue
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			scratch = b.SampleUnsent(scratch[:0])
 			b.Check()
 		}
 	}
+}
+
+// SampleUnsent asks the kernel, through each queue's OnUnsent function,
+// how much it holds unacknowledged for the connections that wrote since
+// the last sample or still had bytes unsent then, so that Bytes, the slow
+// count and the ceiling include it. The system calls run outside the
+// Budget's lock; scratch is reused between calls and returned.
+func (b *Budget) SampleUnsent(scratch []*Queue) []*Queue {
+	b.mu.Lock()
+	for q := range b.queues {
+		if q.unsentFn != nil && (q.wroteSince.Load() || q.unsent.Load() != 0) {
+			scratch = append(scratch, q)
+		}
+	}
+	b.mu.Unlock()
+	for i, q := range scratch {
+		q.sampleUnsent()
+		scratch[i] = nil
+	}
+	return scratch
 }
 
 // Check runs both guards once: if the queues together hold more than the

@@ -2,6 +2,7 @@ package limiter
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"runtime"
@@ -493,5 +494,63 @@ func BenchmarkCheck(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		bud.Check()
+	}
+}
+
+// What the kernel holds unsent counts as the queue's bytes, toward the
+// ceiling and the slow count, is sampled only for queues that wrote or
+// still held bytes, and leaves the counts with the queue.
+func TestUnsentCounts(t *testing.T) {
+	b := NewBudget(BudgetConfig{Ceiling: 1 << 20, SlowRatio: 1})
+	cfg := bigCfg(Evict)
+	cfg.MaxMessages, cfg.MaxBytes, cfg.SlowDepth = 100, 1<<20, 5 // slow at 50 KiB unsent
+	var evicted []Reason
+	q := NewQueue(cfg, b, func(r Reason) { evicted = append(evicted, r) })
+	var kernel int64
+	var samples int
+	q.OnUnsent(func() int64 { samples++; return kernel })
+
+	b.SampleUnsent(nil)
+	if samples != 0 {
+		t.Fatalf("an idle queue was sampled %d times", samples)
+	}
+	mustPush(t, q, msg(1, 100))
+	take(t, q, 64, 1<<20)
+	kernel = 60 << 10
+	b.SampleUnsent(nil)
+	if samples != 1 || q.Bytes() != kernel || q.Unsent() != kernel {
+		t.Fatalf("after a write: samples %d Bytes %d Unsent %d, want 1 %d %d", samples, q.Bytes(), q.Unsent(), kernel, kernel)
+	}
+	if st := b.Stats(); st.QueuedBytes != kernel || st.UnsentBytes != kernel || st.Slow != 1 {
+		t.Fatalf("budget after a write: %+v", st)
+	}
+	// Nothing written since, but bytes still unsent: sampled again.
+	kernel = 2 << 20
+	b.SampleUnsent(nil)
+	if samples != 2 || q.Bytes() != kernel {
+		t.Fatalf("stalled: samples %d Bytes %d", samples, q.Bytes())
+	}
+	b.Check()
+	if len(evicted) != 1 || evicted[0] != ReasonGlobalCeiling {
+		t.Fatalf("over the ceiling on unsent bytes alone: evicted %v", evicted)
+	}
+	s := msg(2, 100)
+	if err := q.Push(s); !errors.Is(err, ErrOverflow) {
+		t.Fatalf("Push past MaxBytes counting unsent bytes = %v, want ErrOverflow", err)
+	}
+	s.Free()
+	kernel = 0
+	b.SampleUnsent(nil)
+	b.SampleUnsent(nil)
+	if samples != 3 || q.Bytes() != 0 || b.Stats().Slow != 0 {
+		t.Fatalf("drained: samples %d Bytes %d Slow %d, want 3 0 0", samples, q.Bytes(), b.Stats().Slow)
+	}
+	kernel = 4096
+	mustPush(t, q, msg(3, 100))
+	take(t, q, 64, 1<<20)
+	b.SampleUnsent(nil)
+	q.Close()
+	if st := b.Stats(); st.QueuedBytes != 0 || st.UnsentBytes != 0 {
+		t.Fatalf("after Close: %+v", st)
 	}
 }

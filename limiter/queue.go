@@ -28,7 +28,13 @@ type Config struct {
 }
 
 func (c *Config) lowMessages() int { return int(float64(c.MaxMessages) * c.LowWater) }
-func (c *Config) lowBytes() int64  { return int64(float64(c.MaxBytes) * c.LowWater) }
+
+// slowUnsent is how many bytes unsent in the kernel make a connection
+// slow: the same share of MaxBytes as SlowDepth is of MaxMessages.
+func (c *Config) slowUnsent() int64 {
+	return max(1, c.MaxBytes*int64(c.SlowDepth)/int64(max(c.MaxMessages, 1)))
+}
+func (c *Config) lowBytes() int64 { return int64(float64(c.MaxBytes) * c.LowWater) }
 
 // over reports whether a segment of n bytes finds the queue at its
 // high-water mark. Only a segment that starts a message counts against
@@ -38,9 +44,12 @@ func (c *Config) over(start bool, msgs int, bytes, n int64) bool {
 	return (start && msgs >= c.MaxMessages) || (bytes > 0 && bytes+n > c.MaxBytes)
 }
 
-// ctlSlots bounds the priority lane. Pings and pongs beyond it are dropped:
-// a peer only needs an answer to its latest ping.
-const ctlSlots = 4
+// ctlSlots bounds the priority lane: a producer that forwards a peer's
+// ping or pong waits for room (TCP backpressure toward that peer) rather
+// than drop it. sluice's own keepalive ping takes one slot more, so it is
+// never refused for want of room, and is coalesced: while one waits
+// unwritten, the next is not queued.
+const ctlSlots = 16
 
 var epoch = time.Now()
 
@@ -60,8 +69,9 @@ type Queue struct {
 
 	mu            sync.Mutex
 	head, tail    *Segment // data lane, oldest first
-	ctl           [ctlSlots]*Segment
+	ctl           [ctlSlots + 1]*Segment
 	nctl          int
+	ownPing       bool     // one of ctl is sluice's own ping
 	closeFrame    *Segment // sent after data, or first when closeFirst
 	closeFirst    bool
 	closed        bool // aborted: Take and Push fail
@@ -73,7 +83,16 @@ type Queue struct {
 	pausedAt      int64 // monotonic ns the current pause began; 0 if none
 	dropped       uint64
 
-	room chan struct{} // to the producer: below low water, or closed
+	room    chan struct{} // to the producer: below low water, or closed
+	ctlRoom chan struct{} // to a forwarder waiting on a full priority lane
+
+	// unsent is what the kernel holds of this queue's connection that the
+	// peer has not acknowledged (SIOCOUTQ), as last sampled; it counts in
+	// bytes, so the marks, the slow depth and the ceiling see it.
+	unsent     atomic.Int64
+	unsentFn   func() int64 // see OnUnsent
+	wroteSince atomic.Bool  // a batch was taken since the last sample
+	slowUnsent bool         // slow because of unsent bytes; guarded by mu
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
 	// streamDiscarded hears ErrClosed when a segment with Follow bytes is
@@ -131,6 +150,7 @@ func NewQueue(cfg *Config, b *Budget, onEvict func(Reason)) *Queue {
 		cfg:     cfg,
 		budget:  b,
 		room:    make(chan struct{}, 1),
+		ctlRoom: make(chan struct{}, 1),
 		onEvict: onEvict,
 	}
 	if b != nil && cfg.SlowDepth > 0 {
@@ -304,20 +324,57 @@ func (q *Queue) dropOldest(n int64) bool {
 	return !q.cfg.over(true, int(q.msgs.Load()), q.bytes.Load(), n)
 }
 
-// PushControl queues a ping or pong on the priority lane. It reports false
-// when the frame was not queued (lane full, or a close frame already
-// queued); the caller still owns seg then.
-func (q *Queue) PushControl(seg *Segment) bool {
+// PushControl queues a ping or pong that a peer sent, on the priority
+// lane. It waits while the lane is full, and returns ErrClosed, leaving seg
+// with the caller, once the queue is closed or a close frame is queued:
+// nothing may follow a close.
+func (q *Queue) PushControl(seg *Segment) error {
 	q.mu.Lock()
-	if q.closed || q.closeFrame != nil || q.nctl == ctlSlots {
+	for {
+		if q.closed || q.closeFrame != nil {
+			q.mu.Unlock()
+			return ErrClosed
+		}
+		if q.nctl-b2i(q.ownPing) < ctlSlots {
+			break
+		}
+		q.mu.Unlock()
+		<-q.ctlRoom
+		q.mu.Lock()
+	}
+	q.appendControl(seg)
+	q.unlockAndKick()
+	return nil
+}
+
+// PushPing queues a ping sluice makes itself. It never waits: it reports
+// false, leaving seg with the caller, when the queue is closing or the
+// previous own ping is still unwritten (a peer needs only one to answer).
+func (q *Queue) PushPing(seg *Segment) bool {
+	q.mu.Lock()
+	if q.closed || q.closeFrame != nil || q.ownPing {
 		q.mu.Unlock()
 		return false
 	}
+	q.ownPing = true
+	q.appendControl(seg)
+	q.unlockAndKick()
+	return true
+}
+
+// appendControl puts seg on the priority lane. Callers hold mu and have
+// made sure it has room.
+func (q *Queue) appendControl(seg *Segment) {
 	seg.Control = true
 	q.ctl[q.nctl] = seg
 	q.nctl++
-	q.unlockAndKick()
-	return true
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // PushClose queues a close frame, after the queued data or, with first set,
@@ -337,6 +394,7 @@ func (q *Queue) PushClose(seg *Segment, first bool) bool {
 	seg.Control, seg.Close = true, true
 	q.closeFrame = seg
 	q.signalRoom()
+	q.signalCtlRoom()
 	q.unlockAndKick()
 	return true
 }
@@ -390,7 +448,11 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		dst = append(dst, q.ctl[i])
 		q.ctl[i] = nil
 	}
-	q.nctl = 0
+	if q.nctl > 0 {
+		q.nctl, q.ownPing = 0, false
+		q.signalCtlRoom()
+	}
+	q.wroteSince.Store(true)
 	if q.closeFrame != nil && q.closeFirst {
 		dst = append(dst, q.closeFrame)
 		q.closeFrame = nil
@@ -435,7 +497,7 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		q.closeFrame = nil
 		q.closed = true
 	}
-	if q.roomWanted && q.bytes.Load() <= q.cfg.lowBytes() && (!q.roomForStart || int(q.msgs.Load()) <= q.cfg.lowMessages()) {
+	if q.roomWanted && q.hasRoomLocked() {
 		q.signalRoom()
 	}
 	q.mu.Unlock()
@@ -454,14 +516,16 @@ func (q *Queue) Close() {
 		q.ctl[i].Free()
 		q.ctl[i] = nil
 	}
-	q.nctl = 0
+	q.nctl, q.ownPing = 0, false
 	if q.closeFrame != nil {
 		q.closeFrame.Free()
 		q.closeFrame = nil
 	}
 	q.closed = true
 	q.endPause()
+	q.setUnsentLocked(0)
 	q.signalRoom()
+	q.signalCtlRoom()
 	q.mu.Unlock()
 	if q.budget != nil && q.cfg.SlowDepth > 0 {
 		q.budget.unregister(q)
@@ -476,6 +540,62 @@ func (q *Queue) signalRoom() {
 	}
 }
 
+func (q *Queue) signalCtlRoom() {
+	select {
+	case q.ctlRoom <- struct{}{}:
+	default:
+	}
+}
+
+// OnUnsent names the function that tells how many bytes the kernel holds
+// unacknowledged for the queue's connection (Linux SIOCOUTQ). The Budget's
+// guard calls it each GuardInterval for queues that were written since, or
+// still had bytes unsent: never per frame. Call it before the first Push.
+func (q *Queue) OnUnsent(f func() int64) { q.unsentFn = f }
+
+// Unsent is the last sample of what the kernel holds unacknowledged for
+// the queue's connection; Bytes includes it.
+func (q *Queue) Unsent() int64 { return q.unsent.Load() }
+
+// sampleUnsent takes a new sample if one is due: the queue's writer took
+// a batch since the last one, or the kernel still held bytes then.
+func (q *Queue) sampleUnsent() {
+	if q.unsentFn == nil || (!q.wroteSince.Swap(false) && q.unsent.Load() == 0) {
+		return
+	}
+	n := q.unsentFn()
+	q.mu.Lock()
+	if !q.closed {
+		q.setUnsentLocked(n)
+		if q.roomWanted && q.hasRoomLocked() {
+			q.signalRoom()
+		}
+	}
+	q.mu.Unlock()
+}
+
+// setUnsentLocked replaces the unsent sample with n. Callers hold mu.
+func (q *Queue) setUnsentLocked(n int64) {
+	if d := n - q.unsent.Swap(n); d != 0 {
+		q.addBytes(d)
+		if q.budget != nil {
+			q.budget.unsent.Add(d)
+		}
+	}
+	if q.budget == nil || q.cfg.SlowDepth == 0 {
+		return
+	}
+	if slow := n >= q.cfg.slowUnsent(); slow != q.slowUnsent {
+		q.slowUnsent = slow
+		q.updateSlow()
+	}
+}
+
+// hasRoomLocked: a waiting producer may go on. Callers hold mu.
+func (q *Queue) hasRoomLocked() bool {
+	return q.bytes.Load() <= q.cfg.lowBytes() && (!q.roomForStart || int(q.msgs.Load()) <= q.cfg.lowMessages())
+}
+
 // addBytes and addMessages keep the queue's and the budget's counters in
 // step. Callers hold mu.
 func (q *Queue) addBytes(n int64) {
@@ -486,11 +606,18 @@ func (q *Queue) addBytes(n int64) {
 }
 
 func (q *Queue) addMessages(n int) {
-	m := q.msgs.Add(int32(n))
+	q.msgs.Add(int32(n))
 	if q.budget == nil || q.cfg.SlowDepth == 0 {
 		return
 	}
-	if slow := int(m) >= q.cfg.SlowDepth; slow != q.slow {
+	q.updateSlow()
+}
+
+// updateSlow keeps the Budget's count of slow queues in step: a queue is
+// slow at SlowDepth messages, or with as many bytes unsent in the kernel
+// as SlowDepth messages would hold. Callers hold mu.
+func (q *Queue) updateSlow() {
+	if slow := int(q.msgs.Load()) >= q.cfg.SlowDepth || q.slowUnsent; slow != q.slow {
 		q.slow = slow
 		if slow {
 			q.budget.slow.Add(1)
@@ -498,4 +625,11 @@ func (q *Queue) addMessages(n int) {
 			q.budget.slow.Add(-1)
 		}
 	}
+}
+
+// IsSlow reports whether the queue counts as slow now.
+func (q *Queue) IsSlow() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.slow || int(q.msgs.Load()) >= q.cfg.SlowDepth
 }

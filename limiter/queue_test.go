@@ -253,12 +253,12 @@ func TestTakeOrder(t *testing.T) {
 	defer q.Close()
 	mustPush(t, q, msg(1, 16))
 	mustPush(t, q, dataSeg(2, 16, true, false))
-	if !q.PushControl(ctlSeg(1)) {
-		t.Fatal("PushControl refused on an empty lane")
+	if err := q.PushControl(ctlSeg(1)); err != nil {
+		t.Fatalf("PushControl on an empty lane: %v", err)
 	}
 	mustPush(t, q, dataSeg(3, 16, false, true))
-	if !q.PushControl(ctlSeg(2)) {
-		t.Fatal("PushControl refused")
+	if err := q.PushControl(ctlSeg(2)); err != nil {
+		t.Fatalf("PushControl: %v", err)
 	}
 	takeWant(t, q, 64, "c1", "c2", "d1", "d2", "d3")
 	if q.Bytes() != 0 || q.Messages() != 0 {
@@ -266,26 +266,68 @@ func TestTakeOrder(t *testing.T) {
 	}
 }
 
+// A full priority lane makes the forwarder wait, never drops its frame;
+// sluice's own ping still fits, once, and is coalesced while it waits.
 func TestControlLaneBound(t *testing.T) {
-	q := NewQueue(bigCfg(Evict), nil, nil)
-	defer q.Close()
-	for i := range ctlSlots {
-		if !q.PushControl(ctlSeg(byte(i))) {
-			t.Fatalf("PushControl %d refused", i)
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue(bigCfg(Evict), nil, nil)
+		defer q.Close()
+		for i := range ctlSlots {
+			if err := q.PushControl(ctlSeg(byte(i))); err != nil {
+				t.Fatalf("PushControl %d: %v", i, err)
+			}
 		}
-	}
-	extra := ctlSeg(9)
-	if q.PushControl(extra) {
-		t.Fatal("PushControl beyond ctlSlots accepted")
-	}
-	extra.Free()
-	if got := take(t, q, 64, 1<<20); len(got) != ctlSlots {
-		t.Fatalf("Take = %v, want %d control frames", got, ctlSlots)
-	}
-	// The lane has room again.
-	if !q.PushControl(ctlSeg(5)) {
-		t.Fatal("PushControl refused after the lane was drained")
-	}
+		pushed := make(chan error, 1)
+		go func() { pushed <- q.PushControl(ctlSeg(99)) }()
+		synctest.Wait()
+		select {
+		case err := <-pushed:
+			t.Fatalf("PushControl beyond ctlSlots returned %v at once, want it to wait", err)
+		default:
+		}
+		own := ctlSeg(100)
+		if !q.PushPing(own) {
+			t.Fatal("PushPing refused on a lane full of forwarded frames")
+		}
+		second := ctlSeg(101)
+		if q.PushPing(second) {
+			t.Fatal("a second own ping was queued while the first waits")
+		}
+		second.Free()
+		got := take(t, q, 64, 1<<20)
+		if len(got) != ctlSlots+1 || got[ctlSlots] != "c100" {
+			t.Fatalf("Take = %v, want %d forwarded frames then c100", got, ctlSlots)
+		}
+		synctest.Wait()
+		if err := <-pushed; err != nil {
+			t.Fatalf("the waiting PushControl: %v", err)
+		}
+		takeWant(t, q, 64, "c99")
+		if !q.PushPing(ctlSeg(102)) {
+			t.Fatal("PushPing refused once the previous ping was written")
+		}
+	})
+}
+
+// A forwarder waiting on a full lane is let go when the queue closes.
+func TestControlLaneWaitEndsOnClose(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue(bigCfg(Evict), nil, nil)
+		for i := range ctlSlots {
+			if err := q.PushControl(ctlSeg(byte(i))); err != nil {
+				t.Fatalf("PushControl %d: %v", i, err)
+			}
+		}
+		pushed := make(chan error, 1)
+		late := ctlSeg(99)
+		go func() { pushed <- q.PushControl(late) }()
+		synctest.Wait()
+		q.Close()
+		if err := <-pushed; !errors.Is(err, ErrClosed) {
+			t.Fatalf("PushControl after Close = %v, want ErrClosed", err)
+		}
+		late.Free()
+	})
 }
 
 func TestCloseFrame(t *testing.T) {
@@ -310,8 +352,8 @@ func TestCloseFrame(t *testing.T) {
 			for id := uint64(1); id <= 3; id++ {
 				mustPush(t, q, msg(id, 32))
 			}
-			if !q.PushControl(ctlSeg(1)) {
-				t.Fatal("PushControl refused")
+			if err := q.PushControl(ctlSeg(1)); err != nil {
+				t.Fatalf("PushControl: %v", err)
 			}
 			if !q.PushClose(closeSeg(), tt.first) {
 				t.Fatal("PushClose refused on an open queue")
@@ -330,8 +372,8 @@ func TestCloseFrame(t *testing.T) {
 			}
 			late.Free()
 			lateCtl := ctlSeg(9)
-			if q.PushControl(lateCtl) {
-				t.Fatal("PushControl after PushClose accepted")
+			if err := q.PushControl(lateCtl); !errors.Is(err, ErrClosed) {
+				t.Fatalf("PushControl after PushClose = %v, want ErrClosed", err)
 			}
 			lateCtl.Free()
 			lateClose := closeSeg()
@@ -500,8 +542,8 @@ func TestOnWorkOncePerBurst(t *testing.T) {
 	// new starts another, not even on a lane it has emptied.
 	takeWant(t, q, 3, "d1", "d2", "d3")
 	mustPush(t, q, msg(11, 16))
-	if !q.PushControl(ctlSeg(1)) {
-		t.Fatal("PushControl refused")
+	if err := q.PushControl(ctlSeg(1)); err != nil {
+		t.Fatalf("PushControl: %v", err)
 	}
 	want(1, "pushes while the writer runs")
 	got, err := drain(t, q, 64)
@@ -534,7 +576,8 @@ func TestOnWorkEachPush(t *testing.T) {
 		want string // what the writer takes
 	}{
 		{"Push", func(q *Queue) bool { return q.Push(msg(1, 16)) == nil }, "d1"},
-		{"PushControl", func(q *Queue) bool { return q.PushControl(ctlSeg(1)) }, "c1"},
+		{"PushControl", func(q *Queue) bool { return q.PushControl(ctlSeg(1)) == nil }, "c1"},
+		{"PushPing", func(q *Queue) bool { return q.PushPing(ctlSeg(1)) }, "c1"},
 		{"PushClose", func(q *Queue) bool { return q.PushClose(closeSeg(), false) }, "close"},
 		{"PushClose first", func(q *Queue) bool { return q.PushClose(closeSeg(), true) }, "close"},
 	}
@@ -572,8 +615,13 @@ func TestOnWorkNotWithoutWork(t *testing.T) {
 		}
 		s.Free()
 		s = ctlSeg(9)
-		if q.PushControl(s) {
+		if q.PushControl(s) == nil {
 			t.Fatal("PushControl accepted")
+		}
+		s.Free()
+		s = ctlSeg(10)
+		if q.PushPing(s) {
+			t.Fatal("PushPing accepted")
 		}
 		s.Free()
 		for _, first := range []bool{false, true} {
@@ -595,16 +643,16 @@ func TestOnWorkNotWithoutWork(t *testing.T) {
 			t.Fatalf("Expedite on an empty queue called OnWork %d times", *calls)
 		}
 	})
-	t.Run("control lane full", func(t *testing.T) {
+	t.Run("own ping coalesced", func(t *testing.T) {
 		q := NewQueue(bigCfg(Evict), nil, nil)
 		defer q.Close()
 		calls := countWork(t, q)
-		for i := range ctlSlots {
-			q.PushControl(ctlSeg(byte(i)))
+		if !q.PushPing(ctlSeg(1)) {
+			t.Fatal("PushPing refused on an empty lane")
 		}
 		s := ctlSeg(9)
-		if q.PushControl(s) {
-			t.Fatal("PushControl beyond ctlSlots accepted")
+		if q.PushPing(s) {
+			t.Fatal("a second own ping was queued beside the first")
 		}
 		s.Free()
 		if *calls != 1 {
@@ -1311,7 +1359,7 @@ func TestCloseIdempotent(t *testing.T) {
 	}
 	s.Free()
 	c := ctlSeg(1)
-	if q.PushControl(c) {
+	if q.PushControl(c) == nil {
 		t.Fatal("PushControl after Close accepted")
 	}
 	c.Free()
@@ -1418,7 +1466,7 @@ func TestConcurrentPushTake(t *testing.T) {
 					default:
 					}
 					s := ctlSeg(byte(i))
-					if q.PushControl(s) {
+					if q.PushControl(s) == nil {
 						ctlSent++
 					} else {
 						s.Free()
