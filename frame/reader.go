@@ -368,3 +368,18 @@ func unexpected(err error) error {
 	}
 	return err
 }
+
+// Drain reads and discards everything the connection still sends, until
+// its end (then it returns nil), an error or the read deadline. The Reader
+// holds no buffer afterwards.
+func (r *Reader) Drain() error {
+	for {
+		r.r = r.w
+		if err := r.fill(); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+	}
+}

@@ -60,10 +60,6 @@ var refusals = [...]refusal{
 	refuseRate:     {"rate_limit", http.StatusServiceUnavailable, true, "too many new connections, retry later"},
 }
 
-// evictReadTimeout is the eviction reason of a client whose frame did not
-// arrive whole within Options.FrameReadTimeout.
-const evictReadTimeout = "read_timeout"
-
 // admission holds the limits of one Server and what counts against them.
 // Everything but the counters is immutable after newAdmission.
 type admission struct {
@@ -823,11 +819,12 @@ func (s *session) frameTimerFired() {
 	if ending {
 		return // closing for another reason already (client gone mid-frame, ...)
 	}
-	// Evicted like any client that cannot keep up: 1013 at once, 1001 to
-	// the upstream. A frame being spliced to the upstream is torn and no
-	// close frame can follow it there: failing the client's socket for
-	// reads ends the splice, and the upstream connection is cut.
-	s.evict(evictReadTimeout)
+	// Evicted: 1001 to the upstream, 1013 to the client after what the
+	// upstream sends until it answers (close.go). A frame being spliced to
+	// the upstream is torn and no close frame can follow it there: failing
+	// the client's socket for reads ends the splice, and the upstream
+	// connection is cut.
+	s.end(causeReadTimeout, nil)
 	if s.frames.streaming.Load() {
 		s.client.conn.SetReadDeadline(time.Now())
 	}

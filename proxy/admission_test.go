@@ -1037,7 +1037,7 @@ func TestFrameReadTimeout(t *testing.T) {
 	if end := b.waitEnd(t, "streamed"); end != "cut" {
 		t.Errorf("backend leg of the streamed stall: %s, want cut", end)
 	}
-	if n := p.evicted(evictReadTimeout); n != 2 {
+	if n := p.evicted(endings[causeReadTimeout].label); n != 2 {
 		t.Errorf("evictions{read_timeout} = %v, want 2", n)
 	}
 	if n := p.logs.count(`"reason":"read_timeout"`, "client evicted"); n != 2 {

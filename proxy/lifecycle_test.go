@@ -334,8 +334,8 @@ func TestMetricsAcrossASession(t *testing.T) {
 	}
 	defer c2.Close()
 	waitMetric(t, reg, 1, "sluice_evictions_total", "reason", "slow")
-	if ev := p.RecentEvictions(); len(ev) != 1 || ev[0].Reason != evictSlow {
-		t.Errorf("RecentEvictions = %+v, want one %q", ev, evictSlow)
+	if ev := p.RecentEvictions(); len(ev) != 1 || ev[0].Reason != endings[causeSlow].label {
+		t.Errorf("RecentEvictions = %+v, want one %q", ev, endings[causeSlow].label)
 	}
 	// Now read: the writer's blocked batch completes, then the 1013 that
 	// overtook the rest of the queue.

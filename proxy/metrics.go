@@ -26,6 +26,10 @@ type Metrics struct {
 	sessionSeconds     prometheus.Histogram
 	upstreamPingsSent  prometheus.Counter
 	upstreamPongMissed prometheus.Counter
+	// upstreamClosedFirst counts upstream connections whose backend did
+	// not close TCP first after the close handshake: sluice did, and the
+	// TIME_WAIT is on its side.
+	upstreamClosedFirst prometheus.Counter
 
 	// closeCodeSeries caches closeCodes' children for 1000–1015 by leg
 	// and direction: every session ends with about four closes, and a
@@ -80,6 +84,9 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 		upstreamPongMissed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_upstream_pong_timeouts_total", Help: "Upstream legs closed because the upstream stopped answering pings.",
 		}),
+		upstreamClosedFirst: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_upstream_closed_first_total", Help: "Upstream connections sluice closed first after the close handshake, because the backend had not within 500ms (each leaves a TIME_WAIT socket on sluice's side).",
+		}),
 		queueWaitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "sluice_queue_wait_seconds", Help: "Time a message waited in a client's queue before its writer took it.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
@@ -105,11 +112,13 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 	for _, r := range refusals {
 		m.rejected.WithLabelValues(r.reason)
 	}
-	m.evictions.WithLabelValues(evictReadTimeout)
+	for _, r := range evictionReasons() {
+		m.evictions.WithLabelValues(r)
+	}
 	if reg != nil {
 		reg.MustRegister(m.connectionsActive, m.connectionsTotal, m.rejected, m.handshakeSeconds,
 			m.dialFailures, msgs, byts, m.closeCodes, m.evictions, m.protocolErrors, m.pingsSent,
-			m.upstreamPingsSent, m.upstreamPongMissed, m.queueWaitSeconds, m.sessionSeconds)
+			m.upstreamPingsSent, m.upstreamPongMissed, m.upstreamClosedFirst, m.queueWaitSeconds, m.sessionSeconds)
 	}
 	return m
 }

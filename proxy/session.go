@@ -26,17 +26,6 @@ const inlineMax = frame.MaxPooled - frame.MaxHeaderSize
 // batchBytes bounds one writev.
 const batchBytes = 256 << 10
 
-// Reasons a session ends early. Each maps to the close code its client
-// gets and is a label of sluice_evictions_total.
-const (
-	evictSlow         = "slow"
-	evictGlobal       = "global_ceiling"
-	evictSlowRatio    = "slow_ratio"
-	evictWriteTimeout = "write_timeout"
-	evictPongTimeout  = "pong_timeout"
-	evictPauseTimeout = "pause_timeout"
-)
-
 // upstreamQueue bounds what waits for the upstream's socket: little, since
 // the client's reader simply waits (and so pushes back on the client) while
 // the upstream is slow to read.
@@ -79,14 +68,19 @@ type leg struct {
 	// Counted by the reader of this leg, read after it has ended.
 	msgsIn, bytesIn uint64
 
-	// Close state, guarded by s.mu.
-	closeQueued bool // a close frame toward this leg is queued or written
-	closeSent   bool // ... and written
-	closeRcvd   bool // this leg's peer sent a close frame
-	noReply     bool // this leg broke the protocol: its close is not awaited
-	dead        bool // the socket failed: nothing more goes either way
-	sentCode    ws.StatusCode
-	rcvdCode    ws.StatusCode
+	// Close state (close.go), guarded by s.mu.
+	closeQueued  bool // a close frame toward this leg is queued or written
+	closeSent    bool // ... and written
+	closeRcvd    bool // this leg's peer sent a close frame
+	noReply      bool // this leg broke the protocol or does not read: its close is not awaited
+	dead         bool // the socket failed: nothing more goes either way
+	readDone     bool // no reader will read the socket again
+	draining     bool // the reader reads only to find the socket's end (close.go drain)
+	doomed       bool // the socket is to be closed when s.mu is let go
+	resetOnClose bool // ... with a reset (SO_LINGER 0)
+	connClosed   bool // ... and has been
+	sentCode     ws.StatusCode
+	rcvdCode     ws.StatusCode
 }
 
 func (l *leg) name() string {
@@ -105,8 +99,8 @@ func (l *leg) finished() bool {
 func (l *leg) SendPing(payload []byte) {
 	seg := limiter.NewSegment(frame.MaxControlFrame)
 	*seg.Buf = frame.AppendControl(*seg.Buf, ws.OpPing, payload, l.upstream)
-	if !l.out.PushControl(seg) {
-		seg.Free()
+	if !l.out.PushPing(seg) {
+		seg.Free() // closing, or the last ping is still unwritten
 		return
 	}
 	if l.upstream {
@@ -120,10 +114,10 @@ func (l *leg) SendPing(payload []byte) {
 func (l *leg) Stale() {
 	if l.upstream {
 		l.s.srv.metrics.upstreamPongMissed.Inc()
-		l.s.fail(l, l.s.srv.opts.UpstreamFailureCode, "upstream stopped answering pings", ws.StatusGoingAway, "pong timeout")
+		l.s.end(causeUpstreamPongTimeout, nil)
 		return
 	}
-	l.s.evict(evictPongTimeout)
+	l.s.end(causePongTimeout, nil)
 }
 
 // session is one proxied pair. Up to four goroutines serve it: a reader
@@ -143,9 +137,10 @@ type session struct {
 
 	mu         sync.Mutex
 	closeTimer *time.Timer // bounds the close handshake; guarded by mu
+	hold       heldClose   // the client's close, waiting for the upstream's; guarded by mu
 	aborted    bool        // guarded by mu
+	cause      cause       // why sluice ended the session, if it did; guarded by mu
 	endReason  string      // first reason the session began to end; guarded by mu
-	evicted    string      // eviction reason, if any; guarded by mu
 }
 
 func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn net.Conn, upPending []byte, clientAddr, target, protocol string, ext frame.Extension) {
@@ -224,19 +219,30 @@ func (s *session) event(e *zerolog.Event) *zerolog.Event {
 	return e.Uint64("conn", s.id).Str("client", s.clientAddr)
 }
 
-// Role names for stack dumps. A reader that parks hands its place in
-// the running count to the next one.
-func (s *session) clientReader() {
-	if !s.pump(&s.client, &s.upstream) {
-		s.exit()
+// Role names for stack dumps.
+func (s *session) clientReader()   { s.read(&s.client, &s.upstream) }
+func (s *session) upstreamReader() { s.read(&s.upstream, &s.client) }
+
+// read runs src's reader: it forwards frames until src parks, ends or is
+// lost. A reader that parks hands its place in the running count to the
+// next one; one whose peer has finished reads the socket to its end.
+func (s *session) read(src, dst *leg) {
+	switch s.pump(src, dst) {
+	case readerParked:
+		return
+	case readerDraining:
+		s.drain(src)
 	}
+	s.readerEnded(src)
+	s.exit()
 }
 
-func (s *session) upstreamReader() {
-	if !s.pump(&s.upstream, &s.client) {
-		s.exit()
-	}
-}
+// How pump ends.
+const (
+	readerParked   = iota // src's socket is in the epoll set
+	readerDraining        // nothing more from src is forwarded: read it to its end
+	readerLost            // src's socket failed or was closed
+)
 
 func (s *session) clientWriter()   { defer s.exit(); s.write(&s.client, &s.upstream) }
 func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.client) }
@@ -275,10 +281,12 @@ func (l *leg) wake() {
 }
 
 // pump reads frames from src, checks them and queues them for dst's
-// writer. It returns true when it parked: src's socket is in the epoll
-// set and the goroutine must end without touching the session again.
-func (s *session) pump(src, dst *leg) (parked bool) {
-	var ctl [frame.MaxControlFrame]byte
+// writer. When it returns readerParked, src's socket is in the epoll set
+// and the goroutine must end without touching the session again.
+func (s *session) pump(src, dst *leg) int {
+	// A peer may encode a control frame's length in 16 or 64 bits: room
+	// for the longest header, not the shortest.
+	var ctl [frame.MaxHeaderSize + ws.MaxControlFramePayloadSize]byte
 	var ctlPayload [ws.MaxControlFramePayloadSize]byte
 	dir := toUpstream
 	if src.upstream {
@@ -291,10 +299,10 @@ func (s *session) pump(src, dst *leg) (parked bool) {
 			parked, err := s.quiet(src)
 			if err != nil {
 				s.lost(src, err)
-				return false
+				return readerLost
 			}
 			if parked {
-				return true
+				return readerParked
 			}
 		}
 		h, raw, err := src.rd.ReadHeader()
@@ -302,14 +310,14 @@ func (s *session) pump(src, dst *leg) (parked bool) {
 			var fe *frame.Error
 			if errors.As(err, &fe) {
 				s.violation(src, fe)
-			} else {
-				s.lost(src, err)
+				return readerDraining
 			}
-			return false
+			s.lost(src, err)
+			return readerLost
 		}
 		if err := src.check.Check(h); err != nil {
 			s.violation(src, err.(*frame.Error))
-			return false
+			return readerDraining
 		}
 		src.frameStart(h) // the frame must now arrive whole within FrameReadTimeout
 		if src.ka != nil {
@@ -321,7 +329,7 @@ func (s *session) pump(src, dst *leg) (parked bool) {
 			wire := ctl[:n+int(h.Length)]
 			if err := src.rd.ReadSmall(wire[n:]); err != nil {
 				s.lost(src, err)
-				return false
+				return readerLost
 			}
 			payload := ctlPayload[:h.Length]
 			copy(payload, wire[n:])
@@ -331,15 +339,17 @@ func (s *session) pump(src, dst *leg) (parked bool) {
 			switch h.OpCode {
 			case ws.OpClose:
 				s.closeReceived(src, dst, payload, wire)
-				return false
+				return readerDraining
 			case ws.OpPong:
 				if src.ka != nil && src.ka.IsOwnPong(payload) {
 					continue
 				}
 			}
+			// A full priority lane makes this reader wait: a peer's ping
+			// or pong is never dropped. It fails only once dst is closing.
 			seg := limiter.NewSegment(len(wire))
 			*seg.Buf = append(*seg.Buf, wire...)
-			if !dst.out.PushControl(seg) {
+			if dst.out.PushControl(seg) != nil {
 				seg.Free()
 			}
 			continue
@@ -351,7 +361,7 @@ func (s *session) pump(src, dst *leg) (parked bool) {
 			src.skipRest = !h.Fin
 			if err := src.rd.Discard(h.Length); err != nil {
 				s.lost(src, err)
-				return false
+				return readerLost
 			}
 			continue
 		}
@@ -363,7 +373,7 @@ func (s *session) pump(src, dst *leg) (parked bool) {
 			if err := src.rd.ReadFull(b[len(raw):]); err != nil {
 				seg.Free()
 				s.lost(src, err)
-				return false
+				return readerLost
 			}
 			*seg.Buf = b
 		} else {
@@ -404,16 +414,16 @@ func (s *session) pump(src, dst *leg) (parked bool) {
 					s.mu.Lock()
 					src.noReply = true
 					s.checkDoneLocked()
-					s.mu.Unlock()
-					return false
+					s.unlock()
+					return readerDraining
 				}
 			} else {
 				continue
 			}
 		case limiter.ErrOverflow:
-			s.evict(evictSlow)
+			s.end(causeSlow, nil)
 		case limiter.ErrPauseTimeout:
-			s.evict(evictPauseTimeout)
+			s.end(causePauseTimeout, nil)
 		}
 		// The frame has nowhere to go: dst is closing. Keep reading src
 		// until its close frame answers ours.
@@ -424,7 +434,7 @@ func (s *session) pump(src, dst *leg) (parked bool) {
 		if follow > 0 {
 			if err := src.rd.Discard(follow); err != nil {
 				s.lost(src, err)
-				return false
+				return readerLost
 			}
 		}
 	}
@@ -474,6 +484,11 @@ func (s *session) write(dst, src *leg) {
 			return
 		}
 		if closed {
+			if !dst.upstream {
+				// Nothing follows a close frame: FIN tells the client
+				// so, and it closes its side (close.go).
+				halfClose(dst.conn)
+			}
 			s.closeWritten(dst)
 			return
 		}
@@ -524,279 +539,6 @@ func onlyControl(segs []*limiter.Segment) bool {
 	return true
 }
 
-// closeReceived handles a valid or invalid close frame from src.
-func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
-	code, _, err := frame.ParseClose(payload)
-	if err != nil {
-		s.violation(src, err.(*frame.Error))
-		return
-	}
-	s.srv.metrics.closeCode(src.upstream, false, code).Inc()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	src.closeRcvd = true
-	src.rcvdCode = code
-	if src.ka != nil {
-		// It said goodbye: silence from now on is not staleness.
-		src.ka.Stop()
-	}
-	s.noteEnd(src.name() + " closed")
-	if !dst.closeQueued && !dst.dead {
-		// Pass the close on as it came: same code, same reason, same mask.
-		seg := limiter.NewSegment(len(wire))
-		*seg.Buf = append(*seg.Buf, wire...)
-		s.queueClose(dst, seg, code, false)
-	}
-	if !src.closeQueued && dst.dead {
-		// Nobody can answer for the other side: echo the code.
-		echo := code
-		if echo == ws.StatusNoStatusRcvd {
-			echo = ws.StatusNormalClosure
-		}
-		s.queueClose(src, closeSegment(echo, "", src.upstream), echo, false)
-	}
-	s.checkDoneLocked()
-}
-
-// closeSegment makes a close frame sluice originates.
-func closeSegment(code ws.StatusCode, reason string, masked bool) *limiter.Segment {
-	seg := limiter.NewSegment(frame.MaxControlFrame)
-	*seg.Buf = frame.AppendClose(*seg.Buf, code, reason, masked)
-	return seg
-}
-
-// queueClose queues seg as l's close frame and starts the close timer.
-// Callers hold s.mu.
-func (s *session) queueClose(l *leg, seg *limiter.Segment, code ws.StatusCode, first bool) {
-	if l.dead || !l.out.PushClose(seg, first) {
-		seg.Free()
-		return
-	}
-	l.closeQueued = true
-	l.sentCode = code
-	s.armCloseTimerLocked()
-}
-
-// closeLeg queues a close frame that sluice originates toward l.
-// Callers hold s.mu.
-func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool) {
-	if l.dead {
-		return
-	}
-	if l.closeQueued {
-		if first {
-			// Let the queued close overtake the data.
-			l.out.Expedite()
-		}
-		return
-	}
-	s.queueClose(l, closeSegment(code, reason, l.upstream), code, first)
-}
-
-func (s *session) armCloseTimerLocked() {
-	if s.closeTimer == nil && !s.aborted {
-		s.closeTimer = time.AfterFunc(s.srv.opts.CloseTimeout, func() { s.abort("close handshake timed out") })
-	}
-}
-
-// closeWritten: the writer put dst's close frame on the wire.
-func (s *session) closeWritten(dst *leg) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	dst.closeSent = true
-	s.srv.metrics.closeCode(dst.upstream, true, dst.sentCode).Inc()
-	s.checkDoneLocked()
-}
-
-// checkDoneLocked ends the session once both legs have finished their
-// close handshakes. Callers hold s.mu.
-func (s *session) checkDoneLocked() {
-	if s.client.finished() && s.upstream.finished() {
-		s.abortLocked("")
-	}
-}
-
-// noteEnd records the first reason the session began to end.
-// Callers hold s.mu.
-func (s *session) noteEnd(reason string) {
-	if s.endReason == "" {
-		s.endReason = reason
-	}
-}
-
-// lost: src's socket failed or ended without a close frame.
-func (s *session) lost(src *leg, err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.aborted {
-		return
-	}
-	src.dead = true
-	src.conn.Close()
-	if src.ka != nil {
-		src.ka.Stop()
-	}
-	dst := &s.client
-	code, reason := s.srv.opts.UpstreamFailureCode, "upstream connection lost"
-	if !src.upstream {
-		dst, code, reason = &s.upstream, ws.StatusGoingAway, "client went away"
-	}
-	if src.closeRcvd {
-		// It closed properly before: the socket ending is expected.
-		s.checkDoneLocked()
-		return
-	}
-	s.noteEnd(src.name() + " lost: " + errString(err))
-	s.closeLeg(dst, code, reason, false)
-	s.checkDoneLocked()
-}
-
-// writeFailed: a write to dst failed or timed out.
-func (s *session) writeFailed(dst *leg, err error) {
-	if !dst.upstream && errors.Is(err, os.ErrDeadlineExceeded) {
-		s.evict(evictWriteTimeout)
-	}
-	if dst.upstream && errors.Is(err, os.ErrDeadlineExceeded) {
-		s.fail(dst, s.srv.opts.UpstreamFailureCode, "upstream stopped reading", ws.StatusGoingAway, "write timeout")
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.aborted {
-		return
-	}
-	dst.dead = true
-	dst.out.Close()
-	dst.conn.Close()
-	dst.wake() // a parked reader would not see the close
-	other := &s.upstream
-	code, reason := ws.StatusGoingAway, "client went away"
-	if dst.upstream {
-		other, code, reason = &s.client, s.srv.opts.UpstreamFailureCode, "upstream connection lost"
-	}
-	s.noteEnd(dst.name() + " write failed: " + errString(err))
-	s.closeLeg(other, code, reason, false)
-	s.checkDoneLocked()
-}
-
-// violation: src broke the protocol. It gets the error's close code at
-// once (its close is not awaited); the other leg is told after its data.
-func (s *session) violation(src *leg, fe *frame.Error) {
-	if src.upstream {
-		s.fail(src, s.srv.opts.UpstreamFailureCode, "upstream protocol error", ws.StatusProtocolError, fe.Reason)
-	} else {
-		s.mu.Lock()
-		src.noReply = true
-		s.noteEnd("client protocol error: " + fe.Reason)
-		s.closeLeg(src, fe.Code, fe.Reason, true)
-		s.closeLeg(&s.upstream, ws.StatusGoingAway, "client protocol error", false)
-		s.checkDoneLocked()
-		s.mu.Unlock()
-	}
-	s.srv.metrics.protocolErrors.WithLabelValues(src.name(), closeCodeLabel(fe.Code)).Inc()
-	s.event(s.srv.log.Warn()).Str("leg", src.name()).Int("code", int(fe.Code)).Str("error", fe.Reason).Msg("protocol violation")
-}
-
-// fail ends the session because the upstream failed: the client gets
-// clientCode after its queued data, the upstream gets upCode at once.
-func (s *session) fail(up *leg, clientCode ws.StatusCode, clientReason string, upCode ws.StatusCode, upReason string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	up.noReply = true
-	s.noteEnd(clientReason)
-	s.closeLeg(up, upCode, upReason, true)
-	s.closeLeg(&s.client, clientCode, clientReason, false)
-	s.checkDoneLocked()
-}
-
-// evict closes the client to protect the process or the backend: 1013 at
-// once, ahead of its queued data, and 1001 to the upstream so the backend
-// frees its side.
-func (s *session) evict(reason string) {
-	s.client.out.MarkEvicted()
-	// Read the queue before the close frame's priority discards it.
-	msgs, byts := s.client.out.Messages(), s.client.out.Bytes()
-	s.mu.Lock()
-	if s.evicted != "" || s.aborted || s.endReason != "" {
-		// Already ending for another reason (a close, a lost socket, a
-		// drain): that reason stands, and the close under way bounds it.
-		s.mu.Unlock()
-		return
-	}
-	s.evicted = reason
-	s.mu.Unlock()
-	// Counted and logged before the close frames go, so both are there by
-	// the time the client or the backend sees the close.
-	s.srv.metrics.evictions.WithLabelValues(reason).Inc()
-	s.srv.mu.Lock()
-	s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: reason, QueueMessages: msgs, QueueBytes: byts})
-	s.srv.mu.Unlock()
-	s.event(s.srv.log.Warn()).Str("reason", reason).Int("queue_messages", msgs).Int64("queue_bytes", byts).Msg("client evicted")
-
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.noteEnd("evicted: " + reason)
-	s.client.noReply = true
-	code := frame.StatusTryAgainLater
-	text := "slow client"
-	if reason == evictPongTimeout {
-		code, text = ws.StatusGoingAway, "pong timeout"
-	}
-	s.closeLeg(&s.client, code, text, true)
-	s.closeLeg(&s.upstream, ws.StatusGoingAway, "client evicted", true)
-	s.checkDoneLocked()
-}
-
-// guardEvict is the Budget's way to evict this session.
-func (s *session) guardEvict(r limiter.Reason) {
-	switch r {
-	case limiter.ReasonGlobalCeiling:
-		s.evict(evictGlobal)
-	default:
-		s.evict(evictSlowRatio)
-	}
-}
-
-// goAway starts a graceful close for shutdown: 1001 to both legs after
-// their queued data.
-func (s *session) goAway() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.noteEnd("shutdown")
-	s.closeLeg(&s.client, ws.StatusGoingAway, "server shutting down", false)
-	s.closeLeg(&s.upstream, ws.StatusGoingAway, "proxy shutting down", false)
-}
-
-// abort closes both sockets and queues, which ends every goroutine of the
-// session.
-func (s *session) abort(reason string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if reason != "" {
-		s.noteEnd(reason)
-	}
-	s.abortLocked(reason)
-}
-
-func (s *session) abortLocked(string) {
-	if s.aborted {
-		return
-	}
-	s.aborted = true
-	if s.closeTimer != nil {
-		s.closeTimer.Stop()
-	}
-	for _, l := range []*leg{&s.client, &s.upstream} {
-		if l.ka != nil {
-			l.ka.Stop()
-		}
-		l.out.Close()
-		l.conn.Close()
-		// A parked reader is woken to find the socket closed and end,
-		// giving up its place in the running count.
-		l.wake()
-	}
-}
-
 // enter counts a new writer goroutine in, unless the session has already
 // finished.
 func (s *session) enter() bool {
@@ -826,11 +568,11 @@ func (s *session) exit() {
 	d := time.Since(s.began)
 	m.sessionSeconds.Observe(d.Seconds())
 	s.mu.Lock()
-	reason, evicted := s.endReason, s.evicted
+	reason, c := s.endReason, s.cause
 	s.mu.Unlock()
 	ev := s.event(s.srv.log.Info())
-	if evicted != "" {
-		ev = ev.Str("evicted", evicted)
+	if endings[c].eviction {
+		ev = ev.Str("evicted", endings[c].label)
 	}
 	ev.Str("reason", reason).
 		Dur("duration", d).
