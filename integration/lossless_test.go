@@ -1,0 +1,373 @@
+package integration
+
+// Lossless and exact endings: every frame a peer sends arrives, in order,
+// even while a session ends; the close goes after it, and TCP ends
+// without a reset while the peers behave.
+
+import (
+	"bufio"
+	"context"
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gobwas/ws"
+
+	"sluice/proxy"
+)
+
+// pingBurst is n pings with distinct payloads, as one byte string.
+func pingBurst(n int, masked bool) ([]byte, [][]byte) {
+	var wire []byte
+	var payloads [][]byte
+	for i := range n {
+		p := []byte(fmt.Sprintf("ping-%04d", i))
+		payloads = append(payloads, p)
+		wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpPing, Masked: masked, Payload: p})...)
+	}
+	return wire, payloads
+}
+
+// A client's burst of pings, in one write or in octet-wise chops, gets
+// every pong, in order, with its payload: sluice forwards them all.
+func TestPingBurstFromClient(t *testing.T) {
+	b := newBackend(t)
+	s := startSluice(t, b.url, nil)
+	for _, tc := range []struct {
+		name  string
+		n     int
+		chops bool
+	}{
+		{"1000 in one write", 1000, false},
+		{"10 in octet-wise chops", 10, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialRaw(t, s.addr, "/echo", nil, nil)
+			wire, payloads := pingBurst(tc.n, true)
+			c.conn.SetWriteDeadline(time.Now().Add(ioTimeout))
+			if tc.chops {
+				for i := range wire {
+					if _, err := c.conn.Write(wire[i : i+1]); err != nil {
+						t.Fatalf("write byte %d: %v", i, err)
+					}
+				}
+			} else if _, err := c.conn.Write(wire); err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			for i, want := range payloads {
+				f := c.read(t)
+				if f.Op != ws.OpPong || !bytes.Equal(f.Payload, want) {
+					t.Fatalf("frame %d = %v, want a pong %q", i, f, want)
+				}
+			}
+			c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "")})
+			if code, _ := c.readClose(t); code != 1000 {
+				t.Fatalf("close %d, want 1000", code)
+			}
+			expectCleanEOF(t, c)
+		})
+	}
+}
+
+// A backend's burst of 1000 pings in one write reaches the client whole,
+// and the client's 1000 pongs reach the backend.
+func TestPingBurstFromBackend(t *testing.T) {
+	const n = 1000
+	wire, payloads := pingBurst(n, false)
+	pongs := make(chan error, 1)
+	addr := serveRawBackend(t, func(conn net.Conn, br *bufio.Reader) {
+		conn.SetDeadline(time.Now().Add(2 * ioTimeout))
+		if _, err := conn.Write(wire); err != nil {
+			pongs <- err
+			return
+		}
+		for i, want := range payloads {
+			f, err := readFrame(br)
+			if err != nil {
+				pongs <- fmt.Errorf("pong %d: %w", i, err)
+				return
+			}
+			if f.Op != ws.OpPong || !bytes.Equal(f.Payload, want) {
+				pongs <- fmt.Errorf("frame %d = %v, want a pong %q", i, f, want)
+				return
+			}
+		}
+		pongs <- nil
+		readFrame(br) // the client's close
+		conn.Write(encodeFrame(rawFrame{Fin: true, Op: ws.OpClose, Payload: closePayload(1000, "")}))
+	})
+	s := startSluice(t, "ws://"+addr, nil)
+	c := dialRaw(t, s.addr, "/", nil, nil)
+	var answers []byte
+	for i, want := range payloads {
+		f := c.read(t)
+		if f.Op != ws.OpPing || !bytes.Equal(f.Payload, want) {
+			t.Fatalf("frame %d = %v, want a ping %q", i, f, want)
+		}
+		answers = append(answers, encodeFrame(rawFrame{Fin: true, Op: ws.OpPong, Masked: true, Payload: f.Payload})...)
+	}
+	c.conn.SetWriteDeadline(time.Now().Add(ioTimeout))
+	if _, err := c.conn.Write(answers); err != nil {
+		t.Fatalf("write pongs: %v", err)
+	}
+	if err := <-pongs; err != nil {
+		t.Fatalf("backend: %v", err)
+	}
+	c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "")})
+	if code, _ := c.readClose(t); code != 1000 {
+		t.Fatalf("close %d, want 1000", code)
+	}
+	expectCleanEOF(t, c)
+}
+
+// A protocol error does not swallow the replies already on their way: the
+// echo of the valid message before the bad frame arrives, then 1002, then
+// the end of the stream without a reset, though the client sent more
+// bytes after the bad frame.
+func TestProtocolErrorAfterData(t *testing.T) {
+	b := newBackend(t)
+	s := startSluice(t, b.url, nil)
+	bad := []struct {
+		name  string
+		frame rawFrame
+	}{
+		{"rsv1", rawFrame{Fin: true, Rsv: 4, Op: ws.OpText, Masked: true, Payload: []byte("x")}},
+		{"rsv2", rawFrame{Fin: true, Rsv: 2, Op: ws.OpText, Masked: true, Payload: []byte("x")}},
+		{"rsv3", rawFrame{Fin: true, Rsv: 1, Op: ws.OpBinary, Masked: true, Payload: []byte("x")}},
+		{"opcode 3", rawFrame{Fin: true, Op: 3, Masked: true}},
+		{"opcode 7", rawFrame{Fin: true, Op: 7, Masked: true}},
+		{"opcode 0xB", rawFrame{Fin: true, Op: 0xB, Masked: true}},
+		{"opcode 0xF", rawFrame{Fin: true, Op: 0xF, Masked: true}},
+		{"lone continuation", rawFrame{Fin: true, Op: ws.OpContinuation, Masked: true, Payload: []byte("x")}},
+		{"unmasked", rawFrame{Fin: true, Op: ws.OpText, Payload: []byte("x")}},
+		{"fragmented ping", rawFrame{Fin: false, Op: ws.OpPing, Masked: true}},
+	}
+	for _, tc := range bad {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialRaw(t, s.addr, "/echo", nil, nil)
+			msg := []byte("before the bad frame: " + tc.name)
+			var wire []byte
+			wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Masked: true, Payload: msg})...)
+			wire = append(wire, encodeFrame(tc.frame)...)
+			// More after the bad frame: sluice must read it away, not
+			// close on it with a reset.
+			wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Masked: true, Payload: bytes.Repeat([]byte("z"), 4096)})...)
+			c.conn.SetWriteDeadline(time.Now().Add(ioTimeout))
+			if _, err := c.conn.Write(wire); err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			f := c.read(t)
+			if f.Op != ws.OpText || !bytes.Equal(f.Payload, msg) {
+				t.Fatalf("first frame = %v, want the echo %q", f, msg)
+			}
+			if code, _ := c.readClose(t); code != ws.StatusProtocolError {
+				t.Fatalf("close %d, want 1002", code)
+			}
+			expectCleanEOF(t, c)
+		})
+	}
+}
+
+// On shutdown the client still gets what the backend sent before it
+// answered sluice's 1001, then 1001.
+func TestShutdownDeliversInFlight(t *testing.T) {
+	const burst = 50 // within the client queue's 100 messages
+	got := make(chan string, 1)
+	addr := serveRawBackend(t, func(conn net.Conn, br *bufio.Reader) {
+		conn.SetDeadline(time.Now().Add(2 * ioTimeout))
+		// Wait for sluice's close, then send a burst before answering it:
+		// all of it was sent before the backend learned of the end.
+		f, err := readFrame(br)
+		if err != nil || f.Op != ws.OpClose {
+			got <- fmt.Sprintf("want sluice's close, got %v %v", f, err)
+			return
+		}
+		code, _ := ws.ParseCloseFrameData(f.Payload)
+		got <- fmt.Sprint(code)
+		var wire []byte
+		for i := range burst {
+			wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Payload: fmt.Appendf(nil, "late-%d", i)})...)
+		}
+		wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpClose, Payload: closePayload(1000, "")})...)
+		conn.Write(wire)
+		io.Copy(io.Discard, br) // until sluice closes
+	})
+	s := startSluice(t, "ws://"+addr, func(o *proxy.Options) { o.CloseTimeout = 4 * time.Second })
+	c := dialRaw(t, s.addr, "/", nil, nil)
+	waitFor(t, ioTimeout, "the session", func() bool { return s.srv.Sessions() == 1 })
+	shut := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+		defer cancel()
+		shut <- s.shutdown(ctx)
+	}()
+	for i := range burst {
+		f := c.read(t)
+		if want := fmt.Sprintf("late-%d", i); f.Op != ws.OpText || string(f.Payload) != want {
+			t.Fatalf("frame %d = %v, want %q", i, f, want)
+		}
+	}
+	if code, _ := c.readClose(t); code != ws.StatusGoingAway {
+		t.Fatalf("close %d, want 1001", code)
+	}
+	c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1001, "")})
+	expectCleanEOF(t, c)
+	if err := <-shut; err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	if code := <-got; code != "1001" {
+		t.Fatalf("backend got close %s, want 1001", code)
+	}
+}
+
+// After a normal close handshake the backend closes TCP first, so
+// TIME_WAIT stays on its side: sluice waits for its FIN.
+func TestUpstreamClosesTCPFirst(t *testing.T) {
+	sawEOF := make(chan error, 1)
+	addr := serveRawBackend(t, func(conn net.Conn, br *bufio.Reader) {
+		conn.SetDeadline(time.Now().Add(ioTimeout))
+		f, err := readFrame(br)
+		if err != nil || f.Op != ws.OpClose {
+			sawEOF <- fmt.Errorf("want the client's close, got %v %v", f, err)
+			return
+		}
+		conn.Write(encodeFrame(rawFrame{Fin: true, Op: ws.OpClose, Payload: f.Payload}))
+		// A server closes first: before it does, sluice must not have.
+		var one [1]byte
+		conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		if _, err := br.Read(one[:]); !errors.Is(err, os.ErrDeadlineExceeded) {
+			sawEOF <- fmt.Errorf("sluice closed the upstream connection before the backend did: %v", err)
+			return
+		}
+		sawEOF <- nil
+	})
+	s := startSluice(t, "ws://"+addr, nil)
+	c := dialRaw(t, s.addr, "/", nil, nil)
+	c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "bye")})
+	if code, _ := c.readClose(t); code != 1000 {
+		t.Fatalf("close %d, want 1000", code)
+	}
+	expectCleanEOF(t, c)
+	if err := <-sawEOF; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ioTimeout, "the session to end", func() bool { return s.srv.Sessions() == 0 })
+}
+
+// expectCleanEOF checks that sluice ends the client's stream with FIN, not
+// a reset, and sends nothing after its close frame.
+func expectCleanEOF(t testing.TB, c *rawClient) {
+	t.Helper()
+	c.conn.SetReadDeadline(time.Now().Add(ioTimeout))
+	var buf [512]byte
+	for {
+		n, err := c.br.Read(buf[:])
+		if n > 0 {
+			t.Fatalf("got %d more bytes after the close frame: %q", n, buf[:n])
+		}
+		if errors.Is(err, io.EOF) {
+			return
+		}
+		if err != nil {
+			t.Fatalf("stream did not end with FIN: %v", err)
+		}
+	}
+}
+
+// serveRawBackend serves WebSocket upgrades on loopback with gobwas/ws and
+// runs handle on each connection; the test's cleanup stops it.
+func serveRawBackend(t testing.TB, handle func(net.Conn, *bufio.Reader)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	conns := make(chan net.Conn, 16)
+	go func() {
+		defer close(done)
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns <- conn
+			go func() {
+				defer conn.Close()
+				conn.SetDeadline(time.Now().Add(ioTimeout))
+				br := bufio.NewReader(conn)
+				if _, err := ws.Upgrade(struct {
+					io.Reader
+					io.Writer
+				}{br, conn}); err != nil {
+					return
+				}
+				handle(conn, br)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		for {
+			select {
+			case c := <-conns:
+				c.Close()
+			default:
+				return
+			}
+		}
+	})
+	return ln.Addr().String()
+}
+
+// kernelSocket is one line of /proc/net/tcp[6]: a socket's state and what
+// its send queue holds.
+type kernelSocket struct {
+	local, remote string // hex addr:port as the kernel prints them
+	state         string
+	txQueue       int64
+}
+
+// socketsTo lists the kernel's TCP sockets whose local port is local and
+// remote port is remote.
+func socketsTo(t testing.TB, local, remote int) []kernelSocket {
+	t.Helper()
+	var out []kernelSocket
+	for _, path := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 5 {
+				continue
+			}
+			if portOf(f[1]) != local || portOf(f[2]) != remote {
+				continue
+			}
+			q := strings.SplitN(f[4], ":", 2)
+			var tx int64
+			fmt.Sscanf(q[0], "%x", &tx)
+			out = append(out, kernelSocket{local: f[1], remote: f[2], state: f[3], txQueue: tx})
+		}
+	}
+	return out
+}
+
+func portOf(hexAddr string) int {
+	i := strings.LastIndexByte(hexAddr, ':')
+	b, err := hex.DecodeString(hexAddr[i+1:])
+	if err != nil || len(b) != 2 {
+		return -1
+	}
+	return int(b[0])<<8 | int(b[1])
+}
