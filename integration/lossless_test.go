@@ -6,8 +6,8 @@ package integration
 
 import (
 	"bufio"
-	"context"
 	"bytes"
+	"context"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -15,6 +15,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -370,4 +371,60 @@ func portOf(hexAddr string) int {
 		return -1
 	}
 	return int(b[0])<<8 | int(b[1])
+}
+
+// What the kernel holds unsent for a stalled client counts toward the
+// ceiling, and an evicted client does not leave it behind in an orphaned
+// socket for longer than the close timeout.
+func TestStalledClientKernelMemory(t *testing.T) {
+	const closeTimeout = time.Second
+	msg := encodeFrame(rawFrame{Fin: true, Op: ws.OpBinary, Payload: bytes.Repeat([]byte("m"), 16<<10)})
+	addr := serveRawBackend(t, func(conn net.Conn, br *bufio.Reader) {
+		for range 4096 { // 64 MiB at most; sluice evicts well before
+			conn.SetWriteDeadline(time.Now().Add(ioTimeout))
+			if _, err := conn.Write(msg); err != nil {
+				return
+			}
+		}
+	})
+	s := startSluice(t, "ws://"+addr, func(o *proxy.Options) {
+		o.CloseTimeout = closeTimeout
+		o.Queue.MaxMessages, o.Queue.MaxBytes = 100000, 1<<30 // only the ceiling acts
+		o.Budget.Ceiling = 8 << 20
+	})
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10) })
+	}}
+	conn, _, _, err := ws.Dialer{NetDial: d.DialContext, Timeout: ioTimeout}.Dial(context.Background(), s.url+"/")
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer conn.Close() // never read: the client stalls
+	clientPort := conn.LocalAddr().(*net.TCPAddr).Port
+	sluicePort := conn.RemoteAddr().(*net.TCPAddr).Port
+
+	var peakUnsent int64
+	waitFor(t, 2*ioTimeout, "the eviction", func() bool {
+		peakUnsent = max(peakUnsent, s.srv.Budget().Stats().UnsentBytes)
+		return len(s.srv.RecentEvictions()) > 0
+	})
+	evictedAt := time.Now()
+	if ev := s.srv.RecentEvictions()[0]; ev.Reason != "global_ceiling" {
+		t.Fatalf("evicted for %q, want global_ceiling", ev.Reason)
+	}
+	if peakUnsent < 64<<10 {
+		t.Errorf("peak unsent bytes counted %d, want the kernel's share of a stalled client (> 64 KiB)", peakUnsent)
+	}
+	waitFor(t, closeTimeout+2*time.Second, "sluice's socket to the client to let go of its unsent bytes", func() bool {
+		for _, k := range socketsTo(t, sluicePort, clientPort) {
+			if k.txQueue > 0 {
+				return false
+			}
+		}
+		return true
+	})
+	if took := time.Since(evictedAt); took > closeTimeout+time.Second {
+		t.Errorf("unsent bytes held %v after the eviction, want within the %v close timeout", took, closeTimeout)
+	}
+	t.Logf("peak unsent counted: %d KiB; freed %v after the eviction", peakUnsent>>10, time.Since(evictedAt).Round(time.Millisecond))
 }

@@ -156,6 +156,11 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	ss.client.check = frame.Checker{FromClient: true, Extension: ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
 	ss.upstream.check = frame.Checker{FromClient: false, Extension: ext}
 	ss.client.out = limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
+	if f := unsentCounter(clientConn); f != nil {
+		// What the kernel holds unsent for the client counts as queued:
+		// sampled by the Budget's guard, never per frame.
+		ss.client.out.OnUnsent(f)
+	}
 	ss.upstream.out = limiter.NewQueue(&upstreamQueue, s.budget, nil)
 
 	ss.client.reader, ss.upstream.reader = ss.clientReader, ss.upstreamReader
