@@ -34,7 +34,11 @@ package integration
 //	go test -race -run Conformance -v ./integration/
 //
 // prints a table of every case with both close codes, both reasons and how
-// each TCP connection ended (eof, or reset).
+// each TCP connection ended (eof, or reset). One section, or all but some
+// cases:
+//
+//	go test -race -run 'Conformance/case/2\.' ./integration/
+//	go test -race -run Conformance -skip 'Conformance/case/(2.ping.burst-10|3.rsv1.text)$' ./integration/
 
 import (
 	"fmt"
@@ -505,7 +509,7 @@ func opcodeCases(cs []confCase) []confCase {
 
 // fragments splits body into n fragments of op.
 func fragments(op ws.OpCode, body []byte, n int) []wire {
-	var ws_ []wire
+	var out []wire
 	size := (len(body) + n - 1) / n
 	for i := 0; i < n; i++ {
 		lo, hi := min(i*size, len(body)), min((i+1)*size, len(body))
@@ -513,9 +517,9 @@ func fragments(op ws.OpCode, body []byte, n int) []wire {
 		if i > 0 {
 			o = ws.OpContinuation
 		}
-		ws_ = append(ws_, frag(i == n-1, o, body[lo:hi]))
+		out = append(out, frag(i == n-1, o, body[lo:hi]))
 	}
-	return ws_
+	return out
 }
 
 // fragmentCases: section 5.

@@ -170,7 +170,7 @@ type confFrame struct {
 }
 
 func (f confFrame) String() string {
-	s := fmt.Sprintf("%s", opName(f.op))
+	s := opName(f.op)
 	if !f.fin {
 		s += "(more)"
 	}
