@@ -37,7 +37,7 @@ package integration
 // each TCP connection ended (eof, or reset). One section, or all but some
 // cases:
 //
-//	go test -race -run 'Conformance/case/2\.' ./integration/
+//	go test -race -run 'Conformance/case/^2\.' ./integration/
 //	go test -race -run Conformance -skip 'Conformance/case/(2.ping.burst-10|3.rsv1.text)$' ./integration/
 
 import (
