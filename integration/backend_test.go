@@ -37,6 +37,8 @@ import (
 //	/drop                          close the TCP connection after the first message
 //	/frames                        raw gobwas server: record and echo each frame as it came
 //	/hold                          signal arrived, wait for release, then accept and echo
+//	/conformance[?limit=n]         plain streaming gorilla echo for the conformance suite
+//	                               (NextReader/NextWriter, default ping handler, SetReadLimit(n))
 //
 // gorilla connections record pings and pongs they receive and how they ended.
 type backend struct {
@@ -182,6 +184,9 @@ func (b *backend) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	case "/frames":
 		b.serveFrames(w, r, uc)
+		return
+	case "/conformance":
+		b.serveConformanceEcho(w, r, uc)
 		return
 	case "/hold":
 		close(uc.arrived)
