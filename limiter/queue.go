@@ -551,7 +551,15 @@ func (q *Queue) signalCtlRoom() {
 // unacknowledged for the queue's connection (Linux SIOCOUTQ). The Budget's
 // guard calls it each GuardInterval for queues that were written since, or
 // still had bytes unsent: never per frame. Call it before the first Push.
-func (q *Queue) OnUnsent(f func() int64) { q.unsentFn = f }
+func (q *Queue) OnUnsent(f func() int64) {
+	if q.budget != nil {
+		// The guard may already see the queue: it reads unsentFn under
+		// the Budget's lock.
+		q.budget.mu.Lock()
+		defer q.budget.mu.Unlock()
+	}
+	q.unsentFn = f
+}
 
 // Unsent is the last sample of what the kernel holds unacknowledged for
 // the queue's connection; Bytes includes it.
