@@ -78,7 +78,7 @@ var bucketCases = []struct {
 		{0, "tokens", 0, -50},
 		{50e6, "allow", 1, 0}, // 0 tokens: debt paid, nothing earned yet
 		{51e6, "allow", 1, 1},
-		{51e6, "allow", 150, 0}, // not full: refused
+		{51e6, "allow", 150, 0},     // not full: refused
 		{51e6, "delay", 150, 100e6}, // until full
 		{151e6, "allow", 150, 1},
 	}},
