@@ -74,6 +74,12 @@ func (b *Bucket) Allow(now, n int64) bool {
 	if b.rate == 0 {
 		return true
 	}
+	return b.allow(now, n)
+}
+
+// allow is Allow past the disabled check, which stays small enough to be
+// inlined into the read loop; so do the other fast paths below.
+func (b *Bucket) allow(now, n int64) bool {
 	b.refill(now)
 	cost := cost(n)
 	if b.level < min(cost, b.cap) {
@@ -92,6 +98,10 @@ func (b *Bucket) Reserve(now, n int64) time.Duration {
 	if b.rate == 0 {
 		return 0
 	}
+	return b.reserve(now, n)
+}
+
+func (b *Bucket) reserve(now, n int64) time.Duration {
 	b.refill(now)
 	b.take(cost(n))
 	return b.debtTime()
@@ -224,6 +234,10 @@ func (in *Inbound) Reserve(now int64, kind FrameKind, n int64) time.Duration {
 	if in.Messages.rate|in.Bytes.rate == 0 {
 		return 0
 	}
+	return in.reserve(now, kind, n)
+}
+
+func (in *Inbound) reserve(now int64, kind FrameKind, n int64) time.Duration {
 	var d time.Duration
 	if kind != FrameNext {
 		d = in.Messages.Reserve(now, 1)
@@ -238,6 +252,10 @@ func (in *Inbound) Allow(now int64, kind FrameKind, n int64) bool {
 	if in.Messages.rate|in.Bytes.rate == 0 {
 		return true
 	}
+	return in.allow(now, kind, n)
+}
+
+func (in *Inbound) allow(now int64, kind FrameKind, n int64) bool {
 	msg := kind != FrameNext
 	if msg && in.Messages.Delay(now, 1) > 0 || in.Bytes.Delay(now, n) > 0 {
 		return false
