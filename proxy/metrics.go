@@ -106,14 +106,22 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 		m.messages[d] = msgs.WithLabelValues(name)
 		m.bytes[d] = byts.WithLabelValues(name)
 	}
-	// Admission control's reasons and the frame read timeout exist from the
-	// start, at 0, so that alerts on their rate need no absent()
-	// (admission.go).
-	for _, r := range refusals {
-		m.rejected.WithLabelValues(r.reason)
+	// Every series whose label values are known exists from the start, at
+	// 0, so that rate() and alerts see the first event and need no
+	// absent().
+	for _, r := range rejectionReasons() {
+		m.rejected.WithLabelValues(r)
+	}
+	for _, r := range dialFailureReasons {
+		m.dialFailures.WithLabelValues(r)
 	}
 	for _, r := range evictionReasons() {
 		m.evictions.WithLabelValues(r)
+	}
+	for _, leg := range []string{"client", "upstream"} {
+		for _, code := range violationCodes {
+			m.protocolErrors.WithLabelValues(leg, closeCodeLabel(code))
+		}
 	}
 	if reg != nil {
 		reg.MustRegister(m.connectionsActive, m.connectionsTotal, m.rejected, m.handshakeSeconds,
@@ -121,6 +129,30 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 			m.upstreamPingsSent, m.upstreamPongMissed, m.upstreamClosedFirst, m.queueWaitSeconds, m.sessionSeconds)
 	}
 	return m
+}
+
+// dialFailureReasons are the labels of sluice_upstream_dial_failures_total
+// (dialFailure).
+var dialFailureReasons = []string{"timeout", "refused", "client_gone", "status", "unreachable", "handshake"}
+
+// violationCodes are the close codes a protocol violation earns
+// (frame.Error), the code label of sluice_protocol_errors_total.
+var violationCodes = []ws.StatusCode{ws.StatusProtocolError, ws.StatusInvalidFramePayloadData, ws.StatusMessageTooBig}
+
+// rejectionReasons are the labels of sluice_connections_rejected_total:
+// admission control's refusals, malformed or late upgrades, and each way
+// the upstream can fail a handshake (Server.dialFailed).
+func rejectionReasons() []string {
+	out := []string{"bad_request", "draining", "client_handshake", "upstream_status"}
+	for _, r := range refusals {
+		out = append(out, r.reason)
+	}
+	for _, r := range dialFailureReasons {
+		if r != "client_gone" && r != "status" {
+			out = append(out, "upstream_"+r)
+		}
+	}
+	return out
 }
 
 // closeCode is the sluice_close_codes_total series for a close frame on
