@@ -42,6 +42,17 @@ type broadcastResult struct {
 	HarnessCPU     float64      `json:"harness_cpu_s"` // during the window
 	Backend        backendStats `json:"backend"`
 
+	// The machine's TCP sockets (/proc/net/sockstat, machine-wide), sampled
+	// with the RSS from just before the clients connect to the end of the
+	// slow clients' close-wait, so sockets of evicted clients count. Memory
+	// is the kernel's "mem" (pages, here in bytes) minus the baseline.
+	TCPMemBaseline int64 `json:"tcp_mem_baseline"` // bytes, before the clients connected
+	TCPMemPeak     int64 `json:"tcp_mem_peak"`     // bytes: peak minus baseline
+	TCPMemEnd      int64 `json:"tcp_mem_end"`      // bytes: end of close-wait minus baseline
+	TCPOrphanBase  int64 `json:"tcp_orphan_baseline"`
+	TCPOrphanPeak  int64 `json:"tcp_orphan_peak"` // highest orphan count sampled
+	TCPOrphanEnd   int64 `json:"tcp_orphan_end"`  // at the end of close-wait
+
 	// Sluice only.
 	SluicePeakQueued float64            `json:"sluice_peak_queued_bytes"`
 	SluiceEvictions  map[string]float64 `json:"sluice_evictions"` // by reason
@@ -92,6 +103,7 @@ func runBroadcast(ctx context.Context, r *runner, spec targetSpec) (res broadcas
 			}
 		}
 	}()
+	mon.tcpBaseline()
 	_, err = connectAll(ctx, cfg.clients, cfg.workers, true, func(ctx context.Context, i int) error {
 		if kinds[i] {
 			c, err := dialWS(ctx, tg.url, i, socketOpts{rcvBuf: cfg.slowRcv, mss: cfg.slowMSS}, 1024)
@@ -169,6 +181,13 @@ func runBroadcast(ctx context.Context, r *runner, spec targetSpec) (res broadcas
 	}
 
 	mon.stopMonitor()
+	mon.sample() // the sampler has stopped: one last sample, at the end of close-wait
+	tbase, tpeak, tlast, err := mon.tcpFigures()
+	if err != nil {
+		return res, fmt.Errorf("/proc/net/sockstat: %w", err)
+	}
+	res.TCPMemBaseline, res.TCPMemPeak, res.TCPMemEnd = tbase.Mem, tpeak.Mem-tbase.Mem, tlast.Mem-tbase.Mem
+	res.TCPOrphanBase, res.TCPOrphanPeak, res.TCPOrphanEnd = tbase.Orphan, tpeak.Orphan, tlast.Orphan
 	res.TargetPeakRSS = mon.peak(tg.proc)
 	res.BackendPeakRSS = mon.peak(be.process)
 	if res.Backend, err = be.stats(); err != nil {

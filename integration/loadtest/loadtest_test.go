@@ -244,3 +244,47 @@ func TestIdleProfiles(t *testing.T) {
 		t.Errorf("report notes on profiles missing or reporting a failure:\n%s", stdout.String())
 	}
 }
+
+func TestParseSockstat(t *testing.T) {
+	full := "sockets: used 290\n" +
+		"TCP: inuse 27 orphan 3 tw 6577 alloc 30 mem 200\n" +
+		"UDP: inuse 0 mem 5\n" +
+		"UDPLITE: inuse 0\n" +
+		"RAW: inuse 0\n" +
+		"FRAG: inuse 0 memory 0\n"
+	tests := []struct {
+		name    string
+		in      string
+		page    int64
+		want    tcpSockstat
+		wantErr bool
+	}{
+		{name: "full", in: full, page: 4096, want: tcpSockstat{InUse: 27, Orphan: 3, TW: 6577, Alloc: 30, Mem: 200 * 4096}},
+		{name: "64K pages", in: full, page: 65536, want: tcpSockstat{InUse: 27, Orphan: 3, TW: 6577, Alloc: 30, Mem: 200 * 65536}},
+		{name: "TCP line only, no newline", in: "TCP: inuse 1 orphan 0 tw 0 alloc 1 mem 0", page: 4096, want: tcpSockstat{InUse: 1, Alloc: 1}},
+		{name: "unknown field ignored", in: "TCP: inuse 2 orphan 1 tw 0 alloc 2 mem 7 future 9\n", page: 4096, want: tcpSockstat{InUse: 2, Orphan: 1, Alloc: 2, Mem: 7 * 4096}},
+		{name: "UDP mem not taken", in: "UDP: inuse 0 mem 5\nTCP: inuse 0 orphan 0 tw 0 alloc 0 mem 1\n", page: 4096, want: tcpSockstat{Mem: 4096}},
+		{name: "no TCP line", in: "sockets: used 1\nUDP: inuse 0 mem 0\n", page: 4096, wantErr: true},
+		{name: "TCP6 is not TCP", in: "TCP6: inuse 1\n", page: 4096, wantErr: true},
+		{name: "no mem", in: "TCP: inuse 1 orphan 0 tw 0 alloc 1\n", page: 4096, wantErr: true},
+		{name: "no orphan", in: "TCP: inuse 1 tw 0 alloc 1 mem 3\n", page: 4096, wantErr: true},
+		{name: "bad number", in: "TCP: inuse 1 orphan x tw 0 alloc 1 mem 3\n", page: 4096, wantErr: true},
+		{name: "odd fields", in: "TCP: inuse 1 orphan 0 tw 0 alloc 1 mem\n", page: 4096, wantErr: true},
+		{name: "empty", in: "", page: 4096, wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseSockstat(tt.in, tt.page)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("parseSockstat: err %v, want error %v", err, tt.wantErr)
+			}
+			if err == nil && got != tt.want {
+				t.Errorf("parseSockstat = %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+	// The live file parses too.
+	if _, err := readSockstat(); err != nil {
+		t.Errorf("readSockstat: %v", err)
+	}
+}

@@ -128,8 +128,9 @@ func peakRSS(pid int) int64 {
 	return 0
 }
 
-// monitor samples the backend's and the target's process groups, and
-// sluice's queued bytes, every interval, keeping peaks.
+// monitor samples the backend's and the target's process groups, sluice's
+// queued bytes and the machine's TCP socket memory and orphans
+// (/proc/net/sockstat), every interval, keeping peaks.
 type monitor struct {
 	interval time.Duration
 	groups   []*watched
@@ -139,6 +140,10 @@ type monitor struct {
 	peakQueued  float64    // highest sluice_queued_bytes seen
 	scrapeError error      // last failed scrape, if every scrape failed
 	scrapes     int        // successful scrapes
+
+	// sockstat's TCP line (machine-wide), from tcpBaseline on.
+	tcpBase, tcpPeak, tcpLast tcpSockstat
+	tcpErr                    error // last failed read
 
 	stop chan struct{}
 	done chan struct{}
@@ -188,6 +193,7 @@ func (m *monitor) sample() {
 		pgids[i] = w.proc.pgid
 	}
 	stats := sampleGroups(pgids...)
+	tcp, tcpErr := readSockstat()
 	var queued float64
 	var err error
 	if m.metrics != "" {
@@ -210,6 +216,13 @@ func (m *monitor) sample() {
 			m.scrapes++
 			m.peakQueued = max(m.peakQueued, queued)
 		}
+	}
+	if tcpErr != nil {
+		m.tcpErr = tcpErr
+	} else {
+		m.tcpLast = tcp
+		m.tcpPeak.Mem = max(m.tcpPeak.Mem, tcp.Mem)
+		m.tcpPeak.Orphan = max(m.tcpPeak.Orphan, tcp.Orphan)
 	}
 }
 
@@ -268,4 +281,84 @@ func (m *monitor) stopMonitor() {
 		close(m.stop)
 	}
 	<-m.done
+}
+
+// tcpSockstat is the TCP line of /proc/net/sockstat, machine-wide (this
+// network namespace): every TCP socket, not only the run's.
+type tcpSockstat struct {
+	InUse  int64
+	Orphan int64 // closed by their process, still holding unsent or unacknowledged data
+	TW     int64
+	Alloc  int64
+	Mem    int64 // bytes: the "mem" field (pages) times the page size
+}
+
+// readSockstat reads /proc/net/sockstat.
+func readSockstat() (tcpSockstat, error) {
+	b, err := os.ReadFile("/proc/net/sockstat")
+	if err != nil {
+		return tcpSockstat{}, err
+	}
+	return parseSockstat(string(b), pageSize)
+}
+
+// parseSockstat parses the "TCP:" line of /proc/net/sockstat text, such as
+// "TCP: inuse 27 orphan 0 tw 0 alloc 30 mem 3", converting mem from pages
+// to bytes with page. Unknown fields are ignored; mem and orphan are
+// required.
+func parseSockstat(text string, page int64) (tcpSockstat, error) {
+	for _, line := range strings.Split(text, "\n") {
+		rest, ok := strings.CutPrefix(line, "TCP:")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f)%2 != 0 {
+			return tcpSockstat{}, fmt.Errorf("sockstat: odd TCP line %q", line)
+		}
+		var st tcpSockstat
+		var haveMem, haveOrphan bool
+		for i := 0; i < len(f); i += 2 {
+			v, err := strconv.ParseInt(f[i+1], 10, 64)
+			if err != nil {
+				return tcpSockstat{}, fmt.Errorf("sockstat: TCP %s: %w", f[i], err)
+			}
+			switch f[i] {
+			case "inuse":
+				st.InUse = v
+			case "orphan":
+				st.Orphan, haveOrphan = v, true
+			case "tw":
+				st.TW = v
+			case "alloc":
+				st.Alloc = v
+			case "mem":
+				st.Mem, haveMem = v*page, true
+			}
+		}
+		if !haveMem || !haveOrphan {
+			return tcpSockstat{}, fmt.Errorf("sockstat: TCP line %q lacks mem or orphan", line)
+		}
+		return st, nil
+	}
+	return tcpSockstat{}, errors.New("sockstat: no TCP line")
+}
+
+// tcpBaseline reads sockstat now as the baseline of the TCP memory figures
+// and restarts their peaks from it. Call it just before clients connect.
+func (m *monitor) tcpBaseline() {
+	st, err := readSockstat()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.tcpErr = err
+	m.tcpBase, m.tcpPeak, m.tcpLast = st, st, st
+}
+
+// tcpFigures returns the baseline, the peaks (Mem and Orphan, each its own
+// maximum) and the last sample of sockstat's TCP line since tcpBaseline,
+// and the last read error when any read failed.
+func (m *monitor) tcpFigures() (base, peak, last tcpSockstat, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.tcpBase, m.tcpPeak, m.tcpLast, m.tcpErr
 }

@@ -144,7 +144,8 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
 		c.clients, c.slow*100, c.slowRcv, c.slowMSS, c.slowAfter, c.size, c.rate, c.duration, rounds(r), backend)
 	t := table{header: []string{"target", "clients", "slow", "backend sent msgs/s", "msgs/s per fast client", "fast p50 ms", "fast p99 ms", "fast max ms",
 		"fast gaps", "fast closed", "slow clients ended", "target peak RSS MiB", "target CPU s", "backend peak RSS MiB", "backend CPU s",
-		"harness CPU s", "backend peak per-client backlog", "backend peak queued", "sluice peak queued", "sluice evictions", "sluice dropped msgs"}}
+		"harness CPU s", "backend peak per-client backlog", "backend peak queued", "sluice peak queued", "sluice evictions", "sluice dropped msgs",
+		"TCP mem peak MiB", "TCP mem end MiB", "TCP orphans peak", "TCP orphans end"}}
 	for i, rs := range res {
 		if len(rs) == 0 {
 			continue
@@ -173,6 +174,10 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
 			onlyIf(sluice, size(f(func(x broadcastResult) float64 { return x.SluicePeakQueued }))),
 			onlyIf(sluice, each(rs, func(x broadcastResult) string { return counts(x.SluiceEvictions) })),
 			onlyIf(sluice, num(f(func(x broadcastResult) float64 { return x.SluiceDropped }), 0)),
+			mib(f(func(x broadcastResult) float64 { return float64(x.TCPMemPeak) })),
+			mib(f(func(x broadcastResult) float64 { return float64(x.TCPMemEnd) })),
+			num(f(func(x broadcastResult) float64 { return float64(x.TCPOrphanPeak) }), 0),
+			num(f(func(x broadcastResult) float64 { return float64(x.TCPOrphanEnd) }), 0),
 		)
 	}
 	t.write(w)
@@ -188,6 +193,12 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
   share the CPUs with everything else). Peak RSS: the highest sample (every 200 ms), or VmHWM.
 - backend backlog: bytes (messages) queued or being written for one connection; queued: all
   connections together. sluice peak queued: sluice_queued_bytes, sampled every 200 ms.
+- TCP mem: the kernel's TCP socket memory of the whole machine (/proc/net/sockstat "mem", pages
+  times the page size; every socket's buffers, both ends of every connection, not only the
+  target's), sampled every 200 ms from just before the clients connect to the end of -close-wait,
+  minus its value just before they connect: the peak, and at the end (memory still held, e.g.
+  by orphans). TCP orphans: sockets closed by their process but still holding unsent data
+  (absolute count, machine-wide), highest sampled and at the end of -close-wait.
 `)
 }
 
