@@ -188,22 +188,20 @@ func (b *Budget) Check() {
 	}
 	type cand struct {
 		q      *Queue
-		msgs   int
+		msgs   int // Depth
 		bytes  int64
 		reason Reason // 0: stays
 	}
 	var cands []cand
 	var evictedBytes int64
-	var evictedSlow, conns int
 	b.mu.Lock()
-	conns = len(b.queues)
+	conns := len(b.queues)
 	for q := range b.queues {
-		c := cand{q: q, msgs: q.Messages(), bytes: q.Bytes()}
+		c := cand{q: q, msgs: q.Depth(), bytes: q.Bytes()}
 		if q.evicted.Load() {
+			// Its bytes are on their way out; it is no longer counted
+			// slow (MarkEvicted).
 			evictedBytes += c.bytes
-			if c.msgs >= q.cfg.SlowDepth {
-				evictedSlow++
-			}
 			continue
 		}
 		cands = append(cands, c)
@@ -226,7 +224,7 @@ func (b *Budget) Check() {
 		slices.SortFunc(cands, func(x, y cand) int {
 			return cmp.Or(cmp.Compare(y.msgs, x.msgs), cmp.Compare(y.bytes, x.bytes))
 		})
-		excess := int(b.slow.Load()) - evictedSlow - b.allowedSlow(conns)
+		excess := int(b.slow.Load()) - b.allowedSlow(conns)
 		for i := range cands {
 			c := &cands[i]
 			if excess <= 0 {
@@ -242,7 +240,7 @@ func (b *Budget) Check() {
 		}
 	}
 	for _, c := range cands {
-		if c.reason != 0 && c.q.evicted.CompareAndSwap(false, true) && c.q.onEvict != nil {
+		if c.reason != 0 && c.q.MarkEvicted() && c.q.onEvict != nil {
 			c.q.onEvict(c.reason)
 		}
 	}
@@ -251,4 +249,15 @@ func (b *Budget) Check() {
 // MarkEvicted records that q's connection is being evicted for a reason of
 // its own, so the guards do not pick it again. It reports whether q was not
 // marked before.
-func (q *Queue) MarkEvicted() bool { return q.evicted.CompareAndSwap(false, true) }
+func (q *Queue) MarkEvicted() bool {
+	if !q.evicted.CompareAndSwap(false, true) {
+		return false
+	}
+	if q.budget != nil && q.cfg.SlowDepth > 0 {
+		// An evicted connection is on its way out: no longer counted slow.
+		q.mu.Lock()
+		q.updateSlow()
+		q.mu.Unlock()
+	}
+	return true
+}

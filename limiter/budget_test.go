@@ -508,7 +508,7 @@ func TestUnsentCounts(t *testing.T) {
 	q := NewQueue(cfg, b, func(r Reason) { evicted = append(evicted, r) })
 	var kernel int64
 	var samples int
-	q.OnUnsent(func() int64 { samples++; return kernel })
+	q.OnUnsent(func() (int64, int64) { samples++; return kernel, kernel })
 
 	b.SampleUnsent(nil)
 	if samples != 0 {

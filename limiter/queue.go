@@ -29,11 +29,6 @@ type Config struct {
 
 func (c *Config) lowMessages() int { return int(float64(c.MaxMessages) * c.LowWater) }
 
-// slowUnsent is how many bytes unsent in the kernel make a connection
-// slow: the same share of MaxBytes as SlowDepth is of MaxMessages.
-func (c *Config) slowUnsent() int64 {
-	return max(1, c.MaxBytes*int64(c.SlowDepth)/int64(max(c.MaxMessages, 1)))
-}
 func (c *Config) lowBytes() int64 { return int64(float64(c.MaxBytes) * c.LowWater) }
 
 // over reports whether a segment of n bytes finds the queue at its
@@ -88,11 +83,14 @@ type Queue struct {
 
 	// unsent is what the kernel holds of this queue's connection that the
 	// peer has not acknowledged (SIOCOUTQ), as last sampled; it counts in
-	// bytes, so the marks, the slow depth and the ceiling see it.
+	// bytes, so the byte mark, the ceiling and status pages see it.
+	// notSent is the part of it not even sent, held back by the peer's
+	// window (SIOCOUTQNSD); it counts toward Depth.
 	unsent     atomic.Int64
-	unsentFn   func() int64 // see OnUnsent
+	notSent    atomic.Int64
+	unsentFn   func() (unacked, notSent int64) // see OnUnsent; set under budget.mu
 	wroteSince atomic.Bool  // a batch was taken since the last sample
-	slowUnsent bool         // slow because of unsent bytes; guarded by mu
+	msgSize    atomic.Int64 // average bytes of a message the writer took, to count unsent bytes as messages
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
 	// streamDiscarded hears ErrClosed when a segment with Follow bytes is
@@ -490,6 +488,15 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		q.addBytes(-taken)
 	}
 	if ended != 0 {
+		if q.unsentFn != nil {
+			// A cheap running average (1/8 weight to the newest batch).
+			per := taken / int64(ended)
+			old := q.msgSize.Load()
+			if old == 0 {
+				old = per
+			}
+			q.msgSize.Store(old + (per-old)/8)
+		}
 		q.addMessages(-ended)
 	}
 	if q.head == nil && q.closeFrame != nil && (len(dst) < cap(dst) || len(dst) == first) && (len(dst) == first || dst[len(dst)-1].Follow == 0) {
@@ -523,6 +530,7 @@ func (q *Queue) Close() {
 	}
 	q.closed = true
 	q.endPause()
+	q.notSent.Store(0)
 	q.setUnsentLocked(0)
 	q.signalRoom()
 	q.signalCtlRoom()
@@ -548,10 +556,11 @@ func (q *Queue) signalCtlRoom() {
 }
 
 // OnUnsent names the function that tells how many bytes the kernel holds
-// unacknowledged for the queue's connection (Linux SIOCOUTQ). The Budget's
-// guard calls it each GuardInterval for queues that were written since, or
+// unacknowledged for the queue's connection (Linux SIOCOUTQ), and how
+// many of those it has not sent yet (SIOCOUTQNSD). The Budget's guard
+// calls it each GuardInterval for queues that were written since, or
 // still had bytes unsent: never per frame. Call it before the first Push.
-func (q *Queue) OnUnsent(f func() int64) {
+func (q *Queue) OnUnsent(f func() (unacked, notSent int64)) {
 	if q.budget != nil {
 		// The guard may already see the queue: it reads unsentFn under
 		// the Budget's lock.
@@ -571,9 +580,10 @@ func (q *Queue) sampleUnsent() {
 	if q.unsentFn == nil || (!q.wroteSince.Swap(false) && q.unsent.Load() == 0) {
 		return
 	}
-	n := q.unsentFn()
+	n, notSent := q.unsentFn()
 	q.mu.Lock()
 	if !q.closed {
+		q.notSent.Store(notSent)
 		q.setUnsentLocked(n)
 		if q.roomWanted && q.hasRoomLocked() {
 			q.signalRoom()
@@ -590,11 +600,7 @@ func (q *Queue) setUnsentLocked(n int64) {
 			q.budget.unsent.Add(d)
 		}
 	}
-	if q.budget == nil || q.cfg.SlowDepth == 0 {
-		return
-	}
-	if slow := n >= q.cfg.slowUnsent(); slow != q.slowUnsent {
-		q.slowUnsent = slow
+	if q.budget != nil && q.cfg.SlowDepth > 0 {
 		q.updateSlow()
 	}
 }
@@ -622,10 +628,10 @@ func (q *Queue) addMessages(n int) {
 }
 
 // updateSlow keeps the Budget's count of slow queues in step: a queue is
-// slow at SlowDepth messages, or with as many bytes unsent in the kernel
-// as SlowDepth messages would hold. Callers hold mu.
+// slow at SlowDepth (Depth), unless it is being evicted already.
+// Callers hold mu.
 func (q *Queue) updateSlow() {
-	if slow := int(q.msgs.Load()) >= q.cfg.SlowDepth || q.slowUnsent; slow != q.slow {
+	if slow := !q.evicted.Load() && q.Depth() >= q.cfg.SlowDepth; slow != q.slow {
 		q.slow = slow
 		if slow {
 			q.budget.slow.Add(1)
@@ -635,9 +641,21 @@ func (q *Queue) updateSlow() {
 	}
 }
 
+// Depth is how many messages the connection is behind: those queued, and
+// those the kernel holds back for want of window, counted at the average
+// size of the messages written. Bytes in flight are not counted: a
+// healthy client far away has many.
+func (q *Queue) Depth() int {
+	d := int(q.msgs.Load())
+	if u, size := q.notSent.Load(), q.msgSize.Load(); u > 0 && size > 0 {
+		d += int((u + size - 1) / size)
+	}
+	return d
+}
+
 // IsSlow reports whether the queue counts as slow now.
 func (q *Queue) IsSlow() bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return q.slow || int(q.msgs.Load()) >= q.cfg.SlowDepth
+	return q.slow
 }

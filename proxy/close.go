@@ -144,12 +144,13 @@ func evictionReasons() []string {
 // moves the client's close ahead of its queued data.
 func (s *session) end(c cause, fe *frame.Error) {
 	e := &endings[c]
-	var msgs int
-	var byts int64
+	var msgs, depth int
+	var byts, unsent int64
 	if e.eviction {
-		s.client.out.MarkEvicted()
 		// Read the queue before a close frame's priority discards it.
-		msgs, byts = s.client.out.Messages(), s.client.out.Bytes()
+		q := s.client.out
+		msgs, depth, byts, unsent = q.Messages(), q.Depth(), q.Bytes(), q.Unsent()
+		s.client.out.MarkEvicted()
 	}
 	s.mu.Lock()
 	if s.aborted {
@@ -181,9 +182,9 @@ func (s *session) end(c cause, fe *frame.Error) {
 		// there by the time the client or the backend sees the close.
 		s.srv.metrics.evictions.WithLabelValues(e.label).Inc()
 		s.srv.mu.Lock()
-		s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: e.label, QueueMessages: msgs, QueueBytes: byts})
+		s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: e.label, QueueMessages: msgs, Depth: depth, QueueBytes: byts, UnsentBytes: unsent})
 		s.srv.mu.Unlock()
-		s.event(s.srv.log.Warn()).Str("reason", e.label).Int("queue_messages", msgs).Int64("queue_bytes", byts).Msg("client evicted")
+		s.event(s.srv.log.Warn()).Str("reason", e.label).Int("queue_messages", msgs).Int("depth", depth).Int64("queue_bytes", byts).Int64("unsent_bytes", unsent).Msg("client evicted")
 	}
 
 	s.mu.Lock()
@@ -501,18 +502,19 @@ func (s *session) doom(l *leg, reset bool) {
 // wakes their parked readers to find them closed and end.
 func (s *session) unlock() {
 	var close [2]*leg
+	var reset [2]bool
 	for i, l := range []*leg{&s.client, &s.upstream} {
 		if l.doomed && !l.connClosed {
 			l.connClosed = true
-			close[i] = l
+			close[i], reset[i] = l, l.resetOnClose
 		}
 	}
 	s.mu.Unlock()
-	for _, l := range close {
+	for i, l := range close {
 		if l == nil {
 			continue
 		}
-		if l.resetOnClose {
+		if reset[i] {
 			setLingerZero(l.conn)
 		}
 		l.conn.Close()
@@ -556,57 +558,83 @@ const upstreamFinGrace = 500 * time.Millisecond
 // the server and closes TCP first, as RFC 6455 §7.1.1 has it) or, when
 // its close reply is not awaited, until the client's FIN. The upstream
 // leg is read until the backend's FIN, so that the backend closes first.
-func (s *session) drain(src *leg) {
+func (s *session) drain(src *leg) (clean bool) {
 	if src.upstream {
-		s.drainUpstream(src)
-		return
+		return s.drainUpstream(src)
 	}
 	for {
 		s.mu.Lock()
 		done := src.closeSent && src.closeRcvd
 		src.draining = !done
+		noReply := src.noReply
 		s.mu.Unlock()
 		if done {
-			return
+			return true
 		}
-		src.conn.SetReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
-		if err := src.rd.Drain(); !errors.Is(err, os.ErrDeadlineExceeded) {
-			return // the client's FIN, or the socket closed under it
+		wait := s.srv.opts.CloseTimeout
+		if noReply {
+			// Evicted or in breach: a client that reads gets its close
+			// and FIN at once and ends within this; one that does not
+			// read would only keep its kernel buffers.
+			wait = min(wait, closeWriteTimeout)
 		}
-		// closeWritten moved the deadline to wake this reader: look again.
+		src.conn.SetReadDeadline(time.Now().Add(wait))
+		err := src.rd.Drain()
+		if err == nil {
+			return true // the client's FIN
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			return false
+		}
+		s.mu.Lock()
+		woken := src.closeSent && src.closeRcvd
+		s.mu.Unlock()
+		if !woken {
+			return false
+		}
+		// closeWritten moved the deadline to wake this reader: done.
 	}
 }
 
 // drainUpstream waits for the backend's FIN; once the close handshake is
 // done and upstreamFinGrace has passed without it, sluice half-closes
 // first and waits on.
-func (s *session) drainUpstream(src *leg) {
+func (s *session) drainUpstream(src *leg) (clean bool) {
 	for {
 		src.conn.SetReadDeadline(time.Now().Add(upstreamFinGrace))
 		err := src.rd.Drain()
+		if err == nil {
+			return true
+		}
 		if !errors.Is(err, os.ErrDeadlineExceeded) {
-			return
+			return false
 		}
 		s.mu.Lock()
 		done, aborted := src.closeSent && src.closeRcvd, s.aborted
 		s.mu.Unlock()
 		if aborted {
-			return
+			return false
 		}
 		if done {
 			s.srv.metrics.upstreamClosedFirst.Inc()
 			halfClose(src.conn)
 			src.conn.SetReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
-			src.rd.Drain()
-			return
+			return src.rd.Drain() == nil
 		}
 	}
 }
 
-// readerEnded records that nobody reads src's socket any more.
-func (s *session) readerEnded(src *leg) {
+// readerEnded records that nobody reads src's socket any more; clean
+// says it was read to its end (or its close handshake is done). A leg
+// whose handshake is over closes at once, without waiting for the other
+// leg: reset if it did not end cleanly, so that a client that stopped
+// reading does not keep what the kernel holds for it.
+func (s *session) readerEnded(src *leg, clean bool) {
 	s.mu.Lock()
 	src.readDone = true
+	if src.finished() {
+		s.doom(src, !clean && !src.upstream)
+	}
 	s.checkDoneLocked()
 	s.unlock()
 }

@@ -437,7 +437,8 @@ type SessionInfo struct {
 	Client        string
 	Age           time.Duration
 	QueueMessages int
-	QueueBytes    int64
+	QueueBytes    int64 // UnsentBytes included
+	UnsentBytes   int64 // what the kernel holds unacknowledged for the client
 	Paused        bool
 	Slow          bool
 }
@@ -449,7 +450,9 @@ type Eviction struct {
 	Client        string
 	Reason        string
 	QueueMessages int
-	QueueBytes    int64
+	Depth         int   // messages behind: queued, and held back in the kernel (limiter.Queue.Depth)
+	QueueBytes    int64 // UnsentBytes included
+	UnsentBytes   int64 // what the kernel held unacknowledged for the client
 }
 
 // evictionLog keeps the most recent evictions, oldest overwritten first.
@@ -486,8 +489,8 @@ func (s *Server) Snapshot() []SessionInfo {
 		paused, _ := q.Paused()
 		out = append(out, SessionInfo{
 			ID: ss.id, Client: ss.clientAddr, Age: time.Since(ss.began),
-			QueueMessages: q.Messages(), QueueBytes: q.Bytes(), Paused: paused,
-			Slow: q.Messages() >= s.opts.Queue.SlowDepth,
+			QueueMessages: q.Messages(), QueueBytes: q.Bytes(), UnsentBytes: q.Unsent(), Paused: paused,
+			Slow: q.IsSlow(),
 		})
 	}
 	return out

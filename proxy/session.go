@@ -232,13 +232,14 @@ func (s *session) upstreamReader() { s.read(&s.upstream, &s.client) }
 // lost. A reader that parks hands its place in the running count to the
 // next one; one whose peer has finished reads the socket to its end.
 func (s *session) read(src, dst *leg) {
+	clean := false
 	switch s.pump(src, dst) {
 	case readerParked:
 		return
 	case readerDraining:
-		s.drain(src)
+		clean = s.drain(src)
 	}
-	s.readerEnded(src)
+	s.readerEnded(src, clean)
 	s.exit()
 }
 
