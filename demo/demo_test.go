@@ -1,0 +1,173 @@
+package demo
+
+import (
+	"bytes"
+	"context"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"sluice/config"
+
+	"go.uber.org/goleak"
+)
+
+// TestDemoRuns runs the demo once per policy, the way a newcomer would but
+// shorter, and checks the summary tells each policy's story.
+//
+// -rate=200 compresses time: at the default 50 messages/s the kernel's
+// buffers and sluice's 100-message queue hold about 4.5 s of a frozen
+// client's feed, longer than a 4 s run, so no policy would act yet.
+//
+// The slow-ratio guard is switched off: it is not what this test is about,
+// and on a loaded machine under -race enough fast clients fall 5 messages
+// (25 ms at 200/s) behind at once for it to evict the slow clients before
+// their policy acts.
+func TestDemoRuns(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	fastRE := regexp.MustCompile(`fast clients: (\d+) received ([\d,]+) messages, ([\d,]+) gaps`)
+	slowRE := regexp.MustCompile(`slow clients received ([\d,]+) messages, ([\d,]+) lost`)
+	droppedRE := regexp.MustCompile(`dropped ([\d,]+) messages`)
+	num := func(s string) uint64 {
+		n, err := strconv.ParseUint(strings.ReplaceAll(s, ",", ""), 10, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for _, policy := range []string{"evict", "drop", "pause"} {
+		t.Run(policy, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			var stdout, stderr bytes.Buffer
+			began := time.Now()
+			err := Run(ctx, []string{"-duration=4s", "-plain", "-clients=40", "-slow=0.1",
+				"-admin=127.0.0.1:0", "-rate=200", "-policy=" + policy},
+				map[string]string{config.Prefix + "SLOW_CLIENT_MAX_RATIO": "1"}, &stdout, &stderr)
+			out := stdout.String()
+			t.Logf("took %s\n%s%s", time.Since(began).Round(time.Millisecond), out, stderr.String())
+			if err != nil {
+				t.Fatalf("run: %v", err)
+			}
+			if !strings.Contains(out, "--- summary: policy "+policy) || !strings.Contains(out, "status page: http://127.0.0.1:") {
+				t.Fatal("no status page line or summary in the output")
+			}
+			// One a second, but a starved machine may delay some.
+			if !strings.Contains(out, "\n  1s ") && !strings.Contains(out, "\n  2s ") {
+				t.Error("no progress line")
+			}
+			m := fastRE.FindStringSubmatch(out)
+			if m == nil {
+				t.Fatal("no fast-client line in the summary")
+			}
+			if m[1] != "36" || num(m[2]) == 0 {
+				t.Errorf("fast clients: %s received %s; want 36 receiving messages", m[1], m[2])
+			}
+			s := slowRE.FindStringSubmatch(out)
+			if s == nil {
+				t.Fatal("no slow-client line in the summary")
+			}
+			switch policy {
+			case "evict":
+				if num(m[3]) != 0 {
+					t.Errorf("fast clients saw %s gaps under evict; want 0", m[3])
+				}
+				if !strings.Contains(out, "slow clients: 4 closed with 1013 Try Again Later") {
+					t.Error("slow clients were not all closed with 1013")
+				}
+			case "drop":
+				if d := droppedRE.FindStringSubmatch(out); d == nil || num(d[1]) == 0 || num(s[2]) == 0 {
+					t.Errorf("drop: dropped %v, slow clients lost %s; want both above 0", d, s[2])
+				}
+			case "pause":
+				if num(s[2]) != 0 || num(s[1]) == 0 {
+					t.Errorf("pause: slow clients received %s and lost %s; want all, none lost", s[1], s[2])
+				}
+			}
+		})
+	}
+}
+
+func TestDemoFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-policy=fast"}, `-policy=fast: want evict, drop or pause`},
+		{[]string{"-slow=1.5"}, `-slow=1.5: want a share from 0 to 1`},
+		{[]string{"-clients=0"}, `-clients=0: want a whole number from 1 to 10000`},
+		{[]string{"-duration=10ms"}, `-duration=10ms: want a duration from 1s to 1h`},
+		{[]string{"-rate=0"}, `-rate=0: want messages per second from 1 to 10000`},
+		{[]string{"-size=8"}, `-size=8: want bytes from 16`},
+		{[]string{"-admin=nowhere"}, `-admin=nowhere: want a host:port`},
+		{[]string{"-rate=10000", "-size=1048576"}, `want at most 1.00 GiB/s in total`},
+		{[]string{"-clients=x"}, `invalid value "x" for flag -clients`},
+		{[]string{"-nope"}, `flag provided but not defined: -nope`},
+		{[]string{"extra"}, `unexpected argument "extra"`},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			err := Run(context.Background(), tc.args, nil, &stdout, &stderr)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %v; want one containing %q", err, tc.want)
+			}
+		})
+	}
+	t.Run("every problem at once", func(t *testing.T) {
+		err := Run(context.Background(), []string{"-policy=x", "-clients=0"}, nil, &bytes.Buffer{}, &bytes.Buffer{})
+		if err == nil || !strings.Contains(err.Error(), "-policy=x") || !strings.Contains(err.Error(), "-clients=0") {
+			t.Errorf("error %v; want both problems", err)
+		}
+	})
+	t.Run("bad environment", func(t *testing.T) {
+		err := Run(context.Background(), nil, map[string]string{"SLUICE_QUEUE_MAX_MESAGES": "5"}, &bytes.Buffer{}, &bytes.Buffer{})
+		if err == nil || !strings.Contains(err.Error(), "did you mean SLUICE_QUEUE_MAX_MESSAGES") {
+			t.Errorf("error %v; want the config error", err)
+		}
+	})
+	t.Run("help", func(t *testing.T) {
+		var stderr bytes.Buffer
+		if err := Run(context.Background(), []string{"-h"}, nil, &bytes.Buffer{}, &stderr); err != nil {
+			t.Errorf("-h: %v", err)
+		}
+		if !strings.Contains(stderr.String(), "-policy") {
+			t.Errorf("-h printed %q; want the flags", stderr.String())
+		}
+	})
+}
+
+func TestLatencyHist(t *testing.T) {
+	var h latencyHist
+	if h.quantile(0.5) != 0 {
+		t.Fatal("empty histogram has a median")
+	}
+	for i := 1; i <= 1000; i++ {
+		h.add(time.Duration(i) * time.Millisecond)
+	}
+	for _, tc := range []struct {
+		q    float64
+		want time.Duration
+	}{{0.5, 500 * time.Millisecond}, {0.99, 990 * time.Millisecond}, {1, time.Second}} {
+		got := h.quantile(tc.q)
+		if got < tc.want || float64(got) > float64(tc.want)*1.13 {
+			t.Errorf("quantile(%v) = %v; want %v within +12.5%%", tc.q, got, tc.want)
+		}
+	}
+	if h.maxLatency() != time.Second || h.count() != 1000 {
+		t.Errorf("max %v count %d", h.maxLatency(), h.count())
+	}
+	for _, d := range []time.Duration{0, time.Microsecond, 3 * time.Microsecond, time.Hour * 24 * 365} {
+		b := latBucket(d)
+		if b < 0 || b >= latBuckets || (d >= time.Microsecond && d < 24*time.Hour && latUpper(b) < d) {
+			t.Errorf("latBucket(%v) = %d (upper %v)", d, b, latUpper(b))
+		}
+	}
+}
+
+// TestMain fails the run if a client, backend or sluice goroutine outlives
+// the tests.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
