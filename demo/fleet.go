@@ -87,15 +87,6 @@ func (f *demoFleet) wake(deadline time.Time) {
 	}
 }
 
-func (f *demoFleet) woken() bool {
-	select {
-	case <-f.wakeCh:
-		return true
-	default:
-		return false
-	}
-}
-
 func (f *demoFleet) wait() { f.wg.Wait() }
 
 // clientConn is one client's connection: gobwas/ws, like the demo
