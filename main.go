@@ -3,7 +3,9 @@
 // with evict, drop and pause policies, global memory guards and keepalive.
 //
 // It is configured only through SLUICE_* environment variables; see
-// config.example.env. `sluice demo` runs a self-contained demonstration.
+// config.example.env. `sluice demo` runs a self-contained demonstration,
+// `sluice check` validates the environment without starting, and
+// `sluice version` names the build.
 package main
 
 import (
@@ -11,25 +13,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
-	"net/netip"
-	"net/url"
 	"os"
 	"os/signal"
+	"runtime/debug"
+	"strings"
 	"syscall"
-	"time"
 
 	"github.com/KimMachineGun/automemlimit/memlimit"
 	"github.com/caarlos0/env/v11"
-	"github.com/gobwas/ws"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/rs/zerolog"
 
-	"sluice/keepalive"
-	"sluice/limiter"
-	"sluice/proxy"
+	"sluice/config"
+	"sluice/demo"
+	"sluice/serve"
 )
 
 func main() {
@@ -47,7 +43,11 @@ func run(ctx context.Context, args []string, environ map[string]string, stdout, 
 	if len(args) > 0 {
 		switch args[0] {
 		case "demo":
-			return runDemo(ctx, args[1:], environ, stdout, stderr)
+			return demo.Run(ctx, args[1:], environ, stdout, stderr)
+		case "check":
+			return check(args[1:], environ, stdout)
+		case "version":
+			return version(args[1:], stdout)
 		case "-h", "-help", "--help", "help":
 			fmt.Fprintln(stdout, usage)
 			return nil
@@ -55,11 +55,11 @@ func run(ctx context.Context, args []string, environ map[string]string, stdout, 
 			return fmt.Errorf("unknown command %q\n%s", args[0], usage)
 		}
 	}
-	cfg, err := LoadConfig(environ)
+	cfg, err := config.Load(environ)
 	if err != nil {
 		return err
 	}
-	log := newLogger(cfg, stderr)
+	log := cfg.Logger(stderr)
 	for _, w := range cfg.Warnings() {
 		log.Warn().Msg(w)
 	}
@@ -68,187 +68,76 @@ func run(ctx context.Context, args []string, environ map[string]string, stdout, 
 	if _, err := memlimit.Set(); err != nil {
 		log.Debug().Err(err).Msg("no cgroup memory limit found")
 	}
-	return serve(ctx, cfg, log, nil)
+	return serve.Run(ctx, cfg, log, nil)
 }
 
 const usage = `usage: sluice          run the proxy (configured by SLUICE_* variables, see config.example.env)
+       sluice check    validate the SLUICE_* variables and exit: 0 if sluice would start, 1 if not
+       sluice version  print the module version and the VCS commit it was built from
        sluice demo     run a built-in backend, sluice and a fleet of fast and slow clients`
 
-func newLogger(cfg Config, w io.Writer) zerolog.Logger {
-	if cfg.LogFormat == LogFormatConsole {
-		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.TimeOnly}
+// check is `sluice check`, as `nginx -t` or `haproxy -c`: it loads the
+// configuration and maps it to the proxy's options, as a start does, and
+// returns the same error a failed start prints; it opens no socket. On
+// success it prints the warnings a start would log and "configuration ok".
+func check(args []string, environ map[string]string, stdout io.Writer) error {
+	if len(args) > 0 {
+		return fmt.Errorf("check: unexpected argument %q (it reads only SLUICE_* variables)", args[0])
 	}
-	return zerolog.New(w).Level(cfg.LogLevel).With().Timestamp().Logger()
-}
-
-// serve runs the proxy and its admin listener until ctx ends, then drains.
-// ready, if not nil, receives the two listen addresses once both listen.
-func serve(ctx context.Context, cfg Config, log zerolog.Logger, ready func(wsAddr, adminAddr string, srv *proxy.Server)) error {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	opts := proxyOptions(cfg, log, reg)
-	upTLS, err := upstreamTLSConfig(cfg)
+	cfg, err := config.Load(environ)
 	if err != nil {
 		return err
 	}
-	opts.UpstreamTLS = upTLS
-	srv, err := proxy.New(opts)
-	if err != nil {
+	if _, err := cfg.ProxyOptions(zerolog.Nop(), nil); err != nil {
 		return err
 	}
-	serving := false
-	defer func() {
-		if !serving {
-			// Start-up failed after New: end its guard goroutine too.
-			srv.Shutdown(context.Background())
-		}
-	}()
-	registerBudgetMetrics(reg, srv)
-	// TCP keepalive off on accepted connections, as on upstream ones:
-	// keepalive is sluice's pings, and the probes' setup costs syscalls.
-	lc := net.ListenConfig{KeepAlive: -1}
-	ln, err := lc.Listen(ctx, "tcp", cfg.ListenAddr)
-	if err != nil {
-		return fmt.Errorf("SLUICE_LISTEN_ADDR=%q: %w", cfg.ListenAddr, err)
+	for _, w := range cfg.Warnings() {
+		fmt.Fprintln(stdout, "warning:", w)
 	}
-	if cfg.TLSCertFile != "" {
-		// wss:// with a reloadable certificate (tls.go); the admin
-		// listener below stays plain HTTP.
-		var stopTLS func()
-		if ln, stopTLS, err = listenTLS(ctx, ln, cfg, log); err != nil {
-			return err
-		}
-		defer stopTLS()
-	}
-	var admin *http.Server
-	adminAddr := ""
-	if cfg.AdminAddr != "" {
-		aln, err := net.Listen("tcp", cfg.AdminAddr)
-		if err != nil {
-			ln.Close()
-			return fmt.Errorf("SLUICE_ADMIN_ADDR=%q: %w", cfg.AdminAddr, err)
-		}
-		adminAddr = aln.Addr().String()
-		// The status page samples its history until serve returns, so
-		// the drain is on its chart too.
-		statusCtx, stopStatus := context.WithCancel(context.WithoutCancel(ctx))
-		status := newStatusPage(statusCtx, srv, reg, opts.Queue.Policy.String())
-		defer status.Wait()
-		defer stopStatus()
-		admin = &http.Server{Handler: adminHandler(srv, reg, upstreamHostPort(opts.Upstream), status, cfg.Pprof), ReadHeaderTimeout: 5 * time.Second}
-		go admin.Serve(aln)
-	}
-	serving = true
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info().Str("addr", ln.Addr().String()).Str("admin_addr", adminAddr).
-		Str("upstream", opts.Upstream.String()).Str("policy", opts.Queue.Policy.String()).
-		Int64("global_queue_max_bytes", opts.Budget.Ceiling).Msg("listening")
-	if ready != nil {
-		ready(ln.Addr().String(), adminAddr, srv)
-	}
-
-	var serveFailed error
-	select {
-	case <-ctx.Done():
-	case err := <-serveErr:
-		// The listener failed: nobody new can connect, but the sessions
-		// and the admin server still need closing before serve returns.
-		if !errors.Is(err, http.ErrServerClosed) {
-			serveFailed = err
-		}
-	}
-	// Readiness fails first; new clients are still served for DrainDelay
-	// so the load balancer can notice, then the sessions are closed.
-	srv.BeginDrain()
-	log.Info().Int("sessions", srv.Sessions()).Dur("delay", cfg.DrainDelay).
-		Dur("spread", cfg.DrainSpread).Dur("timeout", cfg.ShutdownTimeout).Msg("draining")
-	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-	defer cancel()
-	if cfg.DrainDelay > 0 && serveFailed == nil {
-		t := time.NewTimer(cfg.DrainDelay)
-		select {
-		case <-t.C:
-		case <-sctx.Done():
-		}
-		t.Stop()
-	}
-	err = srv.Shutdown(sctx)
-	if admin != nil {
-		admin.Shutdown(sctx)
-	}
-	if err != nil {
-		log.Warn().Err(err).Msg("drain cut short")
-	}
-	log.Info().Msg("stopped")
-	return serveFailed
+	fmt.Fprintln(stdout, "sluice: configuration ok")
+	return nil
 }
 
-// proxyOptions translates the configuration for the proxy package.
-func proxyOptions(cfg Config, log zerolog.Logger, reg prometheus.Registerer) proxy.Options {
-	policy, _ := limiter.ParsePolicy(string(cfg.Policy))
-	return proxy.Options{
-		Upstream:            cfg.UpstreamURL,
-		Logger:              log,
-		Registerer:          reg,
-		DialTimeout:         cfg.UpstreamDialTimeout,
-		HandshakeTimeout:    cfg.HandshakeTimeout,
-		WriteTimeout:        cfg.WriteTimeout,
-		CloseTimeout:        cfg.CloseTimeout,
-		DrainSpread:         cfg.DrainSpread,
-		MaxHeaderBytes:      int(cfg.MaxHeaderBytes),
-		MaxFrameBytes:       int64(cfg.MaxFrameBytes),
-		MaxMessageBytes:     int64(cfg.MaxMessageBytes),
-		UpstreamFailureCode: ws.StatusCode(cfg.UpstreamCloseCode),
-		UpstreamReadBuffer:  int(cfg.UpstreamReadBuffer),
-		ClientWriteBuffer:   int(cfg.ClientWriteBuffer),
-		NoIdlePoll:          !cfg.IdlePoll,
-
-		// Client limits; LoadConfig has checked every entry.
-		FrameReadTimeout:       cfg.FrameReadTimeout,
-		MaxConnections:         cfg.MaxConnections,
-		MaxConnectionsPerIP:    cfg.MaxConnectionsPerIP,
-		TrustedProxies:         trustedProxies(cfg.TrustedProxies),
-		AllowedOrigins:         listEntries(cfg.AllowedOrigins),
-		MaxHandshakesPerSecond: cfg.MaxHandshakesPerSecond,
-
-		Queue: limiter.Config{
-			Policy:      policy,
-			MaxMessages: cfg.QueueMaxMessages,
-			MaxBytes:    int64(cfg.QueueMaxBytes),
-			LowWater:    cfg.QueueLowWater,
-			KeepNewest:  cfg.DropKeepNewest,
-			PauseMax:    cfg.PauseMax,
-			SlowDepth:   cfg.SlowClientDepth,
-		},
-		Budget: limiter.BudgetConfig{
-			Ceiling:   cfg.GlobalQueueMaxBytes.Resolve(memoryLimit()),
-			SlowRatio: cfg.SlowClientMaxRatio,
-		},
-		Keepalive:         keepalive.Config{Interval: cfg.PingInterval, Timeout: cfg.PongTimeout},
-		UpstreamKeepalive: keepalive.Config{Interval: cfg.UpstreamPingInterval, Timeout: cfg.PongTimeout},
+// version is `sluice version`: the main module's version and the commit
+// the go command stamped into the binary (absent under `go run` and in
+// test binaries).
+func version(args []string, stdout io.Writer) error {
+	if len(args) > 0 {
+		return fmt.Errorf("version: unexpected argument %q", args[0])
 	}
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return errors.New("version: no build information in this binary")
+	}
+	fmt.Fprintln(stdout, versionLine(bi))
+	return nil
 }
 
-// trustedProxies parses SLUICE_TRUSTED_PROXIES, which LoadConfig has
-// checked.
-func trustedProxies(entries []string) []netip.Prefix {
-	var out []netip.Prefix
-	for _, e := range listEntries(entries) {
-		if p, err := proxy.ParseTrustedProxy(e); err == nil {
-			out = append(out, p)
+// versionLine renders "sluice v1.2.0 commit 0123abcd (2026-12-01T10:00:00Z,
+// modified) go1.26.8".
+func versionLine(bi *debug.BuildInfo) string {
+	settings := map[string]string{}
+	for _, s := range bi.Settings {
+		settings[s.Key] = s.Value
+	}
+	line := "sluice " + bi.Main.Version
+	if bi.Main.Version == "" {
+		line += "(unknown)"
+	}
+	if rev := settings["vcs.revision"]; rev != "" {
+		line += " commit " + rev
+		var notes []string
+		if t := settings["vcs.time"]; t != "" {
+			notes = append(notes, t)
 		}
+		if settings["vcs.modified"] == "true" {
+			notes = append(notes, "modified")
+		}
+		if len(notes) > 0 {
+			line += " (" + strings.Join(notes, ", ") + ")"
+		}
+	} else {
+		line += " commit unknown"
 	}
-	return out
-}
-
-// upstreamHostPort is the TCP address of the upstream URL.
-func upstreamHostPort(u *url.URL) string {
-	if u.Port() != "" {
-		return u.Host
-	}
-	if u.Scheme == "wss" {
-		return net.JoinHostPort(u.Hostname(), "443")
-	}
-	return net.JoinHostPort(u.Hostname(), "80")
+	return line + " " + bi.GoVersion
 }

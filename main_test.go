@@ -1,89 +1,84 @@
 package main
 
 import (
+	"bytes"
 	"context"
-	"net"
-	"os"
-	"strconv"
-	"syscall"
+	"runtime/debug"
+	"strings"
 	"testing"
-	"time"
-
-	"github.com/rs/zerolog"
-	"go.uber.org/goleak"
-
-	"sluice/proxy"
 )
 
-// TestServeListenerFailure: when the WebSocket listener fails, serve
-// returns its error only after closing the admin listener and ending
-// every goroutine it started.
-func TestServeListenerFailure(t *testing.T) {
-	defer goleak.VerifyNone(t)
-	cfg, err := LoadConfig(environ("SLUICE_LISTEN_ADDR", "127.0.0.1:0", "SLUICE_ADMIN_ADDR", "127.0.0.1:0",
-		"SLUICE_DRAIN_DELAY", "20s", "SLUICE_SHUTDOWN_TIMEOUT", "25s"))
-	if err != nil {
-		t.Fatal(err)
+// TestCheck: `sluice check` fails with exactly the error a start with the
+// same environment fails with, and on a good one prints the warnings and
+// "configuration ok" without opening a socket.
+func TestCheck(t *testing.T) {
+	bad := map[string]string{
+		"SLUICE_UPSTREAM_URL":       "ftp://backend",
+		"SLUICE_QUEUE_MAX_MESAGES":  "5",
+		"SLUICE_QUEUE_MAX_MESSAGES": "0",
 	}
-	type addrs struct{ ws, admin string }
-	ready := make(chan addrs, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- serve(context.Background(), cfg, zerolog.Nop(), func(ws, admin string, _ *proxy.Server) {
-			ready <- addrs{ws, admin}
-		})
-	}()
-	var a addrs
-	select {
-	case a = <-ready:
-	case err := <-done:
-		t.Fatalf("serve: %v", err)
+	checkErr := run(context.Background(), []string{"check"}, bad, &bytes.Buffer{}, &bytes.Buffer{})
+	startErr := run(context.Background(), nil, bad, &bytes.Buffer{}, &bytes.Buffer{})
+	if checkErr == nil || startErr == nil || checkErr.Error() != startErr.Error() {
+		t.Fatalf("check: %v\nstart: %v\nwant the same error from both", checkErr, startErr)
+	}
+	for _, want := range []string{"SLUICE_UPSTREAM_URL=", "did you mean SLUICE_QUEUE_MAX_MESSAGES?", `SLUICE_QUEUE_MAX_MESSAGES="0"`} {
+		if !strings.Contains(checkErr.Error(), want) {
+			t.Errorf("check error lacks %q:\n%s", want, checkErr)
+		}
 	}
 
-	// Shut the listening socket down under serve: accept then fails with
-	// EINVAL, as it would for a listener broken some other way.
-	shutdownListener(t, a.ws)
-	select {
-	case err := <-done:
-		if err == nil {
-			t.Fatal("serve returned nil after its listener failed")
-		}
-		t.Logf("serve: %v", err)
-	case <-time.After(10 * time.Second): // well short of the 20 s drain delay
-		t.Fatal("serve did not return after its listener failed")
+	var out bytes.Buffer
+	good := map[string]string{
+		"SLUICE_UPSTREAM_URL":  "ws://backend:8080/socket",
+		"SLUICE_LISTEN_ADDR":   "203.0.113.1:1", // not ours: check must not bind it
+		"SLUICE_PING_INTERVAL": "0",
 	}
-	if c, err := net.DialTimeout("tcp", a.admin, time.Second); err == nil {
-		c.Close()
-		t.Errorf("admin listener %s still accepts after serve returned", a.admin)
+	if err := run(context.Background(), []string{"check"}, good, &out, &bytes.Buffer{}); err != nil {
+		t.Fatalf("check of a good environment: %v", err)
+	}
+	if got := out.String(); !strings.Contains(got, "warning: SLUICE_PING_INTERVAL=0") || !strings.HasSuffix(got, "sluice: configuration ok\n") {
+		t.Errorf("check printed %q; want the keepalive warning and configuration ok", got)
+	}
+	if err := run(context.Background(), []string{"check", "extra"}, good, &out, &bytes.Buffer{}); err == nil {
+		t.Error("check accepted an argument")
 	}
 }
 
-// shutdownListener finds this process's listening socket bound to addr
-// and shuts it down.
-func shutdownListener(t *testing.T, addr string) {
-	t.Helper()
-	_, portStr, _ := net.SplitHostPort(addr)
-	port, _ := strconv.Atoi(portStr)
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Skip("no /proc/self/fd:", err)
+func TestVersion(t *testing.T) {
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"version"}, nil, &out, &bytes.Buffer{}); err != nil {
+		t.Fatal(err)
 	}
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if on, err := syscall.GetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_ACCEPTCONN); err != nil || on == 0 {
-			continue
-		}
-		if sa, err := syscall.Getsockname(fd); err == nil {
-			if in4, ok := sa.(*syscall.SockaddrInet4); ok && in4.Port == port {
-				if err := syscall.Shutdown(fd, syscall.SHUT_RDWR); err != nil {
-					t.Fatal(err)
-				}
-				return
-			}
+	if !strings.HasPrefix(out.String(), "sluice ") || !strings.Contains(out.String(), " go1.") {
+		t.Errorf("version printed %q", out.String())
+	}
+	for _, tc := range []struct {
+		bi   debug.BuildInfo
+		want string
+	}{
+		{debug.BuildInfo{GoVersion: "go1.26.8", Main: debug.Module{Version: "v1.2.0"}, Settings: []debug.BuildSetting{
+			{Key: "vcs.revision", Value: "0123abcd"}, {Key: "vcs.time", Value: "2026-12-01T10:00:00Z"}, {Key: "vcs.modified", Value: "true"},
+		}}, "sluice v1.2.0 commit 0123abcd (2026-12-01T10:00:00Z, modified) go1.26.8"},
+		{debug.BuildInfo{GoVersion: "go1.26.8", Main: debug.Module{Version: "(devel)"}}, "sluice (devel) commit unknown go1.26.8"},
+	} {
+		if got := versionLine(&tc.bi); got != tc.want {
+			t.Errorf("versionLine = %q, want %q", got, tc.want)
 		}
 	}
-	t.Fatalf("no listening socket for %s", addr)
+}
+
+func TestUnknownCommand(t *testing.T) {
+	err := run(context.Background(), []string{"chek"}, nil, &bytes.Buffer{}, &bytes.Buffer{})
+	if err == nil || !strings.Contains(err.Error(), `unknown command "chek"`) || !strings.Contains(err.Error(), "sluice check") {
+		t.Errorf("error %v; want the unknown command and the usage", err)
+	}
+}
+
+// TestDemoCommand: `sluice demo` reaches the demo's flags.
+func TestDemoCommand(t *testing.T) {
+	err := run(context.Background(), []string{"demo", "-clients=0"}, nil, &bytes.Buffer{}, &bytes.Buffer{})
+	if err == nil || !strings.Contains(err.Error(), "-clients=0: want") {
+		t.Errorf("error %v; want the demo's flag check", err)
+	}
 }

@@ -59,7 +59,6 @@ type upstreamConn struct {
 
 	header      http.Header // the upgrade request's headers
 	subprotocol string      // negotiated
-	extensions  string      // Sec-WebSocket-Extensions of the 101
 
 	ended  chan closeSeen // how the connection ended; buffered 1
 	pings  chan string    // ping payloads received

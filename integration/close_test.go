@@ -12,6 +12,7 @@ import (
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
 
+	"sluice/config"
 	"sluice/proxy"
 )
 
@@ -123,7 +124,7 @@ func TestAbruptUpstreamLoss(t *testing.T) {
 	})
 	t.Run("configured 1011 (gorilla client)", func(t *testing.T) {
 		b := newBackend(t)
-		s := startSluice(t, b.url, func(o *proxy.Options) { o.UpstreamFailureCode = 1011 })
+		s := startSluiceEnv(t, b.url, map[string]string{config.Prefix + "UPSTREAM_CLOSE_CODE": "1011"}, nil)
 		c, _ := dialGorilla(t, s.url+"/drop", nil)
 		c.WriteMessage(gorilla.TextMessage, []byte("last words"))
 		if ce := gorillaReadClose(t, c); ce.Code != 1011 {

@@ -14,11 +14,11 @@ import (
 	"testing"
 	"time"
 
+	"sluice/config"
+
 	"github.com/coder/websocket"
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
-
-	"sluice/proxy"
 )
 
 // TestSubprotocolRelayed: the client offers "a, b", the backend knows only
@@ -272,7 +272,7 @@ func TestUpstreamUnavailable(t *testing.T) {
 	})
 	t.Run("blackholed", func(t *testing.T) {
 		hole := blackhole(t)
-		s := startSluice(t, "ws://"+hole, func(o *proxy.Options) { o.DialTimeout = 300 * time.Millisecond })
+		s := startSluiceEnv(t, "ws://"+hole, map[string]string{config.Prefix + "UPSTREAM_DIAL_TIMEOUT": "300ms"}, nil)
 		began := time.Now()
 		status, body := rejectedDial(t, s.url+"/echo")
 		took := time.Since(began)

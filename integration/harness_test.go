@@ -13,9 +13,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -29,6 +29,7 @@ import (
 	"github.com/rs/zerolog"
 	"go.uber.org/goleak"
 
+	"sluice/config"
 	"sluice/proxy"
 )
 
@@ -55,20 +56,50 @@ type sluiceUnderTest struct {
 	shutErr  error
 }
 
-// startSluice starts sluice in front of upstream (a ws:// URL). configure,
-// if not nil, adjusts the options; Upstream, Logger and Registerer are
-// filled in unless it sets them. A cleanup shuts it down and fails the test
-// if that fails.
+// harnessEnv is the configuration every sluice under test starts from,
+// on top of the binary's defaults: the settings whose defaults would
+// change what the tests were written to observe. Each test that needs a
+// guard or a buffer size sets its own.
+func harnessEnv() map[string]string {
+	return map[string]string{
+		config.Prefix + "LISTEN_ADDR": "127.0.0.1:0",
+		config.Prefix + "ADMIN_ADDR":  "", // the harness serves no admin listener
+		// The slow-ratio guard off (every client may be slow) and a
+		// ceiling far above any test's queues: the backpressure tests
+		// that exercise the guards set limiter.BudgetConfig themselves.
+		config.Prefix + "SLOW_CLIENT_MAX_RATIO":  "1",
+		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "16GiB",
+		// The kernel's receive buffer on upstream sockets, as the
+		// backpressure tests' timings assume.
+		config.Prefix + "UPSTREAM_READ_BUFFER": "0",
+	}
+}
+
+// startSluice starts sluice in front of upstream (a ws:// URL) with the
+// options the binary would build from harnessEnv, through
+// config.ProxyOptions. configure, if not nil, then adjusts them. A cleanup
+// shuts it down and fails the test if that fails.
 func startSluice(t testing.TB, upstream string, configure func(*proxy.Options)) *sluiceUnderTest {
 	t.Helper()
-	u, err := url.Parse(upstream)
+	return startSluiceEnv(t, upstream, nil, configure)
+}
+
+// startSluiceEnv is startSluice with SLUICE_* settings added to
+// harnessEnv, checked and mapped exactly as the binary does; prefer it to
+// configure for anything an operator can set.
+func startSluiceEnv(t testing.TB, upstream string, env map[string]string, configure func(*proxy.Options)) *sluiceUnderTest {
+	t.Helper()
+	environ := harnessEnv()
+	maps.Copy(environ, env)
+	environ[config.Prefix+"UPSTREAM_URL"] = upstream
+	cfg, err := config.Load(environ)
 	if err != nil {
-		t.Fatalf("upstream URL %q: %v", upstream, err)
+		t.Fatalf("configuration:\n%v", err)
 	}
-	opts := proxy.Options{
-		Upstream:   u,
-		Logger:     zerolog.New(testLog(t)).Level(zerolog.InfoLevel).With().Timestamp().Logger(),
-		Registerer: prometheus.NewRegistry(),
+	log := zerolog.New(testLog(t)).Level(zerolog.InfoLevel).With().Timestamp().Logger()
+	opts, err := cfg.ProxyOptions(log, prometheus.NewRegistry())
+	if err != nil {
+		t.Fatalf("config.ProxyOptions: %v", err)
 	}
 	if configure != nil {
 		configure(&opts)

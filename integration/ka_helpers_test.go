@@ -433,19 +433,39 @@ func kaReadFrames(c net.Conn, r io.Reader) ([]kaFrame, error) {
 	defer c.SetReadDeadline(time.Time{})
 	var out []kaFrame
 	for {
-		f, err := ws.ReadFrame(r)
+		h, payload, err := kaReadFrame(r)
 		if err != nil {
 			return out, err
 		}
-		masked := f.Header.Masked
-		if masked {
-			f = ws.UnmaskFrameInPlace(f)
+		if h.Masked {
+			ws.Cipher(payload, h.Mask, 0)
 		}
-		out = append(out, kaFrame{Op: f.Header.OpCode, Masked: masked, Payload: f.Payload})
-		if f.Header.OpCode == ws.OpClose {
+		out = append(out, kaFrame{Op: h.OpCode, Masked: h.Masked, Payload: payload})
+		if h.OpCode == ws.OpClose {
 			return out, nil
 		}
 	}
+}
+
+// kaMaxFrame bounds the payload kaReadFrame accepts: the keepalive tests
+// see pings, pongs, closes and short messages only.
+const kaMaxFrame = 1 << 20
+
+// kaReadFrame reads one frame's header and, once its length is checked,
+// its payload, still masked if it was.
+func kaReadFrame(r io.Reader) (ws.Header, []byte, error) {
+	h, err := ws.ReadHeader(r)
+	if err != nil {
+		return h, nil, err
+	}
+	if h.Length > kaMaxFrame {
+		return h, nil, fmt.Errorf("frame of %d bytes, more than the %d a keepalive test expects", h.Length, kaMaxFrame)
+	}
+	payload := make([]byte, h.Length)
+	if _, err := io.ReadFull(r, payload); err != nil {
+		return h, nil, err
+	}
+	return h, payload, nil
 }
 
 // kaCloseOf parses the payload of a close frame.
@@ -480,11 +500,11 @@ func kaReadFramesN(c interface{ SetReadDeadline(time.Time) error }, r io.Reader,
 	defer c.SetReadDeadline(time.Time{})
 	var out []kaFrame
 	for range n {
-		f, err := ws.ReadFrame(r)
+		h, payload, err := kaReadFrame(r)
 		if err != nil {
 			return out, err
 		}
-		out = append(out, kaFrame{Op: f.Header.OpCode, Masked: f.Header.Masked, Payload: f.Payload})
+		out = append(out, kaFrame{Op: h.OpCode, Masked: h.Masked, Payload: payload})
 	}
 	return out, nil
 }

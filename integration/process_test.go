@@ -406,6 +406,55 @@ func TestProcBadConfig(t *testing.T) {
 	}
 }
 
+// TestProcCheck: `sluice check` exits 1 with the stderr a failed start
+// prints, and 0 on a good environment; `sluice version` names the build.
+func TestProcCheck(t *testing.T) {
+	bin := procBinary(t)
+	runBin := func(env map[string]string, args ...string) (code int, stdout, stderr string) {
+		t.Helper()
+		cmd := exec.Command(bin, args...)
+		cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+		for k, v := range env {
+			cmd.Env = append(cmd.Env, k+"="+v)
+		}
+		var out, errOut bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errOut
+		done := make(chan error, 1)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func() { done <- cmd.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+			t.Fatalf("%v did not exit", args)
+		}
+		return cmd.ProcessState.ExitCode(), out.String(), errOut.String()
+	}
+	bad := map[string]string{
+		"SLUICE_UPSTREAM_URL":    "ws://127.0.0.1:1/",
+		"SLUICE_POLICY":          "bogus",
+		"SLUICE_QUEUE_MAX_BYTES": "lots",
+		"SLUICE_LISTEN_ADDR":     "127.0.0.1:0",
+	}
+	code, _, checkErr := runBin(bad, "check")
+	if code != 1 {
+		t.Errorf("check of a bad environment: exit %d, want 1", code)
+	}
+	_, _, startErr := runBin(bad)
+	if checkErr != startErr || !strings.Contains(checkErr, `SLUICE_POLICY="bogus"`) {
+		t.Errorf("check printed\n%s\na failed start printed\n%s\nwant the same, naming SLUICE_POLICY", checkErr, startErr)
+	}
+	if code, out, errOut := runBin(map[string]string{"SLUICE_UPSTREAM_URL": "ws://127.0.0.1:1/"}, "check"); code != 0 || !strings.Contains(out, "configuration ok") {
+		t.Errorf("check of a good environment: exit %d, stdout %q, stderr %q; want 0 and configuration ok", code, out, errOut)
+	}
+	if code, out, _ := runBin(nil, "version"); code != 0 || !strings.HasPrefix(out, "sluice ") || !strings.Contains(out, " go1.") {
+		t.Errorf("version: exit %d, %q", code, out)
+	}
+}
+
 // TestProcAdminEndpoints: /healthz, /metrics and /readyz, with a live
 // upstream and with one whose port is closed.
 func TestProcAdminEndpoints(t *testing.T) {

@@ -1,4 +1,4 @@
-package main
+package demo
 
 import (
 	"bytes"
@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"sluice/config"
 
 	"go.uber.org/goleak"
 )
@@ -41,9 +43,9 @@ func TestDemoRuns(t *testing.T) {
 			defer cancel()
 			var stdout, stderr bytes.Buffer
 			began := time.Now()
-			err := run(ctx, []string{"demo", "-duration=4s", "-plain", "-clients=40", "-slow=0.1",
+			err := Run(ctx, []string{"-duration=4s", "-plain", "-clients=40", "-slow=0.1",
 				"-admin=127.0.0.1:0", "-rate=200", "-policy=" + policy},
-				map[string]string{envPrefix + "SLOW_CLIENT_MAX_RATIO": "1"}, &stdout, &stderr)
+				map[string]string{config.Prefix + "SLOW_CLIENT_MAX_RATIO": "1"}, &stdout, &stderr)
 			out := stdout.String()
 			t.Logf("took %s\n%s%s", time.Since(began).Round(time.Millisecond), out, stderr.String())
 			if err != nil {
@@ -107,27 +109,27 @@ func TestDemoFlags(t *testing.T) {
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
-			err := run(context.Background(), append([]string{"demo"}, tc.args...), nil, &stdout, &stderr)
+			err := Run(context.Background(), tc.args, nil, &stdout, &stderr)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("error %v; want one containing %q", err, tc.want)
 			}
 		})
 	}
 	t.Run("every problem at once", func(t *testing.T) {
-		err := run(context.Background(), []string{"demo", "-policy=x", "-clients=0"}, nil, &bytes.Buffer{}, &bytes.Buffer{})
+		err := Run(context.Background(), []string{"-policy=x", "-clients=0"}, nil, &bytes.Buffer{}, &bytes.Buffer{})
 		if err == nil || !strings.Contains(err.Error(), "-policy=x") || !strings.Contains(err.Error(), "-clients=0") {
 			t.Errorf("error %v; want both problems", err)
 		}
 	})
 	t.Run("bad environment", func(t *testing.T) {
-		err := run(context.Background(), []string{"demo"}, map[string]string{"SLUICE_QUEUE_MAX_MESAGES": "5"}, &bytes.Buffer{}, &bytes.Buffer{})
+		err := Run(context.Background(), nil, map[string]string{"SLUICE_QUEUE_MAX_MESAGES": "5"}, &bytes.Buffer{}, &bytes.Buffer{})
 		if err == nil || !strings.Contains(err.Error(), "did you mean SLUICE_QUEUE_MAX_MESSAGES") {
 			t.Errorf("error %v; want the config error", err)
 		}
 	})
 	t.Run("help", func(t *testing.T) {
 		var stderr bytes.Buffer
-		if err := run(context.Background(), []string{"demo", "-h"}, nil, &bytes.Buffer{}, &stderr); err != nil {
+		if err := Run(context.Background(), []string{"-h"}, nil, &bytes.Buffer{}, &stderr); err != nil {
 			t.Errorf("-h: %v", err)
 		}
 		if !strings.Contains(stderr.String(), "-policy") {
@@ -162,4 +164,10 @@ func TestLatencyHist(t *testing.T) {
 			t.Errorf("latBucket(%v) = %d (upper %v)", d, b, latUpper(b))
 		}
 	}
+}
+
+// TestMain fails the run if a client, backend or sluice goroutine outlives
+// the tests.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
 }

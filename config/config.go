@@ -1,30 +1,30 @@
-package main
+// Package config is sluice's configuration: every setting, read once from
+// SLUICE_* environment variables, checked with messages that name the
+// variable, the value and what is allowed, and mapped to the proxy's
+// options in one place (ProxyOptions).
+package config
 
 import (
 	"errors"
 	"fmt"
-	"math"
 	"net"
 	"net/url"
-	"reflect"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/KimMachineGun/automemlimit/memlimit"
 	"github.com/caarlos0/env/v11"
 	"github.com/rs/zerolog"
 
 	"sluice/proxy"
 )
 
-// envPrefix is prepended to every variable name of Config.
-const envPrefix = "SLUICE_"
+// Prefix is prepended to every variable name of Config.
+const Prefix = "SLUICE_"
 
 // Config is every setting of sluice, read once from SLUICE_* environment
-// variables by LoadConfig. Fields are grouped as in config.example.env.
+// variables by Load. Fields are grouped as in config.example.env.
 //
 // Each field carries three tags: env (the name without the prefix),
 // envDefault, and want, the allowed form quoted in error messages. Tests
@@ -53,7 +53,7 @@ type Config struct {
 	// TLSCertFile and TLSKeyFile, set together, make the WebSocket
 	// listener serve TLS (wss://) with this PEM certificate chain and key.
 	// Both files are reloaded on SIGHUP and when either changes (see
-	// tls.go); the admin listener stays plain HTTP. Empty serves ws://.
+	// package certs); the admin listener stays plain HTTP. Empty serves ws://.
 	TLSCertFile string `env:"TLS_CERT_FILE" want:"the path of a PEM certificate chain, set together with SLUICE_TLS_KEY_FILE"`
 	// TLSKeyFile is the PEM private key of TLSCertFile.
 	TLSKeyFile string `env:"TLS_KEY_FILE" want:"the path of the PEM private key of SLUICE_TLS_CERT_FILE, set together with it"`
@@ -61,9 +61,9 @@ type Config struct {
 	// --- upstream ---
 
 	// UpstreamURL is the WebSocket backend every client is proxied to.
-	// LoadConfig accepts ws, wss, http and https and rewrites http to ws and
-	// https to wss, so after LoadConfig the scheme is always ws or wss.
-	// It is required unless LoadConfig is given AllowNoUpstream (the demo
+	// Load accepts ws, wss, http and https and rewrites http to ws and
+	// https to wss, so after Load the scheme is always ws or wss.
+	// It is required unless Load is given AllowNoUpstream (the demo
 	// runs its own backend); it is then nil when unset.
 	UpstreamURL *url.URL `env:"UPSTREAM_URL" want:"a ws://, wss://, http:// or https:// URL with a host and no #fragment, such as ws://backend:8080/socket"`
 	// UpstreamDialTimeout bounds connecting to the upstream and completing
@@ -169,7 +169,7 @@ type Config struct {
 
 	// GlobalQueueMaxBytes caps the bytes queued across all connections,
 	// either absolutely or as a percentage of the process memory limit
-	// (see GlobalQueueLimit.Resolve and memoryLimit).
+	// (see GlobalQueueLimit.Resolve and MemoryLimit).
 	GlobalQueueMaxBytes GlobalQueueLimit `env:"GLOBAL_QUEUE_MAX_BYTES" envDefault:"5%" want:"a positive size such as 512MiB, or a percentage of the memory limit above 0% and up to 100%, such as 5% or 2.5%"`
 	// SlowClientDepth is the queue depth, in messages, from which a client
 	// counts as slow.
@@ -223,7 +223,7 @@ const (
 	LogFormatConsole = "console"
 )
 
-// LoadOption changes what LoadConfig requires.
+// LoadOption changes what Load requires.
 type LoadOption func(*loadOptions)
 
 type loadOptions struct {
@@ -237,17 +237,17 @@ func AllowNoUpstream() LoadOption {
 	return func(o *loadOptions) { o.allowNoUpstream = true }
 }
 
-// LoadConfig parses environ (a map like env.ToMap(os.Environ())) and validates it.
+// Load parses environ (a map like env.ToMap(os.Environ())) and validates it.
 // The error lists EVERY problem at once, one per line, each naming the variable (with SLUICE_ prefix), the offending value and what is allowed,
 // e.g. `SLUICE_QUEUE_MAX_BYTES="10 potatoes": want a size such as 65536, 64KiB or 10MiB`.
 //
-// The error is a *ConfigError. Problems are: values that do not parse,
+// The error is a *Error. Problems are: values that do not parse,
 // values out of range, cross-field conflicts (see Validate), a missing
 // SLUICE_UPSTREAM_URL (unless AllowNoUpstream), and SLUICE_* variables that
 // sluice does not know, with the closest known name suggested. A variable
 // set to the empty string takes its default, except SLUICE_ADMIN_ADDR. On
 // error the returned Config is the zero value.
-func LoadConfig(environ map[string]string, opts ...LoadOption) (Config, error) {
+func Load(environ map[string]string, opts ...LoadOption) (Config, error) {
 	var o loadOptions
 	for _, opt := range opts {
 		opt(&o)
@@ -258,7 +258,7 @@ func LoadConfig(environ map[string]string, opts ...LoadOption) (Config, error) {
 	}
 	c := newChecker(environ)
 
-	cfg, err := env.ParseAsWithOptions[Config](env.Options{Prefix: envPrefix, Environment: environ})
+	cfg, err := env.ParseAsWithOptions[Config](env.Options{Prefix: Prefix, Environment: environ})
 	if err != nil {
 		var agg env.AggregateError
 		if !errors.As(err, &agg) {
@@ -269,7 +269,7 @@ func LoadConfig(environ map[string]string, opts ...LoadOption) (Config, error) {
 		}
 	}
 
-	if v, ok := environ[envPrefix+"ADMIN_ADDR"]; ok && v == "" {
+	if v, ok := environ[Prefix+"ADMIN_ADDR"]; ok && v == "" {
 		cfg.AdminAddr = ""
 	}
 	if u := cfg.UpstreamURL; u != nil && !c.bad["UpstreamURL"] {
@@ -300,9 +300,9 @@ func LoadConfig(environ map[string]string, opts ...LoadOption) (Config, error) {
 
 // Validate checks every field and the rules between fields (pong timeout
 // shorter than the ping intervals, drop and slow-client depths within the
-// queue, drain within the shutdown timeout) and returns a *ConfigError that
-// lists every problem, or nil. LoadConfig applies the same rules; call
-// Validate yourself on a Config built or changed in code. A nil UpstreamURL passes: LoadConfig enforces the
+// queue, drain within the shutdown timeout) and returns a *Error that
+// lists every problem, or nil. Load applies the same rules; call
+// Validate yourself on a Config built or changed in code. A nil UpstreamURL passes: Load enforces the
 // requirement.
 func (cfg Config) Validate() error {
 	c := newChecker(nil)
@@ -318,10 +318,10 @@ func (cfg Config) Validate() error {
 func (cfg Config) Warnings() []string {
 	var w []string
 	if cfg.PingInterval == 0 {
-		w = append(w, envPrefix+"PING_INTERVAL=0 turns keepalive off: a client that vanishes without closing is only noticed when a write to it fails or times out")
+		w = append(w, Prefix+"PING_INTERVAL=0 turns keepalive off: a client that vanishes without closing is only noticed when a write to it fails or times out")
 	}
 	if cfg.Policy == PolicyPause && cfg.PauseMax == 0 {
-		w = append(w, envPrefix+"POLICY=pause with "+envPrefix+"PAUSE_MAX=0: a client that stops reading can stall its upstream forever")
+		w = append(w, Prefix+"POLICY=pause with "+Prefix+"PAUSE_MAX=0: a client that stops reading can stall its upstream forever")
 	}
 	return w
 }
@@ -329,8 +329,8 @@ func (cfg Config) Warnings() []string {
 // check runs the per-field and cross-field rules, skipping every rule that
 // involves a field c already knows to be bad.
 func (cfg Config) check(c *checker) {
-	c.field("ListenAddr", validHostPort(cfg.ListenAddr), cfg.ListenAddr)
-	c.field("AdminAddr", cfg.AdminAddr == "" || validHostPort(cfg.AdminAddr), cfg.AdminAddr)
+	c.field("ListenAddr", ValidHostPort(cfg.ListenAddr), cfg.ListenAddr)
+	c.field("AdminAddr", cfg.AdminAddr == "" || ValidHostPort(cfg.AdminAddr), cfg.AdminAddr)
 	c.field("HandshakeTimeout", cfg.HandshakeTimeout > 0, cfg.HandshakeTimeout)
 	c.field("MaxHeaderBytes", cfg.MaxHeaderBytes >= KiB && cfg.MaxHeaderBytes <= MiB, cfg.MaxHeaderBytes)
 
@@ -401,7 +401,9 @@ func (cfg Config) check(c *checker) {
 	}
 }
 
-func validHostPort(addr string) bool {
+// ValidHostPort reports whether addr is a host:port with a numeric port
+// (the host may be empty, as in :8080).
+func ValidHostPort(addr string) bool {
 	_, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return false
@@ -410,7 +412,7 @@ func validHostPort(addr string) bool {
 	return err == nil
 }
 
-// validUpstream wants ws or wss: LoadConfig has already mapped http and
+// validUpstream wants ws or wss: Load has already mapped http and
 // https. RFC 6455 §3 forbids fragments in WebSocket URIs.
 func validUpstream(u *url.URL) bool {
 	return (u.Scheme == "ws" || u.Scheme == "wss") && u.Hostname() != "" && u.Fragment == "" && u.Opaque == ""
@@ -442,526 +444,17 @@ func (p Problem) String() string {
 	return fmt.Sprintf("%s=%q: %s", p.Var, p.Value, p.Msg)
 }
 
-// ConfigError is every problem LoadConfig or Validate found. Its message
+// Error is every problem Load or Validate found. Its message
 // has one problem per line, in the order of the fields of Config, with
 // unknown variables last.
-type ConfigError struct {
+type Error struct {
 	Problems []Problem
 }
 
-func (e *ConfigError) Error() string {
+func (e *Error) Error() string {
 	lines := make([]string, len(e.Problems))
 	for i, p := range e.Problems {
 		lines[i] = p.String()
 	}
 	return strings.Join(lines, "\n")
-}
-
-// fieldInfo describes one field of Config, from its tags.
-type fieldInfo struct {
-	index int    // position in Config
-	name  string // Go field name
-	key   string // variable name with prefix
-	want  string // allowed form, for messages
-}
-
-var configFields, fieldsByName = describeConfig()
-
-func describeConfig() ([]fieldInfo, map[string]fieldInfo) {
-	t := reflect.TypeFor[Config]()
-	list := make([]fieldInfo, 0, t.NumField())
-	byName := make(map[string]fieldInfo, t.NumField())
-	for i := range t.NumField() {
-		sf := t.Field(i)
-		name, _, _ := strings.Cut(sf.Tag.Get("env"), ",")
-		f := fieldInfo{index: i, name: sf.Name, key: envPrefix + name, want: sf.Tag.Get("want")}
-		list = append(list, f)
-		byName[sf.Name] = f
-	}
-	return list, byName
-}
-
-// checker collects problems. It remembers which fields are bad (failed to
-// parse or failed a rule) so that rules involving them are skipped rather
-// than reported twice.
-type checker struct {
-	raw      map[string]string // the environment, nil when validating a Config built in code
-	bad      map[string]bool   // Go field names
-	problems []Problem
-}
-
-func newChecker(raw map[string]string) *checker {
-	return &checker{raw: raw, bad: map[string]bool{}}
-}
-
-func (c *checker) add(p Problem) {
-	p.Value = redact(p.Value)
-	c.problems = append(c.problems, p)
-}
-
-func (c *checker) err() error {
-	slices.SortStableFunc(c.problems, func(a, b Problem) int { return a.order - b.order })
-	return &ConfigError{Problems: c.problems}
-}
-
-func (c *checker) anyBad(names ...string) bool {
-	for _, n := range names {
-		if _, ok := fieldsByName[n]; !ok {
-			panic("config: no field " + n) // a typo in check; tests catch it
-		}
-		if c.bad[n] {
-			return true
-		}
-	}
-	return false
-}
-
-// show renders a field's value: as the user wrote it when it came from the
-// environment, else from the parsed value.
-func (c *checker) show(name string, value any) string {
-	if s := c.raw[fieldsByName[name].key]; s != "" {
-		return s
-	}
-	return fmt.Sprint(value)
-}
-
-// ref names another field and its value, for cross-field messages.
-func (c *checker) ref(name string, value any) string {
-	return fmt.Sprintf("%s (%s)", fieldsByName[name].key, redact(c.show(name, value)))
-}
-
-// field reports name as bad unless ok.
-func (c *checker) field(name string, ok bool, value any) {
-	if c.anyBad(name) || ok {
-		return
-	}
-	f := fieldsByName[name]
-	c.bad[name] = true
-	c.add(Problem{Var: f.key, Value: c.show(name, value), Msg: "want " + f.want, order: f.index})
-}
-
-// list checks each entry of a list variable with valid and reports name as
-// bad at the first entry that fails, quoting why.
-func (c *checker) list(name string, entries []string, valid func(string) error) {
-	if c.anyBad(name) {
-		return
-	}
-	for _, e := range listEntries(entries) {
-		if err := valid(e); err != nil {
-			f := fieldsByName[name]
-			c.bad[name] = true
-			c.add(Problem{Var: f.key, Value: c.show(name, entries), Msg: "want " + f.want + "; " + err.Error(), order: f.index})
-			return
-		}
-	}
-}
-
-// listEntries trims the entries of a comma-separated variable and drops
-// empty ones, so that "a, b," means [a b].
-func listEntries(entries []string) []string {
-	var out []string
-	for _, e := range entries {
-		if e = strings.TrimSpace(e); e != "" {
-			out = append(out, e)
-		}
-	}
-	return out
-}
-
-// cross reports name as conflicting with other unless ok; msg has one %s
-// for the other field and its value. It is skipped when either field is
-// bad, since that is already reported.
-func (c *checker) cross(ok bool, name string, value any, other string, otherValue any, msg string) {
-	if ok || c.anyBad(name, other) {
-		return
-	}
-	f := fieldsByName[name]
-	c.add(Problem{Var: f.key, Value: c.show(name, value), Msg: fmt.Sprintf(msg, c.ref(other, otherValue)), order: f.index})
-}
-
-// parseError rewrites one error of env.AggregateError into a Problem.
-func (c *checker) parseError(err error) {
-	var pe env.ParseError
-	var unset env.VarIsNotSetError
-	var empty env.EmptyVarError
-	switch {
-	case errors.As(err, &pe):
-		f, ok := fieldsByName[pe.Name]
-		if !ok {
-			break
-		}
-		c.bad[f.name] = true
-		c.add(Problem{Var: f.key, Value: c.rawOrDefault(f), Msg: "want " + f.want, order: f.index})
-		return
-	case errors.As(err, &unset):
-		c.add(Problem{Var: unset.Key, Msg: "required", order: c.orderOf(unset.Key)})
-		return
-	case errors.As(err, &empty):
-		c.add(Problem{Var: empty.Key, Msg: "must not be empty", order: c.orderOf(empty.Key)})
-		return
-	}
-	c.add(Problem{Msg: "config: " + err.Error()})
-}
-
-func (c *checker) rawOrDefault(f fieldInfo) string {
-	if s := c.raw[f.key]; s != "" {
-		return s
-	}
-	sf, _ := reflect.TypeFor[Config]().FieldByName(f.name)
-	return sf.Tag.Get("envDefault")
-}
-
-func (c *checker) orderOf(key string) int {
-	for _, f := range configFields {
-		if f.key == key {
-			return f.index
-		}
-	}
-	return len(configFields)
-}
-
-// unknownVars reports SLUICE_* variables that are not fields of Config,
-// compared case-insensitively, with the closest known name: a typo
-// otherwise silently leaves the default in place.
-func (c *checker) unknownVars(environ map[string]string) {
-	known := make(map[string]bool, len(configFields))
-	for _, f := range configFields {
-		known[f.key] = true
-	}
-	var unknown []string
-	for k := range environ {
-		if len(k) >= len(envPrefix) && strings.EqualFold(k[:len(envPrefix)], envPrefix) && !known[k] {
-			unknown = append(unknown, k)
-		}
-	}
-	slices.Sort(unknown)
-	for _, k := range unknown {
-		msg := "unknown variable; config.example.env lists the known ones"
-		if s := suggest(k); s != "" {
-			msg = "unknown variable; did you mean " + s + "?"
-		}
-		c.add(Problem{Var: k, Value: environ[k], Msg: msg, order: len(configFields)})
-	}
-}
-
-// suggest returns the known variable closest to name, or "" when none is
-// close. Distance is the edit distance, also tried with the words between
-// underscores sorted so that SLUICE_MAX_QUEUE_BYTES finds
-// SLUICE_QUEUE_MAX_BYTES; a name contained in a known one also matches.
-func suggest(name string) string {
-	u := strings.ToUpper(name[len(envPrefix):])
-	best, bestD := "", math.MaxInt
-	for _, f := range configFields {
-		k := f.key[len(envPrefix):]
-		d := min(editDistance(u, k), editDistance(sortWords(u), sortWords(k)))
-		near := d <= max(2, len(u)/3) || (len(u) >= 4 && (strings.Contains(k, u) || strings.Contains(u, k)))
-		if near && d < bestD {
-			best, bestD = f.key, d
-		}
-	}
-	return best
-}
-
-func sortWords(s string) string {
-	w := strings.Split(s, "_")
-	slices.Sort(w)
-	return strings.Join(w, "_")
-}
-
-// editDistance is the Levenshtein distance between a and b, in bytes.
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	cur := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev, cur = cur, prev
-	}
-	return prev[len(b)]
-}
-
-// redact hides the password of anything that looks like a URL with user
-// info, so that error messages and logs do not leak it.
-func redact(s string) string {
-	if u, err := url.Parse(s); err == nil && u.User != nil {
-		return u.Redacted()
-	}
-	// Unparsable: cut the user info out by hand.
-	scheme, rest, ok := strings.Cut(s, "://")
-	if !ok {
-		return s
-	}
-	authority, path, _ := strings.Cut(rest, "/")
-	at := strings.LastIndexByte(authority, '@')
-	if at < 0 || !strings.Contains(authority[:at], ":") {
-		return s
-	}
-	user, _, _ := strings.Cut(authority[:at], ":")
-	out := scheme + "://" + user + ":xxxxx" + authority[at:]
-	if len(rest) > len(authority) {
-		out += "/" + path
-	}
-	return out
-}
-
-// Policy names what a queue does above its high-water mark. It mirrors
-// limiter.Policy; convert with limiter.ParsePolicy(string(p)).
-type Policy string
-
-// Policies accepted in SLUICE_POLICY.
-const (
-	PolicyEvict Policy = "evict"
-	PolicyDrop  Policy = "drop"
-	PolicyPause Policy = "pause"
-)
-
-// UnmarshalText accepts evict, drop or pause in any case.
-func (p *Policy) UnmarshalText(text []byte) error {
-	v := Policy(strings.ToLower(string(text)))
-	if !v.valid() {
-		return fmt.Errorf("config: unknown policy %q (want evict, drop or pause)", text)
-	}
-	*p = v
-	return nil
-}
-
-func (p Policy) valid() bool {
-	return p == PolicyEvict || p == PolicyDrop || p == PolicyPause
-}
-
-// ByteSize is a number of bytes, written in the environment as a plain
-// integer or an integer followed by a unit, with no space:
-//
-//	B             1
-//	KiB MiB GiB   1024, 1024², 1024³ (binary)
-//	KB  MB  GB    1000, 1000², 1000³ (SI)
-//
-// Units are case-insensitive ASCII, so 64kib is 64KiB but 64kb is 64000
-// bytes. Negative numbers, fractions, other units (K, TiB), surrounding or
-// inner whitespace and values above math.MaxInt64 are rejected.
-type ByteSize int64
-
-// Binary byte-size units.
-const (
-	KiB ByteSize = 1 << 10
-	MiB ByteSize = 1 << 20
-	GiB ByteSize = 1 << 30
-)
-
-var byteUnits = []struct {
-	name string // lower case
-	mult ByteSize
-}{
-	{"", 1}, {"b", 1},
-	{"kib", KiB}, {"mib", MiB}, {"gib", GiB},
-	{"kb", 1000}, {"mb", 1000 * 1000}, {"gb", 1000 * 1000 * 1000},
-}
-
-const byteSizeForm = "want a whole number of bytes with an optional unit B, KiB, MiB, GiB, KB, MB or GB, such as 65536, 64KiB or 10MiB"
-
-// ParseByteSize parses a size such as 65536, 64KiB, 10MiB or 1GB; see
-// ByteSize for the grammar.
-func ParseByteSize(s string) (ByteSize, error) {
-	i := 0
-	for i < len(s) && s[i] >= '0' && s[i] <= '9' {
-		i++
-	}
-	digits, unit := s[:i], s[i:]
-	switch {
-	case strings.TrimSpace(s) == "":
-		return 0, fmt.Errorf("config: empty size: %s", byteSizeForm)
-	case digits == "" && s[0] == '-':
-		return 0, fmt.Errorf("config: negative size %q: %s", s, byteSizeForm)
-	case digits == "":
-		return 0, fmt.Errorf("config: size %q does not start with a number: %s", s, byteSizeForm)
-	case unit != "" && (unit[0] == '.' || unit[0] == ','):
-		return 0, fmt.Errorf("config: fractional size %q: %s", s, byteSizeForm)
-	}
-	mult := ByteSize(0)
-	for _, u := range byteUnits {
-		if asciiEqualFold(unit, u.name) {
-			mult = u.mult
-			break
-		}
-	}
-	if mult == 0 {
-		return 0, fmt.Errorf("config: size %q has an unknown unit %q: %s", s, unit, byteSizeForm)
-	}
-	n, err := strconv.ParseInt(digits, 10, 64)
-	if err != nil || ByteSize(n) > math.MaxInt64/mult {
-		return 0, fmt.Errorf("config: size %q is too large (at most %d bytes)", s, int64(math.MaxInt64))
-	}
-	return ByteSize(n) * mult, nil
-}
-
-// asciiEqualFold is strings.EqualFold without Unicode folding, so that the
-// Kelvin sign does not pass for a k.
-func asciiEqualFold(s, lower string) bool {
-	if len(s) != len(lower) {
-		return false
-	}
-	for i := range len(s) {
-		c := s[i]
-		if 'A' <= c && c <= 'Z' {
-			c += 'a' - 'A'
-		}
-		if c != lower[i] {
-			return false
-		}
-	}
-	return true
-}
-
-// String renders the most compact exact binary form, which ParseByteSize
-// reads back: 10485760 is "10MiB", 1536 is "1536" (not 1.5KiB), 0 is "0".
-func (b ByteSize) String() string {
-	if b != 0 {
-		for _, u := range []struct {
-			suffix string
-			mult   ByteSize
-		}{{"GiB", GiB}, {"MiB", MiB}, {"KiB", KiB}} {
-			if b%u.mult == 0 {
-				return strconv.FormatInt(int64(b/u.mult), 10) + u.suffix
-			}
-		}
-	}
-	return strconv.FormatInt(int64(b), 10)
-}
-
-// MarshalText renders String, so sizes log readably.
-func (b ByteSize) MarshalText() ([]byte, error) { return []byte(b.String()), nil }
-
-// UnmarshalText parses with ParseByteSize.
-func (b *ByteSize) UnmarshalText(text []byte) error {
-	v, err := ParseByteSize(string(text))
-	if err != nil {
-		return err
-	}
-	*b = v
-	return nil
-}
-
-// GlobalQueueLimit is the ceiling on bytes queued across all connections:
-// an absolute size, or a percentage of the process memory limit so that
-// one setting fits containers of every size. Exactly one of the fields is
-// non-zero in a valid limit.
-//
-// The env:"-" tags matter: caarlos0/env descends into struct fields after
-// UnmarshalText and would otherwise fill these from the bare variable
-// "SLUICE_".
-type GlobalQueueLimit struct {
-	// Bytes is the absolute ceiling, when Percent is 0.
-	Bytes ByteSize `env:"-"`
-	// Percent of the memory limit, in (0, 100].
-	Percent float64 `env:"-"`
-}
-
-// ParseGlobalQueueLimit reads a positive ByteSize ("512MiB") or a
-// percentage above 0% and up to 100% written with digits and at most one
-// decimal point ("5%", "2.5%").
-func ParseGlobalQueueLimit(s string) (GlobalQueueLimit, error) {
-	num, ok := strings.CutSuffix(s, "%")
-	if !ok {
-		b, err := ParseByteSize(s)
-		if err != nil {
-			return GlobalQueueLimit{}, err
-		}
-		if b == 0 {
-			return GlobalQueueLimit{}, errors.New("config: global queue limit must be above 0")
-		}
-		return GlobalQueueLimit{Bytes: b}, nil
-	}
-	intPart, frac, hasPoint := strings.Cut(num, ".")
-	if !allDigits(intPart) || (hasPoint && !allDigits(frac)) {
-		return GlobalQueueLimit{}, fmt.Errorf("config: percentage %q: want digits such as 5%% or 2.5%%", s)
-	}
-	p, err := strconv.ParseFloat(num, 64)
-	if err != nil || !(p > 0 && p <= 100) {
-		return GlobalQueueLimit{}, fmt.Errorf("config: percentage %q: want above 0%% and up to 100%%", s)
-	}
-	return GlobalQueueLimit{Percent: p}, nil
-}
-
-func allDigits(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := range len(s) {
-		if s[i] < '0' || s[i] > '9' {
-			return false
-		}
-	}
-	return true
-}
-
-func (g GlobalQueueLimit) valid() bool {
-	if g.Percent != 0 {
-		return g.Percent > 0 && g.Percent <= 100 && g.Bytes == 0
-	}
-	return g.Bytes > 0
-}
-
-// Resolve returns the ceiling in bytes given the process memory limit
-// (memoryLimit()). For a percentage it returns at least 1, or 0 when
-// memLimit is not positive: with no known memory limit there is nothing to
-// take a percentage of, and the caller should run without a global
-// ceiling and log that it does.
-func (g GlobalQueueLimit) Resolve(memLimit int64) int64 {
-	if g.Percent == 0 {
-		return int64(g.Bytes)
-	}
-	if memLimit <= 0 {
-		return 0
-	}
-	f := float64(memLimit) * g.Percent / 100
-	if f >= math.MaxInt64 { // float64(MaxInt64) is 2^63, which int64 cannot hold
-		return math.MaxInt64
-	}
-	return max(int64(f), 1)
-}
-
-// String renders the form ParseGlobalQueueLimit reads: "5%" or "512MiB".
-func (g GlobalQueueLimit) String() string {
-	if g.Percent != 0 {
-		return strconv.FormatFloat(g.Percent, 'f', -1, 64) + "%"
-	}
-	return g.Bytes.String()
-}
-
-// MarshalText renders String.
-func (g GlobalQueueLimit) MarshalText() ([]byte, error) { return []byte(g.String()), nil }
-
-// UnmarshalText parses with ParseGlobalQueueLimit.
-func (g *GlobalQueueLimit) UnmarshalText(text []byte) error {
-	v, err := ParseGlobalQueueLimit(string(text))
-	if err != nil {
-		return err
-	}
-	*g = v
-	return nil
-}
-
-// memoryLimit is the memory the process may use, the base of a percentage
-// GlobalQueueLimit: the Go memory limit when one is set (GOMEMLIMIT, or
-// memlimit.Set in main, which derives it from the cgroup), else the cgroup
-// limit, else total system memory, else 0 (unknown).
-func memoryLimit() int64 {
-	if l := debug.SetMemoryLimit(-1); l > 0 && l < math.MaxInt64 {
-		return l
-	}
-	for _, source := range []func() (uint64, error){memlimit.FromCgroup, memlimit.FromSystem} {
-		if l, err := source(); err == nil && l > 0 {
-			return int64(min(l, math.MaxInt64))
-		}
-	}
-	return 0
 }

@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"bufio"
@@ -37,16 +37,16 @@ func environ(kv ...string) map[string]string {
 	return m
 }
 
-// problemLines returns the lines of a LoadConfig error, failing the test
-// when err is not a *ConfigError with one problem per line.
+// problemLines returns the lines of a Load error, failing the test
+// when err is not a *Error with one problem per line.
 func problemLines(t *testing.T, err error) []string {
 	t.Helper()
 	if err == nil {
-		t.Fatal("LoadConfig succeeded, want an error")
+		t.Fatal("Load succeeded, want an error")
 	}
-	var ce *ConfigError
+	var ce *Error
 	if !errors.As(err, &ce) {
-		t.Fatalf("error %T %q is not a *ConfigError", err, err)
+		t.Fatalf("error %T %q is not a *Error", err, err)
 	}
 	lines := strings.Split(err.Error(), "\n")
 	if len(lines) != len(ce.Problems) {
@@ -116,11 +116,11 @@ func defaultConfig(t *testing.T) Config {
 	}
 }
 
-func TestLoadConfigDefaults(t *testing.T) {
+func TestLoadDefaults(t *testing.T) {
 	t.Parallel()
 	want := defaultConfig(t)
 
-	got, err := LoadConfig(environ())
+	got, err := Load(environ())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,7 +141,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 			all[f.key] = ""
 		}
 	}
-	got, err = LoadConfig(all)
+	got, err = Load(all)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +151,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 	}
 }
 
-func TestLoadConfigValues(t *testing.T) {
+func TestLoadValues(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
 		key, value string
@@ -208,19 +208,19 @@ func TestLoadConfigValues(t *testing.T) {
 		{"SLUICE_MAX_CONNECTIONS_PER_IP", "100", func(c Config) any { return c.MaxConnectionsPerIP }, 100},
 		{"SLUICE_MAX_HANDSHAKES_PER_SECOND", "1000000", func(c Config) any { return c.MaxHandshakesPerSecond }, 1_000_000},
 		{"SLUICE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7 ,fd00::/8,", func(c Config) any {
-			return fmt.Sprint(proxyOptions(c, zerolog.Nop(), nil).TrustedProxies)
+			return fmt.Sprint(mustProxyOptions(c).TrustedProxies)
 		}, "[10.0.0.0/8 192.168.1.7/32 fd00::/8]"},
 		{"SLUICE_TRUSTED_PROXIES", "::ffff:10.0.0.0/104", func(c Config) any {
-			return fmt.Sprint(proxyOptions(c, zerolog.Nop(), nil).TrustedProxies)
+			return fmt.Sprint(mustProxyOptions(c).TrustedProxies)
 		}, "[10.0.0.0/8]"},
 		{"SLUICE_ALLOWED_ORIGINS", "https://app.example.com, https://*.example.com,http://localhost:3000", func(c Config) any {
-			return fmt.Sprint(proxyOptions(c, zerolog.Nop(), nil).AllowedOrigins)
+			return fmt.Sprint(mustProxyOptions(c).AllowedOrigins)
 		}, "[https://app.example.com https://*.example.com http://localhost:3000]"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.key+"="+tt.value, func(t *testing.T) {
 			t.Parallel()
-			cfg, err := LoadConfig(environ(tt.key, tt.value))
+			cfg, err := Load(environ(tt.key, tt.value))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -231,10 +231,10 @@ func TestLoadConfigValues(t *testing.T) {
 	}
 }
 
-// TestLoadConfigInvalid sets one variable to a value breaking its own rule:
+// TestLoadInvalid sets one variable to a value breaking its own rule:
 // the error must be the single line naming the variable, the value and
 // the allowed form.
-func TestLoadConfigInvalid(t *testing.T) {
+func TestLoadInvalid(t *testing.T) {
 	t.Parallel()
 	tests := []struct{ key, value string }{
 		{"SLUICE_LISTEN_ADDR", "8080"},
@@ -325,7 +325,7 @@ func TestLoadConfigInvalid(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.key+"="+tt.value, func(t *testing.T) {
 			t.Parallel()
-			cfg, err := LoadConfig(environ(tt.key, tt.value))
+			cfg, err := Load(environ(tt.key, tt.value))
 			lines := problemLines(t, err)
 			if want := wantLine(t, tt.key, tt.value); len(lines) != 1 || lines[0] != want {
 				t.Errorf("error:\n%s\nwant:\n%s", err, want)
@@ -337,10 +337,10 @@ func TestLoadConfigInvalid(t *testing.T) {
 	}
 }
 
-// TestLoadConfigLists: a bad entry of a list variable is reported on one
+// TestLoadLists: a bad entry of a list variable is reported on one
 // line naming the variable, the whole value, the allowed form and the
 // entry at fault.
-func TestLoadConfigLists(t *testing.T) {
+func TestLoadLists(t *testing.T) {
 	t.Parallel()
 	tests := []struct{ key, value, why string }{
 		{"SLUICE_TRUSTED_PROXIES", "10.0.0.0/8,10.0.0.300", `"10.0.0.300" is not an IP address or a CIDR`},
@@ -362,7 +362,7 @@ func TestLoadConfigLists(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.key+"="+tt.value, func(t *testing.T) {
 			t.Parallel()
-			_, err := LoadConfig(environ(tt.key, tt.value))
+			_, err := Load(environ(tt.key, tt.value))
 			lines := problemLines(t, err)
 			want := fmt.Sprintf("%s=%q: want %s; %s", tt.key, tt.value, fieldsByName[map[string]string{
 				"SLUICE_TRUSTED_PROXIES": "TrustedProxies", "SLUICE_ALLOWED_ORIGINS": "AllowedOrigins",
@@ -380,17 +380,17 @@ func TestLoadConfigLists(t *testing.T) {
 	}
 }
 
-// TestLoadConfigBriefExample pins the message quoted in LoadConfig's doc.
-func TestLoadConfigBriefExample(t *testing.T) {
+// TestLoadBriefExample pins the message quoted in Load's doc.
+func TestLoadBriefExample(t *testing.T) {
 	t.Parallel()
-	_, err := LoadConfig(environ("SLUICE_QUEUE_MAX_BYTES", "10 potatoes"))
+	_, err := Load(environ("SLUICE_QUEUE_MAX_BYTES", "10 potatoes"))
 	const want = `SLUICE_QUEUE_MAX_BYTES="10 potatoes": want a size of at least 1KiB, such as 65536, 64KiB or 10MiB`
 	if err == nil || err.Error() != want {
 		t.Errorf("got %v\nwant %s", err, want)
 	}
 }
 
-func TestLoadConfigCrossField(t *testing.T) {
+func TestLoadCrossField(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
 		name string
@@ -432,7 +432,7 @@ func TestLoadConfigCrossField(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			_, err := LoadConfig(environ(tt.env...))
+			_, err := Load(environ(tt.env...))
 			if tt.want == nil {
 				if err != nil {
 					t.Fatal(err)
@@ -446,12 +446,12 @@ func TestLoadConfigCrossField(t *testing.T) {
 	}
 }
 
-// TestLoadConfigReportsEveryProblem: parse errors, range errors, a
+// TestLoadReportsEveryProblem: parse errors, range errors, a
 // cross-field conflict and an unknown variable, all in one error, in field
 // order, unknown variables last.
-func TestLoadConfigReportsEveryProblem(t *testing.T) {
+func TestLoadReportsEveryProblem(t *testing.T) {
 	t.Parallel()
-	_, err := LoadConfig(map[string]string{
+	_, err := Load(map[string]string{
 		"SLUICE_UPSTREAM_URL":       "tcp://backend",
 		"SLUICE_LISTEN_ADDR":        "8080",
 		"SLUICE_QUEUE_MAX_BYTES":    "10 potatoes",
@@ -477,9 +477,9 @@ func TestLoadConfigReportsEveryProblem(t *testing.T) {
 	}
 }
 
-// TestLoadConfigSkipsChecksOfUnparsedFields: a field that does not parse is
+// TestLoadSkipsChecksOfUnparsedFields: a field that does not parse is
 // reported once, not again by the rules that involve it.
-func TestLoadConfigSkipsChecksOfUnparsedFields(t *testing.T) {
+func TestLoadSkipsChecksOfUnparsedFields(t *testing.T) {
 	t.Parallel()
 	tests := [][]string{
 		{"SLUICE_PING_INTERVAL", "often", "SLUICE_PONG_TIMEOUT", "1h"},
@@ -490,31 +490,31 @@ func TestLoadConfigSkipsChecksOfUnparsedFields(t *testing.T) {
 		{"SLUICE_DRAIN_DELAY", "-1h", "SLUICE_DRAIN_SPREAD", "1h"},
 	}
 	for _, kv := range tests {
-		_, err := LoadConfig(environ(kv...))
+		_, err := Load(environ(kv...))
 		if lines := problemLines(t, err); len(lines) != 1 || !strings.HasPrefix(lines[0], kv[0]+"=") {
 			t.Errorf("%q: want one problem, with %s:\n%s", kv, kv[0], err)
 		}
 	}
 }
 
-func TestLoadConfigUpstream(t *testing.T) {
+func TestLoadUpstream(t *testing.T) {
 	t.Parallel()
 
-	_, err := LoadConfig(map[string]string{})
+	_, err := Load(map[string]string{})
 	want := `SLUICE_UPSTREAM_URL="": required; want ` + fieldsByName["UpstreamURL"].want
 	if got := problemLines(t, err); len(got) != 1 || got[0] != want {
 		t.Errorf("no upstream:\n%s\nwant:\n%s", err, want)
 	}
-	_, err = LoadConfig(nil)
+	_, err = Load(nil)
 	if got := problemLines(t, err); len(got) != 1 || got[0] != want {
 		t.Errorf("nil environment:\n%s\nwant:\n%s", err, want)
 	}
-	_, err = LoadConfig(map[string]string{"SLUICE_UPSTREAM_URL": ""})
+	_, err = Load(map[string]string{"SLUICE_UPSTREAM_URL": ""})
 	if got := problemLines(t, err); len(got) != 1 || got[0] != want {
 		t.Errorf("empty upstream:\n%s\nwant:\n%s", err, want)
 	}
 
-	cfg, err := LoadConfig(map[string]string{}, AllowNoUpstream())
+	cfg, err := Load(map[string]string{}, AllowNoUpstream())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -526,14 +526,14 @@ func TestLoadConfigUpstream(t *testing.T) {
 	}
 
 	// A URL that is set is still checked.
-	_, err = LoadConfig(map[string]string{"SLUICE_UPSTREAM_URL": "backend:80"}, AllowNoUpstream())
+	_, err = Load(map[string]string{"SLUICE_UPSTREAM_URL": "backend:80"}, AllowNoUpstream())
 	if got := problemLines(t, err); len(got) != 1 || got[0] != wantLine(t, "SLUICE_UPSTREAM_URL", "backend:80") {
 		t.Errorf("AllowNoUpstream with a bad URL:\n%s", err)
 	}
 
 	// Passwords never appear in messages.
 	for _, u := range []string{"ftp://user:hunter2@backend/", "ws://user:hunter2@[::1/", "ws://user:hunter2@backend/#x"} {
-		_, err = LoadConfig(map[string]string{"SLUICE_UPSTREAM_URL": u, "SLUICE_UPSTREM_URL": u})
+		_, err = Load(map[string]string{"SLUICE_UPSTREAM_URL": u, "SLUICE_UPSTREM_URL": u})
 		if got := problemLines(t, err); len(got) != 2 || strings.Contains(err.Error(), "hunter2") ||
 			!strings.Contains(err.Error(), "user:xxxxx@") {
 			t.Errorf("%s: error leaks or loses the user info:\n%s", u, err)
@@ -541,7 +541,7 @@ func TestLoadConfigUpstream(t *testing.T) {
 	}
 }
 
-func TestLoadConfigUnknownVariables(t *testing.T) {
+func TestLoadUnknownVariables(t *testing.T) {
 	t.Parallel()
 	tests := []struct{ name, suggestion string }{
 		{"SLUICE_POLCY", "SLUICE_POLICY"},
@@ -557,7 +557,7 @@ func TestLoadConfigUnknownVariables(t *testing.T) {
 		{"SLUICE_", ""},
 	}
 	for _, tt := range tests {
-		_, err := LoadConfig(environ(tt.name, "1"))
+		_, err := Load(environ(tt.name, "1"))
 		want := fmt.Sprintf("%s=%q: unknown variable; did you mean %s?", tt.name, "1", tt.suggestion)
 		if tt.suggestion == "" {
 			want = fmt.Sprintf("%s=%q: unknown variable; config.example.env lists the known ones", tt.name, "1")
@@ -567,7 +567,7 @@ func TestLoadConfigUnknownVariables(t *testing.T) {
 		}
 	}
 	// Variables that merely look alike are not ours.
-	if _, err := LoadConfig(environ("SLUICEPOLICY", "x", "MY_SLUICE_POLICY", "x", "SLUIC_POLICY", "x")); err != nil {
+	if _, err := Load(environ("SLUICEPOLICY", "x", "MY_SLUICE_POLICY", "x", "SLUIC_POLICY", "x")); err != nil {
 		t.Errorf("foreign variables rejected: %v", err)
 	}
 }
@@ -583,7 +583,7 @@ func TestValidate(t *testing.T) {
 		modify func(*Config)
 		want   []string
 	}{
-		{"http scheme is LoadConfig's job", func(c *Config) { c.UpstreamURL = mustURL(t, "http://b/") }, []string{
+		{"http scheme is Load's job", func(c *Config) { c.UpstreamURL = mustURL(t, "http://b/") }, []string{
 			wantLine(t, "SLUICE_UPSTREAM_URL", "http://b/"),
 		}},
 		{"pong after ping", func(c *Config) { c.PongTimeout = time.Minute }, []string{
@@ -629,7 +629,7 @@ func TestWarnings(t *testing.T) {
 		{[]string{"SLUICE_POLICY", "drop", "SLUICE_PING_INTERVAL", "0"}, []string{"keepalive off"}},
 	}
 	for _, tt := range tests {
-		cfg, err := LoadConfig(environ(tt.env...))
+		cfg, err := Load(environ(tt.env...))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -853,13 +853,13 @@ func TestMemoryLimit(t *testing.T) {
 	t.Cleanup(func() { debug.SetMemoryLimit(old) })
 
 	debug.SetMemoryLimit(3 << 30)
-	if got := memoryLimit(); got != 3<<30 {
-		t.Errorf("with a Go memory limit of 3GiB, memoryLimit() = %d", got)
+	if got := MemoryLimit(); got != 3<<30 {
+		t.Errorf("with a Go memory limit of 3GiB, MemoryLimit() = %d", got)
 	}
 	debug.SetMemoryLimit(math.MaxInt64)
-	got := memoryLimit()
+	got := MemoryLimit()
 	if got < 0 || got == math.MaxInt64 {
-		t.Errorf("with no Go memory limit, memoryLimit() = %d", got)
+		t.Errorf("with no Go memory limit, MemoryLimit() = %d", got)
 	}
 	t.Logf("cgroup or system memory limit: %s", ByteSize(got))
 }
@@ -868,7 +868,7 @@ func TestMemoryLimit(t *testing.T) {
 // blank lines, nothing else.
 func readExampleEnv(t *testing.T) map[string]string {
 	t.Helper()
-	f, err := os.Open("config.example.env")
+	f, err := os.Open("../config.example.env")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -896,13 +896,13 @@ func readExampleEnv(t *testing.T) map[string]string {
 }
 
 // TestExampleEnv keeps config.example.env in step with Config: it lists
-// every variable with its default, and LoadConfig accepts it once an
+// every variable with its default, and Load accepts it once an
 // upstream is filled in.
 func TestExampleEnv(t *testing.T) {
 	t.Parallel()
 	example := readExampleEnv(t)
 
-	params, err := env.GetFieldParamsWithOptions(&Config{}, env.Options{Prefix: envPrefix})
+	params, err := env.GetFieldParamsWithOptions(&Config{}, env.Options{Prefix: Prefix})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -923,9 +923,9 @@ func TestExampleEnv(t *testing.T) {
 	}
 
 	example["SLUICE_UPSTREAM_URL"] = testUpstream
-	cfg, err := LoadConfig(example)
+	cfg, err := Load(example)
 	if err != nil {
-		t.Fatalf("LoadConfig(config.example.env):\n%s", err)
+		t.Fatalf("Load(config.example.env):\n%s", err)
 	}
 	if want := defaultConfig(t); !reflect.DeepEqual(cfg, want) {
 		t.Errorf("config.example.env does not give the defaults:\n got %+v\nwant %+v", cfg, want)
@@ -942,13 +942,14 @@ func TestExampleEnvSources(t *testing.T) {
 	}
 	cmd := exec.Command(sh, "-c", `set -a; . ./config.example.env; set +a; env`)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	cmd.Dir = ".." // config.example.env is at the module root
 	out, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("sourcing config.example.env: %v", err)
 	}
 	got := map[string]string{}
 	for k, v := range env.ToMap(strings.Split(strings.TrimSpace(string(out)), "\n")) {
-		if strings.HasPrefix(k, envPrefix) {
+		if strings.HasPrefix(k, Prefix) {
 			got[k] = v
 		}
 	}
@@ -962,7 +963,7 @@ func TestExampleEnvSources(t *testing.T) {
 func TestConfigFieldsDocumented(t *testing.T) {
 	t.Parallel()
 	for _, f := range configFields {
-		if f.key == envPrefix || f.want == "" {
+		if f.key == Prefix || f.want == "" {
 			t.Errorf("field %s lacks an env or want tag", f.name)
 		}
 	}
@@ -993,11 +994,11 @@ func TestConfigFieldsDocumented(t *testing.T) {
 // TestReadmeListsEveryVariable keeps the README's configuration table in
 // step with Config, as TestExampleEnv does for config.example.env.
 func TestReadmeListsEveryVariable(t *testing.T) {
-	readme, err := os.ReadFile("README.md")
+	readme, err := os.ReadFile("../README.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	params, err := env.GetFieldParamsWithOptions(&Config{}, env.Options{Prefix: envPrefix})
+	params, err := env.GetFieldParamsWithOptions(&Config{}, env.Options{Prefix: Prefix})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package main
+package serve
 
 import (
 	"bytes"
@@ -16,6 +16,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"sluice/admin"
+	"sluice/config"
 
 	"go.uber.org/goleak"
 )
@@ -36,15 +39,15 @@ func TestStatusPageInBrowser(t *testing.T) {
 	backend := startFloodBackend(t)
 	defer backend.close()
 	wsAddr, adminAddr, _, stop := startSluice(t, map[string]string{
-		envPrefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
-		envPrefix + "POLICY":                 "drop", // keeps the slow client connected
-		envPrefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
-		envPrefix + "SHUTDOWN_TIMEOUT":       "3s",
-		envPrefix + "CLOSE_TIMEOUT":          "1s",
+		config.Prefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
+		config.Prefix + "POLICY":                 "drop", // keeps the slow client connected
+		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
+		config.Prefix + "SHUTDOWN_TIMEOUT":       "3s",
+		config.Prefix + "CLOSE_TIMEOUT":          "1s",
 		// The client stays stalled for as long as Chromium takes on a busy
 		// machine: neither a blocked write nor a missing pong may close it.
-		envPrefix + "WRITE_TIMEOUT": "5m",
-		envPrefix + "PING_INTERVAL": "0",
+		config.Prefix + "WRITE_TIMEOUT": "5m",
+		config.Prefix + "PING_INTERVAL": "0",
 	})
 	defer stop()
 	tr := &http.Transport{}
@@ -61,9 +64,9 @@ func TestStatusPageInBrowser(t *testing.T) {
 
 	// Open the page only once the server reports the client slow, so the
 	// browser is not racing the kernel's send buffer.
-	_, slow := pollStatus(t, client, "http://"+adminAddr+"/status.json", func(got statusJSON) bool {
+	_, slow := pollStatus(t, client, "http://"+adminAddr+"/status.json", func(got admin.Status) bool {
 		for _, s := range got.Top {
-			if s.Client == me && s.State == stateSlow && s.QueueBytes > 0 {
+			if s.Client == me && s.State == admin.StateSlow && s.QueueBytes > 0 {
 				return true
 			}
 		}
@@ -97,7 +100,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 	for _, r := range rows {
 		if len(r.cells) == 6 && r.cells[1] == me {
 			row = r.cells
-			if r.cells[2] != stateSlow || !strings.Contains(r.attrs, `class="slow"`) {
+			if r.cells[2] != admin.StateSlow || !strings.Contains(r.attrs, `class="slow"`) {
 				t.Errorf("row for %s: %q, attributes %q; want state slow, class slow", me, r.cells, r.attrs)
 			}
 		}

@@ -1,4 +1,4 @@
-package main
+package admin
 
 import (
 	"context"
@@ -23,43 +23,43 @@ var statusHTML []byte
 const (
 	statusTopN       = 20              // deepest queues listed
 	statusHistoryLen = 300             // samples kept: 5 minutes
-	statusSampleTick = 1 * time.Second // one sample per tick
+	SampleTick       = 1 * time.Second // one sample per tick
 )
 
-// statusPage answers "which client is slow, and since when is it bad?":
+// StatusPage answers "which client is slow, and since when is it bad?":
 // /status.json lists the deepest queues and the recent evictions next to
 // the totals, and keeps five minutes of history so a spike seen in an
 // incident can be put in context. /status renders it for a browser.
 //
 // Everything but the history is read from the Server when asked, so two
 // viewers cost two snapshots a second and nobody pays when nobody looks.
-type statusPage struct {
+type StatusPage struct {
 	srv      *proxy.Server
 	gatherer prometheus.Gatherer // source of the eviction counters; may be nil
 	policy   string
 	done     chan struct{} // closed when statusSampler returns
 
 	mu   sync.Mutex
-	hist [statusHistoryLen]statusSample // ring, oldest overwritten first; guarded by mu
-	next int                            // guarded by mu
-	n    int                            // guarded by mu
+	hist [statusHistoryLen]Sample // ring, oldest overwritten first; guarded by mu
+	next int                      // guarded by mu
+	n    int                      // guarded by mu
 }
 
-// newStatusPage takes a first sample and starts the sampler goroutine,
+// NewStatusPage takes a first sample and starts the sampler goroutine,
 // which runs until ctx ends; Wait waits for it. gatherer is the registry
 // the proxy registers sluice_evictions_total into (nil: no per-reason
 // eviction counts).
-func newStatusPage(ctx context.Context, srv *proxy.Server, gatherer prometheus.Gatherer, policy string) *statusPage {
-	p := &statusPage{srv: srv, gatherer: gatherer, policy: policy, done: make(chan struct{})}
+func NewStatusPage(ctx context.Context, srv *proxy.Server, gatherer prometheus.Gatherer, policy string) *StatusPage {
+	p := &StatusPage{srv: srv, gatherer: gatherer, policy: policy, done: make(chan struct{})}
 	p.sample(time.Now())
 	go p.statusSampler(ctx)
 	return p
 }
 
 // statusSampler records one history sample per tick until ctx ends.
-func (p *statusPage) statusSampler(ctx context.Context) {
+func (p *StatusPage) statusSampler(ctx context.Context) {
 	defer close(p.done)
-	t := time.NewTicker(statusSampleTick)
+	t := time.NewTicker(SampleTick)
 	defer t.Stop()
 	for {
 		select {
@@ -72,17 +72,17 @@ func (p *statusPage) statusSampler(ctx context.Context) {
 }
 
 // Wait blocks until the sampler has stopped (after its ctx ended).
-func (p *statusPage) Wait() { <-p.done }
+func (p *StatusPage) Wait() { <-p.done }
 
 // sample appends the current totals to the history. Budget.Stats is a few
 // atomic loads, so sampling costs nothing that grows with connections.
-func (p *statusPage) sample(now time.Time) {
+func (p *StatusPage) sample(now time.Time) {
 	st := p.srv.Budget().Stats()
-	p.record(statusSample{T: now.UnixMilli(), QueuedBytes: st.QueuedBytes, Slow: st.Slow, Paused: st.Paused})
+	p.record(Sample{T: now.UnixMilli(), QueuedBytes: st.QueuedBytes, Slow: st.Slow, Paused: st.Paused})
 }
 
 // record appends s to the history, overwriting the oldest sample when full.
-func (p *statusPage) record(s statusSample) {
+func (p *StatusPage) record(s Sample) {
 	p.mu.Lock()
 	p.hist[p.next] = s
 	p.next = (p.next + 1) % len(p.hist)
@@ -91,28 +91,30 @@ func (p *statusPage) record(s statusSample) {
 }
 
 // history returns the samples, oldest first.
-func (p *statusPage) history() []statusSample {
+func (p *StatusPage) history() []Sample {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	out := make([]statusSample, 0, p.n)
+	out := make([]Sample, 0, p.n)
 	for i := p.n; i > 0; i-- {
 		out = append(out, p.hist[(p.next-i+len(p.hist))%len(p.hist)])
 	}
 	return out
 }
 
-// statusJSON is the document /status.json serves. Field names are the
-// page's and the browser tests' contract: add, do not rename.
-type statusJSON struct {
-	Time      time.Time        `json:"time"`
-	Policy    string           `json:"policy"`
-	Totals    statusTotals     `json:"totals"`
-	Top       []statusSession  `json:"top"`       // deepest queues first, at most statusTopN
-	Evictions []statusEviction `json:"evictions"` // newest first
-	History   []statusSample   `json:"history"`   // oldest first, one per second
+// Status is the document /status.json serves; the demo reads it too.
+// JSON field names are the page's and the browser tests' contract: add, do
+// not rename.
+type Status struct {
+	Time      time.Time  `json:"time"`
+	Policy    string     `json:"policy"`
+	Totals    Totals     `json:"totals"`
+	Top       []Session  `json:"top"`       // deepest queues first, at most statusTopN
+	Evictions []Eviction `json:"evictions"` // newest first
+	History   []Sample   `json:"history"`   // oldest first, one per second
 }
 
-type statusTotals struct {
+// Totals are the process-wide counts of a Status.
+type Totals struct {
 	Connections int     `json:"connections"`
 	Slow        int     `json:"slow"`         // at or past SLUICE_SLOW_CLIENT_DEPTH
 	AllowedSlow int     `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
@@ -129,7 +131,8 @@ type statusTotals struct {
 	Draining          bool              `json:"draining"`
 }
 
-type statusSession struct {
+// Session is one row of a Status's deepest queues.
+type Session struct {
 	ID            uint64  `json:"id"`
 	Client        string  `json:"client"`
 	AgeSeconds    float64 `json:"age_seconds"`
@@ -138,7 +141,8 @@ type statusSession struct {
 	State         string  `json:"state"` // ok, slow or paused
 }
 
-type statusEviction struct {
+// Eviction is one recent eviction of a Status.
+type Eviction struct {
 	Time          time.Time `json:"time"`
 	ID            uint64    `json:"id"`
 	Client        string    `json:"client"`
@@ -147,7 +151,8 @@ type statusEviction struct {
 	QueueBytes    int64     `json:"queue_bytes"`
 }
 
-type statusSample struct {
+// Sample is one second of a Status's history.
+type Sample struct {
 	T           int64 `json:"t"` // unix milliseconds
 	QueuedBytes int64 `json:"queued_bytes"`
 	Slow        int   `json:"slow"`
@@ -156,18 +161,18 @@ type statusSample struct {
 
 // Session states, in the order the page colours them.
 const (
-	stateOK     = "ok"
-	stateSlow   = "slow"
-	statePaused = "paused" // the upstream is not read until the queue drains
+	StateOK     = "ok"
+	StateSlow   = "slow"
+	StatePaused = "paused" // the upstream is not read until the queue drains
 )
 
 // snapshot builds the document from the Server's current state.
-func (p *statusPage) snapshot() statusJSON {
+func (p *StatusPage) snapshot() Status {
 	// The eviction list first: the proxy counts an eviction before it
 	// lists it, so counters read afterwards include every listed one.
 	recent := p.srv.RecentEvictions()
 	st := p.srv.Budget().Stats()
-	t := statusTotals{
+	t := Totals{
 		Connections: p.srv.Sessions(),
 		Slow:        st.Slow,
 		AllowedSlow: st.AllowedSlow,
@@ -188,32 +193,32 @@ func (p *statusPage) snapshot() statusJSON {
 		t.Evictions, t.EvictionsByReason = &total, byReason
 	}
 	now := time.Now()
-	doc := statusJSON{Time: now, Policy: p.policy, Totals: t, History: p.history()}
+	doc := Status{Time: now, Policy: p.policy, Totals: t, History: p.history()}
 	for _, s := range topSessions(p.srv.Snapshot(), statusTopN) {
-		state := stateOK
+		state := StateOK
 		switch {
 		case s.Paused:
-			state = statePaused
+			state = StatePaused
 		case s.Slow:
-			state = stateSlow
+			state = StateSlow
 		}
-		doc.Top = append(doc.Top, statusSession{
+		doc.Top = append(doc.Top, Session{
 			ID: s.ID, Client: s.Client, AgeSeconds: s.Age.Round(100 * time.Millisecond).Seconds(),
 			QueueMessages: s.QueueMessages, QueueBytes: s.QueueBytes, State: state,
 		})
 	}
 	for _, e := range recent {
-		doc.Evictions = append(doc.Evictions, statusEviction{
+		doc.Evictions = append(doc.Evictions, Eviction{
 			Time: e.Time, ID: e.ID, Client: e.Client, Reason: e.Reason,
 			QueueMessages: e.QueueMessages, QueueBytes: e.QueueBytes,
 		})
 	}
 	// Empty lists, not null, so the page can iterate without checks.
 	if doc.Top == nil {
-		doc.Top = []statusSession{}
+		doc.Top = []Session{}
 	}
 	if doc.Evictions == nil {
-		doc.Evictions = []statusEviction{}
+		doc.Evictions = []Eviction{}
 	}
 	return doc
 }
@@ -279,14 +284,14 @@ func topSessions(all []proxy.SessionInfo, k int) []proxy.SessionInfo {
 }
 
 // serveJSON answers /status.json.
-func (p *statusPage) serveJSON(w http.ResponseWriter, r *http.Request) {
+func (p *StatusPage) serveJSON(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	json.NewEncoder(w).Encode(p.snapshot())
 }
 
 // servePage answers /status with the embedded page.
-func (p *statusPage) servePage(w http.ResponseWriter, r *http.Request) {
+func (p *StatusPage) servePage(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("X-Content-Type-Options", "nosniff")

@@ -1,7 +1,7 @@
-package main
+package serve
 
 import (
-	"context"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -13,11 +13,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gorilla/websocket"
-	"github.com/rs/zerolog"
-	"go.uber.org/goleak"
+	"sluice/admin"
+	"sluice/config"
 
-	"sluice/proxy"
+	"github.com/gorilla/websocket"
+	"go.uber.org/goleak"
 )
 
 // floodBackend is a gorilla/websocket server that writes 4 KiB messages
@@ -94,48 +94,20 @@ func (b *floodBackend) close() {
 	})
 }
 
-// startSluice runs serve on loopback with env (plus the upstream and
-// addresses) and returns its addresses and a function that drains it and
-// waits for serve to return.
-func startSluice(t *testing.T, env map[string]string) (wsAddr, adminAddr string, srv *proxy.Server, stop func()) {
-	t.Helper()
-	env[envPrefix+"LISTEN_ADDR"] = "127.0.0.1:0"
-	env[envPrefix+"ADMIN_ADDR"] = "127.0.0.1:0"
-	cfg, err := LoadConfig(env)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan struct{})
-	done := make(chan error, 1)
-	go func() {
-		done <- serve(ctx, cfg, zerolog.Nop(), func(ws, admin string, s *proxy.Server) {
-			wsAddr, adminAddr, srv = ws, admin, s
-			close(ready)
-		})
-	}()
-	select {
-	case <-ready:
-	case err := <-done:
-		cancel()
-		t.Fatalf("serve: %v", err)
-	}
-	return wsAddr, adminAddr, srv, func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("serve: %v", err)
-		}
-	}
-}
-
 // dialStalled connects a client with a small receive window and an
 // Ethernet MSS, as the demo's slow clients do, so that the kernel holds
 // little once it stops reading.
 func dialStalled(t *testing.T, u string) *websocket.Conn {
 	t.Helper()
 	nd := &net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
-		return setSockopts(c, sockopt{syscall.SOL_SOCKET, syscall.SO_RCVBUF, slowClientRcv},
-			sockopt{syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, ethernetMSS})
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10)
+			if serr == nil {
+				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 1460)
+			}
+		})
+		return cmp.Or(err, serr)
 	}}
 	d := websocket.Dialer{NetDialContext: nd.DialContext, HandshakeTimeout: 5 * time.Second}
 	c, _, err := d.Dial(u, nil)
@@ -145,7 +117,7 @@ func dialStalled(t *testing.T, u string) *websocket.Conn {
 	return c
 }
 
-func getStatus(t *testing.T, client *http.Client, url string) statusJSON {
+func getStatus(t *testing.T, client *http.Client, url string) admin.Status {
 	t.Helper()
 	resp, err := client.Get(url)
 	if err != nil {
@@ -155,7 +127,7 @@ func getStatus(t *testing.T, client *http.Client, url string) statusJSON {
 	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
 		t.Fatalf("GET %s: %s, Content-Type %q", url, resp.Status, resp.Header.Get("Content-Type"))
 	}
-	var s statusJSON
+	var s admin.Status
 	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +136,7 @@ func getStatus(t *testing.T, client *http.Client, url string) statusJSON {
 
 // pollStatus reads /status.json until done accepts a document or 10 s
 // pass, and returns the last document read and whether done accepted it.
-func pollStatus(t *testing.T, client *http.Client, url string, done func(statusJSON) bool) (statusJSON, bool) {
+func pollStatus(t *testing.T, client *http.Client, url string, done func(admin.Status) bool) (admin.Status, bool) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -187,11 +159,11 @@ func TestStatusShowsSlowClient(t *testing.T) {
 	backend := startFloodBackend(t)
 	defer backend.close()
 	wsAddr, adminAddr, _, stop := startSluice(t, map[string]string{
-		envPrefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
-		envPrefix + "POLICY":                 "drop", // keeps the slow client connected
-		envPrefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
-		envPrefix + "SHUTDOWN_TIMEOUT":       "3s",
-		envPrefix + "CLOSE_TIMEOUT":          "1s",
+		config.Prefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
+		config.Prefix + "POLICY":                 "drop", // keeps the slow client connected
+		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
+		config.Prefix + "SHUTDOWN_TIMEOUT":       "3s",
+		config.Prefix + "CLOSE_TIMEOUT":          "1s",
 	})
 	defer stop()
 	tr := &http.Transport{}
@@ -208,10 +180,10 @@ func TestStatusShowsSlowClient(t *testing.T) {
 
 	// The queue's depth moves (drop trims it, the kernel takes some as its
 	// send buffer grows), so wait for one document that shows it all.
-	var row statusSession
-	got, ok := pollStatus(t, client, "http://"+adminAddr+"/status.json", func(got statusJSON) bool {
+	var row admin.Session
+	got, ok := pollStatus(t, client, "http://"+adminAddr+"/status.json", func(got admin.Status) bool {
 		for _, s := range got.Top {
-			if s.Client == me && s.State == stateSlow && s.QueueBytes > 0 && s.QueueMessages > 0 &&
+			if s.Client == me && s.State == admin.StateSlow && s.QueueBytes > 0 && s.QueueMessages > 0 &&
 				got.Totals.Slow == 1 && got.Totals.QueuedBytes > 0 {
 				row = s
 				return true
@@ -255,61 +227,6 @@ func TestStatusShowsSlowClient(t *testing.T) {
 	}
 }
 
-func TestTopSessions(t *testing.T) {
-	s := func(id uint64, bytes int64, msgs int) proxy.SessionInfo {
-		return proxy.SessionInfo{ID: id, QueueBytes: bytes, QueueMessages: msgs}
-	}
-	ids := func(in []proxy.SessionInfo) []uint64 {
-		var out []uint64
-		for _, x := range in {
-			out = append(out, x.ID)
-		}
-		return out
-	}
-	for _, tc := range []struct {
-		name string
-		in   []proxy.SessionInfo
-		k    int
-		want []uint64
-	}{
-		{"empty", nil, 3, nil},
-		{"fewer than k", []proxy.SessionInfo{s(1, 10, 1), s(2, 30, 3)}, 3, []uint64{2, 1}},
-		{"keeps the deepest", []proxy.SessionInfo{s(1, 10, 1), s(2, 50, 5), s(3, 0, 0), s(4, 40, 4), s(5, 20, 2)}, 3, []uint64{2, 4, 5}},
-		{"ties: messages, then id", []proxy.SessionInfo{s(3, 10, 1), s(1, 10, 1), s(2, 10, 2)}, 2, []uint64{2, 1}},
-		{"k zero", []proxy.SessionInfo{s(1, 10, 1)}, 0, nil},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got := ids(topSessions(tc.in, tc.k))
-			if fmt.Sprint(got) != fmt.Sprint(tc.want) {
-				t.Errorf("topSessions = %v, want %v", got, tc.want)
-			}
-		})
-	}
-}
-
-func BenchmarkTopSessions(b *testing.B) {
-	all := make([]proxy.SessionInfo, 50_000)
-	for i := range all {
-		all[i] = proxy.SessionInfo{ID: uint64(i), QueueBytes: int64(i*7919) % 100_000, QueueMessages: i % 100}
-	}
-	b.ReportAllocs()
-	for b.Loop() {
-		topSessions(all, statusTopN)
-	}
-}
-
-func TestStatusHistoryRing(t *testing.T) {
-	p := &statusPage{}
-	for i := range statusHistoryLen + 5 {
-		p.record(statusSample{T: int64(i)})
-	}
-	h := p.history()
-	if len(h) != statusHistoryLen || h[0].T != 5 || h[len(h)-1].T != statusHistoryLen+4 {
-		t.Fatalf("history: %d samples from %d to %d; want %d from 5 to %d",
-			len(h), h[0].T, h[len(h)-1].T, statusHistoryLen, statusHistoryLen+4)
-	}
-}
-
 // TestStatusShowsEviction: under the evict policy the same stalled client
 // is closed, and /status.json lists it among the evictions with its reason
 // and counts it by reason.
@@ -318,11 +235,11 @@ func TestStatusShowsEviction(t *testing.T) {
 	backend := startFloodBackend(t)
 	defer backend.close()
 	wsAddr, adminAddr, _, stop := startSluice(t, map[string]string{
-		envPrefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
-		envPrefix + "POLICY":                 "evict",
-		envPrefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
-		envPrefix + "SHUTDOWN_TIMEOUT":       "3s",
-		envPrefix + "CLOSE_TIMEOUT":          "1s",
+		config.Prefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
+		config.Prefix + "POLICY":                 "evict",
+		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
+		config.Prefix + "SHUTDOWN_TIMEOUT":       "3s",
+		config.Prefix + "CLOSE_TIMEOUT":          "1s",
 	})
 	defer stop()
 	tr := &http.Transport{}
@@ -338,7 +255,7 @@ func TestStatusShowsEviction(t *testing.T) {
 		t.Fatal(err)
 	}
 	me := c.LocalAddr().String()
-	got, _ := pollStatus(t, client, "http://"+adminAddr+"/status.json", func(got statusJSON) bool { return len(got.Evictions) > 0 })
+	got, _ := pollStatus(t, client, "http://"+adminAddr+"/status.json", func(got admin.Status) bool { return len(got.Evictions) > 0 })
 	if len(got.Evictions) != 1 {
 		t.Fatalf("evictions = %+v; want the stalled client", got.Evictions)
 	}

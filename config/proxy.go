@@ -1,0 +1,103 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"time"
+
+	"github.com/gobwas/ws"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+
+	"sluice/keepalive"
+	"sluice/limiter"
+	"sluice/proxy"
+)
+
+// ProxyOptions is the one mapping from the configuration to the proxy's
+// options: sluice's binary, the demo and the end-to-end tests all build
+// their proxy through it, so a setting has its default and its checks here
+// and nowhere else. proxy.Options keeps zero-value defaults of its own for
+// library users; every field set here overrides them.
+//
+// cfg must have passed Load or Validate. ProxyOptions reads the upstream's
+// TLS files (SLUICE_UPSTREAM_CA_FILE and the client pair) and takes the
+// global queue ceiling from the process memory limit (MemoryLimit) when it
+// is a percentage. log and reg become Options.Logger and Options.Registerer.
+func (cfg Config) ProxyOptions(log zerolog.Logger, reg prometheus.Registerer) (proxy.Options, error) {
+	if cfg.UpstreamURL == nil {
+		return proxy.Options{}, errors.New("config: no upstream (" + Prefix + "UPSTREAM_URL)")
+	}
+	policy, err := limiter.ParsePolicy(string(cfg.Policy))
+	if err != nil {
+		return proxy.Options{}, fmt.Errorf("%sPOLICY=%q: %w", Prefix, cfg.Policy, err)
+	}
+	upTLS, err := upstreamTLSConfig(cfg)
+	if err != nil {
+		return proxy.Options{}, err
+	}
+	return proxy.Options{
+		Upstream:            cfg.UpstreamURL,
+		Logger:              log,
+		Registerer:          reg,
+		DialTimeout:         cfg.UpstreamDialTimeout,
+		HandshakeTimeout:    cfg.HandshakeTimeout,
+		WriteTimeout:        cfg.WriteTimeout,
+		CloseTimeout:        cfg.CloseTimeout,
+		DrainSpread:         cfg.DrainSpread,
+		MaxHeaderBytes:      int(cfg.MaxHeaderBytes),
+		MaxFrameBytes:       int64(cfg.MaxFrameBytes),
+		MaxMessageBytes:     int64(cfg.MaxMessageBytes),
+		UpstreamFailureCode: ws.StatusCode(cfg.UpstreamCloseCode),
+		UpstreamTLS:         upTLS,
+		UpstreamReadBuffer:  int(cfg.UpstreamReadBuffer),
+		ClientWriteBuffer:   int(cfg.ClientWriteBuffer),
+		NoIdlePoll:          !cfg.IdlePoll,
+
+		FrameReadTimeout:       cfg.FrameReadTimeout,
+		MaxConnections:         cfg.MaxConnections,
+		MaxConnectionsPerIP:    cfg.MaxConnectionsPerIP,
+		TrustedProxies:         trustedProxies(cfg.TrustedProxies),
+		AllowedOrigins:         listEntries(cfg.AllowedOrigins),
+		MaxHandshakesPerSecond: cfg.MaxHandshakesPerSecond,
+
+		Queue: limiter.Config{
+			Policy:      policy,
+			MaxMessages: cfg.QueueMaxMessages,
+			MaxBytes:    int64(cfg.QueueMaxBytes),
+			LowWater:    cfg.QueueLowWater,
+			KeepNewest:  cfg.DropKeepNewest,
+			PauseMax:    cfg.PauseMax,
+			SlowDepth:   cfg.SlowClientDepth,
+		},
+		Budget: limiter.BudgetConfig{
+			Ceiling:   cfg.GlobalQueueMaxBytes.Resolve(MemoryLimit()),
+			SlowRatio: cfg.SlowClientMaxRatio,
+		},
+		Keepalive:         keepalive.Config{Interval: cfg.PingInterval, Timeout: cfg.PongTimeout},
+		UpstreamKeepalive: keepalive.Config{Interval: cfg.UpstreamPingInterval, Timeout: cfg.PongTimeout},
+	}, nil
+}
+
+// trustedProxies parses SLUICE_TRUSTED_PROXIES, which check has accepted
+// entry by entry.
+func trustedProxies(entries []string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, e := range listEntries(entries) {
+		if p, err := proxy.ParseTrustedProxy(e); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Logger is the logger SLUICE_LOG_LEVEL and SLUICE_LOG_FORMAT describe,
+// writing to w.
+func (cfg Config) Logger(w io.Writer) zerolog.Logger {
+	if cfg.LogFormat == LogFormatConsole {
+		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.TimeOnly}
+	}
+	return zerolog.New(w).Level(cfg.LogLevel).With().Timestamp().Logger()
+}
