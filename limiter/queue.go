@@ -89,8 +89,8 @@ type Queue struct {
 	unsent     atomic.Int64
 	notSent    atomic.Int64
 	unsentFn   func() (unacked, notSent int64) // see OnUnsent; set under budget.mu
-	wroteSince atomic.Bool  // a batch was taken since the last sample
-	msgSize    atomic.Int64 // average bytes of a message the writer took, to count unsent bytes as messages
+	wroteSince atomic.Bool                     // a batch was taken since the last sample
+	msgSize    atomic.Int64                    // average bytes of a message the writer took, to count unsent bytes as messages
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
 	// streamDiscarded hears ErrClosed when a segment with Follow bytes is
