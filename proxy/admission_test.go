@@ -718,8 +718,6 @@ type wsClient struct {
 	br *bufio.Reader
 }
 
-var clientIDs atomic.Int64
-
 // upgrade sends an upgrade request to p from the local IP (127.0.0.1 when
 // empty) with header lines kv (name, value, ...). For a 101 it returns the
 // connection, closed when the test ends; otherwise the response with its
