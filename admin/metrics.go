@@ -14,7 +14,8 @@ func RegisterBudgetMetrics(reg prometheus.Registerer, b *limiter.Budget) {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 { return f(b.Stats()) })
 	}
 	reg.MustRegister(
-		gauge("sluice_queued_bytes", "Bytes waiting in all client queues.", func(s limiter.Stats) float64 { return float64(s.QueuedBytes) }),
+		gauge("sluice_queued_bytes", "Bytes waiting in all client queues, what the kernel holds unacknowledged for the clients included.", func(s limiter.Stats) float64 { return float64(s.QueuedBytes) }),
+		gauge("sluice_unsent_bytes", "Bytes the kernel holds unacknowledged for the clients (Linux SIOCOUTQ, sampled every 50 ms), part of sluice_queued_bytes.", func(s limiter.Stats) float64 { return float64(s.UnsentBytes) }),
 		gauge("sluice_queue_ceiling_bytes", "The global ceiling on queued bytes (0: none).", func(s limiter.Stats) float64 { return float64(s.Ceiling) }),
 		gauge("sluice_queued_bytes_ratio", "Queued bytes as a share of the ceiling.", func(s limiter.Stats) float64 {
 			if s.Ceiling == 0 {
@@ -30,7 +31,7 @@ func RegisterBudgetMetrics(reg prometheus.Registerer, b *limiter.Budget) {
 			func() float64 { return b.Stats().PausedTime.Seconds() }),
 		&depthCollector{budget: b, buckets: []float64{0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000},
 			desc: prometheus.NewDesc("sluice_queue_depth_messages",
-				"Client queue depths in messages, sampled over all connections at scrape time.", nil, nil)},
+				"Client queue depths in messages (queued, and held back in the kernel for want of window), sampled over all connections at scrape time.", nil, nil)},
 	)
 }
 
@@ -49,7 +50,7 @@ func (c *depthCollector) Collect(ch chan<- prometheus.Metric) {
 	var n uint64
 	var sum float64
 	c.budget.Each(func(q *limiter.Queue) {
-		d := float64(q.Messages())
+		d := float64(q.Depth())
 		n++
 		sum += d
 		for i, ub := range c.buckets {

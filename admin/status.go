@@ -119,7 +119,8 @@ type Totals struct {
 	Slow        int     `json:"slow"`         // at or past SLUICE_SLOW_CLIENT_DEPTH
 	AllowedSlow int     `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
 	Paused      int     `json:"paused"`
-	QueuedBytes int64   `json:"queued_bytes"`
+	QueuedBytes int64   `json:"queued_bytes"`  // unsent_bytes included
+	UnsentBytes int64   `json:"unsent_bytes"`  // held by the kernel, unacknowledged by the clients
 	Ceiling     int64   `json:"ceiling_bytes"` // 0: no global ceiling
 	Share       float64 `json:"share"`         // queued_bytes / ceiling_bytes; 0 without a ceiling
 	Dropped     uint64  `json:"dropped"`       // messages discarded by the drop policy
@@ -137,8 +138,9 @@ type Session struct {
 	Client        string  `json:"client"`
 	AgeSeconds    float64 `json:"age_seconds"`
 	QueueMessages int     `json:"queue_messages"`
-	QueueBytes    int64   `json:"queue_bytes"`
-	State         string  `json:"state"` // ok, slow or paused
+	QueueBytes    int64   `json:"queue_bytes"`  // unsent_bytes included
+	UnsentBytes   int64   `json:"unsent_bytes"` // held by the kernel, unacknowledged by the client
+	State         string  `json:"state"`        // ok, slow or paused
 }
 
 // Eviction is one recent eviction of a Status.
@@ -148,7 +150,8 @@ type Eviction struct {
 	Client        string    `json:"client"`
 	Reason        string    `json:"reason"`
 	QueueMessages int       `json:"queue_messages"`
-	QueueBytes    int64     `json:"queue_bytes"`
+	QueueBytes    int64     `json:"queue_bytes"`  // unsent_bytes included
+	UnsentBytes   int64     `json:"unsent_bytes"` // held by the kernel, unacknowledged by the client
 }
 
 // Sample is one second of a Status's history.
@@ -178,6 +181,7 @@ func (p *StatusPage) snapshot() Status {
 		AllowedSlow: st.AllowedSlow,
 		Paused:      st.Paused,
 		QueuedBytes: st.QueuedBytes,
+		UnsentBytes: st.UnsentBytes,
 		Ceiling:     st.Ceiling,
 		Dropped:     st.DroppedTotal,
 		Draining:    p.srv.Draining(),
@@ -204,13 +208,13 @@ func (p *StatusPage) snapshot() Status {
 		}
 		doc.Top = append(doc.Top, Session{
 			ID: s.ID, Client: s.Client, AgeSeconds: s.Age.Round(100 * time.Millisecond).Seconds(),
-			QueueMessages: s.QueueMessages, QueueBytes: s.QueueBytes, State: state,
+			QueueMessages: s.QueueMessages, QueueBytes: s.QueueBytes, UnsentBytes: s.UnsentBytes, State: state,
 		})
 	}
 	for _, e := range recent {
 		doc.Evictions = append(doc.Evictions, Eviction{
 			Time: e.Time, ID: e.ID, Client: e.Client, Reason: e.Reason,
-			QueueMessages: e.QueueMessages, QueueBytes: e.QueueBytes,
+			QueueMessages: e.QueueMessages, QueueBytes: e.QueueBytes, UnsentBytes: e.UnsentBytes,
 		})
 	}
 	// Empty lists, not null, so the page can iterate without checks.
