@@ -19,6 +19,10 @@ const (
 	// ReasonSlowRatio: too many connections were slow and this one was
 	// among the slowest.
 	ReasonSlowRatio
+	// ReasonReclaim: the connection was evicted already, but what it still
+	// holds (the kernel's share, while the client does not read its close)
+	// is needed back: the queues are over the ceiling.
+	ReasonReclaim
 )
 
 func (r Reason) String() string {
@@ -27,6 +31,8 @@ func (r Reason) String() string {
 		return "global_ceiling"
 	case ReasonSlowRatio:
 		return "slow_ratio"
+	case ReasonReclaim:
+		return "reclaim"
 	}
 	return "unknown"
 }
@@ -192,16 +198,26 @@ func (b *Budget) Check() {
 		bytes  int64
 		reason Reason // 0: stays
 	}
-	var cands []cand
-	var evictedBytes int64
+	var cands, evicted []cand
+	var freeing int64 // bytes of reclaimed connections, gone by the next sample
 	b.mu.Lock()
 	conns := len(b.queues)
 	for q := range b.queues {
 		c := cand{q: q, msgs: q.Depth(), bytes: q.Bytes()}
 		if q.evicted.Load() {
-			// Its bytes are on their way out; it is no longer counted
-			// slow (MarkEvicted).
-			evictedBytes += c.bytes
+			// On its way out, and no longer counted slow (MarkEvicted).
+			// Its queue is discarded as it is evicted; what the kernel
+			// holds for it stays until its client reads or the socket
+			// is reset (ReasonReclaim).
+			unsent := q.Unsent()
+			if q.reclaimed.Load() {
+				freeing += c.bytes
+				continue
+			}
+			freeing += c.bytes - unsent
+			if unsent > 0 {
+				evicted = append(evicted, cand{q: q, bytes: unsent})
+			}
 			continue
 		}
 		cands = append(cands, c)
@@ -209,8 +225,20 @@ func (b *Budget) Check() {
 	b.mu.Unlock()
 
 	if overCeiling {
+		// What evicted connections still hold goes first: their clients
+		// are not reading, and their close frames cannot pass it.
+		total := b.queued.Load() - freeing
+		slices.SortFunc(evicted, func(x, y cand) int { return cmp.Compare(y.bytes, x.bytes) })
+		for _, c := range evicted {
+			if total <= b.cfg.Ceiling {
+				break
+			}
+			total -= c.bytes
+			if c.q.reclaimed.CompareAndSwap(false, true) && c.q.onEvict != nil {
+				c.q.onEvict(ReasonReclaim)
+			}
+		}
 		slices.SortFunc(cands, func(x, y cand) int { return cmp.Compare(y.bytes, x.bytes) })
-		total := b.queued.Load() - evictedBytes
 		for i := range cands {
 			c := &cands[i]
 			if total <= b.cfg.Ceiling || c.bytes == 0 {

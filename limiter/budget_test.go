@@ -554,3 +554,47 @@ func TestUnsentCounts(t *testing.T) {
 		t.Fatalf("after Close: %+v", st)
 	}
 }
+
+// Over the ceiling, what evicted connections still hold in the kernel is
+// taken back first, largest first, once each; live queues go only if
+// that is not enough.
+func TestBudgetReclaimsEvictedFirst(t *testing.T) {
+	b := NewBudget(BudgetConfig{Ceiling: 100 * kb})
+	var ev evictions
+	mk := func(name string, heap int, unsent int64) *Queue {
+		q := NewQueue(clientCfg(1000), b, ev.hook(name))
+		t.Cleanup(q.Close)
+		q.OnUnsent(func() (int64, int64) { return unsent, unsent })
+		mustPush(t, q, msg(1, 16))
+		take(t, q, 1, 1<<20) // a write, so that it is sampled
+		if heap > 0 {
+			fillBytes(t, q, heap)
+		}
+		return q
+	}
+	gone60 := mk("gone60", 0, 60*kb)
+	gone30 := mk("gone30", 0, 30*kb)
+	mk("live40", 40*kb, 0)
+	b.SampleUnsent(nil)
+	gone60.MarkEvicted()
+	gone30.MarkEvicted()
+	// 130 KiB over a 100 KiB ceiling: taking back gone60 is enough.
+	b.Check()
+	b.Check()
+	if got, want := ev.snapshot(), []string{"gone60:reclaim"}; !slices.Equal(got, want) {
+		t.Fatalf("evicted %v, want %v", got, want)
+	}
+	// Far over: everything evicted is taken back, then the live queue goes.
+	b2 := NewBudget(BudgetConfig{Ceiling: 10 * kb})
+	b = b2
+	ev = evictions{}
+	a, c := mk("gone60", 0, 60*kb), mk("gone30", 0, 30*kb)
+	mk("live40", 40*kb, 0)
+	b.SampleUnsent(nil)
+	a.MarkEvicted()
+	c.MarkEvicted()
+	b.Check()
+	if got, want := ev.snapshot(), []string{"gone30:reclaim", "gone60:reclaim", "live40:global_ceiling"}; !slices.Equal(got, want) {
+		t.Fatalf("far over: evicted %v, want %v", got, want)
+	}
+}

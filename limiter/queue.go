@@ -58,9 +58,10 @@ type Queue struct {
 	budget *Budget // nil: not counted
 
 	// Readable without mu, for guards and status pages; written under mu.
-	bytes   atomic.Int64
-	msgs    atomic.Int32
-	evicted atomic.Bool
+	bytes     atomic.Int64
+	msgs      atomic.Int32
+	evicted   atomic.Bool
+	reclaimed atomic.Bool // the Budget asked for an evicted connection's memory back
 
 	mu            sync.Mutex
 	head, tail    *Segment // data lane, oldest first
@@ -573,6 +574,10 @@ func (q *Queue) OnUnsent(f func() (unacked, notSent int64)) {
 // Unsent is the last sample of what the kernel holds unacknowledged for
 // the queue's connection; Bytes includes it.
 func (q *Queue) Unsent() int64 { return q.unsent.Load() }
+
+// NotSent is the part of Unsent the kernel has not sent at all, held back
+// by the peer's window, as last sampled.
+func (q *Queue) NotSent() int64 { return q.notSent.Load() }
 
 // sampleUnsent takes a new sample if one is due: the queue's writer took
 // a batch since the last one, or the kernel still held bytes then.

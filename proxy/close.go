@@ -442,14 +442,31 @@ func (s *session) violation(src *leg, fe *frame.Error) {
 	s.event(s.srv.log.Warn()).Str("leg", src.name()).Int("code", int(fe.Code)).Str("error", fe.Reason).Msg("protocol violation")
 }
 
-// guardEvict is the Budget's way to evict this session.
+// guardEvict is the Budget's way to evict this session, or to take back
+// the kernel memory of one it evicted already.
 func (s *session) guardEvict(r limiter.Reason) {
 	switch r {
 	case limiter.ReasonGlobalCeiling:
 		s.end(causeGlobalCeiling, nil)
+	case limiter.ReasonReclaim:
+		s.reclaim()
 	default:
 		s.end(causeSlowRatio, nil)
 	}
+}
+
+// reclaim resets the connection of an evicted client that has not read
+// its close yet, which frees what the kernel holds for it: the memory is
+// needed, and the client is not reading.
+func (s *session) reclaim() {
+	s.mu.Lock()
+	if !s.client.dead && !s.client.readDone {
+		s.noteEnd("evicted client reset to free its kernel buffers")
+		s.client.dead = true
+		s.doom(&s.client, true)
+		s.checkDoneLocked()
+	}
+	s.unlock()
 }
 
 // goAway starts a graceful close for shutdown: 1001 to the upstream after
@@ -566,19 +583,11 @@ func (s *session) drain(src *leg) (clean bool) {
 		s.mu.Lock()
 		done := src.closeSent && src.closeRcvd
 		src.draining = !done
-		noReply := src.noReply
 		s.mu.Unlock()
 		if done {
 			return true
 		}
-		wait := s.srv.opts.CloseTimeout
-		if noReply {
-			// Evicted or in breach: a client that reads gets its close
-			// and FIN at once and ends within this; one that does not
-			// read would only keep its kernel buffers.
-			wait = min(wait, closeWriteTimeout)
-		}
-		src.conn.SetReadDeadline(time.Now().Add(wait))
+		src.conn.SetReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
 		err := src.rd.Drain()
 		if err == nil {
 			return true // the client's FIN

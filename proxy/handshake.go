@@ -9,9 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/textproto"
 	"net/url"
-	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -134,113 +132,6 @@ func singleJoiningSlash(a, b string) string {
 	}
 	return a + b
 }
-
-// forwardedHeader is the upstream request's end-to-end headers: the
-// client's, less hop-by-hop ones, plus X-Forwarded-*. It writes them
-// straight from the client's request, in the order http.Header.Write
-// would (sorted by name, the same clean-up of values), rather than build
-// a copy of the header map for every upgrade.
-type forwardedHeader struct {
-	req   http.Header
-	xff   string // X-Forwarded-For
-	proto string // X-Forwarded-Proto
-	host  string // X-Forwarded-Host
-}
-
-// forwardTo fills h for r from clientIP; xff, when not empty, is the
-// X-Forwarded-For to send instead of the received list plus clientIP
-// (client.xff).
-func (h *forwardedHeader) forwardTo(r *http.Request, clientIP, xff string) {
-	if xff == "" {
-		xff = clientIP
-		if prior := r.Header.Values("X-Forwarded-For"); len(prior) > 0 {
-			xff = strings.Join(prior, ", ") + ", " + clientIP
-		}
-	}
-	h.req, h.xff, h.proto, h.host = r.Header, xff, "http", r.Host
-	if r.TLS != nil {
-		h.proto = "https"
-	}
-}
-
-// forwarded reports whether the client's header name goes upstream.
-func (h *forwardedHeader) forwarded(name string) bool {
-	switch name {
-	case "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host":
-		return false // sluice's own values replace them
-	}
-	for _, hop := range hopHeaders {
-		if name == hop {
-			return false
-		}
-	}
-	for _, v := range h.req["Connection"] {
-		for listed := range strings.SplitSeq(v, ",") {
-			if strings.EqualFold(textproto.TrimString(listed), name) {
-				return false
-			}
-		}
-	}
-	return isToken(name, false) // as http.Header.Write, drop what is not a field name
-}
-
-// WriteTo implements ws.HandshakeHeader.
-func (h *forwardedHeader) WriteTo(w io.Writer) (int64, error) {
-	ws, ok := w.(io.StringWriter)
-	if !ok {
-		ws = stringWriter{w}
-	}
-	var buf [24]string // names on the stack for the usual request
-	names := append(buf[:0], "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto")
-	for name := range h.req {
-		if h.forwarded(name) {
-			names = append(names, name)
-		}
-	}
-	slices.Sort(names)
-	var n int64
-	line := func(name, v string) error {
-		if strings.ContainsAny(v, "\r\n") {
-			v = headerNewlineToSpace.Replace(v)
-		}
-		v = textproto.TrimString(v)
-		for _, s := range [...]string{name, ": ", v, "\r\n"} {
-			m, err := ws.WriteString(s)
-			n += int64(m)
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	for _, name := range names {
-		var err error
-		switch name {
-		case "X-Forwarded-For":
-			err = line(name, h.xff)
-		case "X-Forwarded-Proto":
-			err = line(name, h.proto)
-		case "X-Forwarded-Host":
-			err = line(name, h.host)
-		default:
-			for _, v := range h.req[name] {
-				if err = line(name, v); err != nil {
-					break
-				}
-			}
-		}
-		if err != nil {
-			return n, err
-		}
-	}
-	return n, nil
-}
-
-var headerNewlineToSpace = strings.NewReplacer("\n", " ", "\r", " ")
-
-type stringWriter struct{ w io.Writer }
-
-func (w stringWriter) WriteString(s string) (int, error) { return w.w.Write([]byte(s)) }
 
 // offers reads the client's subprotocol and extension offers. Under the
 // Drop policy a permessage-deflate offer also asks the server for

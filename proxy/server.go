@@ -198,12 +198,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
 	}
-	s.mu.Lock()
-	live := make([]*session, 0, len(s.sessions))
-	for ss := range s.sessions {
-		live = append(live, ss)
-	}
-	s.mu.Unlock()
+	live := s.liveSessions()
 	var gap time.Duration
 	if len(live) > 1 {
 		gap = s.opts.DrainSpread / time.Duration(len(live)-1)
@@ -220,11 +215,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		ss.goAway()
 	}
 	if werr := s.waitSessions(ctx); werr != nil {
-		s.mu.Lock()
-		for ss := range s.sessions {
+		// Aborting closes sockets: not under the server's lock.
+		for _, ss := range s.liveSessions() {
 			ss.abort("shutdown timeout")
 		}
-		s.mu.Unlock()
 		s.waitSessions(context.Background())
 		if err == nil {
 			err = werr
@@ -234,6 +228,17 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.guardWG.Wait()
 	s.idle.close()
 	return err
+}
+
+// liveSessions lists the sessions now.
+func (s *Server) liveSessions() []*session {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	live := make([]*session, 0, len(s.sessions))
+	for ss := range s.sessions {
+		live = append(live, ss)
+	}
+	return live
 }
 
 func (s *Server) handshakeDone() {

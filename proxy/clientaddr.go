@@ -1,0 +1,396 @@
+package proxy
+
+// Who a request comes from, and what sluice tells the upstream of it: the
+// client address as trusted proxies report it (X-Forwarded-For, RFC 7239
+// Forwarded), and the forwarding headers sluice writes upstream.
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"net/textproto"
+	"slices"
+	"strings"
+)
+
+// client is who an upgrade request comes from, as admission control, the
+// logs and the status page see it.
+type client struct {
+	// addr is the socket peer's host:port, or, when a trusted proxy
+	// forwarded the request, the client IP that its headers give.
+	addr string
+	// xff, when not empty, is the X-Forwarded-For to send upstream in
+	// place of the one forwardedHeader builds: the received list up to
+	// and including the client found in it. Either way its last entry is
+	// the client that sluice admitted.
+	xff string
+}
+
+func (a *admission) clientOf(r *http.Request) client {
+	return resolveClient(a.trusted, r.RemoteAddr, r.Header)
+}
+
+// resolveClient finds the client of a request from remoteAddr with header
+// h. Only a peer within trusted is believed about who it forwards for:
+// walking X-Forwarded-For from the right (or, when the request has none,
+// the for= parameters of Forwarded, RFC 7239), the first address that is
+// not a trusted proxy is the client. Entries left of it are the client's
+// own say and are never believed. A hop that does not parse stops the
+// walk: the nearest trusted hop is then the client, since nothing beyond
+// it can be vouched for; the same when every hop is trusted.
+func resolveClient(trusted []netip.Prefix, remoteAddr string, h http.Header) client {
+	cl := client{addr: remoteAddr}
+	if len(trusted) == 0 {
+		return cl
+	}
+	peer, err := netip.ParseAddrPort(remoteAddr)
+	if err != nil || !trustedAddr(trusted, peer.Addr().Unmap()) {
+		return cl
+	}
+	if xff := h.Values("X-Forwarded-For"); len(xff) > 0 {
+		hops := splitXFF(xff)
+		ip, i := walkHops(trusted, hops)
+		if i >= 0 {
+			cl.addr = ip.String()
+			cl.xff = strings.Join(append(hops[:i:i], cl.addr), ", ")
+		}
+		return cl
+	}
+	if fwd := h.Values("Forwarded"); len(fwd) > 0 {
+		if ip, i := walkHops(trusted, forwardedFor(fwd)); i >= 0 {
+			cl.addr = ip.String()
+			cl.xff = cl.addr
+		}
+	}
+	return cl
+}
+
+// walkHops returns the client in hops, a forwarding list whose last entry
+// a trusted peer appended, and its index; -1 when the peer itself is the
+// nearest hop that can be vouched for.
+func walkHops(trusted []netip.Prefix, hops []string) (netip.Addr, int) {
+	var last netip.Addr
+	at := -1
+	for i := len(hops) - 1; i >= 0; i-- {
+		ip, ok := parseHopAddr(hops[i])
+		if !ok {
+			break
+		}
+		last, at = ip, i
+		if !trustedAddr(trusted, ip) {
+			break
+		}
+	}
+	return last, at
+}
+
+func trustedAddr(trusted []netip.Prefix, ip netip.Addr) bool {
+	for _, p := range trusted {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// splitXFF lists the entries of X-Forwarded-For fields, oldest first,
+// without the empty ones.
+func splitXFF(values []string) []string {
+	var hops []string
+	for _, v := range values {
+		for e := range strings.SplitSeq(v, ",") {
+			if e = strings.Trim(e, " \t"); e != "" {
+				hops = append(hops, e)
+			}
+		}
+	}
+	return hops
+}
+
+// parseHopAddr reads one hop: an IP address, possibly in brackets or with
+// a port (1.2.3.4, 1.2.3.4:80, 2001:db8::1, [2001:db8::1]:80). Zones and
+// anything else (unknown, obfuscated identifiers) do not parse.
+func parseHopAddr(s string) (netip.Addr, bool) {
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		if ap, perr := netip.ParseAddrPort(s); perr == nil {
+			a, err = ap.Addr(), nil
+		} else if len(s) > 2 && s[0] == '[' && s[len(s)-1] == ']' {
+			a, err = netip.ParseAddr(s[1 : len(s)-1])
+		}
+	}
+	if err != nil || a.Zone() != "" {
+		return netip.Addr{}, false
+	}
+	return a.Unmap(), true
+}
+
+// forwardedFor returns the for= value of each element of Forwarded fields
+// (RFC 7239 §4), oldest first and unquoted: "" for an element that has
+// none or does not parse, so that the walk stops there. Empty elements are
+// skipped. Unquoted IPv6 literals, which senders emit despite the RFC, are
+// accepted.
+func forwardedFor(values []string) []string {
+	var out []string
+	for _, v := range values {
+		elems, closed := splitUnquoted(v, ',')
+		for i, e := range elems {
+			if e = strings.Trim(e, " \t"); e == "" {
+				continue
+			}
+			f, ok := forParam(e)
+			if !ok || (!closed && i == len(elems)-1) {
+				f = ""
+			}
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// forParam reads the for= parameter of one Forwarded element.
+func forParam(elem string) (string, bool) {
+	pairs, closed := splitUnquoted(elem, ';')
+	if !closed {
+		return "", false
+	}
+	val, seen := "", false
+	for _, p := range pairs {
+		if p = strings.Trim(p, " \t"); p == "" {
+			continue
+		}
+		name, v, found := strings.Cut(p, "=")
+		if !found || !isToken(name, false) {
+			return "", false
+		}
+		if strings.HasPrefix(v, `"`) {
+			var ok bool
+			if v, ok = unquote(v); !ok {
+				return "", false
+			}
+		} else if !isToken(v, true) {
+			return "", false
+		}
+		if strings.EqualFold(name, "for") {
+			if seen {
+				return "", false
+			}
+			val, seen = v, true
+		}
+	}
+	return val, true
+}
+
+// splitUnquoted splits s at sep outside quoted-strings; closed is false
+// when the last quoted-string is not terminated.
+func splitUnquoted(s string, sep byte) (parts []string, closed bool) {
+	start, quoted := 0, false
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case quoted && c == '\\':
+			i++
+		case c == '"':
+			quoted = !quoted
+		case !quoted && c == sep:
+			parts = append(parts, s[start:i])
+			start = i + 1
+		}
+	}
+	return append(parts, s[start:]), !quoted
+}
+
+// unquote decodes a quoted-string that is the whole of s.
+func unquote(s string) (string, bool) {
+	if len(s) < 2 || s[0] != '"' || s[len(s)-1] != '"' {
+		return "", false
+	}
+	var b strings.Builder
+	for i := 1; i < len(s)-1; i++ {
+		c := s[i]
+		switch {
+		case c == '\\' && i+1 < len(s)-1:
+			i++
+			b.WriteByte(s[i])
+		case c == '\\' || c == '"':
+			return "", false
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return b.String(), true
+}
+
+// isToken reports whether s is a non-empty RFC 9110 token; hop also lets
+// through ':', '[' and ']' for unquoted IPv6 literals.
+func isToken(s string, hop bool) bool {
+	if s == "" {
+		return false
+	}
+	for i := range len(s) {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
+		case hop && (c == ':' || c == '[' || c == ']'):
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// clientKey is what MaxConnectionsPerIP counts by for a client address
+// (client.addr): the IPv4 address, or the /64 of an IPv6 address, since
+// one IPv6 host commonly holds a whole /64. It is the zero Addr (not
+// counted) when addr holds no IP, as with Unix sockets.
+func clientKey(addr string) netip.Addr {
+	var ip netip.Addr
+	if ap, err := netip.ParseAddrPort(addr); err == nil {
+		ip = ap.Addr()
+	} else if a, err := netip.ParseAddr(addr); err == nil {
+		ip = a
+	} else {
+		return netip.Addr{}
+	}
+	ip = ip.Unmap().WithZone("")
+	if ip.Is6() {
+		p, _ := ip.Prefix(64)
+		return p.Addr()
+	}
+	return ip
+}
+
+// ParseTrustedProxy reads one entry of Options.TrustedProxies as the
+// configuration writes it: a CIDR (10.0.0.0/8, fd00::/8) or a single
+// address (10.1.2.3, which means 10.1.2.3/32).
+func ParseTrustedProxy(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil || p.Addr().Zone() != "" {
+			return netip.Prefix{}, fmt.Errorf("%q is not a CIDR such as 10.0.0.0/8 or fd00::/8", s)
+		}
+		return normalizePrefix(p), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil || a.Zone() != "" {
+		return netip.Prefix{}, fmt.Errorf("%q is not an IP address or a CIDR", s)
+	}
+	return normalizePrefix(netip.PrefixFrom(a, a.BitLen())), nil
+}
+
+// normalizePrefix masks p and writes IPv4-mapped prefixes as IPv4, since
+// addresses are unmapped before they are looked up.
+func normalizePrefix(p netip.Prefix) netip.Prefix {
+	if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
+		p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
+	}
+	return p.Masked()
+}
+
+// forwardedHeader is the upstream request's end-to-end headers: the
+// client's, less hop-by-hop ones, plus X-Forwarded-*. It writes them
+// straight from the client's request, in the order http.Header.Write
+// would (sorted by name, the same clean-up of values), rather than build
+// a copy of the header map for every upgrade.
+type forwardedHeader struct {
+	req   http.Header
+	xff   string // X-Forwarded-For
+	proto string // X-Forwarded-Proto
+	host  string // X-Forwarded-Host
+}
+
+// forwardTo fills h for r from clientIP; xff, when not empty, is the
+// X-Forwarded-For to send instead of the received list plus clientIP
+// (client.xff).
+func (h *forwardedHeader) forwardTo(r *http.Request, clientIP, xff string) {
+	if xff == "" {
+		xff = clientIP
+		if prior := r.Header.Values("X-Forwarded-For"); len(prior) > 0 {
+			xff = strings.Join(prior, ", ") + ", " + clientIP
+		}
+	}
+	h.req, h.xff, h.proto, h.host = r.Header, xff, "http", r.Host
+	if r.TLS != nil {
+		h.proto = "https"
+	}
+}
+
+// forwarded reports whether the client's header name goes upstream.
+func (h *forwardedHeader) forwarded(name string) bool {
+	switch name {
+	case "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host":
+		return false // sluice's own values replace them
+	}
+	for _, hop := range hopHeaders {
+		if name == hop {
+			return false
+		}
+	}
+	for _, v := range h.req["Connection"] {
+		for listed := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(textproto.TrimString(listed), name) {
+				return false
+			}
+		}
+	}
+	return isToken(name, false) // as http.Header.Write, drop what is not a field name
+}
+
+// WriteTo implements ws.HandshakeHeader.
+func (h *forwardedHeader) WriteTo(w io.Writer) (int64, error) {
+	ws, ok := w.(io.StringWriter)
+	if !ok {
+		ws = stringWriter{w}
+	}
+	var buf [24]string // names on the stack for the usual request
+	names := append(buf[:0], "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto")
+	for name := range h.req {
+		if h.forwarded(name) {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	var n int64
+	line := func(name, v string) error {
+		if strings.ContainsAny(v, "\r\n") {
+			v = headerNewlineToSpace.Replace(v)
+		}
+		v = textproto.TrimString(v)
+		for _, s := range [...]string{name, ": ", v, "\r\n"} {
+			m, err := ws.WriteString(s)
+			n += int64(m)
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for _, name := range names {
+		var err error
+		switch name {
+		case "X-Forwarded-For":
+			err = line(name, h.xff)
+		case "X-Forwarded-Proto":
+			err = line(name, h.proto)
+		case "X-Forwarded-Host":
+			err = line(name, h.host)
+		default:
+			for _, v := range h.req[name] {
+				if err = line(name, v); err != nil {
+					break
+				}
+			}
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+var headerNewlineToSpace = strings.NewReplacer("\n", " ", "\r", " ")
+
+type stringWriter struct{ w io.Writer }
+
+func (w stringWriter) WriteString(s string) (int, error) { return w.w.Write([]byte(s)) }

@@ -1,0 +1,269 @@
+package proxy
+
+// The life of a frame, from one socket to the other:
+//
+//  1. A leg's reader (read, pump) waits for its socket to be readable; a
+//     socket quiet for idleGrace parks in the server's epoll set instead
+//     (idle_linux.go) and its goroutine ends; readability starts a reader
+//     again (wake).
+//  2. pump reads the frame's header, checks it (frame.Checker: RFC 6455
+//     rules and size limits) and starts the frame watchdog (framewatch.go).
+//  3. A control frame is read whole: a close goes to the close state
+//     machine (close.go); a ping or pong is queued on the other leg's
+//     priority lane, the reader waiting while the lane is full.
+//  4. A data frame up to inlineMax is read into a pooled segment; a larger
+//     one queues only its header, with Follow set to its payload length.
+//  5. The segment goes on the other leg's queue (limiter.Queue.Push):
+//     the queue's policy may refuse it (evict), drop older messages, or
+//     make the reader wait (pause); an idle queue starts the other leg's
+//     writer (write.go).
+//  6. The writer takes a batch, control frames first, and writes it with
+//     one writev under a deadline; a Follow segment's payload is then
+//     spliced from the reader's socket (stream), and the reader, which
+//     waited on streamDone, goes on with the next frame.
+
+import (
+	"errors"
+	"os"
+	"time"
+
+	"github.com/gobwas/ws"
+
+	"sluice/frame"
+	"sluice/limiter"
+)
+
+// startReading parks the new leg at once when nothing of it is buffered
+// yet (the arming reports bytes already on the socket), sparing a
+// goroutine that would only find the socket empty; otherwise, or without
+// the epoll set, its reader starts.
+func (l *leg) startReading() {
+	if l.rd.Buffered() == 0 && l.s.srv.idle.park(l) {
+		return
+	}
+	go l.reader()
+}
+
+// inlineMax is the largest payload copied into a queued segment; larger
+// frames are streamed from socket to socket (spliced) without a copy in
+// user space.
+const inlineMax = frame.MaxPooled - frame.MaxHeaderSize
+
+// Role names for stack dumps.
+func (s *session) clientReader()   { s.read(&s.client, &s.upstream) }
+func (s *session) upstreamReader() { s.read(&s.upstream, &s.client) }
+
+// read runs src's reader: it forwards frames until src parks, ends or is
+// lost. A reader that parks hands its place in the running count to the
+// next one; one whose peer has finished reads the socket to its end.
+func (s *session) read(src, dst *leg) {
+	clean := false
+	switch s.pump(src, dst) {
+	case readerParked:
+		return
+	case readerDraining:
+		clean = s.drain(src)
+	}
+	s.readerEnded(src, clean)
+	s.exit()
+}
+
+// How pump ends.
+const (
+	readerParked   = iota // src's socket is in the epoll set
+	readerDraining        // nothing more from src is forwarded: read it to its end
+	readerLost            // src's socket failed or was closed
+)
+
+// idleGrace is how long a reader whose socket has gone quiet keeps
+// waiting in its goroutine before it parks. A socket with bytes at least
+// this often (a live feed) never pays for parking and waking again — an
+// epoll_ctl and a goroutine start per message, which cost sluice a
+// quarter more CPU in the broadcast load — while one quiet for longer (an
+// idle client between keepalive pings) gives its goroutine up.
+const idleGrace = time.Second
+
+// quiet is called between frames by the reader of a leg that may park
+// (src.raw is set only with the epoll set). It reports whether
+// the reader parked, after its socket stayed empty for idleGrace; when
+// it returns false, bytes are buffered or the caller waits in ReadHeader.
+func (s *session) quiet(src *leg) (parked bool, err error) {
+	idle, err := src.rd.Idle()
+	if err != nil || !idle {
+		return false, err
+	}
+	src.conn.SetReadDeadline(time.Now().Add(idleGrace))
+	err = src.rd.Wait()
+	src.conn.SetReadDeadline(time.Time{})
+	if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
+		return false, err
+	}
+	return s.srv.idle.park(src), nil
+}
+
+// wake starts l's reader if it is parked.
+func (l *leg) wake() {
+	if l.parked.CompareAndSwap(true, false) {
+		go l.reader()
+	}
+}
+
+// pump reads frames from src, checks them and queues them for dst's
+// writer. When it returns readerParked, src's socket is in the epoll set
+// and the goroutine must end without touching the session again.
+func (s *session) pump(src, dst *leg) int {
+	// A peer may encode a control frame's length in 16 or 64 bits: room
+	// for the longest header, not the shortest.
+	var ctl [frame.MaxHeaderSize + ws.MaxControlFramePayloadSize]byte
+	var ctlPayload [ws.MaxControlFramePayloadSize]byte
+	dir := toUpstream
+	if src.upstream {
+		dir = toClient
+	}
+	msgs, byts := s.srv.metrics.messages[dir], s.srv.metrics.bytes[dir]
+	for {
+		src.frameEnd() // frame read timeout (admission.go): idle between frames is fine
+		if src.raw != nil {
+			parked, err := s.quiet(src)
+			if err != nil {
+				s.lost(src, err)
+				return readerLost
+			}
+			if parked {
+				return readerParked
+			}
+		}
+		h, raw, err := src.rd.ReadHeader()
+		if err != nil {
+			var fe *frame.Error
+			if errors.As(err, &fe) {
+				s.violation(src, fe)
+				return readerDraining
+			}
+			s.lost(src, err)
+			return readerLost
+		}
+		if err := src.check.Check(h); err != nil {
+			s.violation(src, err.(*frame.Error))
+			return readerDraining
+		}
+		src.frameStart(h) // the frame must now arrive whole within FrameReadTimeout
+		if src.ka != nil {
+			src.ka.Heard()
+		}
+		size := int64(len(raw)) + h.Length
+		if h.OpCode.IsControl() {
+			n := copy(ctl[:], raw)
+			wire := ctl[:n+int(h.Length)]
+			if err := src.rd.ReadSmall(wire[n:]); err != nil {
+				s.lost(src, err)
+				return readerLost
+			}
+			payload := ctlPayload[:h.Length]
+			copy(payload, wire[n:])
+			if h.Masked {
+				ws.Cipher(payload, h.Mask, 0)
+			}
+			switch h.OpCode {
+			case ws.OpClose:
+				s.closeReceived(src, dst, payload, wire)
+				return readerDraining
+			case ws.OpPong:
+				if src.ka != nil && src.ka.IsOwnPong(payload) {
+					continue
+				}
+			}
+			// A full priority lane makes this reader wait: a peer's ping
+			// or pong is never dropped. It fails only once dst is closing.
+			seg := limiter.NewSegment(len(wire))
+			*seg.Buf = append(*seg.Buf, wire...)
+			if dst.out.PushControl(seg) != nil {
+				seg.Free()
+			}
+			continue
+		}
+
+		if src.skipRest {
+			// The rest of a message whose start was refused: a
+			// continuation alone would be a protocol error at dst.
+			src.skipRest = !h.Fin
+			if err := src.rd.Discard(h.Length); err != nil {
+				s.lost(src, err)
+				return readerLost
+			}
+			continue
+		}
+		var seg *limiter.Segment
+		if h.Length <= inlineMax {
+			seg = limiter.NewSegment(int(size))
+			b := append(*seg.Buf, raw...)
+			b = b[:size]
+			if err := src.rd.ReadFull(b[len(raw):]); err != nil {
+				seg.Free()
+				s.lost(src, err)
+				return readerLost
+			}
+			*seg.Buf = b
+		} else {
+			seg = limiter.NewSegment(len(raw))
+			*seg.Buf = append(*seg.Buf, raw...)
+			seg.Follow = h.Length
+			if dst.streamDone == nil {
+				// Before the push: the writer and the queue's discard
+				// reach it only through a streamed segment.
+				dst.streamDone = make(chan error, 1)
+				dst.out.OnStreamDiscard(dst.streamDone)
+			}
+		}
+		seg.Start = h.OpCode != ws.OpContinuation
+		seg.End = h.Fin
+		follow := seg.Follow
+		byts.Add(float64(size))
+		src.bytesIn += uint64(size)
+		if h.Fin {
+			msgs.Inc()
+			src.msgsIn++
+		}
+		err = dst.out.Push(seg)
+		switch err {
+		case nil:
+			if follow > 0 {
+				// dst's writer copies the payload straight from src's
+				// socket; src is not read until it is done.
+				switch err := <-dst.streamDone; err {
+				case nil:
+					continue
+				case limiter.ErrClosed:
+					// Discarded unwritten: skip the payload below.
+				default:
+					// The copy broke mid-frame: src's stream has no
+					// frame boundary left to read at, so its close reply
+					// cannot be awaited either.
+					s.mu.Lock()
+					src.noReply = true
+					s.checkDoneLocked()
+					s.unlock()
+					return readerDraining
+				}
+			} else {
+				continue
+			}
+		case limiter.ErrOverflow:
+			s.end(causeSlow, nil)
+		case limiter.ErrPauseTimeout:
+			s.end(causePauseTimeout, nil)
+		}
+		// The frame has nowhere to go: dst is closing. Keep reading src
+		// until its close frame answers ours.
+		if err != nil {
+			src.skipRest = !seg.End
+			seg.Free()
+		}
+		if follow > 0 {
+			if err := src.rd.Discard(follow); err != nil {
+				s.lost(src, err)
+				return readerLost
+			}
+		}
+	}
+}
