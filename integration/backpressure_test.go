@@ -930,6 +930,12 @@ func TestBackpressureGlobalCeiling(t *testing.T) {
 		o.Queue = limiter.Config{Policy: limiter.Pause, MaxMessages: maxMessages, MaxBytes: 8 << 20}
 		o.Budget = limiter.BudgetConfig{Ceiling: ceiling}
 		o.WriteTimeout = 15 * time.Second
+		// What the kernel holds for each stalled client counts toward the
+		// ceiling too: a fixed send buffer (the kernel doubles it) keeps
+		// that share at most 64 KiB a client, so the two smaller clients
+		// (160 + 320 KiB queued) fit under the ceiling with theirs and the
+		// largest (640 KiB) does not.
+		o.ClientWriteBuffer = 32 << 10
 	})
 	slow := make([]*bpRawClient, len(sizes))
 	for i, sz := range sizes {

@@ -437,30 +437,31 @@ func TestBudgetConcurrent(t *testing.T) {
 		q := NewQueue(&Config{Policy: Evict, MaxMessages: 64, MaxBytes: 32 * kb, LowWater: 0.5, SlowDepth: 8},
 			b, func(r Reason) { evict <- r })
 		// Writers, started on demand: slow for odd i.
-		writers = append(writers, newBurstWriter(t, q, 8, 4*kb, func(segs []*Segment) {
+		w := newBurstWriter(t, q, 8, 4*kb, func(segs []*Segment) {
 			if segs[len(segs)-1].Close {
 				q.Close()
 			} else if i%2 == 1 {
 				runtime.Gosched() // a slower writer
 			}
-		}))
+		})
+		writers = append(writers, w)
 		wg.Go(func() { // producer
 			for id := uint64(0); id < 5000; id++ {
 				select {
 				case <-evict:
 					q.MarkEvicted()
-					q.PushClose(closeSeg(), true)
+					w.PushClose(closeSeg(), true)
 					return
 				default:
 				}
 				s := msg(id, 64+int(id%1000))
-				if err := q.Push(s); err != nil {
+				if err := w.Push(s); err != nil {
 					s.Free()
-					q.PushClose(closeSeg(), true)
+					w.PushClose(closeSeg(), true)
 					return
 				}
 			}
-			q.PushClose(closeSeg(), false)
+			w.PushClose(closeSeg(), false)
 		})
 	}
 	wg.Wait()

@@ -63,21 +63,20 @@ type Queue struct {
 	evicted   atomic.Bool
 	reclaimed atomic.Bool // the Budget asked for an evicted connection's memory back
 
-	mu            sync.Mutex
-	head, tail    *Segment // data lane, oldest first
-	ctl           [ctlSlots + 1]*Segment
-	nctl          int
-	ownPing       bool     // one of ctl is sluice's own ping
-	closeFrame    *Segment // sent after data, or first when closeFirst
-	closeFirst    bool
-	closed        bool // aborted: Take and Push fail
-	writerInMsg   bool // the writer has taken a message's start but not its end
-	writerRunning bool // a writer is taking; the next one is started by kick
-	roomWanted    bool // the producer waits on room
-	roomForStart  bool // ... to start a message: the count must fall too
-	slow          bool
-	pausedAt      int64 // monotonic ns the current pause began; 0 if none
-	dropped       uint64
+	mu           sync.Mutex
+	head, tail   *Segment // data lane, oldest first
+	ctl          [ctlSlots + 1]*Segment
+	nctl         int
+	ownPing      bool     // one of ctl is sluice's own ping
+	closeFrame   *Segment // sent after data, or first when closeFirst
+	closeFirst   bool
+	closed       bool // aborted: Take and Push fail
+	writerInMsg  bool // the writer has taken a message's start but not its end
+	roomWanted   bool // the producer waits on room
+	roomForStart bool // ... to start a message: the count must fall too
+	slow         bool
+	pausedAt     int64 // monotonic ns the current pause began; 0 if none
+	dropped      uint64
 
 	room    chan struct{} // to the producer: below low water, or closed
 	ctlRoom chan struct{} // to a forwarder waiting on a full priority lane
@@ -94,42 +93,16 @@ type Queue struct {
 	msgSize    atomic.Int64                    // average bytes of a message the writer took, to count unsent bytes as messages
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
-	// streamDiscarded hears ErrClosed when a segment with Follow bytes is
-	// freed unwritten, so the producer waiting for it can go on.
-	streamDiscarded chan<- error
-	startWriter     func() // see OnWork
 }
 
-// OnStreamDiscard names the channel told when a streamed segment is
-// discarded before its writer copied it. Call it before the first Push.
-func (q *Queue) OnStreamDiscard(ch chan<- error) { q.streamDiscarded = ch }
-
-// OnWork names the function that starts the queue's writer. The queue
-// calls it, outside its lock, whenever something is queued while no writer
-// is running; the writer runs until Take returns ErrIdle or ErrClosed. So
-// an idle connection has no writer goroutine at all. Call it before the
-// first Push.
-func (q *Queue) OnWork(start func()) { q.startWriter = start }
-
-// kick reports whether the caller must start a writer once it has let go
-// of mu: there is work and nobody to do it. Callers hold mu.
-func (q *Queue) kick() bool {
-	if q.writerRunning || q.closed || q.startWriter == nil {
-		return false
-	}
-	if q.nctl == 0 && q.head == nil && q.closeFrame == nil {
-		return false
-	}
-	q.writerRunning = true
-	return true
-}
-
-func (q *Queue) unlockAndKick() {
-	start := q.kick()
-	q.mu.Unlock()
-	if start {
-		q.startWriter()
-	}
+// Pending reports whether the queue holds anything for a writer to take.
+// A writer that got ErrIdle checks it after it has said it stopped, so
+// that what was queued meanwhile is not left without a writer (the
+// session's writer loop).
+func (q *Queue) Pending() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return !q.closed && (q.nctl > 0 || q.head != nil || q.closeFrame != nil)
 }
 
 // Expedite discards the data lane so that a queued close frame leaves at
@@ -139,7 +112,7 @@ func (q *Queue) Expedite() {
 	q.discardLocked()
 	q.closeFirst = true
 	q.signalRoom()
-	q.unlockAndKick()
+	q.mu.Unlock()
 }
 
 // NewQueue makes a queue bounded by cfg and counted in b (if not nil).
@@ -257,7 +230,7 @@ func (q *Queue) Push(seg *Segment) error {
 	if seg.Start {
 		q.addMessages(1)
 	}
-	q.unlockAndKick()
+	q.mu.Unlock()
 	return nil
 }
 
@@ -342,7 +315,7 @@ func (q *Queue) PushControl(seg *Segment) error {
 		q.mu.Lock()
 	}
 	q.appendControl(seg)
-	q.unlockAndKick()
+	q.mu.Unlock()
 	return nil
 }
 
@@ -357,7 +330,7 @@ func (q *Queue) PushPing(seg *Segment) bool {
 	}
 	q.ownPing = true
 	q.appendControl(seg)
-	q.unlockAndKick()
+	q.mu.Unlock()
 	return true
 }
 
@@ -387,14 +360,14 @@ func (q *Queue) PushClose(seg *Segment, first bool) bool {
 		q.closeFirst = true
 	}
 	if q.closed || q.closeFrame != nil {
-		q.unlockAndKick()
+		q.mu.Unlock()
 		return false
 	}
 	seg.Control, seg.Close = true, true
 	q.closeFrame = seg
 	q.signalRoom()
 	q.signalCtlRoom()
-	q.unlockAndKick()
+	q.mu.Unlock()
 	return true
 }
 
@@ -415,9 +388,9 @@ func (q *Queue) discardLocked() {
 // payload. Callers hold mu.
 func (q *Queue) freeUnwritten(s *Segment) {
 	q.addBytes(-s.Len())
-	if s.Follow > 0 && q.streamDiscarded != nil {
+	if s.Follow > 0 && s.Discarded != nil {
 		select {
-		case q.streamDiscarded <- ErrClosed:
+		case s.Discarded <- ErrClosed:
 		default:
 		}
 	}
@@ -429,17 +402,15 @@ func (q *Queue) freeUnwritten(s *Segment) {
 // empty, a queued close frame. It always returns at least one segment, even
 // past maxBytes or cap(dst). A segment with Follow or Close ends the batch.
 // It never blocks: with nothing queued it returns ErrIdle and the writer
-// should end (OnWork starts the next one); once the queue is closed it
-// returns ErrClosed.
+// should end (whoever pushes next starts another; see Pending); once the
+// queue is closed it returns ErrClosed.
 func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 	q.mu.Lock()
 	if q.closed {
-		q.writerRunning = false
 		q.mu.Unlock()
 		return dst, ErrClosed
 	}
 	if q.nctl == 0 && q.head == nil && q.closeFrame == nil {
-		q.writerRunning = false
 		q.mu.Unlock()
 		return dst, ErrIdle
 	}

@@ -16,6 +16,10 @@ type Segment struct {
 	// Follow is the number of payload bytes that come straight from the
 	// source connection after Buf (splice). Such a segment ends a batch.
 	Follow int64
+	// Discarded, for a Follow segment, hears ErrClosed if the segment is
+	// freed unwritten, so that the producer waiting for its payload to be
+	// copied skips it instead. Set by the producer.
+	Discarded chan<- error
 	// Start and End mark the first and last frame of a data message.
 	Start, End bool
 	// Control marks a control frame (from PushControl or PushClose); Close

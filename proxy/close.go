@@ -313,6 +313,7 @@ func (s *session) queueClose(l *leg, seg *limiter.Segment, code ws.StatusCode, f
 		seg.Free()
 		return
 	}
+	l.kick()
 	l.closeQueued = true
 	l.sentCode = code
 	s.armCloseTimerLocked()
@@ -334,6 +335,7 @@ func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool
 		if first {
 			// Let the queued close overtake the data.
 			l.out.Expedite()
+			l.kick()
 		}
 		return
 	}

@@ -15,8 +15,8 @@ package proxy
 //     one queues only its header, with Follow set to its payload length.
 //  5. The segment goes on the other leg's queue (limiter.Queue.Push):
 //     the queue's policy may refuse it (evict), drop older messages, or
-//     make the reader wait (pause); an idle queue starts the other leg's
-//     writer (write.go).
+//     make the reader wait (pause); the reader then starts the other leg's
+//     writer unless it runs (kick, write.go).
 //  6. The writer takes a batch, control frames first, and writes it with
 //     one writev under a deadline; a Follow segment's payload is then
 //     spliced from the reader's socket (stream), and the reader, which
@@ -179,7 +179,9 @@ func (s *session) pump(src, dst *leg) int {
 			*seg.Buf = append(*seg.Buf, wire...)
 			if dst.out.PushControl(seg) != nil {
 				seg.Free()
+				continue
 			}
+			dst.kick()
 			continue
 		}
 
@@ -209,11 +211,11 @@ func (s *session) pump(src, dst *leg) int {
 			*seg.Buf = append(*seg.Buf, raw...)
 			seg.Follow = h.Length
 			if dst.streamDone == nil {
-				// Before the push: the writer and the queue's discard
-				// reach it only through a streamed segment.
+				// Made for the first streamed frame only: most sessions
+				// never stream.
 				dst.streamDone = make(chan error, 1)
-				dst.out.OnStreamDiscard(dst.streamDone)
 			}
+			seg.Discarded = dst.streamDone
 		}
 		seg.Start = h.OpCode != ws.OpContinuation
 		seg.End = h.Fin
@@ -227,6 +229,7 @@ func (s *session) pump(src, dst *leg) int {
 		err = dst.out.Push(seg)
 		switch err {
 		case nil:
+			dst.kick()
 			if follow > 0 {
 				// dst's writer copies the payload straight from src's
 				// socket; src is not read until it is done.

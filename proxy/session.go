@@ -38,6 +38,10 @@ type leg struct {
 	check    frame.Checker      // owned by this leg's reader goroutine
 	out      *limiter.Queue     // frames to write to conn
 	ka       *keepalive.Monitor // nil when keepalive is off for this leg
+	// writer is this leg's writer goroutine, made once; writing says one
+	// runs or is being started (kick).
+	writer  func()
+	writing atomic.Bool
 	// streamDone carries the result of a streamed payload from this leg's
 	// writer to the other leg's reader, which waits for it. Made by that
 	// reader before the first streamed frame (most sessions never stream:
@@ -94,6 +98,7 @@ func (l *leg) SendPing(payload []byte) {
 		seg.Free() // closing, or the last ping is still unwritten
 		return
 	}
+	l.kick()
 	if l.upstream {
 		l.s.srv.metrics.upstreamPingsSent.Inc()
 	} else {
@@ -159,21 +164,11 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 		ss.client.pollID, ss.upstream.pollID = ss.id<<1, ss.id<<1|1
 		ss.client.raw, ss.upstream.raw = ss.client.rd.RawConn(), ss.upstream.rd.RawConn()
 	}
-	// Writers run only while their queue has work, readers only while
-	// their socket has bytes: an idle session is no goroutine at all.
-	// Func values made once: `go ss.clientWriter()` would allocate a
-	// closure per start.
-	clientWriter, upstreamWriter := ss.clientWriter, ss.upstreamWriter
-	ss.client.out.OnWork(func() {
-		if ss.enter() {
-			go clientWriter()
-		}
-	})
-	ss.upstream.out.OnWork(func() {
-		if ss.enter() {
-			go upstreamWriter()
-		}
-	})
+	// Writers run only while their queue has work (leg.kick), readers
+	// only while their socket has bytes: an idle session is no goroutine
+	// at all. Func values made once: `go ss.clientWriter()` would
+	// allocate a closure per start.
+	ss.client.writer, ss.upstream.writer = ss.clientWriter, ss.upstreamWriter
 	// The readers count as running from here, so that a keepalive ping or
 	// a drain can start a writer before they do.
 	ss.running.Store(2)
@@ -202,6 +197,15 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 // sub-logger would hold its own buffer for the session's whole life.
 func (s *session) event(e *zerolog.Event) *zerolog.Event {
 	return e.Uint64("conn", s.id).Str("client", s.clientAddr)
+}
+
+// kick starts l's writer unless one runs: callers have just queued
+// something for it. A writer that finds the queue empty says it stopped,
+// then looks once more (write), so nothing queued meanwhile waits.
+func (l *leg) kick() {
+	if l.writing.CompareAndSwap(false, true) && l.s.enter() {
+		go l.writer()
+	}
 }
 
 // enter counts a new writer goroutine in, unless the session has already

@@ -17,12 +17,22 @@ func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.cli
 // write is the only goroutine that writes to dst's socket while it runs.
 // It takes batches from dst's queue, control frames first, and writes each
 // batch with one writev under a deadline; it ends when the queue is empty
-// (the queue starts the next writer) and after a close frame.
+// (the next push starts another: leg.kick) and after a close frame.
 func (s *session) write(dst, src *leg) {
 	var batch [maxBatch]*limiter.Segment
 	timeout := s.srv.opts.WriteTimeout
 	for {
 		segs, err := dst.out.Take(batch[:0], batchBytes)
+		if err == limiter.ErrIdle {
+			// Stopped: unless something came after Take looked and its
+			// pusher saw this writer still running, in which case this
+			// writer goes on (the pusher's kick found writing set).
+			dst.writing.Store(false)
+			if dst.out.Pending() && dst.writing.CompareAndSwap(false, true) {
+				continue
+			}
+			return
+		}
 		if err != nil {
 			return
 		}
