@@ -192,85 +192,103 @@ func (b *Budget) Check() {
 	if !overCeiling && !tooSlow {
 		return
 	}
-	type cand struct {
-		q      *Queue
-		msgs   int // Depth
-		bytes  int64
-		reason Reason // 0: stays
-	}
-	var cands, evicted []cand
-	var freeing int64 // bytes of reclaimed connections, gone by the next sample
-	b.mu.Lock()
-	conns := len(b.queues)
-	for q := range b.queues {
-		c := cand{q: q, msgs: q.Depth(), bytes: q.Bytes()}
-		if q.evicted.Load() {
-			// On its way out, and no longer counted slow (MarkEvicted).
-			// Its queue is discarded as it is evicted; what the kernel
-			// holds for it stays until its client reads or the socket
-			// is reset (ReasonReclaim).
-			unsent := q.Unsent()
-			if q.reclaimed.Load() {
-				freeing += c.bytes
-				continue
-			}
-			freeing += c.bytes - unsent
-			if unsent > 0 {
-				evicted = append(evicted, cand{q: q, bytes: unsent})
-			}
-			continue
-		}
-		cands = append(cands, c)
-	}
-	b.mu.Unlock()
-
+	cands, evicted, freeing, conns := b.candidates()
 	if overCeiling {
-		// What evicted connections still hold goes first: their clients
-		// are not reading, and their close frames cannot pass it.
-		total := b.queued.Load() - freeing
-		slices.SortFunc(evicted, func(x, y cand) int { return cmp.Compare(y.bytes, x.bytes) })
-		for _, c := range evicted {
-			if total <= b.cfg.Ceiling {
-				break
-			}
-			total -= c.bytes
-			if c.q.reclaimed.CompareAndSwap(false, true) && c.q.onEvict != nil {
-				c.q.onEvict(ReasonReclaim)
-			}
-		}
-		slices.SortFunc(cands, func(x, y cand) int { return cmp.Compare(y.bytes, x.bytes) })
-		for i := range cands {
-			c := &cands[i]
-			if total <= b.cfg.Ceiling || c.bytes == 0 {
-				break
-			}
-			total -= c.bytes
-			c.reason = ReasonGlobalCeiling
-		}
+		b.overCeiling(cands, evicted, freeing)
 	}
 	if tooSlow {
-		slices.SortFunc(cands, func(x, y cand) int {
-			return cmp.Or(cmp.Compare(y.msgs, x.msgs), cmp.Compare(y.bytes, x.bytes))
-		})
-		excess := int(b.slow.Load()) - b.allowedSlow(conns)
-		for i := range cands {
-			c := &cands[i]
-			if excess <= 0 {
-				break
-			}
-			if c.msgs < c.q.cfg.SlowDepth {
-				continue // queues of another kind may be deeper yet not slow
-			}
-			if c.reason == 0 {
-				c.reason = ReasonSlowRatio
-			}
-			excess--
-		}
+		b.tooSlow(cands, conns)
 	}
 	for _, c := range cands {
 		if c.reason != 0 && c.q.MarkEvicted() && c.q.onEvict != nil {
 			c.q.onEvict(c.reason)
 		}
+	}
+}
+
+// candidate is a queue the guards may pick.
+type candidate struct {
+	q      *Queue
+	depth  int
+	bytes  int64
+	reason Reason // 0: stays
+}
+
+// candidates lists the live queues, and the evicted ones whose kernel
+// share could be taken back, with freeing, the bytes on their way out
+// anyway, and the number of connections counted.
+func (b *Budget) candidates() (live, evicted []candidate, freeing int64, conns int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for q := range b.queues {
+		c := candidate{q: q, depth: q.Depth(), bytes: q.Bytes()}
+		if !q.evicted.Load() {
+			live = append(live, c)
+			continue
+		}
+		// On its way out, and no longer counted slow (MarkEvicted). Its
+		// queue is discarded as it is evicted; what the kernel holds for
+		// it stays until its client reads or the socket is reset
+		// (ReasonReclaim).
+		unsent := q.Unsent()
+		if q.reclaimed.Load() {
+			freeing += c.bytes
+			continue
+		}
+		freeing += c.bytes - unsent
+		if unsent > 0 {
+			evicted = append(evicted, candidate{q: q, bytes: unsent})
+		}
+	}
+	return live, evicted, freeing, len(b.queues)
+}
+
+// overCeiling picks what goes to bring the queues under the ceiling: first
+// what evicted connections still hold in the kernel (their clients are
+// not reading, and their close frames cannot pass it), taken back at once,
+// then the live queues, largest first.
+func (b *Budget) overCeiling(live, evicted []candidate, freeing int64) {
+	total := b.queued.Load() - freeing
+	slices.SortFunc(evicted, func(x, y candidate) int { return cmp.Compare(y.bytes, x.bytes) })
+	for _, c := range evicted {
+		if total <= b.cfg.Ceiling {
+			break
+		}
+		total -= c.bytes
+		if c.q.reclaimed.CompareAndSwap(false, true) && c.q.onEvict != nil {
+			c.q.onEvict(ReasonReclaim)
+		}
+	}
+	slices.SortFunc(live, func(x, y candidate) int { return cmp.Compare(y.bytes, x.bytes) })
+	for i := range live {
+		c := &live[i]
+		if total <= b.cfg.Ceiling || c.bytes == 0 {
+			break
+		}
+		total -= c.bytes
+		c.reason = ReasonGlobalCeiling
+	}
+}
+
+// tooSlow picks the slowest of the live queues, deepest first, until no
+// more are slow than the ratio allows.
+func (b *Budget) tooSlow(live []candidate, conns int) {
+	slices.SortFunc(live, func(x, y candidate) int {
+		return cmp.Or(cmp.Compare(y.depth, x.depth), cmp.Compare(y.bytes, x.bytes))
+	})
+	excess := int(b.slow.Load()) - b.allowedSlow(conns)
+	for i := range live {
+		c := &live[i]
+		if excess <= 0 {
+			break
+		}
+		if c.depth < c.q.cfg.SlowDepth {
+			continue // queues of another kind may be deeper yet not slow
+		}
+		if c.reason == 0 {
+			c.reason = ReasonSlowRatio
+		}
+		excess--
 	}
 }
 

@@ -68,9 +68,10 @@ func (s *session) read(src, dst *leg) {
 	s.exit()
 }
 
-// How pump ends.
+// How pump ends, and how each frame it forwards does.
 const (
-	readerParked   = iota // src's socket is in the epoll set
+	readerNext     = iota // go on with the next frame
+	readerParked          // src's socket is in the epoll set
 	readerDraining        // nothing more from src is forwarded: read it to its end
 	readerLost            // src's socket failed or was closed
 )
@@ -112,17 +113,14 @@ func (l *leg) wake() {
 // writer. When it returns readerParked, src's socket is in the epoll set
 // and the goroutine must end without touching the session again.
 func (s *session) pump(src, dst *leg) int {
-	// A peer may encode a control frame's length in 16 or 64 bits: room
-	// for the longest header, not the shortest.
-	var ctl [frame.MaxHeaderSize + ws.MaxControlFramePayloadSize]byte
-	var ctlPayload [ws.MaxControlFramePayloadSize]byte
+	var scratch controlScratch
 	dir := toUpstream
 	if src.upstream {
 		dir = toClient
 	}
 	msgs, byts := s.srv.metrics.messages[dir], s.srv.metrics.bytes[dir]
 	for {
-		src.frameEnd() // frame read timeout (admission.go): idle between frames is fine
+		src.frameEnd() // frame read timeout (framewatch.go): idle between frames is fine
 		if src.raw != nil {
 			parked, err := s.quiet(src)
 			if err != nil {
@@ -151,122 +149,148 @@ func (s *session) pump(src, dst *leg) int {
 		if src.ka != nil {
 			src.ka.Heard()
 		}
-		size := int64(len(raw)) + h.Length
-		if h.OpCode.IsControl() {
-			n := copy(ctl[:], raw)
-			wire := ctl[:n+int(h.Length)]
-			if err := src.rd.ReadSmall(wire[n:]); err != nil {
-				s.lost(src, err)
-				return readerLost
-			}
-			payload := ctlPayload[:h.Length]
-			copy(payload, wire[n:])
-			if h.Masked {
-				ws.Cipher(payload, h.Mask, 0)
-			}
-			switch h.OpCode {
-			case ws.OpClose:
-				s.closeReceived(src, dst, payload, wire)
-				return readerDraining
-			case ws.OpPong:
-				if src.ka != nil && src.ka.IsOwnPong(payload) {
-					continue
-				}
-			}
-			// A full priority lane makes this reader wait: a peer's ping
-			// or pong is never dropped. It fails only once dst is closing.
-			seg := limiter.NewSegment(len(wire))
-			*seg.Buf = append(*seg.Buf, wire...)
-			if dst.out.PushControl(seg) != nil {
-				seg.Free()
-				continue
-			}
-			dst.kick()
-			continue
-		}
-
-		if src.skipRest {
+		next := readerNext
+		switch {
+		case h.OpCode.IsControl():
+			next = s.forwardControl(src, dst, h, raw, &scratch)
+		case src.skipRest:
 			// The rest of a message whose start was refused: a
 			// continuation alone would be a protocol error at dst.
 			src.skipRest = !h.Fin
 			if err := src.rd.Discard(h.Length); err != nil {
 				s.lost(src, err)
-				return readerLost
+				next = readerLost
 			}
-			continue
-		}
-		var seg *limiter.Segment
-		if h.Length <= inlineMax {
-			seg = limiter.NewSegment(int(size))
-			b := append(*seg.Buf, raw...)
-			b = b[:size]
-			if err := src.rd.ReadFull(b[len(raw):]); err != nil {
-				seg.Free()
-				s.lost(src, err)
-				return readerLost
+		default:
+			if h.Fin {
+				msgs.Inc()
 			}
-			*seg.Buf = b
-		} else {
-			seg = limiter.NewSegment(len(raw))
-			*seg.Buf = append(*seg.Buf, raw...)
-			seg.Follow = h.Length
-			if dst.streamDone == nil {
-				// Made for the first streamed frame only: most sessions
-				// never stream.
-				dst.streamDone = make(chan error, 1)
-			}
-			seg.Discarded = dst.streamDone
+			byts.Add(float64(int64(len(raw)) + h.Length))
+			next = s.forwardData(src, dst, h, raw)
 		}
-		seg.Start = h.OpCode != ws.OpContinuation
-		seg.End = h.Fin
-		follow := seg.Follow
-		byts.Add(float64(size))
-		src.bytesIn += uint64(size)
-		if h.Fin {
-			msgs.Inc()
-			src.msgsIn++
-		}
-		err = dst.out.Push(seg)
-		switch err {
-		case nil:
-			dst.kick()
-			if follow > 0 {
-				// dst's writer copies the payload straight from src's
-				// socket; src is not read until it is done.
-				switch err := <-dst.streamDone; err {
-				case nil:
-					continue
-				case limiter.ErrClosed:
-					// Discarded unwritten: skip the payload below.
-				default:
-					// The copy broke mid-frame: src's stream has no
-					// frame boundary left to read at, so its close reply
-					// cannot be awaited either.
-					s.mu.Lock()
-					src.noReply = true
-					s.checkDoneLocked()
-					s.unlock()
-					return readerDraining
-				}
-			} else {
-				continue
-			}
-		case limiter.ErrOverflow:
-			s.end(causeSlow, nil)
-		case limiter.ErrPauseTimeout:
-			s.end(causePauseTimeout, nil)
-		}
-		// The frame has nowhere to go: dst is closing. Keep reading src
-		// until its close frame answers ours.
-		if err != nil {
-			src.skipRest = !seg.End
-			seg.Free()
-		}
-		if follow > 0 {
-			if err := src.rd.Discard(follow); err != nil {
-				s.lost(src, err)
-				return readerLost
-			}
+		if next != readerNext {
+			return next
 		}
 	}
+}
+
+// controlScratch holds a control frame as it came and its unmasked
+// payload, on the reader's stack. A peer may encode a control frame's
+// length in 16 or 64 bits: room for the longest header, not the shortest.
+type controlScratch struct {
+	wire    [frame.MaxHeaderSize + ws.MaxControlFramePayloadSize]byte
+	payload [ws.MaxControlFramePayloadSize]byte
+}
+
+// forwardControl reads the rest of a control frame whose header is raw and
+// hands it on: a close to the close state machine, sluice's own pong to
+// the keepalive, anything else to dst's priority lane.
+func (s *session) forwardControl(src, dst *leg, h ws.Header, raw []byte, sc *controlScratch) int {
+	n := copy(sc.wire[:], raw)
+	wire := sc.wire[:n+int(h.Length)]
+	if err := src.rd.ReadSmall(wire[n:]); err != nil {
+		s.lost(src, err)
+		return readerLost
+	}
+	payload := sc.payload[:h.Length]
+	copy(payload, wire[n:])
+	if h.Masked {
+		ws.Cipher(payload, h.Mask, 0)
+	}
+	switch h.OpCode {
+	case ws.OpClose:
+		s.closeReceived(src, dst, payload, wire)
+		return readerDraining
+	case ws.OpPong:
+		if src.ka != nil && src.ka.IsOwnPong(payload) {
+			return readerNext
+		}
+	}
+	// A full priority lane makes this reader wait: a peer's ping or pong
+	// is never dropped. It fails only once dst is closing.
+	seg := limiter.NewSegment(len(wire))
+	*seg.Buf = append(*seg.Buf, wire...)
+	if dst.out.PushControl(seg) != nil {
+		seg.Free()
+		return readerNext
+	}
+	dst.kick()
+	return readerNext
+}
+
+// forwardData reads a data frame whose header is raw into a segment, or,
+// past inlineMax, queues the header alone and waits while dst's writer
+// splices the payload, and queues it for dst.
+func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
+	size := int64(len(raw)) + h.Length
+	var seg *limiter.Segment
+	if h.Length <= inlineMax {
+		seg = limiter.NewSegment(int(size))
+		b := append(*seg.Buf, raw...)
+		b = b[:size]
+		if err := src.rd.ReadFull(b[len(raw):]); err != nil {
+			seg.Free()
+			s.lost(src, err)
+			return readerLost
+		}
+		*seg.Buf = b
+	} else {
+		seg = limiter.NewSegment(len(raw))
+		*seg.Buf = append(*seg.Buf, raw...)
+		seg.Follow = h.Length
+		if dst.streamDone == nil {
+			// Made for the first streamed frame only: most sessions never
+			// stream.
+			dst.streamDone = make(chan error, 1)
+		}
+		seg.Discarded = dst.streamDone
+	}
+	seg.Start = h.OpCode != ws.OpContinuation
+	seg.End = h.Fin
+	follow := seg.Follow
+	src.bytesIn += uint64(size)
+	if h.Fin {
+		src.msgsIn++
+	}
+	err := dst.out.Push(seg)
+	switch err {
+	case nil:
+		dst.kick()
+		if follow == 0 {
+			return readerNext
+		}
+		// dst's writer copies the payload straight from src's socket; src
+		// is not read until it is done.
+		switch err := <-dst.streamDone; err {
+		case nil:
+			return readerNext
+		case limiter.ErrClosed:
+			// Discarded unwritten: skip the payload below.
+		default:
+			// The copy broke mid-frame: src's stream has no frame boundary
+			// left to read at, so its close reply cannot be awaited either.
+			s.mu.Lock()
+			src.noReply = true
+			s.checkDoneLocked()
+			s.unlock()
+			return readerDraining
+		}
+	case limiter.ErrOverflow:
+		s.end(causeSlow, nil)
+	case limiter.ErrPauseTimeout:
+		s.end(causePauseTimeout, nil)
+	}
+	// The frame has nowhere to go: dst is closing. Keep reading src until
+	// its close frame answers ours.
+	if err != nil {
+		src.skipRest = !seg.End
+		seg.Free()
+	}
+	if follow > 0 {
+		if err := src.rd.Discard(follow); err != nil {
+			s.lost(src, err)
+			return readerLost
+		}
+	}
+	return readerNext
 }
