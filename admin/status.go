@@ -119,6 +119,7 @@ type Totals struct {
 	Slow        int     `json:"slow"`         // at or past SLUICE_SLOW_CLIENT_DEPTH
 	AllowedSlow int     `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
 	Paused      int     `json:"paused"`
+	Throttled   int     `json:"throttled"`     // clients an inbound limit held back within the last second
 	QueuedBytes int64   `json:"queued_bytes"`  // unsent_bytes included
 	UnsentBytes int64   `json:"unsent_bytes"`  // held by the kernel, unacknowledged by the clients
 	Ceiling     int64   `json:"ceiling_bytes"` // 0: no global ceiling
@@ -167,6 +168,9 @@ const (
 	StateOK     = "ok"
 	StateSlow   = "slow"
 	StatePaused = "paused" // the upstream is not read until the queue drains
+	// StateThrottled: the client's own sending is held back by an inbound
+	// limit (SLUICE_CLIENT_MAX_*, SLUICE_UPSTREAM_MAX_MESSAGES_PER_SECOND).
+	StateThrottled = "throttled"
 )
 
 // snapshot builds the document from the Server's current state.
@@ -180,6 +184,7 @@ func (p *StatusPage) snapshot() Status {
 		Slow:        st.Slow,
 		AllowedSlow: st.AllowedSlow,
 		Paused:      st.Paused,
+		Throttled:   p.srv.ThrottledClients(),
 		QueuedBytes: st.QueuedBytes,
 		UnsentBytes: st.UnsentBytes,
 		Ceiling:     st.Ceiling,
@@ -205,6 +210,8 @@ func (p *StatusPage) snapshot() Status {
 			state = StatePaused
 		case s.Slow:
 			state = StateSlow
+		case s.Throttled:
+			state = StateThrottled
 		}
 		doc.Top = append(doc.Top, Session{
 			ID: s.ID, Client: s.Client, AgeSeconds: s.Age.Round(100 * time.Millisecond).Seconds(),
@@ -252,11 +259,18 @@ func evictionCounts(g prometheus.Gatherer) (map[string]uint64, bool) {
 }
 
 // topSessions returns the k sessions with the deepest queues (bytes, then
-// messages, then oldest id first), deepest first. It keeps a sorted window
-// of k instead of sorting all sessions: O(n) for the usual case of many
-// shallow queues.
+// messages, then oldest id first), deepest first; those that are slow,
+// paused or throttled come before those that are ok, whatever their
+// queues (an ok client's queue may hold a message or two in flight).
+// It keeps a sorted window of k instead of sorting all sessions: O(n) for
+// the usual case of many shallow queues.
+func notOK(s proxy.SessionInfo) bool { return s.Paused || s.Slow || s.Throttled }
+
 func topSessions(all []proxy.SessionInfo, k int) []proxy.SessionInfo {
 	deeper := func(a, b proxy.SessionInfo) bool {
+		if an, bn := notOK(a), notOK(b); an != bn {
+			return an
+		}
 		if a.QueueBytes != b.QueueBytes {
 			return a.QueueBytes > b.QueueBytes
 		}

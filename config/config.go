@@ -145,6 +145,30 @@ type Config struct {
 	// 0 means no limit.
 	MaxHandshakesPerSecond int `env:"MAX_HANDSHAKES_PER_SECOND" envDefault:"0" want:"0 (no limit) or a whole number up to 1000000, such as 500"`
 
+	// --- inbound protection (what clients send) ---
+
+	// ClientMaxMessagesPerSecond bounds the messages one client may send a
+	// second (a token bucket; a fragmented message is one message, pings
+	// and pongs cost one each); 0 turns it off.
+	ClientMaxMessagesPerSecond int64 `env:"CLIENT_MAX_MESSAGES_PER_SECOND" envDefault:"0" want:"0 (off) or a whole number up to 1000000000, such as 50"`
+	// ClientMaxBytesPerSecond bounds the frame payload bytes one client
+	// may send a second; 0 turns it off.
+	ClientMaxBytesPerSecond ByteSize `env:"CLIENT_MAX_BYTES_PER_SECOND" envDefault:"0" want:"0 (off) or a size per second such as 65536, 64KiB or 1MiB"`
+	// ClientRateBurst is how much of each rate a client may send at once
+	// after a quiet spell: the buckets hold this long's worth.
+	ClientRateBurst time.Duration `env:"CLIENT_RATE_BURST" envDefault:"1s" want:"a positive duration such as 1s or 500ms (how long's worth of each rate a client may send at once)"`
+	// ClientRatePolicy is what happens past a client's limit: throttle
+	// stops reading its socket until its next frame is due (nothing is
+	// lost; TCP pushes back on it), close closes it with 1008.
+	ClientRatePolicy RatePolicy `env:"CLIENT_RATE_POLICY" envDefault:"throttle" want:"throttle or close"`
+	// ClientThrottleMax closes a client held back without a break for
+	// longer than this (1008); 0 never does.
+	ClientThrottleMax time.Duration `env:"CLIENT_THROTTLE_MAX" envDefault:"0" want:"0 (no limit) or a positive duration such as 30s"`
+	// UpstreamMaxMessagesPerSecond caps the messages of all clients
+	// together toward the backend, shared fairly among them; 0 turns it
+	// off.
+	UpstreamMaxMessagesPerSecond int64 `env:"UPSTREAM_MAX_MESSAGES_PER_SECOND" envDefault:"0" want:"0 (off) or a whole number up to 1000000000, such as 5000"`
+
 	// --- backpressure (per connection and direction) ---
 
 	// Policy is what a queue does when a message arrives above its
@@ -354,6 +378,13 @@ func (cfg Config) check(c *checker) {
 	c.list("TrustedProxies", cfg.TrustedProxies, func(s string) error { _, err := proxy.ParseTrustedProxy(s); return err })
 	c.list("AllowedOrigins", cfg.AllowedOrigins, proxy.CheckOriginPattern)
 	c.field("MaxHandshakesPerSecond", cfg.MaxHandshakesPerSecond >= 0 && cfg.MaxHandshakesPerSecond <= 1_000_000, cfg.MaxHandshakesPerSecond)
+
+	c.field("ClientMaxMessagesPerSecond", cfg.ClientMaxMessagesPerSecond >= 0 && cfg.ClientMaxMessagesPerSecond <= 1_000_000_000, cfg.ClientMaxMessagesPerSecond)
+	c.field("ClientMaxBytesPerSecond", cfg.ClientMaxBytesPerSecond >= 0, cfg.ClientMaxBytesPerSecond)
+	c.field("ClientRateBurst", cfg.ClientRateBurst > 0 && cfg.ClientRateBurst <= time.Hour, cfg.ClientRateBurst)
+	c.field("ClientRatePolicy", cfg.ClientRatePolicy.valid(), cfg.ClientRatePolicy)
+	c.field("ClientThrottleMax", cfg.ClientThrottleMax >= 0, cfg.ClientThrottleMax)
+	c.field("UpstreamMaxMessagesPerSecond", cfg.UpstreamMaxMessagesPerSecond >= 0 && cfg.UpstreamMaxMessagesPerSecond <= 1_000_000_000, cfg.UpstreamMaxMessagesPerSecond)
 
 	c.field("Policy", cfg.Policy.valid(), cfg.Policy)
 	c.field("QueueMaxMessages", cfg.QueueMaxMessages >= 1 && cfg.QueueMaxMessages <= 1_000_000, cfg.QueueMaxMessages)

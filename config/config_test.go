@@ -95,6 +95,8 @@ func defaultConfig(t *testing.T) Config {
 		FrameReadTimeout:     30 * time.Second,
 		WriteTimeout:         10 * time.Second,
 		MaxConnections:       50000,
+		ClientRateBurst:      time.Second,
+		ClientRatePolicy:     RateThrottle,
 		Policy:               PolicyEvict,
 		QueueMaxMessages:     100,
 		QueueMaxBytes:        10 * MiB,

@@ -34,6 +34,10 @@ func (cfg Config) ProxyOptions(log zerolog.Logger, reg prometheus.Registerer) (p
 	if err != nil {
 		return proxy.Options{}, fmt.Errorf("%sPOLICY=%q: %w", Prefix, cfg.Policy, err)
 	}
+	ratePolicy, err := limiter.ParseRatePolicy(string(cfg.ClientRatePolicy))
+	if err != nil {
+		return proxy.Options{}, fmt.Errorf("%sCLIENT_RATE_POLICY=%q: %w", Prefix, cfg.ClientRatePolicy, err)
+	}
 	upTLS, err := upstreamTLSConfig(cfg)
 	if err != nil {
 		return proxy.Options{}, err
@@ -62,6 +66,15 @@ func (cfg Config) ProxyOptions(log zerolog.Logger, reg prometheus.Registerer) (p
 		TrustedProxies:         trustedProxies(cfg.TrustedProxies),
 		AllowedOrigins:         listEntries(cfg.AllowedOrigins),
 		MaxHandshakesPerSecond: cfg.MaxHandshakesPerSecond,
+
+		ClientRate: proxy.RateLimit{
+			MessagesPerSecond: cfg.ClientMaxMessagesPerSecond,
+			BytesPerSecond:    int64(cfg.ClientMaxBytesPerSecond),
+			Burst:             cfg.ClientRateBurst,
+			Policy:            ratePolicy,
+			ThrottleMax:       cfg.ClientThrottleMax,
+		},
+		UpstreamMaxMessagesPerSecond: cfg.UpstreamMaxMessagesPerSecond,
 
 		Queue: limiter.Config{
 			Policy:      policy,

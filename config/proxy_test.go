@@ -1,7 +1,6 @@
 package config
 
 import (
-	"sluice/proxy"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +10,7 @@ import (
 
 	"sluice/keepalive"
 	"sluice/limiter"
+	"sluice/proxy"
 )
 
 // TestProxyOptions: every setting reaches the proxy's options through the
@@ -38,6 +38,12 @@ func TestProxyOptions(t *testing.T) {
 		"SLUICE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7,",
 		"SLUICE_ALLOWED_ORIGINS", "https://app.example.com, https://*.example.com",
 		"SLUICE_MAX_HANDSHAKES_PER_SECOND", "50",
+		"SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND", "60",
+		"SLUICE_CLIENT_MAX_BYTES_PER_SECOND", "64KiB",
+		"SLUICE_CLIENT_RATE_BURST", "3s",
+		"SLUICE_CLIENT_RATE_POLICY", "Close",
+		"SLUICE_CLIENT_THROTTLE_MAX", "12s",
+		"SLUICE_UPSTREAM_MAX_MESSAGES_PER_SECOND", "5000",
 		"SLUICE_POLICY", "PAUSE",
 		"SLUICE_QUEUE_MAX_MESSAGES", "40",
 		"SLUICE_QUEUE_MAX_BYTES", "1MiB",
@@ -78,6 +84,8 @@ func TestProxyOptions(t *testing.T) {
 		{"UpstreamReadBuffer", o.UpstreamReadBuffer, 8 << 10},
 		{"ClientWriteBuffer", o.ClientWriteBuffer, 256 << 10},
 		{"NoIdlePoll", o.NoIdlePoll, true},
+		{"ClientRate", o.ClientRate, proxy.RateLimit{MessagesPerSecond: 60, BytesPerSecond: 64 << 10, Burst: 3 * time.Second, Policy: limiter.CloseOverLimit, ThrottleMax: 12 * time.Second}},
+		{"UpstreamMaxMessagesPerSecond", o.UpstreamMaxMessagesPerSecond, int64(5000)},
 		{"FrameReadTimeout", o.FrameReadTimeout, 9 * time.Second},
 		{"MaxConnections", o.MaxConnections, 77},
 		{"MaxConnectionsPerIP", o.MaxConnectionsPerIP, 5},

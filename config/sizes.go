@@ -36,6 +36,28 @@ func (p Policy) valid() bool {
 	return p == PolicyEvict || p == PolicyDrop || p == PolicyPause
 }
 
+// RatePolicy names what happens to a client over its inbound limit. It
+// mirrors limiter.RatePolicy; convert with limiter.ParseRatePolicy.
+type RatePolicy string
+
+// Rate policies accepted in SLUICE_CLIENT_RATE_POLICY.
+const (
+	RateThrottle RatePolicy = "throttle"
+	RateClose    RatePolicy = "close"
+)
+
+// UnmarshalText accepts throttle or close in any case.
+func (p *RatePolicy) UnmarshalText(text []byte) error {
+	v := RatePolicy(strings.ToLower(string(text)))
+	if !v.valid() {
+		return fmt.Errorf("config: unknown rate policy %q (want throttle or close)", text)
+	}
+	*p = v
+	return nil
+}
+
+func (p RatePolicy) valid() bool { return p == RateThrottle || p == RateClose }
+
 // ByteSize is a number of bytes, written in the environment as a plain
 // integer or an integer followed by a unit, with no space:
 //

@@ -1,6 +1,7 @@
 package limiter
 
 import (
+	"fmt"
 	"math/bits"
 	"time"
 )
@@ -265,4 +266,35 @@ func (in *Inbound) allow(now int64, kind FrameKind, n int64) bool {
 	}
 	in.Bytes.Allow(now, n)
 	return true
+}
+
+// RatePolicy is what happens to a client that sends faster than its
+// Inbound limit.
+type RatePolicy uint8
+
+const (
+	// Throttle stops reading the client's socket until its bucket has
+	// refilled, so TCP pushes back on it and nothing is lost.
+	Throttle RatePolicy = iota
+	// CloseOverLimit closes the client (1008 Policy Violation).
+	CloseOverLimit
+)
+
+var ratePolicyNames = [...]string{Throttle: "throttle", CloseOverLimit: "close"}
+
+func (p RatePolicy) String() string {
+	if int(p) < len(ratePolicyNames) {
+		return ratePolicyNames[p]
+	}
+	return fmt.Sprintf("RatePolicy(%d)", uint8(p))
+}
+
+// ParseRatePolicy reads a rate policy name: throttle or close.
+func ParseRatePolicy(s string) (RatePolicy, error) {
+	for p, name := range ratePolicyNames {
+		if s == name {
+			return RatePolicy(p), nil
+		}
+	}
+	return 0, fmt.Errorf("limiter: unknown rate policy %q (want throttle or close)", s)
 }

@@ -224,6 +224,9 @@ func (s *session) abortLocked() {
 	if s.hold.timer != nil {
 		s.hold.timer.Stop()
 	}
+	if s.ended != nil {
+		close(s.ended)
+	}
 	for _, l := range []*leg{&s.client, &s.upstream} {
 		if l.ka != nil {
 			l.ka.Stop()

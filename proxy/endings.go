@@ -33,6 +33,7 @@ const (
 	causePongTimeout                // eviction: the client stopped answering pings
 	causePauseTimeout               // eviction: the upstream was paused for this client too long
 	causeReadTimeout                // eviction: the client stalled in the middle of a frame
+	causeRateLimit                  // eviction: the client sent past its inbound limit
 	numCauses
 )
 
@@ -103,6 +104,7 @@ var endings = [numCauses]ending{
 	causePongTimeout:   {"pong_timeout", true, legEnd{aheadOfData, ws.StatusGoingAway, "pong timeout", true}, evicted},
 	causePauseTimeout:  {"pause_timeout", true, legEnd{aheadOfData, frame.StatusTryAgainLater, "slow client", true}, evicted},
 	causeReadTimeout:   {"read_timeout", true, legEnd{afterUpstream, frame.StatusTryAgainLater, "frame read timeout", true}, evicted},
+	causeRateLimit:     {"rate_limit", true, legEnd{afterUpstream, ws.StatusPolicyViolation, "rate limit", true}, evicted},
 }
 
 // evictionReasons lists the labels of sluice_evictions_total.

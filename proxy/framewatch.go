@@ -20,6 +20,7 @@ type frameWatch struct {
 	// and moved forward by the timer while the upstream holds sluice back.
 	started   atomic.Int64
 	streaming atomic.Bool // the frame's payload is spliced by the upstream writer
+	throttled atomic.Bool // the client's reader waits out an inbound limit
 	armed     atomic.Bool // the timer is set
 	timer     atomic.Pointer[time.Timer]
 }
@@ -130,7 +131,7 @@ func (w *frameWatch) stop() {
 
 // frameTimerFired is the frame watch's timer callback.
 func (s *session) frameTimerFired() {
-	held := s.upstream.out.Bytes() > 0
+	held := s.upstream.out.Bytes() > 0 || s.frames.throttled.Load()
 	if !s.frames.check(time.Since(s.began), s.srv.opts.FrameReadTimeout, held) {
 		return
 	}

@@ -30,6 +30,10 @@ type Metrics struct {
 	// not close TCP first after the close handshake: sluice did, and the
 	// TIME_WAIT is on its side.
 	upstreamClosedFirst prometheus.Counter
+	// Inbound limits, by limit (limitNames): frames held back, and for how
+	// long in all.
+	delayed         [2]prometheus.Counter
+	throttleSeconds [2]prometheus.Counter
 
 	// closeCodeSeries caches closeCodes' children for 1000–1015 by leg
 	// and direction: every session ends with about four closes, and a
@@ -106,6 +110,16 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 		m.messages[d] = msgs.WithLabelValues(name)
 		m.bytes[d] = byts.WithLabelValues(name)
 	}
+	delayed := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_messages_delayed_total", Help: "Client frames held back by an inbound limit, by limit (client_rate, upstream_cap).",
+	}, []string{"limit"})
+	throttle := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_throttle_seconds_total", Help: "Time client readers spent stopped by an inbound limit, by limit (client_rate, upstream_cap).",
+	}, []string{"limit"})
+	for l, name := range limitNames {
+		m.delayed[l] = delayed.WithLabelValues(name)
+		m.throttleSeconds[l] = throttle.WithLabelValues(name)
+	}
 	// Every series whose label values are known exists from the start, at
 	// 0, so that rate() and alerts see the first event and need no
 	// absent().
@@ -126,9 +140,21 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 	if reg != nil {
 		reg.MustRegister(m.connectionsActive, m.connectionsTotal, m.rejected, m.handshakeSeconds,
 			m.dialFailures, msgs, byts, m.closeCodes, m.evictions, m.protocolErrors, m.pingsSent,
-			m.upstreamPingsSent, m.upstreamPongMissed, m.upstreamClosedFirst, m.queueWaitSeconds, m.sessionSeconds)
+			m.upstreamPingsSent, m.upstreamPongMissed, m.upstreamClosedFirst, m.queueWaitSeconds, m.sessionSeconds,
+			delayed, throttle)
 	}
 	return m
+}
+
+// registerThrottled exports the number of clients an inbound limit held
+// back within the last second, counted at scrape time.
+func (m *Metrics) registerThrottled(reg prometheus.Registerer, count func() float64) {
+	if reg == nil {
+		return
+	}
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "sluice_throttled_clients", Help: "Clients held back by an inbound limit within the last second.",
+	}, count))
 }
 
 // dialFailureReasons are the labels of sluice_upstream_dial_failures_total

@@ -38,7 +38,9 @@ func TestKnownLabelsAtZero(t *testing.T) {
 		}
 	}
 	want := map[string][]string{
-		"sluice_evictions_total":              {"reason=slow,", "reason=global_ceiling,", "reason=slow_ratio,", "reason=write_timeout,", "reason=pong_timeout,", "reason=pause_timeout,", "reason=read_timeout,"},
+		"sluice_evictions_total":              {"reason=slow,", "reason=global_ceiling,", "reason=slow_ratio,", "reason=write_timeout,", "reason=pong_timeout,", "reason=pause_timeout,", "reason=read_timeout,", "reason=rate_limit,"},
+		"sluice_messages_delayed_total":       {"limit=client_rate,", "limit=upstream_cap,"},
+		"sluice_throttle_seconds_total":       {"limit=client_rate,", "limit=upstream_cap,"},
 		"sluice_upstream_dial_failures_total": {"reason=timeout,", "reason=refused,", "reason=unreachable,", "reason=handshake,", "reason=status,", "reason=client_gone,"},
 		"sluice_connections_rejected_total":   {"reason=bad_request,", "reason=draining,", "reason=origin,", "reason=max_connections,", "reason=max_connections_per_ip,", "reason=rate_limit,", "reason=upstream_status,", "reason=upstream_timeout,", "reason=upstream_refused,", "reason=upstream_unreachable,", "reason=upstream_handshake,", "reason=client_handshake,"},
 		"sluice_protocol_errors_total":        {"code=1002,leg=client,", "code=1007,leg=client,", "code=1009,leg=client,", "code=1002,leg=upstream,"},

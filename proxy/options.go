@@ -92,6 +92,14 @@ type Options struct {
 	// keeps the kernel's default.
 	ClientWriteBuffer int
 
+	// ClientRate bounds what each client may send (ratelimit.go); the
+	// zero value sets no limit.
+	ClientRate RateLimit
+	// UpstreamMaxMessagesPerSecond caps the messages (and pings) of all
+	// clients together toward the backend, shared fairly: a client that
+	// floods waits its turn behind the quiet ones. 0 means no cap.
+	UpstreamMaxMessagesPerSecond int64
+
 	// Queue bounds each client's downstream queue.
 	Queue limiter.Config
 	// Budget bounds all queues together.
@@ -122,6 +130,12 @@ func (o *Options) setDefaults() error {
 	def(&o.CloseTimeout, 5*time.Second)
 	if o.FrameReadTimeout < 0 || o.MaxConnections < 0 || o.MaxConnectionsPerIP < 0 || o.MaxHandshakesPerSecond < 0 {
 		return errors.New("proxy: FrameReadTimeout, MaxConnections, MaxConnectionsPerIP and MaxHandshakesPerSecond must not be negative")
+	}
+	if r := &o.ClientRate; r.MessagesPerSecond < 0 || r.BytesPerSecond < 0 || r.ThrottleMax < 0 || r.Burst < 0 || o.UpstreamMaxMessagesPerSecond < 0 {
+		return errors.New("proxy: ClientRate and UpstreamMaxMessagesPerSecond must not be negative")
+	}
+	if o.ClientRate.Burst == 0 {
+		o.ClientRate.Burst = time.Second
 	}
 	if o.MaxHeaderBytes <= 0 {
 		o.MaxHeaderBytes = 32 << 10

@@ -7,7 +7,8 @@ package proxy
 //     (idle_linux.go) and its goroutine ends; readability starts a reader
 //     again (wake).
 //  2. pump reads the frame's header, checks it (frame.Checker: RFC 6455
-//     rules and size limits) and starts the frame watchdog (framewatch.go).
+//     rules and size limits), holds a client to its inbound limits
+//     (ratelimit.go) and starts the frame watchdog (framewatch.go).
 //  3. A control frame is read whole: a close goes to the close state
 //     machine (close.go); a ping or pong is queued on the other leg's
 //     priority lane, the reader waiting while the lane is full.
@@ -144,6 +145,12 @@ func (s *session) pump(src, dst *leg) int {
 		if err := src.check.Check(h); err != nil {
 			s.violation(src, err.(*frame.Error))
 			return readerDraining
+		}
+		if src.rate != nil {
+			// Inbound limits (ratelimit.go): may wait, or end the session.
+			if next := s.admit(src, h); next != readerNext {
+				return next
+			}
 		}
 		src.frameStart(h) // the frame must now arrive whole within FrameReadTimeout
 		if src.ka != nil {

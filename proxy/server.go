@@ -75,7 +75,8 @@ type Server struct {
 	adm     *admission // connection limits, origins, handshake rate (admission.go)
 	http    *http.Server
 	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
-	idle    *idlePoller // parked readers of idle sockets; nil: readers wait in goroutines
+	idle    *idlePoller   // parked readers of idle sockets; nil: readers wait in goroutines
+	fair    *limiter.Fair // Options.UpstreamMaxMessagesPerSecond; nil: no cap
 
 	nextID   atomic.Uint64
 	draining atomic.Bool // readiness fails: BeginDrain or Shutdown was called
@@ -119,6 +120,10 @@ func New(opts Options) (*Server, error) {
 		bc.ObserveWait = func(d time.Duration) { s.metrics.queueWaitSeconds.Observe(d.Seconds()) }
 	}
 	s.budget = limiter.NewBudget(bc)
+	if opts.UpstreamMaxMessagesPerSecond > 0 {
+		s.fair = limiter.NewFair(opts.UpstreamMaxMessagesPerSecond, 0)
+	}
+	s.metrics.registerThrottled(opts.Registerer, func() float64 { return float64(s.ThrottledClients()) })
 	if !opts.NoIdlePoll {
 		// Without it sessions still work, at a goroutine stack per idle
 		// socket: worth a warning, not a refusal.
@@ -228,6 +233,24 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.guardWG.Wait()
 	s.idle.close()
 	return err
+}
+
+// ThrottledClients counts the clients held back by an inbound limit
+// within the last second, for gauges and status pages.
+func (s *Server) ThrottledClients() int {
+	if !s.opts.ClientRate.enabled() && s.fair == nil {
+		return 0
+	}
+	now := limiter.Now()
+	n := 0
+	s.mu.Lock()
+	for ss := range s.sessions {
+		if r := ss.client.rate; r != nil && r.throttledNow(now) {
+			n++
+		}
+	}
+	s.mu.Unlock()
+	return n
 }
 
 // liveSessions lists the sessions now.
@@ -446,6 +469,7 @@ type SessionInfo struct {
 	UnsentBytes   int64 // what the kernel holds unacknowledged for the client
 	Paused        bool
 	Slow          bool
+	Throttled     bool // held back by an inbound limit within the last second
 }
 
 // Eviction is one eviction, as status pages show it.
@@ -486,6 +510,7 @@ func (s *Server) RecentEvictions() []Eviction {
 
 // Snapshot lists live sessions for status pages.
 func (s *Server) Snapshot() []SessionInfo {
+	now := limiter.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := make([]SessionInfo, 0, len(s.sessions))
@@ -495,7 +520,7 @@ func (s *Server) Snapshot() []SessionInfo {
 		out = append(out, SessionInfo{
 			ID: ss.id, Client: ss.clientAddr, Age: time.Since(ss.began),
 			QueueMessages: q.Messages(), QueueBytes: q.Bytes(), UnsentBytes: q.Unsent(), Paused: paused,
-			Slow: q.IsSlow(),
+			Slow: q.IsSlow(), Throttled: ss.client.rate != nil && ss.client.rate.throttledNow(now),
 		})
 	}
 	return out

@@ -60,6 +60,10 @@ type leg struct {
 	armOp    int              // EPOLL_CTL_ADD or _MOD; reader-owned
 	skipRest bool             // dropping the frames left of a refused message; reader-owned
 
+	// rate is the client leg's inbound limit state (ratelimit.go); nil
+	// without limits, and always on the upstream leg. Reader-owned.
+	rate *clientRate
+
 	// Counted by the reader of this leg, read after it has ended.
 	msgsIn, bytesIn uint64
 
@@ -132,11 +136,12 @@ type session struct {
 	frames           frameWatch   // client frame read timeout (admission.go)
 
 	mu         sync.Mutex
-	closeTimer *time.Timer // bounds the close handshake; guarded by mu
-	hold       heldClose   // the client's close, waiting for the upstream's; guarded by mu
-	aborted    bool        // guarded by mu
-	cause      cause       // why sluice ended the session, if it did; guarded by mu
-	endReason  string      // first reason the session began to end; guarded by mu
+	closeTimer *time.Timer   // bounds the close handshake; guarded by mu
+	hold       heldClose     // the client's close, waiting for the upstream's; guarded by mu
+	aborted    bool          // guarded by mu
+	cause      cause         // why sluice ended the session, if it did; guarded by mu
+	ended      chan struct{} // closed at abort, for throttled readers; made on first use; guarded by mu
+	endReason  string        // first reason the session began to end; guarded by mu
 }
 
 func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn net.Conn, upPending []byte, clientAddr, target, protocol string, ext frame.Extension) {
@@ -158,6 +163,7 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 		ss.client.out.OnUnsent(f)
 	}
 	ss.upstream.out = limiter.NewQueue(&upstreamQueue, s.budget, nil)
+	ss.client.rate = s.newClientRate()
 
 	ss.client.reader, ss.upstream.reader = ss.clientReader, ss.upstreamReader
 	if s.idle != nil {
