@@ -54,6 +54,34 @@ type sluiceUnderTest struct {
 	serveErr <-chan error
 	once     sync.Once
 	shutErr  error
+	reg      *prometheus.Registry // its metrics, unless configure replaced the Registerer
+}
+
+// metricValue is the value of the counter or gauge name{label="value"} in
+// s's registry; the test fails when there is no such series.
+func metricValue(t testing.TB, s *sluiceUnderTest, name, label, value string) float64 {
+	t.Helper()
+	families, err := s.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					if c := m.GetCounter(); c != nil {
+						return c.GetValue()
+					}
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	t.Fatalf("no series %s{%s=%q}", name, label, value)
+	return 0
 }
 
 // harnessEnv is the configuration every sluice under test starts from,
@@ -72,6 +100,10 @@ func harnessEnv() map[string]string {
 		// The kernel's receive buffer on upstream sockets, as the
 		// backpressure tests' timings assume.
 		config.Prefix + "UPSTREAM_READ_BUFFER": "0",
+		// No keepalive pings: the first comes at a random point of the
+		// first 25 s, and tests that read raw frames expect only what
+		// they asked for. The keepalive tests set their own schedule.
+		config.Prefix + "PING_INTERVAL": "0",
 	}
 }
 
@@ -97,7 +129,8 @@ func startSluiceEnv(t testing.TB, upstream string, env map[string]string, config
 		t.Fatalf("configuration:\n%v", err)
 	}
 	log := zerolog.New(testLog(t)).Level(zerolog.InfoLevel).With().Timestamp().Logger()
-	opts, err := cfg.ProxyOptions(log, prometheus.NewRegistry())
+	reg := prometheus.NewRegistry()
+	opts, err := cfg.ProxyOptions(log, reg)
 	if err != nil {
 		t.Fatalf("config.ProxyOptions: %v", err)
 	}
@@ -105,7 +138,7 @@ func startSluiceEnv(t testing.TB, upstream string, env map[string]string, config
 		configure(&opts)
 	}
 	srv, addr, serveErr := serveSluice(t, opts)
-	s := &sluiceUnderTest{srv: srv, addr: addr, url: "ws://" + addr, serveErr: serveErr}
+	s := &sluiceUnderTest{srv: srv, addr: addr, url: "ws://" + addr, serveErr: serveErr, reg: reg}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 		defer cancel()
