@@ -112,6 +112,10 @@ func (b *RawBackend) rawHandler(c net.Conn, o RawOptions, handle func(*RawConn))
 	handle(rc)
 }
 
+// CloseListener stops accepting connections: a dial to Addr is refused
+// from then on. Open connections go on.
+func (b *RawBackend) CloseListener() { b.ln.Close() }
+
 func (b *RawBackend) close() {
 	b.ln.Close()
 	b.mu.Lock()
