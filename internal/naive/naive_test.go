@@ -11,6 +11,8 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsutil"
 	"go.uber.org/goleak"
+
+	"sluice/internal/wstest"
 )
 
 // TestMain fails the run if a reader, writer or broadcaster outlives Close.
@@ -118,15 +120,15 @@ func TestCloseEchoed(t *testing.T) {
 	if err := ws.WriteFrame(c, ws.MaskFrame(ws.NewPingFrame([]byte("p")))); err != nil {
 		t.Fatal(err)
 	}
-	if f, err := ws.ReadFrame(c); err != nil || f.Header.OpCode != ws.OpPong || string(f.Payload) != "p" {
-		t.Fatalf("got %v %q (%v), want pong \"p\"", f.Header.OpCode, f.Payload, err)
+	if f, err := wstest.ReadFrameMax(c, ws.MaxControlFramePayloadSize); err != nil || f.Op != ws.OpPong || string(f.Payload) != "p" {
+		t.Fatalf("got %v %q (%v), want pong \"p\"", f.Op, f.Payload, err)
 	}
 	if err := ws.WriteFrame(c, ws.MaskFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusGoingAway, "")))); err != nil {
 		t.Fatal(err)
 	}
-	f, err := ws.ReadFrame(c)
-	if err != nil || f.Header.OpCode != ws.OpClose {
-		t.Fatalf("got %v (%v), want a close", f.Header.OpCode, err)
+	f, err := wstest.ReadFrameMax(c, ws.MaxControlFramePayloadSize)
+	if err != nil || f.Op != ws.OpClose {
+		t.Fatalf("got %v (%v), want a close", f.Op, err)
 	}
 	if code, _ := ws.ParseCloseFrameData(f.Payload); code != ws.StatusGoingAway {
 		t.Errorf("close code %d, want %d", code, ws.StatusGoingAway)
