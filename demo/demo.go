@@ -32,6 +32,7 @@ import (
 
 	"sluice/admin"
 	"sluice/config"
+	"sluice/internal/naive"
 	"sluice/proxy"
 	"sluice/serve"
 )
@@ -258,9 +259,10 @@ type demo struct {
 	out  io.Writer
 	tty  bool // refresh the screen in place
 
-	backend *demoBackend
-	fleet   *demoFleet
-	srv     *proxy.Server
+	backend   *naive.Backend
+	backendLn net.Listener // closed before backend.Close
+	fleet     *demoFleet
+	srv       *proxy.Server
 	// Owned by run's goroutine.
 	statusURL    string
 	client       *http.Client // reads /status.json, like the page does
@@ -275,13 +277,12 @@ type demo struct {
 func (d *demo) run(ctx context.Context) error {
 	o := d.opts
 	var err error
-	d.backend, err = startDemoBackend(o.rate, o.size)
-	if err != nil {
+	if err := d.startBackend(); err != nil {
 		return err
 	}
-	defer d.backend.close() // idempotent; the normal path closes it earlier
+	defer d.closeBackend() // idempotent; the normal path closes it earlier
 
-	d.cfg.UpstreamURL = &url.URL{Scheme: "ws", Host: d.backend.addr(), Path: "/feed"}
+	d.cfg.UpstreamURL = &url.URL{Scheme: "ws", Host: d.backendLn.Addr().String(), Path: "/feed"}
 	// sluice gets its own context: Ctrl-C ends the load phase, and the
 	// teardown below then drains sluice at the right moment.
 	sluiceCtx, stopSluice := context.WithCancel(context.WithoutCancel(ctx))
@@ -304,13 +305,13 @@ func (d *demo) run(ctx context.Context) error {
 	d.began = time.Now()
 	d.fleet = newDemoFleet("ws://"+wsAddr+"/feed", o, slowFreeze(o, d.cfg))
 	d.fleet.start(loadCtx)
-	d.backend.startBroadcast()
+	d.backend.Start()
 
 	d.watch(loadCtx)
 	d.loadDuration = time.Since(d.began)
 
 	// Teardown, in the order that lets every party see a clean end.
-	d.backend.stopBroadcast()
+	d.backend.Stop()
 	if st, err := d.fetchStatus(5 * time.Second); err == nil {
 		d.lastStatus = st
 	}
@@ -320,7 +321,7 @@ func (d *demo) run(ctx context.Context) error {
 	stopSluice() // drain: 1001 to every client after its queued data
 	serveErr := <-serveDone
 	d.fleet.wait()
-	d.backend.close()
+	d.closeBackend()
 	tr.CloseIdleConnections()
 	if serveErr != nil {
 		return fmt.Errorf("demo: sluice: %w", serveErr)

@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"sluice/config"
-
 	"go.uber.org/goleak"
+
+	"sluice/config"
 )
 
 // TestDemoRuns runs the demo once per policy, the way a newcomer would but
@@ -136,34 +136,6 @@ func TestDemoFlags(t *testing.T) {
 			t.Errorf("-h printed %q; want the flags", stderr.String())
 		}
 	})
-}
-
-func TestLatencyHist(t *testing.T) {
-	var h latencyHist
-	if h.quantile(0.5) != 0 {
-		t.Fatal("empty histogram has a median")
-	}
-	for i := 1; i <= 1000; i++ {
-		h.add(time.Duration(i) * time.Millisecond)
-	}
-	for _, tc := range []struct {
-		q    float64
-		want time.Duration
-	}{{0.5, 500 * time.Millisecond}, {0.99, 990 * time.Millisecond}, {1, time.Second}} {
-		got := h.quantile(tc.q)
-		if got < tc.want || float64(got) > float64(tc.want)*1.13 {
-			t.Errorf("quantile(%v) = %v; want %v within +12.5%%", tc.q, got, tc.want)
-		}
-	}
-	if h.maxLatency() != time.Second || h.count() != 1000 {
-		t.Errorf("max %v count %d", h.maxLatency(), h.count())
-	}
-	for _, d := range []time.Duration{0, time.Microsecond, 3 * time.Microsecond, time.Hour * 24 * 365} {
-		b := latBucket(d)
-		if b < 0 || b >= latBuckets || (d >= time.Microsecond && d < 24*time.Hour && latUpper(b) < d) {
-			t.Errorf("latBucket(%v) = %d (upper %v)", d, b, latUpper(b))
-		}
-	}
 }
 
 // TestMain fails the run if a client, backend or sluice goroutine outlives

@@ -19,6 +19,8 @@ import (
 
 	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsutil"
+
+	"sluice/internal/latency"
 )
 
 // --- the clients ---
@@ -31,8 +33,8 @@ type demoFleet struct {
 	slow    int
 	freeze  time.Duration
 
-	runLat  latencyHist                 // fast clients, whole run
-	lastLat atomic.Pointer[latencyHist] // fast clients, since the last screen
+	runLat  latency.Histogram                 // fast clients, whole run
+	lastLat atomic.Pointer[latency.Histogram] // fast clients, since the last screen
 
 	fastMsgs, fastGaps atomic.Uint64
 
@@ -61,7 +63,7 @@ func newDemoFleet(u string, o demoOptions, freeze time.Duration) *demoFleet {
 		wakeCh: make(chan struct{}), dialSem: make(chan struct{}, 16),
 		conns: make(map[net.Conn]struct{}),
 	}
-	f.lastLat.Store(new(latencyHist))
+	f.lastLat.Store(new(latency.Histogram))
 	return f
 }
 
@@ -208,8 +210,8 @@ func (f *demoFleet) demoClient(ctx context.Context, slow bool) {
 		if !slow {
 			f.fastMsgs.Add(1)
 			f.fastGaps.Add(gap)
-			f.runLat.add(lat)
-			f.lastLat.Load().add(lat)
+			f.runLat.Record(lat)
+			f.lastLat.Load().Record(lat)
 			continue
 		}
 		if frozen {
@@ -246,7 +248,8 @@ func readStamped(c *clientConn, stamp []byte) (sent int64, seq uint64, err error
 		if _, err := io.Copy(io.Discard, c.rd); err != nil {
 			return 0, 0, err
 		}
-		return int64(binary.BigEndian.Uint64(stamp[:8])), binary.BigEndian.Uint64(stamp[8:16]), nil
+		// naive.HeaderLen: the sequence number, then the send time.
+		return int64(binary.BigEndian.Uint64(stamp[8:16])), binary.BigEndian.Uint64(stamp[:8]), nil
 	}
 }
 

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"fmt"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -24,15 +23,6 @@ func setSockopts(c syscall.RawConn, opts ...sockopt) error {
 		}
 	})
 	return cmp.Or(err, serr)
-}
-
-func atomicMax(a *atomic.Int64, v int64) {
-	for {
-		old := a.Load()
-		if v <= old || a.CompareAndSwap(old, v) {
-			return
-		}
-	}
 }
 
 // humanBytes renders n in binary units: "0 B", "812 B", "12.3 KiB".

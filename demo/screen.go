@@ -10,13 +10,14 @@ import (
 
 	"sluice/admin"
 	"sluice/config"
+	"sluice/internal/latency"
 )
 
 // draw prints one refresh: a screen on a terminal, else one line.
 func (d *demo) draw(elapsed time.Duration, st *admin.Status, stErr error) {
 	o := d.opts
-	lat := d.fleet.lastLat.Swap(new(latencyHist))
-	bq, bmax := d.backend.stats()
+	lat := d.fleet.lastLat.Swap(new(latency.Histogram))
+	bq, bmax := d.backend.Stats().QueuedBytes, d.backend.LargestBacklog()
 	fastMsgs, fastGaps := d.fleet.fastMsgs.Load(), d.fleet.fastGaps.Load()
 	sec := elapsed.Round(time.Second)
 
@@ -34,8 +35,8 @@ func (d *demo) draw(elapsed time.Duration, st *admin.Status, stErr error) {
 			fmt.Fprintf(&b, " status=unavailable(%v)", stErr)
 		}
 		fmt.Fprintf(&b, " backend_queued=%s backend_max=%s", compactBytes(bq), compactBytes(bmax))
-		if lat.count() > 0 {
-			fmt.Fprintf(&b, " p50=%s p99=%s max=%s", ms(lat.quantile(0.5)), ms(lat.quantile(0.99)), ms(lat.maxLatency()))
+		if lat.Count() > 0 {
+			fmt.Fprintf(&b, " p50=%s p99=%s max=%s", ms(lat.Quantile(0.5)), ms(lat.Quantile(0.99)), ms(lat.Max()))
 		} else {
 			b.WriteString(" p50=- p99=- max=-")
 		}
@@ -63,9 +64,9 @@ func (d *demo) draw(elapsed time.Duration, st *admin.Status, stErr error) {
 		fmt.Fprintf(&b, "sluice        status unavailable: %v\n", stErr)
 	}
 	fmt.Fprintf(&b, "backend       queued %s   largest client backlog %s\n", humanBytes(bq), humanBytes(bmax))
-	if lat.count() > 0 {
+	if lat.Count() > 0 {
 		fmt.Fprintf(&b, "fast clients  latency p50 %s   p99 %s   max %s (last second)\n",
-			ms(lat.quantile(0.5)), ms(lat.quantile(0.99)), ms(lat.maxLatency()))
+			ms(lat.Quantile(0.5)), ms(lat.Quantile(0.99)), ms(lat.Max()))
 	} else {
 		b.WriteString("fast clients  no messages in the last second\n")
 	}
@@ -120,7 +121,7 @@ func (d *demo) summary() {
 		o.policy, d.loadDuration.Round(100*time.Millisecond), o.clients, o.nSlow(), o.rate, o.size)
 	fmt.Fprintf(w, "fast clients: %d received %s messages, %s gaps; latency p50 %s, p99 %s, max %s\n",
 		o.clients-o.nSlow(), thousands(f.fastMsgs.Load()), thousands(f.fastGaps.Load()),
-		ms(f.runLat.quantile(0.5)), ms(f.runLat.quantile(0.99)), ms(f.runLat.maxLatency()))
+		ms(f.runLat.Quantile(0.5)), ms(f.runLat.Quantile(0.99)), ms(f.runLat.Max()))
 	fmt.Fprintf(w, "fast clients ended: %s\n", fast.String())
 	if o.nSlow() > 0 {
 		fmt.Fprintf(w, "slow clients: %s\n", slow.String())
@@ -133,7 +134,7 @@ func (d *demo) summary() {
 	}
 	fmt.Fprintf(w, "; evictions %s; dropped %s messages\n", evictionLine(t, " "), thousands(t.Dropped))
 	fmt.Fprintf(w, "backend: peak queued %s (all clients), largest client backlog %s\n",
-		humanBytes(d.backend.peak.Load()), humanBytes(d.backend.peakBacklog.Load()))
+		humanBytes(d.backend.Stats().PeakQueuedBytes), humanBytes(d.backend.Stats().PeakBacklogBytes))
 	if o.logPath != "" {
 		fmt.Fprintf(w, "sluice's log: %s\n", o.logPath)
 	}
@@ -177,7 +178,7 @@ func (d *demo) explainGuards(t admin.Totals, slow outcomeCounts) string {
 func (d *demo) explain(slowGaps uint64, slowMaxLat time.Duration) string {
 	cfg := d.cfg
 	fastGaps := d.fleet.fastGaps.Load()
-	fastLine := fmt.Sprintf("Fast clients were not held back (p99 %s, %s gaps).", ms(d.fleet.runLat.quantile(0.99)), thousands(fastGaps))
+	fastLine := fmt.Sprintf("Fast clients were not held back (p99 %s, %s gaps).", ms(d.fleet.runLat.Quantile(0.99)), thousands(fastGaps))
 	if d.opts.nSlow() == 0 {
 		return "No client was slow (-slow 0), so the policy had nothing to do. " + fastLine + " Run with -slow 0.05 or more to see it act."
 	}
@@ -190,7 +191,7 @@ func (d *demo) explain(slowGaps uint64, slowMaxLat time.Duration) string {
 			"passed %s). %s Right for feeds where only the latest state matters (prices, positions, presence); wrong "+
 			"where every message counts.",
 			cfg.QueueMaxMessages, cfg.DropKeepNewest, thousands(slowGaps), humanBytes(d.peakQueued),
-			humanBytes(d.backend.peakBacklog.Load()), fastLine)
+			humanBytes(d.backend.Stats().PeakBacklogBytes), fastLine)
 	case config.PolicyPause:
 		pauseMax := "no limit (SLUICE_PAUSE_MAX=0)"
 		if cfg.PauseMax > 0 {
@@ -201,8 +202,8 @@ func (d *demo) explain(slowGaps uint64, slowMaxLat time.Duration) string {
 			"(%s gaps; slow clients got their messages up to %s late), but the backlog moved into the backend: its "+
 			"queues peaked at %s (%s for one client), and in this naive backend nothing bounds them. %s Pause fits "+
 			"backends that bound or coalesce their own per-connection backlog; pauses here had %s.",
-			cfg.QueueMaxMessages, thousands(slowGaps), ms(slowMaxLat), humanBytes(d.backend.peak.Load()),
-			humanBytes(d.backend.peakBacklog.Load()), fastLine, pauseMax)
+			cfg.QueueMaxMessages, thousands(slowGaps), ms(slowMaxLat), humanBytes(d.backend.Stats().PeakQueuedBytes),
+			humanBytes(d.backend.Stats().PeakBacklogBytes), fastLine, pauseMax)
 	default:
 		return fmt.Sprintf("evict: a slow client's queue in sluice filled to its high-water mark "+
 			"(SLUICE_QUEUE_MAX_MESSAGES=%d) a few seconds after it stopped reading, and sluice closed it with "+
@@ -210,6 +211,6 @@ func (d *demo) explain(slowGaps uint64, slowMaxLat time.Duration) string {
 			"only if it reads again within SLUICE_CLOSE_TIMEOUT (%s); after that sluice cuts the connection. "+
 			"sluice's memory stayed bounded (peak %s) and the backend never noticed (no client's backlog there passed %s). "+
 			"%s The price: slow clients lose their connection and must resubscribe.",
-			cfg.QueueMaxMessages, cfg.CloseTimeout, humanBytes(d.peakQueued), humanBytes(d.backend.peakBacklog.Load()), fastLine)
+			cfg.QueueMaxMessages, cfg.CloseTimeout, humanBytes(d.peakQueued), humanBytes(d.backend.Stats().PeakBacklogBytes), fastLine)
 	}
 }

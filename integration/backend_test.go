@@ -18,6 +18,8 @@ import (
 
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
+
+	"sluice/internal/wstest"
 )
 
 // backend is the WebSocket server behind sluice. Its behaviour is chosen by
@@ -60,10 +62,10 @@ type upstreamConn struct {
 	header      http.Header // the upgrade request's headers
 	subprotocol string      // negotiated
 
-	ended  chan closeSeen // how the connection ended; buffered 1
-	pings  chan string    // ping payloads received
-	pongs  chan string    // pong payloads received
-	frames chan rawFrame  // /frames: every frame received, in order
+	ended  chan closeSeen    // how the connection ended; buffered 1
+	pings  chan string       // ping payloads received
+	pongs  chan string       // pong payloads received
+	frames chan wstest.Frame // /frames: every frame received, in order
 
 	arrived chan struct{} // /hold: closed when the upgrade request arrives
 	release chan struct{} // /hold: the test closes it to let the upgrade go on
@@ -102,7 +104,7 @@ func (b *backend) close() {
 		c.Close()
 	}
 	b.mu.Unlock()
-	if !waitGroupWithin(&b.wg, ioTimeout) {
+	if !waitGroupWithin(&b.wg, wstest.IOTimeout) {
 		b.t.Errorf("backend handlers did not end")
 	}
 }
@@ -121,7 +123,7 @@ func (b *backend) conn(id string) *upstreamConn {
 			ended:  make(chan closeSeen, 1),
 			pings:  make(chan string, 64),
 			pongs:  make(chan string, 64),
-			frames: make(chan rawFrame, 1024),
+			frames: make(chan wstest.Frame, 1024),
 
 			arrived: make(chan struct{}),
 			release: make(chan struct{}),
@@ -139,7 +141,7 @@ func (b *backend) waitConn(t testing.TB, id string) *upstreamConn {
 	c := b.conn(id)
 	select {
 	case <-c.ready:
-	case <-time.After(ioTimeout):
+	case <-time.After(wstest.IOTimeout):
 		t.Fatalf("backend never accepted connection %s", id)
 	}
 	return c
@@ -191,7 +193,7 @@ func (b *backend) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		close(uc.arrived)
 		select {
 		case <-uc.release:
-		case <-time.After(ioTimeout):
+		case <-time.After(wstest.IOTimeout):
 			http.Error(w, "never released", http.StatusServiceUnavailable)
 			return
 		}
@@ -232,7 +234,7 @@ func (b *backend) serveGorilla(w http.ResponseWriter, r *http.Request, uc *upstr
 
 	c.SetPingHandler(func(p string) error {
 		nonBlockingSend(uc.pings, p)
-		err := c.WriteControl(gorilla.PongMessage, []byte(p), time.Now().Add(ioTimeout))
+		err := c.WriteControl(gorilla.PongMessage, []byte(p), time.Now().Add(wstest.IOTimeout))
 		if errors.Is(err, gorilla.ErrCloseSent) {
 			return nil
 		}
@@ -245,7 +247,7 @@ func (b *backend) serveGorilla(w http.ResponseWriter, r *http.Request, uc *upstr
 
 	closeCode, _ := strconv.Atoi(q.Get("code"))
 	sendClose := func() {
-		c.WriteControl(gorilla.CloseMessage, gorilla.FormatCloseMessage(closeCode, q.Get("reason")), time.Now().Add(ioTimeout))
+		c.WriteControl(gorilla.CloseMessage, gorilla.FormatCloseMessage(closeCode, q.Get("reason")), time.Now().Add(wstest.IOTimeout))
 	}
 	switch r.URL.Path {
 	case "/close":
@@ -258,7 +260,7 @@ func (b *backend) serveGorilla(w http.ResponseWriter, r *http.Request, uc *upstr
 			return
 		}
 	case "/ping":
-		c.WriteControl(gorilla.PingMessage, []byte("bp-1"), time.Now().Add(ioTimeout))
+		c.WriteControl(gorilla.PingMessage, []byte("bp-1"), time.Now().Add(wstest.IOTimeout))
 	case "/hello":
 		if c.WriteMessage(gorilla.TextMessage, []byte("hello")) != nil {
 			return
@@ -321,9 +323,9 @@ func (b *backend) serveCoalescedHello(w http.ResponseWriter, r *http.Request, uc
 	}
 	var out bytes.Buffer
 	fmt.Fprintf(&out, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
-		acceptKey(r.Header.Get("Sec-Websocket-Key")))
-	out.Write(encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Payload: []byte("hello 1")}))
-	out.Write(encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Payload: []byte("hello 2")}))
+		wstest.AcceptKey(r.Header.Get("Sec-Websocket-Key")))
+	out.Write(wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpText, Payload: []byte("hello 1")}))
+	out.Write(wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpText, Payload: []byte("hello 2")}))
 	if _, err := conn.Write(out.Bytes()); err != nil {
 		conn.Close()
 		return
@@ -341,7 +343,7 @@ func (b *backend) rawLoop(conn net.Conn, br *bufio.Reader, uc *upstreamConn, rec
 	defer b.untrack(conn)
 	defer conn.Close()
 	for {
-		f, err := readFrame(br)
+		f, err := wstest.ReadFrame(br)
 		if err != nil {
 			nonBlockingSend(uc.ended, closeSeen{code: gorilla.CloseAbnormalClosure, err: err})
 			return
@@ -361,12 +363,12 @@ func (b *backend) rawLoop(conn net.Conn, br *bufio.Reader, uc *upstreamConn, rec
 			if !masked {
 				seen.err = errors.New("close frame from sluice was not masked")
 			}
-			reply := rawFrame{Fin: true, Op: ws.OpClose}
+			reply := wstest.Frame{Fin: true, Op: ws.OpClose}
 			if len(f.Payload) >= 2 {
 				reply.Payload = f.Payload[:2]
 			}
-			conn.SetWriteDeadline(time.Now().Add(ioTimeout))
-			conn.Write(encodeFrame(reply))
+			conn.SetWriteDeadline(time.Now().Add(wstest.IOTimeout))
+			conn.Write(wstest.Encode(reply))
 			nonBlockingSend(uc.ended, seen)
 			return
 		case ws.OpPing:
@@ -377,8 +379,8 @@ func (b *backend) rawLoop(conn net.Conn, br *bufio.Reader, uc *upstreamConn, rec
 		if !record && f.Op != ws.OpText && f.Op != ws.OpBinary && f.Op != ws.OpContinuation {
 			continue
 		}
-		conn.SetWriteDeadline(time.Now().Add(ioTimeout))
-		if _, err := conn.Write(encodeFrame(f)); err != nil {
+		conn.SetWriteDeadline(time.Now().Add(wstest.IOTimeout))
+		if _, err := conn.Write(wstest.Encode(f)); err != nil {
 			nonBlockingSend(uc.ended, closeSeen{code: gorilla.CloseAbnormalClosure, err: err})
 			return
 		}

@@ -42,6 +42,7 @@ import (
 	gorilla "github.com/gorilla/websocket"
 	"github.com/rs/zerolog"
 
+	"sluice/internal/wstest"
 	"sluice/proxy"
 )
 
@@ -236,7 +237,7 @@ func catCases() []catCase {
 		return catUpgrade(host, id, []string{"Sec-WebSocket-Key"}, "Sec-WebSocket-Key: !!!!!!!!!!!!!!!!!!!!!!==")
 	})
 	status("two Sec-WebSocket-Key headers", 400, func(host, id string) []byte {
-		return catUpgrade(host, id, nil, "Sec-WebSocket-Key: "+newKey())
+		return catUpgrade(host, id, nil, "Sec-WebSocket-Key: "+wstest.NewKey())
 	})
 	status("missing Sec-WebSocket-Version", 426, func(host, id string) []byte {
 		return catUpgrade(host, id, []string{"Sec-WebSocket-Version"})
@@ -784,7 +785,7 @@ func catUpgradeHeaders(host string, omit []string) []string {
 		"Host: " + host,
 		"Upgrade: websocket",
 		"Connection: Upgrade",
-		"Sec-WebSocket-Key: " + newKey(),
+		"Sec-WebSocket-Key: " + wstest.NewKey(),
 		"Sec-WebSocket-Version: 13",
 	}
 	out := all[:0]

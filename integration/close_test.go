@@ -13,6 +13,7 @@ import (
 	gorilla "github.com/gorilla/websocket"
 
 	"sluice/config"
+	"sluice/internal/wstest"
 	"sluice/proxy"
 )
 
@@ -23,16 +24,16 @@ func TestCloseCodesRelayed(t *testing.T) {
 	s := startSluice(t, b.url, nil)
 	t.Run("client closes without a code", func(t *testing.T) {
 		id := newID()
-		c := dialRaw(t, s.addr, "/echo?id="+id, nil, nil)
-		c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true})
+		c := wstest.Dial(t, s.addr, "/echo?id="+id, nil, nil)
+		c.Write(t, wstest.Frame{Fin: true, Op: ws.OpClose, Masked: true})
 		if got := b.ended(t, id); got.code != gorilla.CloseNoStatusReceived {
 			t.Errorf("backend saw %v, want a close without a code (1005)", got)
 		}
 		// The backend answers without a code; 1005 must not go on the wire.
-		if code, reason := c.readClose(t); code != ws.StatusNoStatusRcvd && code != ws.StatusNormalClosure {
+		if code, reason := c.ReadClose(t); code != ws.StatusNoStatusRcvd && code != ws.StatusNormalClosure {
 			t.Errorf("client got close %d %q, want none or 1000", code, reason)
 		}
-		c.expectEOF(t)
+		c.ExpectEOF(t)
 	})
 	for _, code := range []int{1000, 3000, 4001} {
 		t.Run(fmt.Sprintf("client closes %d", code), func(t *testing.T) {
@@ -41,7 +42,7 @@ func TestCloseCodesRelayed(t *testing.T) {
 			if err := gorillaEcho(c, gorilla.TextMessage, []byte("hi")); err != nil {
 				t.Fatal(err)
 			}
-			c.WriteControl(gorilla.CloseMessage, gorilla.FormatCloseMessage(code, "bye"), time.Now().Add(ioTimeout))
+			c.WriteControl(gorilla.CloseMessage, gorilla.FormatCloseMessage(code, "bye"), time.Now().Add(wstest.IOTimeout))
 			if got := b.ended(t, id); got.code != code || got.text != "bye" {
 				t.Errorf("backend saw close %v, want %d \"bye\"", got, code)
 			}
@@ -64,7 +65,7 @@ func TestCloseCodesRelayed(t *testing.T) {
 		t.Run(fmt.Sprintf("backend closes %d after a message (coder client)", code), func(t *testing.T) {
 			id := newID()
 			c := dialCoder(t, fmt.Sprintf("%s/close?code=%d&reason=bye&after=msg&id=%s", s.url, code, id), nil)
-			ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), wstest.IOTimeout)
 			defer cancel()
 			if err := c.Write(ctx, websocket.MessageText, []byte("go")); err != nil {
 				t.Fatal(err)
@@ -144,13 +145,13 @@ func TestPingPongRelayed(t *testing.T) {
 	clientPongs := make(chan string, 8)
 	c.SetPingHandler(func(p string) error {
 		nonBlockingSend(clientPings, p)
-		return c.WriteControl(gorilla.PongMessage, []byte(p), time.Now().Add(ioTimeout))
+		return c.WriteControl(gorilla.PongMessage, []byte(p), time.Now().Add(wstest.IOTimeout))
 	})
 	c.SetPongHandler(func(p string) error {
 		nonBlockingSend(clientPongs, p)
 		return nil
 	})
-	if err := c.WriteControl(gorilla.PingMessage, []byte("cp-1"), time.Now().Add(ioTimeout)); err != nil {
+	if err := c.WriteControl(gorilla.PingMessage, []byte("cp-1"), time.Now().Add(wstest.IOTimeout)); err != nil {
 		t.Fatal(err)
 	}
 	// Reading the echo runs the control handlers for the frames before it.
@@ -181,16 +182,16 @@ func TestProtocolViolation(t *testing.T) {
 	neighbour, _ := dialGorilla(t, s.url+"/echo", nil)
 	cases := []struct {
 		name string
-		bad  rawFrame
+		bad  wstest.Frame
 	}{
-		{"unmasked frame", rawFrame{Fin: true, Op: ws.OpText, Masked: false, Payload: []byte("no mask")}},
-		{"reserved opcode", rawFrame{Fin: true, Op: 0x3, Masked: true, Payload: []byte("op 3")}},
-		{"reserved control opcode", rawFrame{Fin: true, Op: 0xB, Masked: true}},
-		{"one-byte close payload", rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: []byte{0x03}}},
-		{"RSV1 without extension", rawFrame{Fin: true, Rsv: 4, Op: ws.OpText, Masked: true, Payload: []byte("rsv")}},
-		{"fragmented ping", rawFrame{Fin: false, Op: ws.OpPing, Masked: true, Payload: []byte("p")}},
-		{"continuation without message", rawFrame{Fin: true, Op: ws.OpContinuation, Masked: true, Payload: []byte("c")}},
-		{"invalid close code", rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1005, "")}},
+		{"unmasked frame", wstest.Frame{Fin: true, Op: ws.OpText, Masked: false, Payload: []byte("no mask")}},
+		{"reserved opcode", wstest.Frame{Fin: true, Op: 0x3, Masked: true, Payload: []byte("op 3")}},
+		{"reserved control opcode", wstest.Frame{Fin: true, Op: 0xB, Masked: true}},
+		{"one-byte close payload", wstest.Frame{Fin: true, Op: ws.OpClose, Masked: true, Payload: []byte{0x03}}},
+		{"RSV1 without extension", wstest.Frame{Fin: true, Rsv: 4, Op: ws.OpText, Masked: true, Payload: []byte("rsv")}},
+		{"fragmented ping", wstest.Frame{Fin: false, Op: ws.OpPing, Masked: true, Payload: []byte("p")}},
+		{"continuation without message", wstest.Frame{Fin: true, Op: ws.OpContinuation, Masked: true, Payload: []byte("c")}},
+		{"invalid close code", wstest.Frame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1005, "")}},
 	}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -198,16 +199,16 @@ func TestProtocolViolation(t *testing.T) {
 				t.Fatalf("neighbour before: %v", err)
 			}
 			id := newID()
-			c := dialRaw(t, s.addr, "/echo?id="+id, nil, nil)
-			c.write(t, rawFrame{Fin: true, Op: ws.OpText, Masked: true, Payload: []byte("fine so far")})
-			if f := c.read(t); string(f.Payload) != "fine so far" {
+			c := wstest.Dial(t, s.addr, "/echo?id="+id, nil, nil)
+			c.Write(t, wstest.Frame{Fin: true, Op: ws.OpText, Masked: true, Payload: []byte("fine so far")})
+			if f := c.Read(t); string(f.Payload) != "fine so far" {
 				t.Fatalf("echo = %v", f)
 			}
-			c.write(t, tc.bad)
-			if code, reason := c.readClose(t); code != ws.StatusProtocolError {
+			c.Write(t, tc.bad)
+			if code, reason := c.ReadClose(t); code != ws.StatusProtocolError {
 				t.Errorf("client got close %d %q, want 1002", code, reason)
 			}
-			c.expectEOF(t)
+			c.ExpectEOF(t)
 			if got := b.ended(t, id); got.code != gorilla.CloseGoingAway {
 				t.Errorf("backend saw %v, want close 1001", got)
 			}
@@ -230,31 +231,31 @@ func TestOversizeMessage(t *testing.T) {
 	chunk := []byte(strings.Repeat("z", 600))
 	cases := []struct {
 		name   string
-		frames []rawFrame
+		frames []wstest.Frame
 	}{
-		{"two fragments of 600", []rawFrame{
+		{"two fragments of 600", []wstest.Frame{
 			{Fin: false, Op: ws.OpText, Masked: true, Payload: chunk},
 			{Fin: true, Op: ws.OpContinuation, Masked: true, Payload: chunk},
 		}},
-		{"one frame of 1001", []rawFrame{
+		{"one frame of 1001", []wstest.Frame{
 			{Fin: true, Op: ws.OpBinary, Masked: true, Payload: make([]byte, 1001)},
 		}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			id := newID()
-			c := dialRaw(t, s.addr, "/echo?id="+id, nil, nil)
+			c := wstest.Dial(t, s.addr, "/echo?id="+id, nil, nil)
 			// A message at the limit passes.
-			c.write(t, rawFrame{Fin: false, Op: ws.OpText, Masked: true, Payload: chunk[:512]},
-				rawFrame{Fin: true, Op: ws.OpContinuation, Masked: true, Payload: chunk[:512]})
-			if f := c.read(t); len(f.Payload) != 1024 {
+			c.Write(t, wstest.Frame{Fin: false, Op: ws.OpText, Masked: true, Payload: chunk[:512]},
+				wstest.Frame{Fin: true, Op: ws.OpContinuation, Masked: true, Payload: chunk[:512]})
+			if f := c.Read(t); len(f.Payload) != 1024 {
 				t.Fatalf("echo of a 1024-byte message = %v", f)
 			}
-			c.write(t, tc.frames...)
-			if code, reason := c.readClose(t); code != ws.StatusMessageTooBig {
+			c.Write(t, tc.frames...)
+			if code, reason := c.ReadClose(t); code != ws.StatusMessageTooBig {
 				t.Errorf("client got close %d %q, want 1009", code, reason)
 			}
-			c.expectEOF(t)
+			c.ExpectEOF(t)
 			if got := b.ended(t, id); got.code != gorilla.CloseGoingAway {
 				t.Errorf("backend saw %v, want close 1001", got)
 			}

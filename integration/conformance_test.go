@@ -49,6 +49,7 @@ import (
 
 	"github.com/gobwas/ws"
 
+	"sluice/internal/wstest"
 	"sluice/proxy"
 )
 
@@ -162,8 +163,8 @@ func TestConformance(t *testing.T) {
 				if c.limited {
 					path, via = fmt.Sprintf("/conformance?limit=%d", confLimit), limited
 				}
-				direct := dialRaw(t, backendAddr, path, nil, nil)
-				proxied := dialRaw(t, via.addr, path, nil, nil)
+				direct := wstest.Dial(t, backendAddr, path, nil, nil)
+				proxied := wstest.Dial(t, via.addr, path, nil, nil)
 				var (
 					wg   sync.WaitGroup
 					d, s confTrace

@@ -19,6 +19,8 @@ import (
 
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
+
+	"sluice/internal/wstest"
 )
 
 // serveConformanceEcho is the reference the conformance suite holds sluice
@@ -50,7 +52,7 @@ func (b *backend) serveConformanceEcho(w http.ResponseWriter, r *http.Request, u
 		if err != nil {
 			return
 		}
-		c.SetWriteDeadline(time.Now().Add(ioTimeout))
+		c.SetWriteDeadline(time.Now().Add(wstest.IOTimeout))
 		if _, err := io.Copy(wr, rd); err != nil {
 			// The read side failed (a limit, a protocol error, a close):
 			// gorilla has already answered; what was buffered is dropped.
@@ -235,19 +237,19 @@ func (tr confTrace) closeString() string {
 // play dials addr, sends the script of c on a writer goroutine while it reads
 // the server's frames, answers the server's close (once the script is
 // written) if the script sent none, and reads on until the connection ends.
-// Every read and write has a deadline of ioTimeout. It calls no t method,
+// Every read and write has a deadline of wstest.IOTimeout. It calls no t method,
 // so it may run on any goroutine; the connection is the caller's.
-func play(rc *rawClient, c confCase) confTrace {
+func play(rc *wstest.Client, c confCase) confTrace {
 	var tr confTrace
 	written := make(chan error, 1)
-	go func() { written <- writeScript(rc.conn, c.writes) }()
+	go func() { written <- writeScript(rc.Conn, c.writes) }()
 
 	clientClosed := c.clientCloses()
 	waitWritten := func() {
 		select {
 		case err := <-written:
 			tr.writeErr = err
-		case <-time.After(2 * ioTimeout):
+		case <-time.After(2 * wstest.IOTimeout):
 			tr.writeErr = errors.New("script writes did not end")
 		}
 		written = nil
@@ -256,7 +258,7 @@ func play(rc *rawClient, c confCase) confTrace {
 		switch {
 		case errors.Is(err, io.EOF):
 			return "eof"
-		case errors.Is(err, syscall.ECONNRESET) || isReset(err):
+		case errors.Is(err, syscall.ECONNRESET) || wstest.IsReset(err):
 			tr.reset = true
 			return "reset"
 		case errors.Is(err, os.ErrDeadlineExceeded):
@@ -267,8 +269,8 @@ func play(rc *rawClient, c confCase) confTrace {
 
 	tr.code = noClose
 	for {
-		rc.conn.SetReadDeadline(time.Now().Add(ioTimeout))
-		f, err := readFrame(rc.br)
+		rc.Conn.SetReadDeadline(time.Now().Add(wstest.IOTimeout))
+		f, err := wstest.ReadFrame(rc.BR)
 		if err != nil {
 			tr.end = readEnd(err) + " before close"
 			break
@@ -292,12 +294,12 @@ func play(rc *rawClient, c confCase) confTrace {
 			if len(f.Payload) >= 2 {
 				reply.Payload = f.Payload[:2]
 			}
-			rc.conn.SetWriteDeadline(time.Now().Add(ioTimeout))
-			rc.conn.Write(reply.wire().b) // the server may be gone already
+			rc.Conn.SetWriteDeadline(time.Now().Add(wstest.IOTimeout))
+			rc.Conn.Write(reply.wire().b) // the server may be gone already
 		}
 		for {
-			rc.conn.SetReadDeadline(time.Now().Add(ioTimeout))
-			f, err := readFrame(rc.br)
+			rc.Conn.SetReadDeadline(time.Now().Add(wstest.IOTimeout))
+			f, err := wstest.ReadFrame(rc.BR)
 			if err != nil {
 				tr.end = readEnd(err)
 				break
@@ -322,7 +324,7 @@ func writeScript(conn net.Conn, writes []confWrite) error {
 		}
 		for len(b) > 0 {
 			n := min(chop, len(b))
-			conn.SetWriteDeadline(time.Now().Add(ioTimeout))
+			conn.SetWriteDeadline(time.Now().Add(wstest.IOTimeout))
 			if _, err := conn.Write(b[:n]); err != nil {
 				return fmt.Errorf("write %d: %w", i, err)
 			}

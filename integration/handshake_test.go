@@ -14,11 +14,12 @@ import (
 	"testing"
 	"time"
 
-	"sluice/config"
-
 	"github.com/coder/websocket"
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
+
+	"sluice/config"
+	"sluice/internal/wstest"
 )
 
 // TestSubprotocolRelayed: the client offers "a, b", the backend knows only
@@ -39,7 +40,7 @@ func TestSubprotocolRelayed(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(fmt.Sprintf("gorilla offers %q", tc.offer), func(t *testing.T) {
 			id := newID()
-			d := gorilla.Dialer{HandshakeTimeout: ioTimeout, Subprotocols: tc.offer}
+			d := gorilla.Dialer{HandshakeTimeout: wstest.IOTimeout, Subprotocols: tc.offer}
 			c, resp, err := d.Dial(s.url+"/subproto?id="+id, nil)
 			if err != nil {
 				t.Fatalf("dial: %v", err)
@@ -101,7 +102,7 @@ func TestPermessageDeflateEndToEnd(t *testing.T) {
 	s := startSluice(t, b.url, nil)
 	var cc *countingConn
 	d := gorilla.Dialer{
-		HandshakeTimeout:  ioTimeout,
+		HandshakeTimeout:  wstest.IOTimeout,
 		EnableCompression: true,
 		NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			var nd net.Dialer
@@ -169,7 +170,7 @@ func TestHandshakeHeaders(t *testing.T) {
 	})
 
 	t.Run("request headers", func(t *testing.T) {
-		c := dialRaw(t, s.addr, "/headers", []string{
+		c := wstest.Dial(t, s.addr, "/headers", []string{
 			"Connection: Upgrade, X-Hop",
 			"X-Hop: must-not-pass",
 			"Keep-Alive: timeout=5",
@@ -181,7 +182,7 @@ func TestHandshakeHeaders(t *testing.T) {
 			"X-Custom: custom value",
 			"X-Forwarded-For: 203.0.113.7",
 		}, nil)
-		f := c.read(t)
+		f := c.Read(t)
 		if f.Op != ws.OpText {
 			t.Fatalf("first message = %v, want the backend's JSON", f)
 		}
@@ -221,7 +222,7 @@ func TestUpstreamRejectionRelayed(t *testing.T) {
 	s := startSluice(t, b.url, nil)
 	for _, status := range []int{401, 403, 404, 429, 503} {
 		t.Run(fmt.Sprint(status), func(t *testing.T) {
-			d := gorilla.Dialer{HandshakeTimeout: ioTimeout}
+			d := gorilla.Dialer{HandshakeTimeout: wstest.IOTimeout}
 			c, resp, err := d.Dial(fmt.Sprintf("%s/reject?status=%d", s.url, status), nil)
 			if err == nil {
 				c.Close()
@@ -288,7 +289,7 @@ func TestUpstreamUnavailable(t *testing.T) {
 
 func rejectedDial(t *testing.T, u string) (int, []byte) {
 	t.Helper()
-	d := gorilla.Dialer{HandshakeTimeout: ioTimeout}
+	d := gorilla.Dialer{HandshakeTimeout: wstest.IOTimeout}
 	c, resp, err := d.Dial(u, nil)
 	if err == nil {
 		c.Close()
@@ -349,7 +350,7 @@ func TestPlainHTTPGetRefused(t *testing.T) {
 	s := startSluice(t, b.url, nil)
 	tr := &http.Transport{DisableKeepAlives: true}
 	defer tr.CloseIdleConnections()
-	client := http.Client{Transport: tr, Timeout: ioTimeout}
+	client := http.Client{Transport: tr, Timeout: wstest.IOTimeout}
 	resp, err := client.Get("http://" + s.addr + "/echo")
 	if err != nil {
 		t.Fatal(err)

@@ -4,19 +4,14 @@
 package integration
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"crypto/rand"
-	"crypto/sha1"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
 	"net"
 	"net/http"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -30,6 +25,7 @@ import (
 	"go.uber.org/goleak"
 
 	"sluice/config"
+	"sluice/internal/wstest"
 	"sluice/proxy"
 )
 
@@ -38,12 +34,6 @@ import (
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
-
-// ioTimeout bounds every read, write and wait, so a failure cannot hang.
-const ioTimeout = 5 * time.Second
-
-// shutdownTimeout bounds the Shutdown that ends each proxy.
-const shutdownTimeout = 10 * time.Second
 
 // sluiceUnderTest is one in-process sluice Server on 127.0.0.1:0.
 type sluiceUnderTest struct {
@@ -140,7 +130,7 @@ func startSluiceEnv(t testing.TB, upstream string, env map[string]string, config
 	srv, addr, serveErr := serveSluice(t, opts)
 	s := &sluiceUnderTest{srv: srv, addr: addr, url: "ws://" + addr, serveErr: serveErr, reg: reg}
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), wstest.ShutdownTimeout)
 		defer cancel()
 		if err := s.shutdown(ctx); err != nil {
 			t.Errorf("sluice Shutdown: %v", err)
@@ -181,7 +171,7 @@ func (s *sluiceUnderTest) shutdown(ctx context.Context) error {
 			if !errors.Is(err, http.ErrServerClosed) && s.shutErr == nil {
 				s.shutErr = fmt.Errorf("Serve returned %v, want http.ErrServerClosed", err)
 			}
-		case <-time.After(ioTimeout):
+		case <-time.After(wstest.IOTimeout):
 			if s.shutErr == nil {
 				s.shutErr = errors.New("Serve did not return after Shutdown")
 			}
@@ -226,14 +216,14 @@ var idCounter atomic.Uint64
 // recorded about it.
 func newID() string { return fmt.Sprintf("c%d", idCounter.Add(1)) }
 
-// recv waits for a value on ch for at most ioTimeout.
+// recv waits for a value on ch for at most wstest.IOTimeout.
 func recv[T any](t testing.TB, ch <-chan T, what string) T {
 	t.Helper()
 	select {
 	case v := <-ch:
 		return v
-	case <-time.After(ioTimeout):
-		t.Fatalf("timed out after %v waiting for %s", ioTimeout, what)
+	case <-time.After(wstest.IOTimeout):
+		t.Fatalf("timed out after %v waiting for %s", wstest.IOTimeout, what)
 	}
 	panic("unreachable")
 }
@@ -283,7 +273,7 @@ func waitGroupWithin(wg *sync.WaitGroup, timeout time.Duration) bool {
 // dialGorilla opens a gorilla/websocket client; the cleanup closes its socket.
 func dialGorilla(t testing.TB, u string, header http.Header) (*gorilla.Conn, *http.Response) {
 	t.Helper()
-	d := gorilla.Dialer{HandshakeTimeout: ioTimeout}
+	d := gorilla.Dialer{HandshakeTimeout: wstest.IOTimeout}
 	c, resp, err := d.Dial(u, header)
 	if err != nil {
 		status := 0
@@ -299,7 +289,7 @@ func dialGorilla(t testing.TB, u string, header http.Header) (*gorilla.Conn, *ht
 // dialCoder opens a coder/websocket client; the cleanup closes its socket.
 func dialCoder(t testing.TB, u string, opts *websocket.DialOptions) *websocket.Conn {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), wstest.IOTimeout)
 	defer cancel()
 	c, _, err := websocket.Dial(ctx, u, opts)
 	if err != nil {
@@ -309,12 +299,12 @@ func dialCoder(t testing.TB, u string, opts *websocket.DialOptions) *websocket.C
 	return c
 }
 
-// echoTimeout bounds one echo of an n-byte message: ioTimeout, plus a
+// echoTimeout bounds one echo of an n-byte message: wstest.IOTimeout, plus a
 // second per MiB for large messages, which the race detector and a busy
 // 2-core machine slow down a lot (the libraries copy every byte; sluice
 // splices).
 func echoTimeout(n int) time.Duration {
-	return ioTimeout + time.Duration(n>>20)*time.Second
+	return wstest.IOTimeout + time.Duration(n>>20)*time.Second
 }
 
 // gorillaEcho writes one message and checks that the same comes back.
@@ -361,10 +351,10 @@ func coderEcho(c *websocket.Conn, typ websocket.MessageType, msg []byte) error {
 // its code and text. gorilla answers the close itself.
 func gorillaReadClose(t testing.TB, c *gorilla.Conn) *gorilla.CloseError {
 	t.Helper()
-	c.SetReadDeadline(time.Now().Add(ioTimeout))
+	c.SetReadDeadline(time.Now().Add(wstest.IOTimeout))
 	_, msg, err := c.ReadMessage()
 	if err == nil {
-		t.Fatalf("got message %q, want a close", truncate(msg))
+		t.Fatalf("got message %q, want a close", wstest.Truncate(msg))
 	}
 	var ce *gorilla.CloseError
 	if !errors.As(err, &ce) {
@@ -385,196 +375,7 @@ func diffBytes(got, want []byte) string {
 	return "equal"
 }
 
-func truncate(b []byte) string {
-	if len(b) > 64 {
-		return string(b[:64]) + "..."
-	}
-	return string(b)
-}
-
 // --- raw frames ------------------------------------------------------------
-
-// rawClient speaks WebSocket frame by frame over a plain socket, so a test
-// controls fragmentation, masking and protocol violations exactly.
-type rawClient struct {
-	conn net.Conn
-	br   *bufio.Reader
-	resp *http.Response
-}
-
-// dialRaw writes an upgrade request for path with the extra header lines
-// (each "Name: value") and reads sluice's 101. Anything written in
-// pipelined goes in the same write as the request.
-func dialRaw(t testing.TB, addr, path string, extra []string, pipelined []byte) *rawClient {
-	t.Helper()
-	conn, err := net.DialTimeout("tcp", addr, ioTimeout)
-	if err != nil {
-		t.Fatalf("dial %s: %v", addr, err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	key := newKey()
-	var req bytes.Buffer
-	fmt.Fprintf(&req, "GET %s HTTP/1.1\r\nHost: %s\r\n", path, addr)
-	hasConnection := false
-	for _, l := range extra {
-		if strings.HasPrefix(strings.ToLower(l), "connection:") {
-			hasConnection = true
-		}
-		req.WriteString(l + "\r\n")
-	}
-	if !hasConnection {
-		req.WriteString("Connection: Upgrade\r\n")
-	}
-	fmt.Fprintf(&req, "Upgrade: websocket\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n", key)
-	req.Write(pipelined)
-	conn.SetDeadline(time.Now().Add(ioTimeout))
-	if _, err := conn.Write(req.Bytes()); err != nil {
-		t.Fatalf("write upgrade request: %v", err)
-	}
-	br := bufio.NewReader(conn)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatalf("read upgrade response: %v", err)
-	}
-	if resp.StatusCode != http.StatusSwitchingProtocols {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
-		t.Fatalf("upgrade answered %s: %q", resp.Status, body)
-	}
-	if got, want := resp.Header.Get("Sec-Websocket-Accept"), acceptKey(key); got != want {
-		t.Fatalf("Sec-WebSocket-Accept = %q, want %q", got, want)
-	}
-	conn.SetDeadline(time.Time{})
-	return &rawClient{conn: conn, br: br, resp: resp}
-}
-
-func newKey() string {
-	var b [16]byte
-	rand.Read(b[:])
-	return base64.StdEncoding.EncodeToString(b[:])
-}
-
-func acceptKey(key string) string {
-	h := sha1.Sum([]byte(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
-	return base64.StdEncoding.EncodeToString(h[:])
-}
-
-// rawFrame is one frame as seen on the wire, payload unmasked.
-type rawFrame struct {
-	Fin     bool
-	Rsv     byte
-	Op      ws.OpCode
-	Masked  bool
-	Payload []byte
-}
-
-func (f rawFrame) String() string {
-	return fmt.Sprintf("{op=%d fin=%v rsv=%d masked=%v len=%d %q}", f.Op, f.Fin, f.Rsv, f.Masked, len(f.Payload), truncate(f.Payload))
-}
-
-// encodeFrame renders f, masking it with a fresh key when f.Masked.
-func encodeFrame(f rawFrame) []byte {
-	h := ws.Header{Fin: f.Fin, Rsv: f.Rsv, OpCode: f.Op, Length: int64(len(f.Payload)), Masked: f.Masked}
-	p := append([]byte(nil), f.Payload...)
-	if f.Masked {
-		h.Mask = ws.NewMask()
-		ws.Cipher(p, h.Mask, 0)
-	}
-	var b bytes.Buffer
-	ws.WriteHeader(&b, h)
-	b.Write(p)
-	return b.Bytes()
-}
-
-// maxRawPayload bounds what readFrame allocates on a peer's word.
-const maxRawPayload = 64 << 20
-
-// readFrame reads one frame from r.
-func readFrame(r io.Reader) (rawFrame, error) {
-	h, err := ws.ReadHeader(r)
-	if err != nil {
-		return rawFrame{}, err
-	}
-	if h.Length > maxRawPayload {
-		return rawFrame{}, fmt.Errorf("frame of %d bytes is too long for the test", h.Length)
-	}
-	p := make([]byte, h.Length)
-	if _, err := io.ReadFull(r, p); err != nil {
-		return rawFrame{}, err
-	}
-	if h.Masked {
-		ws.Cipher(p, h.Mask, 0)
-	}
-	return rawFrame{Fin: h.Fin, Rsv: h.Rsv, Op: h.OpCode, Masked: h.Masked, Payload: p}, nil
-}
-
-func (c *rawClient) write(t testing.TB, frames ...rawFrame) {
-	t.Helper()
-	var b []byte
-	for _, f := range frames {
-		b = append(b, encodeFrame(f)...)
-	}
-	c.conn.SetWriteDeadline(time.Now().Add(ioTimeout))
-	if _, err := c.conn.Write(b); err != nil {
-		t.Fatalf("raw write: %v", err)
-	}
-}
-
-func (c *rawClient) read(t testing.TB) rawFrame {
-	t.Helper()
-	c.conn.SetReadDeadline(time.Now().Add(ioTimeout))
-	f, err := readFrame(c.br)
-	if err != nil {
-		t.Fatalf("raw read: %v", err)
-	}
-	return f
-}
-
-// readClose reads frames until a close frame and returns its code and
-// reason; data frames before it fail the test.
-func (c *rawClient) readClose(t testing.TB) (ws.StatusCode, string) {
-	t.Helper()
-	for {
-		f := c.read(t)
-		switch f.Op {
-		case ws.OpPing, ws.OpPong:
-			continue
-		case ws.OpClose:
-			if f.Masked {
-				t.Errorf("close frame from sluice is masked")
-			}
-			if len(f.Payload) < 2 {
-				return ws.StatusNoStatusRcvd, ""
-			}
-			code, reason := ws.ParseCloseFrameData(f.Payload)
-			return code, reason
-		default:
-			t.Fatalf("got %v, want a close frame", f)
-		}
-	}
-}
-
-// expectEOF checks that the peer closes the socket within ioTimeout.
-func (c *rawClient) expectEOF(t testing.TB) {
-	t.Helper()
-	c.conn.SetReadDeadline(time.Now().Add(ioTimeout))
-	var buf [512]byte
-	for {
-		n, err := c.br.Read(buf[:])
-		if err != nil {
-			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !isReset(err) {
-				t.Fatalf("socket not closed by sluice: %v", err)
-			}
-			return
-		}
-		if n > 0 {
-			t.Fatalf("got %d more bytes after the close frame: %q", n, buf[:n])
-		}
-	}
-}
-
-func isReset(err error) bool {
-	return err != nil && strings.Contains(err.Error(), "connection reset")
-}
 
 func closePayload(code ws.StatusCode, reason string) []byte {
 	return ws.NewCloseFrameBody(code, reason)

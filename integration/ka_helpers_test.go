@@ -18,16 +18,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"sluice/internal/wstest"
 	"sluice/proxy"
 )
-
-// kaWait bounds every wait of these tests, so that a failure cannot hang.
-const kaWait = 5 * time.Second
 
 // --- gorilla backend ----------------------------------------------------------
 
@@ -90,7 +87,7 @@ func kaStartBackend(t testing.TB, serve func(c *kaBConn)) *kaBackend {
 	}
 	up := gorilla.Upgrader{CheckOrigin: func(*http.Request) bool { return true }}
 	b.srv = &http.Server{
-		ReadHeaderTimeout: kaWait,
+		ReadHeaderTimeout: wstest.IOTimeout,
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			b.mu.Lock()
 			if b.closed {
@@ -152,7 +149,7 @@ func kaEcho(c *kaBConn) {
 			c.Ended <- kaLegEndOf(err)
 			return
 		}
-		c.SetWriteDeadline(time.Now().Add(kaWait))
+		c.SetWriteDeadline(time.Now().Add(wstest.IOTimeout))
 		if err := c.WriteMessage(typ, msg); err != nil {
 			c.Ended <- kaLegEndOf(err)
 			return
@@ -304,7 +301,7 @@ func (r *kaRelay) relayAcceptor() {
 		if err != nil {
 			return
 		}
-		up, err := net.DialTimeout("tcp", r.target, kaWait)
+		up, err := net.DialTimeout("tcp", r.target, wstest.IOTimeout)
 		if err != nil {
 			down.Close()
 			continue
@@ -364,115 +361,23 @@ func (r *kaRelay) relayCopier(dst, src net.Conn, last *atomic.Int64, cut func(id
 
 // --- a backend that goes deaf after the upgrade ---------------------------------
 
-// kaDeafBackend is a raw gobwas/ws server that completes the upgrade and
-// then reads nothing and writes nothing: a hung backend.
-type kaDeafBackend struct {
-	URL   string
-	Conns chan net.Conn // each upgraded connection, for the test to inspect
-	ln    net.Listener
-	wg    sync.WaitGroup
-
-	mu    sync.Mutex
-	conns []net.Conn // guarded by mu
-}
-
-func kaStartDeafBackend(t testing.TB) *kaDeafBackend {
+// kaStartDeafBackend starts a backend that completes the upgrade and then
+// reads nothing and writes nothing: a hung backend. Each upgraded
+// connection goes to conns, for the test to inspect, and stays open until
+// the test ends.
+func kaStartDeafBackend(t testing.TB) (url string, conns <-chan net.Conn) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("deaf backend listen: %v", err)
-	}
-	b := &kaDeafBackend{URL: "ws://" + ln.Addr().String(), Conns: make(chan net.Conn, 16), ln: ln}
-	b.wg.Add(1)
-	go func() {
-		defer b.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			b.mu.Lock()
-			b.conns = append(b.conns, c)
-			b.mu.Unlock()
-			c.SetDeadline(time.Now().Add(kaWait))
-			if _, err := ws.Upgrade(c); err != nil {
-				c.Close()
-				continue
-			}
-			c.SetDeadline(time.Time{})
-			nonBlockingSend(b.Conns, c)
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		b.wg.Wait()
-		b.mu.Lock()
-		for _, c := range b.conns {
-			c.Close()
-		}
-		b.mu.Unlock()
+	ch := make(chan net.Conn, 16)
+	b := wstest.ServeRaw(t, wstest.RawOptions{}, func(c *wstest.RawConn) {
+		nonBlockingSend(ch, net.Conn(c))
+		<-t.Context().Done()
 	})
-	return b
+	return "ws://" + b.Addr, ch
 }
 
-// kaFrame is one frame read by a raw peer, unmasked.
-type kaFrame struct {
-	Op      ws.OpCode
-	Masked  bool
-	Payload []byte
-}
-
-// kaReadFrames reads frames from r until a close frame (included) or an
-// error, within kaWait; it returns the frames and the error that ended the
-// reading, nil after a close frame.
-func kaReadFrames(c net.Conn, r io.Reader) ([]kaFrame, error) {
-	if r == nil {
-		r = c
-	}
-	c.SetReadDeadline(time.Now().Add(kaWait))
-	defer c.SetReadDeadline(time.Time{})
-	var out []kaFrame
-	for {
-		h, payload, err := kaReadFrame(r)
-		if err != nil {
-			return out, err
-		}
-		if h.Masked {
-			ws.Cipher(payload, h.Mask, 0)
-		}
-		out = append(out, kaFrame{Op: h.OpCode, Masked: h.Masked, Payload: payload})
-		if h.OpCode == ws.OpClose {
-			return out, nil
-		}
-	}
-}
-
-// kaMaxFrame bounds the payload kaReadFrame accepts: the keepalive tests
+// kaMaxFrame bounds the payload the keepalive tests read: the keepalive tests
 // see pings, pongs, closes and short messages only.
 const kaMaxFrame = 1 << 20
-
-// kaReadFrame reads one frame's header and, once its length is checked,
-// its payload, still masked if it was.
-func kaReadFrame(r io.Reader) (ws.Header, []byte, error) {
-	h, err := ws.ReadHeader(r)
-	if err != nil {
-		return h, nil, err
-	}
-	if h.Length > kaMaxFrame {
-		return h, nil, fmt.Errorf("frame of %d bytes, more than the %d a keepalive test expects", h.Length, kaMaxFrame)
-	}
-	payload := make([]byte, h.Length)
-	if _, err := io.ReadFull(r, payload); err != nil {
-		return h, nil, err
-	}
-	return h, payload, nil
-}
-
-// kaCloseOf parses the payload of a close frame.
-func kaCloseOf(f kaFrame) (ws.StatusCode, string) {
-	code, reason := ws.ParseCloseFrameData(f.Payload)
-	return code, reason
-}
 
 // kaReader returns the reader a gobwas client must read from: the bytes
 // buffered during the handshake first, if any.
@@ -492,21 +397,6 @@ func kaCountPrefix(payloads []string, prefix string) int {
 		}
 	}
 	return n
-}
-
-// kaReadFramesN reads exactly n frames from r within kaWait.
-func kaReadFramesN(c interface{ SetReadDeadline(time.Time) error }, r io.Reader, n int) ([]kaFrame, error) {
-	c.SetReadDeadline(time.Now().Add(kaWait))
-	defer c.SetReadDeadline(time.Time{})
-	var out []kaFrame
-	for range n {
-		h, payload, err := kaReadFrame(r)
-		if err != nil {
-			return out, err
-		}
-		out = append(out, kaFrame{Op: h.OpCode, Masked: h.Masked, Payload: payload})
-	}
-	return out, nil
 }
 
 // kaClosedPort returns a 127.0.0.1 address nothing listens on: a port the

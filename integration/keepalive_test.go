@@ -16,6 +16,7 @@ import (
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
 
+	"sluice/internal/wstest"
 	"sluice/keepalive"
 	"sluice/proxy"
 )
@@ -56,7 +57,7 @@ func TestKAIdleMiddlebox(t *testing.T) {
 		})
 		relay := kaStartRelay(t, sl.Addr, idle)
 
-		ctx, cancel := context.WithTimeout(context.Background(), kaWait)
+		ctx, cancel := context.WithTimeout(context.Background(), wstest.IOTimeout)
 		defer cancel()
 		c, _, err := websocket.Dial(ctx, "ws://"+relay.Addr+"/idle", nil)
 		if err != nil {
@@ -96,7 +97,7 @@ func TestKAIdleMiddlebox(t *testing.T) {
 		sl := kaStartSluice(t, be.URL, nil)
 		relay := kaStartRelay(t, sl.Addr, idle)
 
-		ctx, cancel := context.WithTimeout(context.Background(), kaWait)
+		ctx, cancel := context.WithTimeout(context.Background(), wstest.IOTimeout)
 		defer cancel()
 		c, _, err := websocket.Dial(ctx, "ws://"+relay.Addr+"/idle", nil)
 		if err != nil {
@@ -148,9 +149,9 @@ func TestKAUnresponsiveClientEvicted(t *testing.T) {
 		be := kaStartBackend(t, nil)
 		sl := kaStartSluice(t, be.URL, configure)
 
-		ctx, cancel := context.WithTimeout(context.Background(), kaWait)
+		ctx, cancel := context.WithTimeout(context.Background(), wstest.IOTimeout)
 		defer cancel()
-		conn, br, _, err := ws.Dialer{Timeout: kaWait}.Dial(ctx, sl.URL+"/silent")
+		conn, br, _, err := ws.Dialer{Timeout: wstest.IOTimeout}.Dial(ctx, sl.URL+"/silent")
 		if err != nil {
 			t.Fatalf("gobwas dial: %v", err)
 		}
@@ -170,7 +171,7 @@ func TestKAUnresponsiveClientEvicted(t *testing.T) {
 		}
 
 		// Now read what sluice sent: its pings, then the close frame.
-		frames, err := kaReadFrames(conn, kaReader(conn, br))
+		frames, err := wstest.ReadFrames(conn, kaReader(conn, br), -1, kaMaxFrame)
 		if err != nil {
 			t.Fatalf("reading the evicted client's socket: %v (frames so far %d)", err, len(frames))
 		}
@@ -185,7 +186,7 @@ func TestKAUnresponsiveClientEvicted(t *testing.T) {
 		if pings == 0 {
 			t.Errorf("sluice closed the client without pinging it first")
 		}
-		code, reason := kaCloseOf(frames[len(frames)-1])
+		code, reason := wstest.CloseOf(frames[len(frames)-1])
 		if code != ws.StatusGoingAway || reason != "pong timeout" {
 			t.Errorf("client close = %d %q, want 1001 \"pong timeout\"", code, reason)
 		}
@@ -202,7 +203,7 @@ func TestKAUnresponsiveClientEvicted(t *testing.T) {
 		be := kaStartBackend(t, nil)
 		sl := kaStartSluice(t, be.URL, configure)
 
-		d := gorilla.Dialer{HandshakeTimeout: kaWait}
+		d := gorilla.Dialer{HandshakeTimeout: wstest.IOTimeout}
 		c, _, err := d.Dial(sl.URL+"/deaf", nil)
 		if err != nil {
 			t.Fatalf("gorilla dial: %v", err)
@@ -213,7 +214,7 @@ func TestKAUnresponsiveClientEvicted(t *testing.T) {
 		c.SetPingHandler(func(p string) error { pings = append(pings, p); return nil })
 		done := make(chan error, 1)
 		go func() {
-			c.SetReadDeadline(time.Now().Add(kaWait))
+			c.SetReadDeadline(time.Now().Add(wstest.IOTimeout))
 			for {
 				if _, _, err := c.ReadMessage(); err != nil {
 					done <- err
@@ -265,7 +266,7 @@ func TestKAOwnPongsNotForwarded(t *testing.T) {
 		o.Keepalive = keepalive.Config{Interval: kaInterval, Timeout: kaTimeout}
 	})
 
-	d := gorilla.Dialer{HandshakeTimeout: kaWait}
+	d := gorilla.Dialer{HandshakeTimeout: wstest.IOTimeout}
 	c, _, err := d.Dial(sl.URL+"/pongs", nil)
 	if err != nil {
 		t.Fatalf("gorilla dial: %v", err)
@@ -296,7 +297,7 @@ func TestKAOwnPongsNotForwarded(t *testing.T) {
 	// waitBackendPongs waits until the backend has seen n "backend-ping" pongs.
 	waitBackendPongs := func(n int) {
 		t.Helper()
-		deadline := time.Now().Add(kaWait)
+		deadline := time.Now().Add(wstest.IOTimeout)
 		for {
 			mu.Lock()
 			got := kaCountPrefix(backendPongs, "backend-ping")
@@ -371,12 +372,12 @@ func TestKAOwnPongsNotForwarded(t *testing.T) {
 // the backend a 1001 "pong timeout".
 func TestKAUpstreamPongTimeout(t *testing.T) {
 	const upInterval, upTimeout = 200 * time.Millisecond, 100 * time.Millisecond
-	be := kaStartDeafBackend(t)
-	sl := kaStartSluice(t, be.URL, func(o *proxy.Options) {
+	beURL, beConns := kaStartDeafBackend(t)
+	sl := kaStartSluice(t, beURL, func(o *proxy.Options) {
 		o.UpstreamKeepalive = keepalive.Config{Interval: upInterval, Timeout: upTimeout}
 	})
 
-	ctx, cancel := context.WithTimeout(context.Background(), kaWait)
+	ctx, cancel := context.WithTimeout(context.Background(), wstest.IOTimeout)
 	defer cancel()
 	c, _, err := websocket.Dial(ctx, sl.URL+"/hung", nil)
 	if err != nil {
@@ -386,15 +387,15 @@ func TestKAUpstreamPongTimeout(t *testing.T) {
 	began := time.Now()
 	msgs, done := make(chan []byte, 4), make(chan error, 1)
 	go kaCoderReader(c, msgs, done)
-	up := recv(t, be.Conns, "the upstream connection")
+	up := recv(t, beConns, "the upstream connection")
 
 	var readErr error
 	select {
 	case readErr = <-done:
 	case m := <-msgs:
 		t.Fatalf("unexpected message %q", m)
-	case <-time.After(kaWait):
-		t.Fatalf("client not closed %v after its backend went deaf", kaWait)
+	case <-time.After(wstest.IOTimeout):
+		t.Fatalf("client not closed %v after its backend went deaf", wstest.IOTimeout)
 	}
 	took := time.Since(began)
 	if code := websocket.CloseStatus(readErr); code != websocket.StatusBadGateway {
@@ -404,7 +405,7 @@ func TestKAUpstreamPongTimeout(t *testing.T) {
 		t.Errorf("client closed %v after the handshake, want within %v", took, bound)
 	}
 
-	frames, err := kaReadFrames(up, nil)
+	frames, err := wstest.ReadFrames(up, nil, -1, kaMaxFrame)
 	if err != nil {
 		t.Fatalf("reading the deaf backend's socket: %v (frames so far %d)", err, len(frames))
 	}
@@ -416,7 +417,7 @@ func TestKAUpstreamPongTimeout(t *testing.T) {
 	if len(frames) < 2 {
 		t.Errorf("upstream got %d frames, want at least one ping before the close", len(frames))
 	}
-	if code, reason := kaCloseOf(frames[len(frames)-1]); code != ws.StatusGoingAway || reason != "pong timeout" {
+	if code, reason := wstest.CloseOf(frames[len(frames)-1]); code != ws.StatusGoingAway || reason != "pong timeout" {
 		t.Errorf("upstream close = %d %q, want 1001 \"pong timeout\"", code, reason)
 	}
 	if n := sl.MetricSoon(t, "sluice_upstream_pong_timeouts_total", nil, 1); n != 1 {

@@ -17,6 +17,7 @@ import (
 	gorilla "github.com/gorilla/websocket"
 	"github.com/rs/zerolog"
 
+	"sluice/internal/wstest"
 	"sluice/proxy"
 )
 
@@ -70,7 +71,7 @@ func TestManyConcurrentSessions(t *testing.T) {
 		go func() {
 			defer finished.Done()
 			dialSlots <- struct{}{}
-			d := gorilla.Dialer{HandshakeTimeout: ioTimeout}
+			d := gorilla.Dialer{HandshakeTimeout: wstest.IOTimeout}
 			c, _, err := d.Dial(s.url+"/echo", nil)
 			<-dialSlots
 			if err != nil {
@@ -99,8 +100,8 @@ func TestManyConcurrentSessions(t *testing.T) {
 					return
 				}
 			}
-			c.WriteControl(gorilla.CloseMessage, gorilla.FormatCloseMessage(1000, ""), time.Now().Add(ioTimeout))
-			c.SetReadDeadline(time.Now().Add(ioTimeout))
+			c.WriteControl(gorilla.CloseMessage, gorilla.FormatCloseMessage(1000, ""), time.Now().Add(wstest.IOTimeout))
+			c.SetReadDeadline(time.Now().Add(wstest.IOTimeout))
 			_, _, err = c.ReadMessage()
 			var ce *gorilla.CloseError
 			if !errors.As(err, &ce) || ce.Code != 1000 {
@@ -115,7 +116,7 @@ func TestManyConcurrentSessions(t *testing.T) {
 	}
 	close(proceed)
 	finished.Wait()
-	waitFor(t, ioTimeout, "Sessions() to reach 0 after every client closed", func() bool { return s.srv.Sessions() == 0 })
+	waitFor(t, wstest.IOTimeout, "Sessions() to reach 0 after every client closed", func() bool { return s.srv.Sessions() == 0 })
 }
 
 // TestShutdownDrain: Shutdown sends 1001 to 100 live clients and to each of
@@ -142,7 +143,7 @@ func TestShutdownDrain(t *testing.T) {
 			readers.Add(1)
 			go func() {
 				defer readers.Done()
-				c.SetReadDeadline(time.Now().Add(shutdownTimeout))
+				c.SetReadDeadline(time.Now().Add(wstest.ShutdownTimeout))
 				_, _, err := c.ReadMessage()
 				var ce *gorilla.CloseError
 				if !errors.As(err, &ce) || ce.Code != gorilla.CloseGoingAway {
@@ -159,7 +160,7 @@ func TestShutdownDrain(t *testing.T) {
 			readers.Add(1)
 			go func() {
 				defer readers.Done()
-				ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+				ctx, cancel := context.WithTimeout(context.Background(), wstest.ShutdownTimeout)
 				defer cancel()
 				_, _, err := c.Read(ctx)
 				if code := websocket.CloseStatus(err); code != websocket.StatusGoingAway {
@@ -200,7 +201,7 @@ func TestShutdownDrain(t *testing.T) {
 		}
 	}
 	// A new client finds nobody listening.
-	d := gorilla.Dialer{HandshakeTimeout: ioTimeout}
+	d := gorilla.Dialer{HandshakeTimeout: wstest.IOTimeout}
 	if c, _, err := d.Dial(s.url+"/echo", nil); err == nil {
 		c.Close()
 		t.Errorf("dial after Shutdown succeeded")
@@ -235,7 +236,7 @@ func TestShutdownWaitsForHandshakeInFlight(t *testing.T) {
 		}
 		client := make(chan outcome, 1)
 		go func() {
-			d := gorilla.Dialer{HandshakeTimeout: ioTimeout}
+			d := gorilla.Dialer{HandshakeTimeout: wstest.IOTimeout}
 			c, resp, err := d.Dial(s.url+"/hold?id="+id, nil)
 			if err != nil {
 				o := outcome{dialErr: err}
@@ -246,7 +247,7 @@ func TestShutdownWaitsForHandshakeInFlight(t *testing.T) {
 				return
 			}
 			defer c.Close()
-			c.SetReadDeadline(time.Now().Add(ioTimeout))
+			c.SetReadDeadline(time.Now().Add(wstest.IOTimeout))
 			_, _, err = c.ReadMessage() // gorilla answers the close
 			var ce *gorilla.CloseError
 			errors.As(err, &ce)
@@ -256,14 +257,14 @@ func TestShutdownWaitsForHandshakeInFlight(t *testing.T) {
 		recvClosed(t, uc.arrived, "the upgrade request at the backend")
 		shut := make(chan error, 1)
 		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), wstest.ShutdownTimeout)
 			defer cancel()
 			shut <- s.shutdown(ctx)
 		}()
 		// Release the backend as soon as Shutdown has begun, while
 		// net/http's Shutdown polls its connections at the shortest
 		// interval. Draining is the only sign; spin on it.
-		for deadline := time.Now().Add(ioTimeout); !s.srv.Draining(); runtime.Gosched() {
+		for deadline := time.Now().Add(wstest.IOTimeout); !s.srv.Draining(); runtime.Gosched() {
 			if time.Now().After(deadline) {
 				t.Fatal("Shutdown never began")
 			}
@@ -290,7 +291,7 @@ func TestShutdownWaitsForHandshakeInFlight(t *testing.T) {
 			t.Errorf("round %d: when Shutdown returned, %d sessions had opened and %d closed; %d had opened once the client finished. "+
 				"Shutdown must wait for a session whose handshake was in flight", round, openedAtReturn, closedAtReturn, openedAfter)
 			// Let the stray session end before the next test.
-			waitFor(t, 2*ioTimeout, "the stray session to close", func() bool {
+			waitFor(t, 2*wstest.IOTimeout, "the stray session to close", func() bool {
 				o, c := events.counts()
 				return o == c
 			})
@@ -329,7 +330,7 @@ func recvClosed(t testing.TB, ch <-chan struct{}, what string) {
 	t.Helper()
 	select {
 	case <-ch:
-	case <-time.After(ioTimeout):
-		t.Fatalf("timed out after %v waiting for %s", ioTimeout, what)
+	case <-time.After(wstest.IOTimeout):
+		t.Fatalf("timed out after %v waiting for %s", wstest.IOTimeout, what)
 	}
 }

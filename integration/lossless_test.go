@@ -5,7 +5,6 @@ package integration
 // without a reset while the peers behave.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/hex"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/gobwas/ws"
 
+	"sluice/internal/wstest"
 	"sluice/proxy"
 )
 
@@ -31,7 +31,7 @@ func pingBurst(n int, masked bool) ([]byte, [][]byte) {
 	for i := range n {
 		p := []byte(fmt.Sprintf("ping-%04d", i))
 		payloads = append(payloads, p)
-		wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpPing, Masked: masked, Payload: p})...)
+		wire = append(wire, wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpPing, Masked: masked, Payload: p})...)
 	}
 	return wire, payloads
 }
@@ -50,26 +50,26 @@ func TestPingBurstFromClient(t *testing.T) {
 		{"10 in octet-wise chops", 10, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialRaw(t, s.addr, "/echo", nil, nil)
+			c := wstest.Dial(t, s.addr, "/echo", nil, nil)
 			wire, payloads := pingBurst(tc.n, true)
-			c.conn.SetWriteDeadline(time.Now().Add(ioTimeout))
+			c.Conn.SetWriteDeadline(time.Now().Add(wstest.IOTimeout))
 			if tc.chops {
 				for i := range wire {
-					if _, err := c.conn.Write(wire[i : i+1]); err != nil {
+					if _, err := c.Conn.Write(wire[i : i+1]); err != nil {
 						t.Fatalf("write byte %d: %v", i, err)
 					}
 				}
-			} else if _, err := c.conn.Write(wire); err != nil {
+			} else if _, err := c.Conn.Write(wire); err != nil {
 				t.Fatalf("write: %v", err)
 			}
 			for i, want := range payloads {
-				f := c.read(t)
+				f := c.Read(t)
 				if f.Op != ws.OpPong || !bytes.Equal(f.Payload, want) {
 					t.Fatalf("frame %d = %v, want a pong %q", i, f, want)
 				}
 			}
-			c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "")})
-			if code, _ := c.readClose(t); code != 1000 {
+			c.Write(t, wstest.Frame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "")})
+			if code, _ := c.ReadClose(t); code != 1000 {
 				t.Fatalf("close %d, want 1000", code)
 			}
 			expectCleanEOF(t, c)
@@ -83,14 +83,14 @@ func TestPingBurstFromBackend(t *testing.T) {
 	const n = 1000
 	wire, payloads := pingBurst(n, false)
 	pongs := make(chan error, 1)
-	addr := serveRawBackend(t, func(conn net.Conn, br *bufio.Reader) {
-		conn.SetDeadline(time.Now().Add(2 * ioTimeout))
+	addr := wstest.ServeRaw(t, wstest.RawOptions{}, func(conn *wstest.RawConn) {
+		conn.SetDeadline(time.Now().Add(2 * wstest.IOTimeout))
 		if _, err := conn.Write(wire); err != nil {
 			pongs <- err
 			return
 		}
 		for i, want := range payloads {
-			f, err := readFrame(br)
+			f, err := wstest.ReadFrame(conn.BR)
 			if err != nil {
 				pongs <- fmt.Errorf("pong %d: %w", i, err)
 				return
@@ -101,28 +101,28 @@ func TestPingBurstFromBackend(t *testing.T) {
 			}
 		}
 		pongs <- nil
-		readFrame(br) // the client's close
-		conn.Write(encodeFrame(rawFrame{Fin: true, Op: ws.OpClose, Payload: closePayload(1000, "")}))
-	})
+		wstest.ReadFrame(conn.BR) // the client's close
+		conn.Write(wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpClose, Payload: closePayload(1000, "")}))
+	}).Addr
 	s := startSluice(t, "ws://"+addr, nil)
-	c := dialRaw(t, s.addr, "/", nil, nil)
+	c := wstest.Dial(t, s.addr, "/", nil, nil)
 	var answers []byte
 	for i, want := range payloads {
-		f := c.read(t)
+		f := c.Read(t)
 		if f.Op != ws.OpPing || !bytes.Equal(f.Payload, want) {
 			t.Fatalf("frame %d = %v, want a ping %q", i, f, want)
 		}
-		answers = append(answers, encodeFrame(rawFrame{Fin: true, Op: ws.OpPong, Masked: true, Payload: f.Payload})...)
+		answers = append(answers, wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpPong, Masked: true, Payload: f.Payload})...)
 	}
-	c.conn.SetWriteDeadline(time.Now().Add(ioTimeout))
-	if _, err := c.conn.Write(answers); err != nil {
+	c.Conn.SetWriteDeadline(time.Now().Add(wstest.IOTimeout))
+	if _, err := c.Conn.Write(answers); err != nil {
 		t.Fatalf("write pongs: %v", err)
 	}
 	if err := <-pongs; err != nil {
 		t.Fatalf("backend: %v", err)
 	}
-	c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "")})
-	if code, _ := c.readClose(t); code != 1000 {
+	c.Write(t, wstest.Frame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "")})
+	if code, _ := c.ReadClose(t); code != 1000 {
 		t.Fatalf("close %d, want 1000", code)
 	}
 	expectCleanEOF(t, c)
@@ -137,38 +137,38 @@ func TestProtocolErrorAfterData(t *testing.T) {
 	s := startSluice(t, b.url, nil)
 	bad := []struct {
 		name  string
-		frame rawFrame
+		frame wstest.Frame
 	}{
-		{"rsv1", rawFrame{Fin: true, Rsv: 4, Op: ws.OpText, Masked: true, Payload: []byte("x")}},
-		{"rsv2", rawFrame{Fin: true, Rsv: 2, Op: ws.OpText, Masked: true, Payload: []byte("x")}},
-		{"rsv3", rawFrame{Fin: true, Rsv: 1, Op: ws.OpBinary, Masked: true, Payload: []byte("x")}},
-		{"opcode 3", rawFrame{Fin: true, Op: 3, Masked: true}},
-		{"opcode 7", rawFrame{Fin: true, Op: 7, Masked: true}},
-		{"opcode 0xB", rawFrame{Fin: true, Op: 0xB, Masked: true}},
-		{"opcode 0xF", rawFrame{Fin: true, Op: 0xF, Masked: true}},
-		{"lone continuation", rawFrame{Fin: true, Op: ws.OpContinuation, Masked: true, Payload: []byte("x")}},
-		{"unmasked", rawFrame{Fin: true, Op: ws.OpText, Payload: []byte("x")}},
-		{"fragmented ping", rawFrame{Fin: false, Op: ws.OpPing, Masked: true}},
+		{"rsv1", wstest.Frame{Fin: true, Rsv: 4, Op: ws.OpText, Masked: true, Payload: []byte("x")}},
+		{"rsv2", wstest.Frame{Fin: true, Rsv: 2, Op: ws.OpText, Masked: true, Payload: []byte("x")}},
+		{"rsv3", wstest.Frame{Fin: true, Rsv: 1, Op: ws.OpBinary, Masked: true, Payload: []byte("x")}},
+		{"opcode 3", wstest.Frame{Fin: true, Op: 3, Masked: true}},
+		{"opcode 7", wstest.Frame{Fin: true, Op: 7, Masked: true}},
+		{"opcode 0xB", wstest.Frame{Fin: true, Op: 0xB, Masked: true}},
+		{"opcode 0xF", wstest.Frame{Fin: true, Op: 0xF, Masked: true}},
+		{"lone continuation", wstest.Frame{Fin: true, Op: ws.OpContinuation, Masked: true, Payload: []byte("x")}},
+		{"unmasked", wstest.Frame{Fin: true, Op: ws.OpText, Payload: []byte("x")}},
+		{"fragmented ping", wstest.Frame{Fin: false, Op: ws.OpPing, Masked: true}},
 	}
 	for _, tc := range bad {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialRaw(t, s.addr, "/echo", nil, nil)
+			c := wstest.Dial(t, s.addr, "/echo", nil, nil)
 			msg := []byte("before the bad frame: " + tc.name)
 			var wire []byte
-			wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Masked: true, Payload: msg})...)
-			wire = append(wire, encodeFrame(tc.frame)...)
+			wire = append(wire, wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpText, Masked: true, Payload: msg})...)
+			wire = append(wire, wstest.Encode(tc.frame)...)
 			// More after the bad frame: sluice must read it away, not
 			// close on it with a reset.
-			wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Masked: true, Payload: bytes.Repeat([]byte("z"), 4096)})...)
-			c.conn.SetWriteDeadline(time.Now().Add(ioTimeout))
-			if _, err := c.conn.Write(wire); err != nil {
+			wire = append(wire, wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpText, Masked: true, Payload: bytes.Repeat([]byte("z"), 4096)})...)
+			c.Conn.SetWriteDeadline(time.Now().Add(wstest.IOTimeout))
+			if _, err := c.Conn.Write(wire); err != nil {
 				t.Fatalf("write: %v", err)
 			}
-			f := c.read(t)
+			f := c.Read(t)
 			if f.Op != ws.OpText || !bytes.Equal(f.Payload, msg) {
 				t.Fatalf("first frame = %v, want the echo %q", f, msg)
 			}
-			if code, _ := c.readClose(t); code != ws.StatusProtocolError {
+			if code, _ := c.ReadClose(t); code != ws.StatusProtocolError {
 				t.Fatalf("close %d, want 1002", code)
 			}
 			expectCleanEOF(t, c)
@@ -181,11 +181,11 @@ func TestProtocolErrorAfterData(t *testing.T) {
 func TestShutdownDeliversInFlight(t *testing.T) {
 	const burst = 50 // within the client queue's 100 messages
 	got := make(chan string, 1)
-	addr := serveRawBackend(t, func(conn net.Conn, br *bufio.Reader) {
-		conn.SetDeadline(time.Now().Add(2 * ioTimeout))
+	addr := wstest.ServeRaw(t, wstest.RawOptions{}, func(conn *wstest.RawConn) {
+		conn.SetDeadline(time.Now().Add(2 * wstest.IOTimeout))
 		// Wait for sluice's close, then send a burst before answering it:
 		// all of it was sent before the backend learned of the end.
-		f, err := readFrame(br)
+		f, err := wstest.ReadFrame(conn.BR)
 		if err != nil || f.Op != ws.OpClose {
 			got <- fmt.Sprintf("want sluice's close, got %v %v", f, err)
 			return
@@ -194,31 +194,31 @@ func TestShutdownDeliversInFlight(t *testing.T) {
 		got <- fmt.Sprint(code)
 		var wire []byte
 		for i := range burst {
-			wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Payload: fmt.Appendf(nil, "late-%d", i)})...)
+			wire = append(wire, wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpText, Payload: fmt.Appendf(nil, "late-%d", i)})...)
 		}
-		wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpClose, Payload: closePayload(1000, "")})...)
+		wire = append(wire, wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpClose, Payload: closePayload(1000, "")})...)
 		conn.Write(wire)
-		io.Copy(io.Discard, br) // until sluice closes
-	})
+		io.Copy(io.Discard, conn.BR) // until sluice closes
+	}).Addr
 	s := startSluice(t, "ws://"+addr, func(o *proxy.Options) { o.CloseTimeout = 4 * time.Second })
-	c := dialRaw(t, s.addr, "/", nil, nil)
-	waitFor(t, ioTimeout, "the session", func() bool { return s.srv.Sessions() == 1 })
+	c := wstest.Dial(t, s.addr, "/", nil, nil)
+	waitFor(t, wstest.IOTimeout, "the session", func() bool { return s.srv.Sessions() == 1 })
 	shut := make(chan error, 1)
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), wstest.ShutdownTimeout)
 		defer cancel()
 		shut <- s.shutdown(ctx)
 	}()
 	for i := range burst {
-		f := c.read(t)
+		f := c.Read(t)
 		if want := fmt.Sprintf("late-%d", i); f.Op != ws.OpText || string(f.Payload) != want {
 			t.Fatalf("frame %d = %v, want %q", i, f, want)
 		}
 	}
-	if code, _ := c.readClose(t); code != ws.StatusGoingAway {
+	if code, _ := c.ReadClose(t); code != ws.StatusGoingAway {
 		t.Fatalf("close %d, want 1001", code)
 	}
-	c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1001, "")})
+	c.Write(t, wstest.Frame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1001, "")})
 	expectCleanEOF(t, c)
 	if err := <-shut; err != nil {
 		t.Fatalf("shutdown: %v", err)
@@ -232,44 +232,44 @@ func TestShutdownDeliversInFlight(t *testing.T) {
 // TIME_WAIT stays on its side: sluice waits for its FIN.
 func TestUpstreamClosesTCPFirst(t *testing.T) {
 	sawEOF := make(chan error, 1)
-	addr := serveRawBackend(t, func(conn net.Conn, br *bufio.Reader) {
-		conn.SetDeadline(time.Now().Add(ioTimeout))
-		f, err := readFrame(br)
+	addr := wstest.ServeRaw(t, wstest.RawOptions{}, func(conn *wstest.RawConn) {
+		conn.SetDeadline(time.Now().Add(wstest.IOTimeout))
+		f, err := wstest.ReadFrame(conn.BR)
 		if err != nil || f.Op != ws.OpClose {
 			sawEOF <- fmt.Errorf("want the client's close, got %v %v", f, err)
 			return
 		}
-		conn.Write(encodeFrame(rawFrame{Fin: true, Op: ws.OpClose, Payload: f.Payload}))
+		conn.Write(wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpClose, Payload: f.Payload}))
 		// A server closes first: before it does, sluice must not have.
 		var one [1]byte
 		conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-		if _, err := br.Read(one[:]); !errors.Is(err, os.ErrDeadlineExceeded) {
+		if _, err := conn.BR.Read(one[:]); !errors.Is(err, os.ErrDeadlineExceeded) {
 			sawEOF <- fmt.Errorf("sluice closed the upstream connection before the backend did: %v", err)
 			return
 		}
 		sawEOF <- nil
-	})
+	}).Addr
 	s := startSluice(t, "ws://"+addr, nil)
-	c := dialRaw(t, s.addr, "/", nil, nil)
-	c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "bye")})
-	if code, _ := c.readClose(t); code != 1000 {
+	c := wstest.Dial(t, s.addr, "/", nil, nil)
+	c.Write(t, wstest.Frame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "bye")})
+	if code, _ := c.ReadClose(t); code != 1000 {
 		t.Fatalf("close %d, want 1000", code)
 	}
 	expectCleanEOF(t, c)
 	if err := <-sawEOF; err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, ioTimeout, "the session to end", func() bool { return s.srv.Sessions() == 0 })
+	waitFor(t, wstest.IOTimeout, "the session to end", func() bool { return s.srv.Sessions() == 0 })
 }
 
 // expectCleanEOF checks that sluice ends the client's stream with FIN, not
 // a reset, and sends nothing after its close frame.
-func expectCleanEOF(t testing.TB, c *rawClient) {
+func expectCleanEOF(t testing.TB, c *wstest.Client) {
 	t.Helper()
-	c.conn.SetReadDeadline(time.Now().Add(ioTimeout))
+	c.Conn.SetReadDeadline(time.Now().Add(wstest.IOTimeout))
 	var buf [512]byte
 	for {
-		n, err := c.br.Read(buf[:])
+		n, err := c.BR.Read(buf[:])
 		if n > 0 {
 			t.Fatalf("got %d more bytes after the close frame: %q", n, buf[:n])
 		}
@@ -280,53 +280,6 @@ func expectCleanEOF(t testing.TB, c *rawClient) {
 			t.Fatalf("stream did not end with FIN: %v", err)
 		}
 	}
-}
-
-// serveRawBackend serves WebSocket upgrades on loopback with gobwas/ws and
-// runs handle on each connection; the test's cleanup stops it.
-func serveRawBackend(t testing.TB, handle func(net.Conn, *bufio.Reader)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	conns := make(chan net.Conn, 16)
-	go func() {
-		defer close(done)
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			conns <- conn
-			go func() {
-				defer conn.Close()
-				conn.SetDeadline(time.Now().Add(ioTimeout))
-				br := bufio.NewReader(conn)
-				if _, err := ws.Upgrade(struct {
-					io.Reader
-					io.Writer
-				}{br, conn}); err != nil {
-					return
-				}
-				handle(conn, br)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		<-done
-		for {
-			select {
-			case c := <-conns:
-				c.Close()
-			default:
-				return
-			}
-		}
-	})
-	return ln.Addr().String()
 }
 
 // kernelSocket is one line of /proc/net/tcp[6]: a socket's state and what
@@ -378,15 +331,15 @@ func portOf(hexAddr string) int {
 // socket for longer than the close timeout.
 func TestStalledClientKernelMemory(t *testing.T) {
 	const closeTimeout = time.Second
-	msg := encodeFrame(rawFrame{Fin: true, Op: ws.OpBinary, Payload: bytes.Repeat([]byte("m"), 16<<10)})
-	addr := serveRawBackend(t, func(conn net.Conn, br *bufio.Reader) {
+	msg := wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpBinary, Payload: bytes.Repeat([]byte("m"), 16<<10)})
+	addr := wstest.ServeRaw(t, wstest.RawOptions{}, func(conn *wstest.RawConn) {
 		for range 4096 { // 64 MiB at most; sluice evicts well before
-			conn.SetWriteDeadline(time.Now().Add(ioTimeout))
+			conn.SetWriteDeadline(time.Now().Add(wstest.IOTimeout))
 			if _, err := conn.Write(msg); err != nil {
 				return
 			}
 		}
-	})
+	}).Addr
 	s := startSluice(t, "ws://"+addr, func(o *proxy.Options) {
 		o.CloseTimeout = closeTimeout
 		o.Queue.MaxMessages, o.Queue.MaxBytes = 100000, 1<<30 // only the ceiling acts
@@ -395,7 +348,7 @@ func TestStalledClientKernelMemory(t *testing.T) {
 	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
 		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10) })
 	}}
-	conn, _, _, err := ws.Dialer{NetDial: d.DialContext, Timeout: ioTimeout}.Dial(context.Background(), s.url+"/")
+	conn, _, _, err := ws.Dialer{NetDial: d.DialContext, Timeout: wstest.IOTimeout}.Dial(context.Background(), s.url+"/")
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}
@@ -404,7 +357,7 @@ func TestStalledClientKernelMemory(t *testing.T) {
 	sluicePort := conn.RemoteAddr().(*net.TCPAddr).Port
 
 	var peakUnsent int64
-	waitFor(t, 2*ioTimeout, "the eviction", func() bool {
+	waitFor(t, 2*wstest.IOTimeout, "the eviction", func() bool {
 		peakUnsent = max(peakUnsent, s.srv.Budget().Stats().UnsentBytes)
 		return len(s.srv.RecentEvictions()) > 0
 	})

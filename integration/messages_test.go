@@ -12,6 +12,7 @@ import (
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
 
+	"sluice/internal/wstest"
 	"sluice/proxy"
 )
 
@@ -108,11 +109,11 @@ func TestFragmentationPreserved(t *testing.T) {
 	b := newBackend(t)
 	s := startSluice(t, b.url, nil)
 	id := newID()
-	c := dialRaw(t, s.addr, "/frames?id="+id, nil, nil)
+	c := wstest.Dial(t, s.addr, "/frames?id="+id, nil, nil)
 	uc := b.waitConn(t, id)
 
 	big := payload(300<<10, true)
-	sequence := []rawFrame{
+	sequence := []wstest.Frame{
 		{Fin: false, Op: ws.OpText, Masked: true, Payload: []byte("frag-1")},
 		{Fin: true, Op: ws.OpPing, Masked: true, Payload: []byte("between")},
 		{Fin: false, Op: ws.OpContinuation, Masked: true, Payload: []byte("frag-2")},
@@ -124,19 +125,19 @@ func TestFragmentationPreserved(t *testing.T) {
 	// client before the next is sent, so the order of frames is fixed and
 	// any change to a frame shows.
 	for i, want := range sequence {
-		c.write(t, want)
+		c.Write(t, want)
 		got := recv(t, uc.frames, fmt.Sprintf("frame %d at the backend", i))
 		if !sameFrame(got, want) || !got.Masked {
 			t.Fatalf("frame %d at the backend = %v, want %v (masked)", i, got, want)
 		}
-		echo := c.read(t)
+		echo := c.Read(t)
 		want.Masked = false
 		if !sameFrame(echo, want) || echo.Masked {
 			t.Fatalf("frame %d at the client = %v, want %v (unmasked)", i, echo, want)
 		}
 	}
-	c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(ws.StatusNormalClosure, "done")})
-	if code, _ := c.readClose(t); code != ws.StatusNormalClosure {
+	c.Write(t, wstest.Frame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(ws.StatusNormalClosure, "done")})
+	if code, _ := c.ReadClose(t); code != ws.StatusNormalClosure {
 		t.Errorf("client got close %d, want 1000", code)
 	}
 	if got := b.ended(t, id); got.code != 1000 || got.text != "done" || got.err != nil {
@@ -144,7 +145,7 @@ func TestFragmentationPreserved(t *testing.T) {
 	}
 }
 
-func sameFrame(a, b rawFrame) bool {
+func sameFrame(a, b wstest.Frame) bool {
 	return a.Fin == b.Fin && a.Rsv == b.Rsv && a.Op == b.Op && string(a.Payload) == string(b.Payload)
 }
 
@@ -165,19 +166,19 @@ func TestUpstreamFirstMessageNotLost(t *testing.T) {
 		if i%4 < 2 {
 			c, _ := dialGorilla(t, s.url+path, nil)
 			for _, w := range want {
-				c.SetReadDeadline(time.Now().Add(ioTimeout))
+				c.SetReadDeadline(time.Now().Add(wstest.IOTimeout))
 				_, got, err := c.ReadMessage()
 				if err != nil || string(got) != w {
 					t.Fatalf("round %d (gorilla, %s): got %q, %v; want %q", i, path, got, err, w)
 				}
 			}
-			c.WriteControl(gorilla.CloseMessage, gorilla.FormatCloseMessage(1000, ""), time.Now().Add(ioTimeout))
+			c.WriteControl(gorilla.CloseMessage, gorilla.FormatCloseMessage(1000, ""), time.Now().Add(wstest.IOTimeout))
 			if ce := gorillaReadClose(t, c); ce.Code != 1000 {
 				t.Fatalf("round %d: close %d, want 1000", i, ce.Code)
 			}
 		} else {
 			c := dialCoder(t, s.url+path, nil)
-			ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), wstest.IOTimeout)
 			for _, w := range want {
 				_, got, err := c.Read(ctx)
 				if err != nil || string(got) != w {
@@ -199,13 +200,13 @@ func TestUpstreamFirstMessageNotLost(t *testing.T) {
 func TestClientFrameBehindUpgradeRequest(t *testing.T) {
 	b := newBackend(t)
 	s := startSluice(t, b.url, nil)
-	first := encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Masked: true, Payload: []byte("pipelined")})
-	c := dialRaw(t, s.addr, "/echo", nil, first)
-	if f := c.read(t); f.Op != ws.OpText || string(f.Payload) != "pipelined" {
+	first := wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpText, Masked: true, Payload: []byte("pipelined")})
+	c := wstest.Dial(t, s.addr, "/echo", nil, first)
+	if f := c.Read(t); f.Op != ws.OpText || string(f.Payload) != "pipelined" {
 		t.Fatalf("echo = %v, want text \"pipelined\"", f)
 	}
-	c.write(t, rawFrame{Fin: true, Op: ws.OpText, Masked: true, Payload: []byte(strings.Repeat("x", 300))})
-	if f := c.read(t); len(f.Payload) != 300 {
+	c.Write(t, wstest.Frame{Fin: true, Op: ws.OpText, Masked: true, Payload: []byte(strings.Repeat("x", 300))})
+	if f := c.Read(t); len(f.Payload) != 300 {
 		t.Fatalf("second echo = %v", f)
 	}
 }

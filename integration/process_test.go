@@ -22,6 +22,8 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsutil"
 	gorilla "github.com/gorilla/websocket"
+
+	"sluice/internal/wstest"
 )
 
 var (
@@ -260,7 +262,7 @@ func TestProcSIGTERMDrain(t *testing.T) {
 		err error
 	}
 	results := make(chan result, sessions)
-	d := gorilla.Dialer{HandshakeTimeout: kaWait}
+	d := gorilla.Dialer{HandshakeTimeout: wstest.IOTimeout}
 	for i := range sessions {
 		c, _, err := d.Dial(fmt.Sprintf("%s/s%d", proxyURL, i), nil)
 		if err != nil {
@@ -268,7 +270,7 @@ func TestProcSIGTERMDrain(t *testing.T) {
 		}
 		t.Cleanup(func() { c.Close() })
 		msg := fmt.Sprintf("hello %d", i)
-		c.SetReadDeadline(time.Now().Add(kaWait))
+		c.SetReadDeadline(time.Now().Add(wstest.IOTimeout))
 		if err := c.WriteMessage(gorilla.TextMessage, []byte(msg)); err != nil {
 			t.Fatalf("client %d write: %v", i, err)
 		}
@@ -289,7 +291,7 @@ func TestProcSIGTERMDrain(t *testing.T) {
 	// The laggard echoes once, then never reads again: its session stays
 	// in the close handshake until SLUICE_CLOSE_TIMEOUT, so the drain
 	// lasts long enough to be observed.
-	lag, lagBuf, _, err := ws.Dialer{Timeout: kaWait}.Dial(t.Context(), proxyURL+"/laggard")
+	lag, lagBuf, _, err := ws.Dialer{Timeout: wstest.IOTimeout}.Dial(t.Context(), proxyURL+"/laggard")
 	if err != nil {
 		t.Fatalf("laggard dial: %v", err)
 	}
@@ -298,7 +300,7 @@ func TestProcSIGTERMDrain(t *testing.T) {
 	if err := wsutil.WriteClientText(lag, []byte("laggard")); err != nil {
 		t.Fatalf("laggard write: %v", err)
 	}
-	frames, err := kaReadFramesN(lag, lagR, 1)
+	frames, err := wstest.ReadFrames(lag, lagR, 1, kaMaxFrame)
 	if err != nil || frames[0].Op != ws.OpText || string(frames[0].Payload) != "laggard" {
 		t.Fatalf("laggard echo = %+v, %v", frames, err)
 	}
@@ -351,11 +353,11 @@ func TestProcSIGTERMDrain(t *testing.T) {
 	}
 
 	// The laggard's socket holds sluice's 1001, then the end of the stream.
-	frames, err = kaReadFrames(lag, lagR)
+	frames, err = wstest.ReadFrames(lag, lagR, -1, kaMaxFrame)
 	if err != nil {
 		t.Fatalf("laggard after the drain: %v (frames %d)", err, len(frames))
 	}
-	if code, reason := kaCloseOf(frames[len(frames)-1]); code != ws.StatusGoingAway {
+	if code, reason := wstest.CloseOf(frames[len(frames)-1]); code != ws.StatusGoingAway {
 		t.Errorf("laggard close = %d %q, want 1001", code, reason)
 	}
 }

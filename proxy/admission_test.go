@@ -29,6 +29,8 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/rs/zerolog"
 	"go.uber.org/goleak"
+
+	"sluice/internal/wstest"
 )
 
 // --- token bucket -------------------------------------------------------
@@ -517,98 +519,38 @@ func checkLeaks(t *testing.T) {
 	t.Cleanup(func() { goleak.VerifyNone(t, opt) })
 }
 
-// echoBackend is a gobwas/ws echo server. It counts the connections it
-// accepts, and records for each, by its X-Test-Id header, the
-// X-Forwarded-For that sluice sent and how the connection ended.
+// echoBackend is the shared gobwas/ws echo server that also records, for
+// each connection by its X-Test-Id header, the X-Forwarded-For that
+// sluice sent and how the connection ended.
 type echoBackend struct {
-	ln      net.Listener
-	accepts atomic.Int64
-	wg      sync.WaitGroup
+	*wstest.RawBackend
 
 	mu    sync.Mutex
-	conns map[net.Conn]struct{}
-	xff   map[string]string // by X-Test-Id
-	ends  map[string]string // by X-Test-Id: "close 1001", "cut"
+	xff   map[string]string // by X-Test-Id; guarded by mu
+	ends  map[string]string // by X-Test-Id: "close 1001", "cut"; guarded by mu
 	ended chan struct{}     // pinged on each end
 }
 
 func newEchoBackend(t *testing.T) *echoBackend {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &echoBackend{ln: ln, conns: map[net.Conn]struct{}{}, xff: map[string]string{}, ends: map[string]string{}, ended: make(chan struct{}, 100)}
-	b.wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			b.accepts.Add(1)
-			b.mu.Lock()
-			b.conns[c] = struct{}{}
-			b.mu.Unlock()
-			b.wg.Go(func() { b.serve(c) })
-		}
-	})
-	t.Cleanup(func() {
-		ln.Close()
-		b.mu.Lock()
-		for c := range b.conns {
-			c.Close()
-		}
-		b.mu.Unlock()
-		b.wg.Wait()
-	})
-	return b
-}
-
-func (b *echoBackend) serve(c net.Conn) {
-	defer func() {
-		c.Close()
-		b.mu.Lock()
-		delete(b.conns, c)
-		b.mu.Unlock()
-	}()
-	var id, xff string
-	u := ws.Upgrader{OnHeader: func(k, v []byte) error {
-		switch {
-		case strings.EqualFold(string(k), "X-Test-Id"):
-			id = string(v)
-		case strings.EqualFold(string(k), "X-Forwarded-For"):
-			xff = string(v)
-		}
-		return nil
-	}, OnBeforeUpgrade: func() (ws.HandshakeHeader, error) {
+	b := &echoBackend{xff: map[string]string{}, ends: map[string]string{}, ended: make(chan struct{}, 100)}
+	b.RawBackend = wstest.ServeRaw(t, wstest.RawOptions{BeforeUpgrade: func(h http.Header) {
 		// Before the 101, so that the test sees it once its client is in.
 		b.mu.Lock()
-		b.xff[id] = xff
+		b.xff[h.Get("X-Test-Id")] = h.Get("X-Forwarded-For")
 		b.mu.Unlock()
-		return nil, nil
-	}}
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := u.Upgrade(c); err != nil {
-		return
-	}
-	c.SetDeadline(time.Time{})
-	for {
-		msg, op, err := wsutil.ReadClientData(c)
-		if err != nil {
-			end := "cut"
-			var ce wsutil.ClosedError
-			if errors.As(err, &ce) {
-				end = fmt.Sprintf("close %d", ce.Code)
-			}
-			b.mu.Lock()
-			b.ends[id] = end
-			b.mu.Unlock()
-			b.ended <- struct{}{}
-			return
+	}}, func(c *wstest.RawConn) {
+		err := wstest.Echo(c)
+		end := "cut"
+		var ce wsutil.ClosedError
+		if errors.As(err, &ce) {
+			end = fmt.Sprintf("close %d", ce.Code)
 		}
-		if err := wsutil.WriteServerMessage(c, op, msg); err != nil {
-			return
-		}
-	}
+		b.mu.Lock()
+		b.ends[c.Header.Get("X-Test-Id")] = end
+		b.mu.Unlock()
+		b.ended <- struct{}{}
+	})
+	return b
 }
 
 // waitEnd returns how the backend connection of client id ended.
@@ -678,7 +620,7 @@ type testProxy struct {
 
 func startTestProxy(t *testing.T, b *echoBackend, opts Options) *testProxy {
 	t.Helper()
-	opts.Upstream = &url.URL{Scheme: "ws", Host: b.ln.Addr().String(), Path: "/"}
+	opts.Upstream = &url.URL{Scheme: "ws", Host: b.Addr, Path: "/"}
 	logs := &syncBuffer{}
 	opts.Logger = zerolog.New(logs)
 	opts.Registerer = prometheus.NewRegistry()
@@ -848,7 +790,7 @@ func TestAdmissionEndToEnd(t *testing.T) {
 		for range 20 {
 			upgrade(t, p, "")
 		}
-		if n := b.accepts.Load(); n != 2 {
+		if n := b.Accepts.Load(); n != 2 {
 			t.Errorf("backend accepted %d connections, want 2", n)
 		}
 		if n := p.rejected("max_connections"); n != 21 {
@@ -868,7 +810,7 @@ func TestAdmissionEndToEnd(t *testing.T) {
 	t.Run("slot freed when the upstream refuses", func(t *testing.T) {
 		b := newEchoBackend(t)
 		p := startTestProxy(t, b, Options{MaxConnections: 1, MaxConnectionsPerIP: 1})
-		b.ln.Close()
+		b.CloseListener()
 		for range 3 {
 			res, _, c := upgrade(t, p, "")
 			if c != nil || res.StatusCode != http.StatusBadGateway {
@@ -883,7 +825,7 @@ func TestAdmissionEndToEnd(t *testing.T) {
 		c1 := mustUpgrade(t, p, "127.0.0.1")
 		wantRefused(t, p, http.StatusTooManyRequests, true, "too many connections", "127.0.0.1")
 		c2 := mustUpgrade(t, p, "127.0.0.2")
-		if n := b.accepts.Load(); n != 2 {
+		if n := b.Accepts.Load(); n != 2 {
 			t.Errorf("backend accepted %d connections, want 2", n)
 		}
 		if n := p.rejected("max_connections_per_ip"); n != 1 {
@@ -936,7 +878,7 @@ func TestAdmissionEndToEnd(t *testing.T) {
 		} {
 			wantRefused(t, p, http.StatusForbidden, false, "origin not allowed", "", kv...)
 		}
-		if n := b.accepts.Load(); n != 0 {
+		if n := b.Accepts.Load(); n != 0 {
 			t.Errorf("backend dialled %d times for refused origins", n)
 		}
 		mustUpgrade(t, p, "", "Origin", "https://a.b.example.com").echo(t, "subdomain")
@@ -970,7 +912,7 @@ func TestAdmissionEndToEnd(t *testing.T) {
 			t.Skip("too slow a machine to see the limit")
 		}
 		wantRefused(t, p, http.StatusServiceUnavailable, true, "too many new connections", "")
-		if n := b.accepts.Load(); int(n) != ok {
+		if n := b.Accepts.Load(); int(n) != ok {
 			t.Errorf("backend accepted %d, want %d", n, ok)
 		}
 		if n := p.rejected("rate_limit"); int(n) != 5-ok+1 {

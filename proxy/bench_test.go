@@ -20,8 +20,9 @@ import (
 	"sluice/limiter"
 )
 
-// benchBackend is a raw gobwas/ws backend: sink reads and discards every
-// frame, counting payload bytes; source writes the given frame n times.
+// benchBackend is a raw gobwas/ws backend that hands each upgraded
+// connection to the benchmark. Not wstest.ServeRaw: it keeps no goroutine
+// or buffer per connection, so that BenchmarkIdleSessions weighs sluice.
 type benchBackend struct {
 	ln    net.Listener
 	conns chan net.Conn

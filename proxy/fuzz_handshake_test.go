@@ -20,6 +20,8 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsutil"
 	"github.com/rs/zerolog"
+
+	"sluice/internal/wstest"
 )
 
 // fuzzAnswerWait bounds one exchange: sluice must answer or close by then.
@@ -153,15 +155,7 @@ func (fx *fuzzHandshakeFixture) upstreamEcho(c net.Conn) {
 	if _, err := ws.Upgrade(c); err != nil {
 		return
 	}
-	for {
-		msg, op, err := wsutil.ReadClientData(c)
-		if err != nil {
-			return
-		}
-		if err := wsutil.WriteServerMessage(c, op, msg); err != nil {
-			return
-		}
-	}
+	wstest.Echo(&wstest.RawConn{Conn: c, BR: bufio.NewReader(c)})
 }
 
 // exchange writes raw, half-closes, and checks sluice's answer.

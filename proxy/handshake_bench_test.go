@@ -29,7 +29,8 @@ const handshakeRequest = "GET / HTTP/1.1\r\n" +
 
 // closeBackend is a raw gobwas/ws backend that upgrades, echoes the
 // client's close frame and hangs up: the least work a backend can do for
-// one upgrade, so that the proxy's share stands out.
+// one upgrade, so that the proxy's share stands out (wstest.ServeRaw
+// tracks and buffers every connection, which BenchmarkHandshake would count).
 func closeBackend(tb testing.TB) string {
 	ln, err := noKeepalive.Listen(tb.Context(), "tcp", "127.0.0.1:0")
 	if err != nil {

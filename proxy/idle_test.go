@@ -13,6 +13,8 @@ import (
 
 	"github.com/gorilla/websocket"
 	"go.uber.org/goleak"
+
+	"sluice/internal/wstest"
 )
 
 // readersRunning counts goroutines inside a session's pump, from a
@@ -126,10 +128,10 @@ func TestParkedReadersEndOnAbort(t *testing.T) {
 	opt := goleak.IgnoreCurrent()
 	t.Cleanup(func() { goleak.VerifyNone(t, opt) })
 	held := make(chan net.Conn, 1)
-	upstream := rawBackend(t, func(c net.Conn) {
+	upstream := wstest.ServeRaw(t, wstest.RawOptions{}, func(c *wstest.RawConn) {
 		held <- c
 		io.Copy(io.Discard, c) // never answers; until the proxy gives up
-	})
+	}).URL
 	p := startLifecycleProxy(t, upstream, Options{CloseTimeout: 200 * time.Millisecond})
 	c, _, err := websocket.DefaultDialer.Dial("ws://"+p.addr+"/", nil)
 	if err != nil {

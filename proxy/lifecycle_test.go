@@ -22,6 +22,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/rs/zerolog"
 
+	"sluice/internal/wstest"
 	"sluice/limiter"
 )
 
@@ -200,74 +201,17 @@ func (b *gorillaBackend) flood(c *websocket.Conn) {
 	<-done
 }
 
-// rawBackend accepts one connection at a time on 127.0.0.1, upgrades it
-// with gobwas/ws and hands it to serve. Connections are closed at cleanup.
-func rawBackend(t *testing.T, serve func(net.Conn)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				if _, err := ws.Upgrade(c); err != nil {
-					return
-				}
-				c.SetDeadline(time.Time{})
-				serve(c)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	return "ws://" + ln.Addr().String() + "/"
-}
-
 // readCloseCode reads frames from a raw backend connection until a close
 // frame and returns its code; sluice's frames to the upstream are masked.
 func readCloseCode(c net.Conn) (ws.StatusCode, error) {
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	for {
-		h, err := ws.ReadHeader(c)
+		f, err := wstest.ReadFrameMax(c, 1<<20)
 		if err != nil {
 			return 0, err
 		}
-		if h.Length > 1<<20 {
-			return 0, errors.New("frame too long for this test")
-		}
-		p := make([]byte, h.Length)
-		if _, err := io.ReadFull(c, p); err != nil {
-			return 0, err
-		}
-		if h.Masked {
-			ws.Cipher(p, h.Mask, 0)
-		}
-		if h.OpCode == ws.OpClose {
-			code, _ := ws.ParseCloseFrameData(p)
+		if f.Op == ws.OpClose {
+			code, _ := ws.ParseCloseFrameData(f.Payload)
 			return code, nil
 		}
 	}
@@ -452,7 +396,7 @@ func TestDrainSpread(t *testing.T) {
 func upstreamFailure(t *testing.T, bad []byte) {
 	checkLeaks(t)
 	backendCode := make(chan ws.StatusCode, 1)
-	up := rawBackend(t, func(c net.Conn) {
+	up := wstest.ServeRaw(t, wstest.RawOptions{}, func(c *wstest.RawConn) {
 		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
 		if _, err := c.Write(bad); err != nil {
 			t.Errorf("backend write: %v", err)
@@ -462,7 +406,7 @@ func upstreamFailure(t *testing.T, bad []byte) {
 			t.Errorf("backend read: %v", err)
 		}
 		backendCode <- code
-	})
+	}).URL
 	p := startLifecycleProxy(t, up, Options{CloseTimeout: 2 * time.Second})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -509,10 +453,10 @@ func heapBytes() uint64 {
 func TestUpstreamStopsReading(t *testing.T) {
 	checkLeaks(t)
 	release := make(chan struct{})
-	up := rawBackend(t, func(c net.Conn) {
+	up := wstest.ServeRaw(t, wstest.RawOptions{}, func(c *wstest.RawConn) {
 		setConnBuffer(c, syscall.SO_RCVBUF, 4096)
 		<-release // never reads
-	})
+	}).URL
 	t.Cleanup(func() { close(release) }) // runs before rawBackend's cleanup
 	p := startLifecycleProxy(t, up, Options{WriteTimeout: 500 * time.Millisecond, CloseTimeout: 2 * time.Second})
 
@@ -566,7 +510,7 @@ func TestUpstreamStopsReading(t *testing.T) {
 func TestRefusedMessageNotTorn(t *testing.T) {
 	checkLeaks(t)
 	sent, done := make(chan struct{}), make(chan struct{})
-	backend := rawBackend(t, func(c net.Conn) {
+	backend := wstest.ServeRaw(t, wstest.RawOptions{}, func(c *wstest.RawConn) {
 		// Wait for the client's close (forwarded by sluice), ignore it, and
 		// send 400 messages of three frames: far more than the client's
 		// socket, sluice's small send buffer and a queue of two hold.
@@ -588,7 +532,7 @@ func TestRefusedMessageNotTorn(t *testing.T) {
 		}
 		close(sent)
 		<-done // hold the upstream open: the session ends by sluice's close timeout
-	})
+	}).URL
 	t.Cleanup(func() { close(done) }) // runs before rawBackend's cleanup
 	p := startLifecycleProxy(t, backend, Options{
 		Queue:             limiter.Config{Policy: limiter.Evict, MaxMessages: 2},

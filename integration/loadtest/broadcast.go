@@ -8,6 +8,8 @@ import (
 	"math"
 	"sync/atomic"
 	"time"
+
+	"sluice/internal/latency"
 )
 
 // broadcastResult is one broadcast run.
@@ -207,12 +209,12 @@ func runBroadcast(ctx context.Context, r *runner, spec targetSpec) (res broadcas
 	}
 
 	// Fast clients: stop them, then read what they measured.
-	var all histogram
+	var all latency.Histogram
 	res.FastCloseCounts = map[string]int{}
 	for _, f := range fast {
 		f.conn.Close()
 		<-f.done
-		all.merge(&f.lat)
+		all.Merge(&f.lat)
 		res.FastReceived += f.received
 		res.FastGaps += f.gaps
 		res.FastDisorder += f.disorder
@@ -224,7 +226,7 @@ func runBroadcast(ctx context.Context, r *runner, spec targetSpec) (res broadcas
 	if len(fast) > 0 && res.Duration > 0 {
 		res.FastMsgsPerSec = float64(res.FastReceived) / float64(len(fast)) / res.Duration
 	}
-	res.FastP50, res.FastP99, res.FastMax = all.quantileMs(0.50), all.quantileMs(0.99), all.maxMs()
+	res.FastP50, res.FastP99, res.FastMax = quantileMs(&all, 0.50), quantileMs(&all, 0.99), maxMs(&all)
 	return res, nil
 }
 

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"math/bits"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -18,6 +17,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"sluice/internal/latency"
 )
 
 // Clients, all gorilla/websocket, independent of sluice.
@@ -130,11 +131,11 @@ func connectAll(ctx context.Context, n, workers int, strict bool, dial func(ctx 
 // are owned by its fastReader goroutine until that returns.
 type fastClient struct {
 	conn     *websocket.Conn
-	lat      histogram // recv time - send time, while counting
-	received int64     // messages while counting
-	gaps     int64     // messages missing between received ones, while counting
-	disorder int64     // messages whose sequence number went backwards
-	ended    string    // how the connection ended while counting; "" if it did not
+	lat      latency.Histogram // recv time - send time, while counting
+	received int64             // messages while counting
+	gaps     int64             // messages missing between received ones, while counting
+	disorder int64             // messages whose sequence number went backwards
+	ended    string            // how the connection ended while counting; "" if it did not
 	done     chan struct{}
 }
 
@@ -163,7 +164,7 @@ func (f *fastClient) fastReader(counting *atomic.Bool) {
 		sent := int64(binary.BigEndian.Uint64(hdr[8:]))
 		if counting.Load() {
 			f.received++
-			f.lat.record(time.Duration(now - sent))
+			f.lat.Record(time.Duration(now - sent))
 			switch {
 			case last == 0:
 			case seq > last+1:
@@ -321,55 +322,7 @@ func waitGroup(wg *sync.WaitGroup, timeout time.Duration) bool {
 	}
 }
 
-// --- latency histogram ------------------------------------------------------
-
-// subBuckets per power of two: values are kept within 1/32 (~3%).
-const (
-	subBits    = 5
-	subBuckets = 1 << subBits
-)
-
-// histogram counts durations in microseconds in log-linear buckets: exact
-// below 64 µs, then 32 buckets per power of two. Memory is fixed, whatever
-// the count. The zero value is ready to use.
-type histogram struct {
-	counts [64 * subBuckets]int64
-	n      int64
-	max    int64 // µs
-}
-
-func bucketOf(us int64) int {
-	shift := max(bits.Len64(uint64(us))-(subBits+1), 0)
-	return shift*subBuckets + int(us>>shift)
-}
-
-// bucketMid is the middle of bucket b's range, in µs.
-func bucketMid(b int) float64 {
-	if b < 2*subBuckets {
-		return float64(b)
-	}
-	shift := b/subBuckets - 1
-	low := int64(b-shift*subBuckets) << shift
-	return float64(low) + float64(int64(1)<<shift-1)/2
-}
-
-// record adds d (negative durations, from clock steps, count as 0).
-func (h *histogram) record(d time.Duration) {
-	us := max(d.Microseconds(), 0)
-	b := min(bucketOf(us), len(h.counts)-1)
-	h.counts[b]++
-	h.n++
-	h.max = max(h.max, us)
-}
-
-// merge adds o's counts to h.
-func (h *histogram) merge(o *histogram) {
-	for i, c := range o.counts {
-		h.counts[i] += c
-	}
-	h.n += o.n
-	h.max = max(h.max, o.max)
-}
+// --- latency ------------------------------------------------------------------
 
 // millis is a latency in milliseconds; NaN (no sample) is null in JSON.
 type millis float64
@@ -381,27 +334,20 @@ func (m millis) MarshalJSON() ([]byte, error) {
 	return json.Marshal(float64(m))
 }
 
-// quantileMs is the q-quantile in milliseconds, NaN when empty.
-func (h *histogram) quantileMs(q float64) millis {
-	if h.n == 0 {
+// quantileMs is h's q-quantile in milliseconds, NaN when empty.
+func quantileMs(h *latency.Histogram, q float64) millis {
+	if h.Count() == 0 {
 		return millis(math.NaN())
 	}
-	rank := int64(math.Ceil(q * float64(h.n)))
-	rank = max(rank, 1)
-	var seen int64
-	for b, c := range h.counts {
-		seen += c
-		if seen >= rank {
-			return millis(min(bucketMid(b), float64(h.max)) / 1000)
-		}
-	}
-	return millis(float64(h.max) / 1000)
+	return asMillis(h.Quantile(q))
 }
 
-// maxMs is the largest value in milliseconds, NaN when empty.
-func (h *histogram) maxMs() millis {
-	if h.n == 0 {
+// maxMs is h's largest value in milliseconds, NaN when empty.
+func maxMs(h *latency.Histogram) millis {
+	if h.Count() == 0 {
 		return millis(math.NaN())
 	}
-	return millis(float64(h.max) / 1000)
+	return asMillis(h.Max())
 }
+
+func asMillis(d time.Duration) millis { return millis(float64(d.Microseconds()) / 1000) }

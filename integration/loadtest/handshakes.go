@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"sluice/internal/latency"
 )
 
 // handshakeResult is one handshakes run.
@@ -54,7 +56,7 @@ func runHandshakes(ctx context.Context, r *runner, spec targetSpec) (res handsha
 	start := time.Now()
 	until := start.Add(cfg.duration)
 	tcpu0, bcpu0, hcpu0 := mon.now(tg.proc).CPU, mon.now(be.process).CPU, selfCPU()
-	hists := make([]histogram, cfg.workers)
+	hists := make([]latency.Histogram, cfg.workers)
 	var ok, failed, not1000 atomic.Int64
 	var mu sync.Mutex
 	kinds := map[string]int{}
@@ -80,13 +82,13 @@ func runHandshakes(ctx context.Context, r *runner, spec targetSpec) (res handsha
 	res.BackendCPU = mon.now(be.process).CPU - bcpu0
 	res.HarnessCPU = selfCPU() - hcpu0
 	prof.end(ctx)
-	var all histogram
+	var all latency.Histogram
 	for i := range hists {
-		all.merge(&hists[i])
+		all.Merge(&hists[i])
 	}
 	res.Handshakes, res.Errors, res.CloseNot1000 = ok.Load(), failed.Load(), not1000.Load()
 	res.Rate = float64(res.Handshakes) / res.Duration
-	res.P50, res.P99, res.Max = all.quantileMs(0.50), all.quantileMs(0.99), all.maxMs()
+	res.P50, res.P99, res.Max = quantileMs(&all, 0.50), quantileMs(&all, 0.99), maxMs(&all)
 	if len(kinds) > 0 {
 		res.ErrorKinds = kinds
 	}
@@ -102,7 +104,7 @@ func runHandshakes(ctx context.Context, r *runner, spec targetSpec) (res handsha
 // handshakeWorker connects, upgrades and closes (1000, waiting for the
 // echo) in a loop until until. Worker w of n uses source addresses w,
 // w+n, w+2n, … in turn, spreading TIME_WAIT over them.
-func handshakeWorker(ctx context.Context, w, n int, url string, until time.Time, h *histogram, ok, not1000 *atomic.Int64, fail func(error)) {
+func handshakeWorker(ctx context.Context, w, n int, url string, until time.Time, h *latency.Histogram, ok, not1000 *atomic.Int64, fail func(error)) {
 	for i := w; time.Now().Before(until) && ctx.Err() == nil; i += n {
 		t0 := time.Now()
 		c, err := dialWS(ctx, url, i, socketOpts{}, 1024)
@@ -111,7 +113,7 @@ func handshakeWorker(ctx context.Context, w, n int, url string, until time.Time,
 			sleep(ctx, 10*time.Millisecond) // no hot loop against a refusing target
 			continue
 		}
-		h.record(time.Since(t0))
+		h.Record(time.Since(t0))
 		ok.Add(1)
 		deadline := time.Now().Add(2 * time.Second)
 		c.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), deadline)

@@ -16,6 +16,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"sluice/internal/latency"
 )
 
 // TestMain lets the test binary serve as the backend process, which the
@@ -71,16 +73,16 @@ func TestParseTargets(t *testing.T) {
 }
 
 func TestHistogram(t *testing.T) {
-	var h histogram
+	var h latency.Histogram
 	for i := 1; i <= 1000; i++ {
-		h.record(time.Duration(i) * time.Millisecond)
+		h.Record(time.Duration(i) * time.Millisecond)
 	}
 	for _, c := range []struct{ q, want float64 }{{0.5, 500}, {0.99, 990}, {1, 1000}} {
-		if got := float64(h.quantileMs(c.q)); math.Abs(got-c.want)/c.want > 0.04 {
+		if got := float64(quantileMs(&h, c.q)); math.Abs(got-c.want)/c.want > 0.04 {
 			t.Errorf("quantile %v = %v ms, want %v ms within 4%%", c.q, got, c.want)
 		}
 	}
-	if got := float64(h.maxMs()); got != 1000 {
+	if got := float64(maxMs(&h)); got != 1000 {
 		t.Errorf("max = %v ms, want 1000", got)
 	}
 }

@@ -1,0 +1,136 @@
+package naive
+
+import (
+	"context"
+	"encoding/binary"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/gobwas/ws"
+	"github.com/gobwas/ws/wsutil"
+	"go.uber.org/goleak"
+
+	"sluice/internal/wstest"
+)
+
+// TestMain fails the run if a reader, writer or broadcaster outlives Close.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// TestBroadcast has one client read numbered messages and another stop
+// reading, in each way the backend can be served and write, and checks
+// that the messages arrive in order and that Close ends everything,
+// whatever the stalled client holds up.
+func TestBroadcast(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		cfg         Config
+		http, queue bool
+	}{
+		{"queues", Config{Size: 512, Rate: 500}, false, true},
+		{"shared/http", Config{Size: 512, Rate: 500, Shared: true}, true, true},
+		{"serialise", Config{Size: 512, Rate: 500, Serialise: true}, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, err := New(tc.cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			served := make(chan struct{})
+			var srv *http.Server
+			if tc.http {
+				srv = &http.Server{Handler: b, ReadHeaderTimeout: 5 * time.Second}
+				go func() { defer close(served); srv.Serve(ln) }()
+			} else {
+				go func() { defer close(served); b.Serve(ln) }()
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			url := "ws://" + ln.Addr().String() + "/"
+			fast, _, _, err := ws.Dial(ctx, url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer fast.Close()
+			stalled, _, _, err := ws.Dial(ctx, url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stalled.Close()
+			for b.Stats().Connected != 2 {
+				time.Sleep(time.Millisecond)
+			}
+			b.Start()
+			fast.SetReadDeadline(time.Now().Add(5 * time.Second))
+			for want := uint64(1); want <= 200; want++ {
+				msg, err := wsutil.ReadServerBinary(fast)
+				if err != nil {
+					t.Fatalf("message %d: %v", want, err)
+				}
+				if len(msg) != tc.cfg.Size {
+					t.Fatalf("message %d has %d bytes, want %d", want, len(msg), tc.cfg.Size)
+				}
+				if seq := binary.BigEndian.Uint64(msg); seq != want {
+					t.Fatalf("got message %d, want %d", seq, want)
+				}
+			}
+			if tc.queue && b.Stats().PeakBacklogMessages == 0 {
+				t.Errorf("no message was ever queued")
+			}
+			if tc.http {
+				srv.Close()
+			} else {
+				ln.Close()
+			}
+			<-served
+			b.Close()
+			s := b.Stats()
+			if s.Accepted != 2 || s.Connected != 0 || s.QueuedBytes != 0 || s.Broadcasts < 200 {
+				t.Errorf("after Close: %+v", s)
+			}
+		})
+	}
+}
+
+// TestCloseEchoed checks that a client's close is answered with its code.
+func TestCloseEchoed(t *testing.T) {
+	b, err := New(Config{Size: HeaderLen})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go b.Serve(ln)
+	defer func() { ln.Close(); b.Close() }()
+	c, _, _, err := ws.Dial(context.Background(), "ws://"+ln.Addr().String()+"/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := ws.WriteFrame(c, ws.MaskFrame(ws.NewPingFrame([]byte("p")))); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := wstest.ReadFrameMax(c, ws.MaxControlFramePayloadSize); err != nil || f.Op != ws.OpPong || string(f.Payload) != "p" {
+		t.Fatalf("got %v %q (%v), want pong \"p\"", f.Op, f.Payload, err)
+	}
+	if err := ws.WriteFrame(c, ws.MaskFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusGoingAway, "")))); err != nil {
+		t.Fatal(err)
+	}
+	f, err := wstest.ReadFrameMax(c, ws.MaxControlFramePayloadSize)
+	if err != nil || f.Op != ws.OpClose {
+		t.Fatalf("got %v (%v), want a close", f.Op, err)
+	}
+	if code, _ := ws.ParseCloseFrameData(f.Payload); code != ws.StatusGoingAway {
+		t.Errorf("close code %d, want %d", code, ws.StatusGoingAway)
+	}
+}
