@@ -6,15 +6,15 @@ package integration
 // ping floods are bounded; the limit holds across an idle park.
 
 import (
-	"bufio"
 	"bytes"
 	"fmt"
-	"net"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/gobwas/ws"
+
+	"sluice/internal/wstest"
 )
 
 // arrivals is what a recording echo backend saw: each data message's
@@ -45,28 +45,28 @@ func serveRecordingEcho(t testing.TB) (string, *arrivals) {
 	rec := &arrivals{}
 	var next int
 	var nextMu sync.Mutex
-	addr := serveRawBackend(t, func(conn net.Conn, br *bufio.Reader) {
+	b := wstest.ServeRaw(t, wstest.RawOptions{}, func(conn *wstest.RawConn) {
 		nextMu.Lock()
 		id := next
 		next++
 		nextMu.Unlock()
 		var msg []byte
 		for {
-			conn.SetDeadline(time.Now().Add(4 * ioTimeout))
-			f, err := readFrame(br)
+			conn.SetDeadline(time.Now().Add(4 * wstest.IOTimeout))
+			f, err := wstest.ReadFrame(conn.BR)
 			if err != nil {
 				return
 			}
 			now := time.Now()
 			switch f.Op {
 			case ws.OpClose:
-				conn.Write(encodeFrame(rawFrame{Fin: true, Op: ws.OpClose, Payload: f.Payload}))
+				conn.Write(wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpClose, Payload: f.Payload}))
 				return
 			case ws.OpPing:
 				rec.mu.Lock()
 				rec.pings = append(rec.pings, now)
 				rec.mu.Unlock()
-				conn.Write(encodeFrame(rawFrame{Fin: true, Op: ws.OpPong, Payload: f.Payload}))
+				conn.Write(wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpPong, Payload: f.Payload}))
 				continue
 			case ws.OpPong:
 				continue
@@ -76,29 +76,29 @@ func serveRecordingEcho(t testing.TB) (string, *arrivals) {
 				rec.mu.Lock()
 				rec.msgs = append(rec.msgs, arrival{conn: id, payload: string(msg), at: now})
 				rec.mu.Unlock()
-				conn.Write(encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Payload: msg}))
+				conn.Write(wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpText, Payload: msg}))
 				msg = nil
 			}
 		}
 	})
-	return addr, rec
+	return b.Addr, rec
 }
 
 // textBurst is n text messages "prefix-i" in one byte string.
 func textBurst(prefix string, n int) []byte {
 	var wire []byte
 	for i := range n {
-		wire = append(wire, encodeFrame(rawFrame{Fin: true, Op: ws.OpText, Masked: true, Payload: fmt.Appendf(nil, "%s-%d", prefix, i)})...)
+		wire = append(wire, wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpText, Masked: true, Payload: fmt.Appendf(nil, "%s-%d", prefix, i)})...)
 	}
 	return wire
 }
 
 // expectEchoes reads n echoes "prefix-i", in order.
-func expectEchoes(t testing.TB, c *rawClient, prefix string, from, n int) {
+func expectEchoes(t testing.TB, c *wstest.Client, prefix string, from, n int) {
 	t.Helper()
 	for i := from; i < from+n; i++ {
-		c.conn.SetReadDeadline(time.Now().Add(4 * ioTimeout))
-		f, err := readFrame(c.br)
+		c.Conn.SetReadDeadline(time.Now().Add(4 * wstest.IOTimeout))
+		f, err := wstest.ReadFrame(c.BR)
 		if err != nil {
 			t.Fatalf("echo %d: %v", i, err)
 		}
@@ -108,10 +108,10 @@ func expectEchoes(t testing.TB, c *rawClient, prefix string, from, n int) {
 	}
 }
 
-func writeAll(t testing.TB, c *rawClient, wire []byte) {
+func writeAll(t testing.TB, c *wstest.Client, wire []byte) {
 	t.Helper()
-	c.conn.SetWriteDeadline(time.Now().Add(4 * ioTimeout))
-	if _, err := c.conn.Write(wire); err != nil {
+	c.Conn.SetWriteDeadline(time.Now().Add(4 * wstest.IOTimeout))
+	if _, err := c.Conn.Write(wire); err != nil {
 		t.Fatalf("write: %v", err)
 	}
 }
@@ -139,7 +139,7 @@ func TestInboundThrottle(t *testing.T) {
 	const rate, n = 50, 150
 	addr, rec := serveRecordingEcho(t)
 	s := startSluiceEnv(t, "ws://"+addr, map[string]string{"SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND": fmt.Sprint(rate)}, nil)
-	c := dialRaw(t, s.addr, "/", nil, nil)
+	c := wstest.Dial(t, s.addr, "/", nil, nil)
 	writeAll(t, c, textBurst("m", n))
 	expectEchoes(t, c, "m", 0, n)
 	msgs, _ := rec.snapshot()
@@ -157,8 +157,8 @@ func TestInboundThrottle(t *testing.T) {
 	if d := metricValue(t, s, "sluice_messages_delayed_total", "limit", "client_rate"); d == 0 {
 		t.Error("sluice_messages_delayed_total{limit=client_rate} is 0")
 	}
-	c.write(t, rawFrame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "")})
-	if code, _ := c.readClose(t); code != 1000 {
+	c.Write(t, wstest.Frame{Fin: true, Op: ws.OpClose, Masked: true, Payload: closePayload(1000, "")})
+	if code, _ := c.ReadClose(t); code != 1000 {
 		t.Fatalf("close %d, want 1000", code)
 	}
 }
@@ -172,11 +172,11 @@ func TestInboundClose(t *testing.T) {
 		"SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND": fmt.Sprint(rate),
 		"SLUICE_CLIENT_RATE_POLICY":             "close",
 	}, nil)
-	c := dialRaw(t, s.addr, "/", nil, nil)
+	c := wstest.Dial(t, s.addr, "/", nil, nil)
 	writeAll(t, c, textBurst("m", n))
 	var echoes int
 	for {
-		f := c.read(t)
+		f := c.Read(t)
 		if f.Op == ws.OpClose {
 			code, _ := ws.ParseCloseFrameData(f.Payload)
 			if code != ws.StatusPolicyViolation {
@@ -196,7 +196,7 @@ func TestInboundClose(t *testing.T) {
 		t.Errorf("%d echoes before the close, backend saw %d messages; want the burst of %d, all echoed", echoes, len(msgs), rate)
 	}
 	expectCleanEOF(t, c)
-	waitFor(t, ioTimeout, "the eviction", func() bool { return len(s.srv.RecentEvictions()) == 1 })
+	waitFor(t, wstest.IOTimeout, "the eviction", func() bool { return len(s.srv.RecentEvictions()) == 1 })
 	if ev := s.srv.RecentEvictions()[0]; ev.Reason != "rate_limit" {
 		t.Errorf("evicted for %q, want rate_limit", ev.Reason)
 	}
@@ -209,18 +209,18 @@ func TestInboundUpstreamCapFair(t *testing.T) {
 	const capRate, flood, quietN, quietMsgs = 100, 300, 4, 5
 	addr, rec := serveRecordingEcho(t)
 	s := startSluiceEnv(t, "ws://"+addr, map[string]string{"SLUICE_UPSTREAM_MAX_MESSAGES_PER_SECOND": fmt.Sprint(capRate)}, nil)
-	flooder := dialRaw(t, s.addr, "/", nil, nil)
-	quiet := make([]*rawClient, quietN)
+	flooder := wstest.Dial(t, s.addr, "/", nil, nil)
+	quiet := make([]*wstest.Client, quietN)
 	for i := range quiet {
-		quiet[i] = dialRaw(t, s.addr, "/", nil, nil)
+		quiet[i] = wstest.Dial(t, s.addr, "/", nil, nil)
 	}
 	writeAll(t, flooder, textBurst("f", flood))
 	for round := range quietMsgs {
 		for i, q := range quiet {
-			q.write(t, rawFrame{Fin: true, Op: ws.OpText, Masked: true, Payload: fmt.Appendf(nil, "q%d-%d", i, round)})
+			q.Write(t, wstest.Frame{Fin: true, Op: ws.OpText, Masked: true, Payload: fmt.Appendf(nil, "q%d-%d", i, round)})
 		}
 		for _, q := range quiet {
-			q.read(t)
+			q.Read(t)
 		}
 	}
 	expectEchoes(t, flooder, "f", 0, flood)
@@ -257,7 +257,7 @@ func TestInboundFragmentsCountOnce(t *testing.T) {
 	const rate, frags = 20, 10
 	addr, rec := serveRecordingEcho(t)
 	s := startSluiceEnv(t, "ws://"+addr, map[string]string{"SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND": fmt.Sprint(rate)}, nil)
-	c := dialRaw(t, s.addr, "/", nil, nil)
+	c := wstest.Dial(t, s.addr, "/", nil, nil)
 	// rate messages of frags frames each: within the burst as messages,
 	// ten times past it as frames.
 	var wire []byte
@@ -267,12 +267,12 @@ func TestInboundFragmentsCountOnce(t *testing.T) {
 			if j == 0 {
 				op = ws.OpText
 			}
-			wire = append(wire, encodeFrame(rawFrame{Fin: j == frags-1, Op: op, Masked: true, Payload: fmt.Appendf(nil, "%d.%d;", i, j)})...)
+			wire = append(wire, wstest.Encode(wstest.Frame{Fin: j == frags-1, Op: op, Masked: true, Payload: fmt.Appendf(nil, "%d.%d;", i, j)})...)
 		}
 	}
 	writeAll(t, c, wire)
 	for range rate {
-		c.read(t)
+		c.Read(t)
 	}
 	msgs, _ := rec.snapshot()
 	if len(msgs) != rate {
@@ -286,10 +286,10 @@ func TestInboundFragmentsCountOnce(t *testing.T) {
 	// second: held back, frame by frame, though no message is refused.
 	addr2, _ := serveRecordingEcho(t)
 	s2 := startSluiceEnv(t, "ws://"+addr2, map[string]string{"SLUICE_CLIENT_MAX_BYTES_PER_SECOND": fmt.Sprint(len(wire) / 10)}, nil)
-	c2 := dialRaw(t, s2.addr, "/", nil, nil)
+	c2 := wstest.Dial(t, s2.addr, "/", nil, nil)
 	writeAll(t, c2, wire)
 	for range rate {
-		c2.read(t)
+		c2.Read(t)
 	}
 	if d := metricValue(t, s2, "sluice_messages_delayed_total", "limit", "client_rate"); d == 0 {
 		t.Error("no frame was held back under a byte rate a tenth of what was sent")
@@ -302,12 +302,12 @@ func TestInboundPingFlood(t *testing.T) {
 	const rate, n = 100, 300
 	addr, rec := serveRecordingEcho(t)
 	s := startSluiceEnv(t, "ws://"+addr, map[string]string{"SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND": fmt.Sprint(rate)}, nil)
-	c := dialRaw(t, s.addr, "/", nil, nil)
+	c := wstest.Dial(t, s.addr, "/", nil, nil)
 	wire, payloads := pingBurst(n, true)
 	writeAll(t, c, wire)
 	for i, want := range payloads {
-		c.conn.SetReadDeadline(time.Now().Add(4 * ioTimeout))
-		f, err := readFrame(c.br)
+		c.Conn.SetReadDeadline(time.Now().Add(4 * wstest.IOTimeout))
+		f, err := wstest.ReadFrame(c.BR)
 		if err != nil {
 			t.Fatalf("pong %d: %v", i, err)
 		}
@@ -331,7 +331,7 @@ func TestInboundThrottleAcrossIdlePark(t *testing.T) {
 	const rate, n = 20, 40
 	addr, rec := serveRecordingEcho(t)
 	s := startSluiceEnv(t, "ws://"+addr, map[string]string{"SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND": fmt.Sprint(rate)}, nil)
-	c := dialRaw(t, s.addr, "/", nil, nil)
+	c := wstest.Dial(t, s.addr, "/", nil, nil)
 	writeAll(t, c, textBurst("a", n))
 	expectEchoes(t, c, "a", 0, n)
 	delayed := metricValue(t, s, "sluice_messages_delayed_total", "limit", "client_rate")
@@ -342,8 +342,8 @@ func TestInboundThrottleAcrossIdlePark(t *testing.T) {
 	time.Sleep(1500 * time.Millisecond)
 	writeAll(t, c, textBurst("b", n))
 	for i := range n {
-		c.conn.SetReadDeadline(time.Now().Add(4 * ioTimeout))
-		f, err := readFrame(c.br)
+		c.Conn.SetReadDeadline(time.Now().Add(4 * wstest.IOTimeout))
+		f, err := wstest.ReadFrame(c.BR)
 		if err != nil || string(f.Payload) != fmt.Sprintf("b-%d", i) {
 			t.Fatalf("echo b-%d: %v %v", i, f, err)
 		}
