@@ -65,7 +65,8 @@ type Queue struct {
 
 	mu           sync.Mutex
 	head, tail   *Segment // data lane, oldest first
-	ctl          [ctlSlots + 1]*Segment
+	ctlHead      *Segment // priority lane, oldest first
+	ctlTail      *Segment
 	nctl         int
 	ownPing      bool     // one of ctl is sluice's own ping
 	closeFrame   *Segment // sent after data, or first when closeFirst
@@ -78,8 +79,12 @@ type Queue struct {
 	pausedAt     int64 // monotonic ns the current pause began; 0 if none
 	dropped      uint64
 
-	room    chan struct{} // to the producer: below low water, or closed
-	ctlRoom chan struct{} // to a forwarder waiting on a full priority lane
+	// room tells the producer waiting on the data lane that it is below
+	// low water, or closed; ctlRoom tells a forwarder waiting on a full
+	// priority lane. Each is made by its first waiter, under mu: most
+	// connections never wait.
+	room    chan struct{}
+	ctlRoom chan struct{}
 
 	// unsent is what the kernel holds of this queue's connection that the
 	// peer has not acknowledged (SIOCOUTQ), as last sampled; it counts in
@@ -121,8 +126,6 @@ func NewQueue(cfg *Config, b *Budget, onEvict func(Reason)) *Queue {
 	q := &Queue{
 		cfg:     cfg,
 		budget:  b,
-		room:    make(chan struct{}, 1),
-		ctlRoom: make(chan struct{}, 1),
 		onEvict: onEvict,
 	}
 	if b != nil && cfg.SlowDepth > 0 {
@@ -200,13 +203,17 @@ func (q *Queue) Push(seg *Segment) error {
 			}
 		}
 		q.roomWanted, q.roomForStart = true, seg.Start
+		if q.room == nil {
+			q.room = make(chan struct{}, 1)
+		}
+		room := q.room
 		q.mu.Unlock()
 		var expired <-chan time.Time
 		if pauseTimer != nil {
 			expired = pauseTimer.C
 		}
 		select {
-		case <-q.room:
+		case <-room:
 		case <-expired:
 			q.mu.Lock()
 			q.roomWanted = false
@@ -310,8 +317,12 @@ func (q *Queue) PushControl(seg *Segment) error {
 		if q.nctl-b2i(q.ownPing) < ctlSlots {
 			break
 		}
+		if q.ctlRoom == nil {
+			q.ctlRoom = make(chan struct{}, 1)
+		}
+		room := q.ctlRoom
 		q.mu.Unlock()
-		<-q.ctlRoom
+		<-room
 		q.mu.Lock()
 	}
 	q.appendControl(seg)
@@ -338,7 +349,13 @@ func (q *Queue) PushPing(seg *Segment) bool {
 // made sure it has room.
 func (q *Queue) appendControl(seg *Segment) {
 	seg.Control = true
-	q.ctl[q.nctl] = seg
+	seg.next = nil
+	if q.ctlTail == nil {
+		q.ctlHead = seg
+	} else {
+		q.ctlTail.next = seg
+	}
+	q.ctlTail = seg
 	q.nctl++
 }
 
@@ -414,11 +431,14 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		q.mu.Unlock()
 		return dst, ErrIdle
 	}
-	for i := 0; i < q.nctl; i++ {
-		dst = append(dst, q.ctl[i])
-		q.ctl[i] = nil
+	for s := q.ctlHead; s != nil; {
+		next := s.next
+		s.next = nil
+		dst = append(dst, s)
+		s = next
 	}
 	if q.nctl > 0 {
+		q.ctlHead, q.ctlTail = nil, nil
 		q.nctl, q.ownPing = 0, false
 		q.signalCtlRoom()
 	}
@@ -491,10 +511,12 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 func (q *Queue) Close() {
 	q.mu.Lock()
 	q.discardLocked()
-	for i := 0; i < q.nctl; i++ {
-		q.ctl[i].Free()
-		q.ctl[i] = nil
+	for s := q.ctlHead; s != nil; {
+		next := s.next
+		s.Free()
+		s = next
 	}
+	q.ctlHead, q.ctlTail = nil, nil
 	q.nctl, q.ownPing = 0, false
 	if q.closeFrame != nil {
 		q.closeFrame.Free()
@@ -514,6 +536,9 @@ func (q *Queue) Close() {
 
 func (q *Queue) signalRoom() {
 	q.roomWanted = false
+	if q.room == nil {
+		return
+	}
 	select {
 	case q.room <- struct{}{}:
 	default:
@@ -521,6 +546,9 @@ func (q *Queue) signalRoom() {
 }
 
 func (q *Queue) signalCtlRoom() {
+	if q.ctlRoom == nil {
+		return
+	}
 	select {
 	case q.ctlRoom <- struct{}{}:
 	default:
