@@ -72,7 +72,7 @@ type Server struct {
 	listeners map[net.Listener]struct{} // Serve's, closed by Shutdown; guarded by mu
 	sessions  map[*session]struct{}     // guarded by mu
 	inflight  int                       // connections accepted and not yet a session, guarded by mu
-	evictions evictionLog           // guarded by mu
+	evictions evictionLog               // guarded by mu
 	// sessionGone hears from forget when a session ends, for Shutdown.
 	sessionGone chan struct{}
 	stop        context.CancelFunc
