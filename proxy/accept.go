@@ -64,9 +64,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		backoff = 0
 		// Counted before the goroutine starts, so that Shutdown, once the
 		// listener is closed, waits for every handshake it could miss.
-		s.mu.Lock()
-		s.inflight++
-		s.mu.Unlock()
+		s.handshakeBegin(c)
 		go s.handshake(c)
 	}
 }
@@ -74,7 +72,7 @@ func (s *Server) Serve(ln net.Listener) error {
 // handshake is the goroutine of one accepted connection until its session
 // starts or it is refused.
 func (s *Server) handshake(c net.Conn) {
-	defer s.handshakeDone()
+	defer s.handshakeDone(c)
 	handedOff := false
 	defer func() {
 		if p := recover(); p != nil {
@@ -226,15 +224,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 		http.Error(w, "WebSocket upgrades need HTTP/1.1", http.StatusBadRequest)
 		return
 	}
-	s.mu.Lock()
-	s.inflight++
-	s.mu.Unlock()
-	defer s.handshakeDone()
 	began := time.Now()
 	c, rw, err := hj.Hijack()
 	if err != nil {
 		return
 	}
+	s.handshakeBegin(c)
+	defer s.handshakeDone(c)
 	r := getRequest()
 	defer putRequest(r)
 	requestFromHTTP(hr, r)

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/base64"
 	"errors"
@@ -160,12 +159,6 @@ func extensionKind(exts []httphead.Option) frame.Extension {
 		kind = frame.Deflate
 	}
 	return kind
-}
-
-func renderOptions(exts []httphead.Option) string {
-	var b bytes.Buffer
-	httphead.WriteOptions(&b, exts)
-	return b.String()
 }
 
 // rejection is an upstream's non-101 answer, copied while the dialer's

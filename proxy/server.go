@@ -71,8 +71,10 @@ type Server struct {
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{} // Serve's, closed by Shutdown; guarded by mu
 	sessions  map[*session]struct{}     // guarded by mu
-	inflight  int                       // connections accepted and not yet a session, guarded by mu
-	evictions evictionLog               // guarded by mu
+	// handshakes are the connections accepted and not yet a session (nor
+	// refused), for Shutdown to wait for or cut off; guarded by mu.
+	handshakes map[net.Conn]struct{}
+	evictions  evictionLog // guarded by mu
 	// sessionGone hears from forget when a session ends, for Shutdown.
 	sessionGone chan struct{}
 	stop        context.CancelFunc
@@ -96,6 +98,7 @@ func New(opts Options) (*Server, error) {
 		adm:         adm,
 		listeners:   make(map[net.Listener]struct{}),
 		sessions:    make(map[*session]struct{}),
+		handshakes:  make(map[net.Conn]struct{}),
 		sessionGone: make(chan struct{}, 1),
 	}
 	bc := opts.Budget
@@ -171,6 +174,18 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// admission now are refused with 503, the others become sessions,
 	// which the loop below or startSession itself sends away.
 	err := s.waitHandshakes(ctx)
+	if err != nil {
+		// Out of time: cut off the handshakes left, outside the lock.
+		s.mu.Lock()
+		left := make([]net.Conn, 0, len(s.handshakes))
+		for c := range s.handshakes {
+			left = append(left, c)
+		}
+		s.mu.Unlock()
+		for _, c := range left {
+			c.Close()
+		}
+	}
 	live := s.liveSessions()
 	var gap time.Duration
 	if len(live) > 1 {
@@ -214,9 +229,17 @@ func (s *Server) liveSessions() []*session {
 	return live
 }
 
-func (s *Server) handshakeDone() {
+// handshakeBegin counts c as a handshake under way.
+func (s *Server) handshakeBegin(c net.Conn) {
 	s.mu.Lock()
-	s.inflight--
+	s.handshakes[c] = struct{}{}
+	s.mu.Unlock()
+}
+
+// handshakeDone is called when c is a session, or refused.
+func (s *Server) handshakeDone(c net.Conn) {
+	s.mu.Lock()
+	delete(s.handshakes, c)
 	s.mu.Unlock()
 	s.signalGone()
 }
@@ -233,7 +256,7 @@ func (s *Server) signalGone() {
 func (s *Server) waitHandshakes(ctx context.Context) error {
 	for {
 		s.mu.Lock()
-		n := s.inflight
+		n := len(s.handshakes)
 		s.mu.Unlock()
 		if n == 0 {
 			return nil
@@ -250,7 +273,7 @@ func (s *Server) waitHandshakes(ctx context.Context) error {
 func (s *Server) waitSessions(ctx context.Context) error {
 	for {
 		s.mu.Lock()
-		n := len(s.sessions) + s.inflight
+		n := len(s.sessions) + len(s.handshakes)
 		s.mu.Unlock()
 		if n == 0 {
 			return nil
