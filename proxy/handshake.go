@@ -210,7 +210,7 @@ func dialFailure(err error) (status int, reason string) {
 	return http.StatusBadGateway, "handshake"
 }
 
-// dialState is ServeHTTP's state for the upstream dial. It is pooled, with
+// dialState is upgrade's state for the upstream dial. It is pooled, with
 // the dialer's callbacks bound to it once, so that an upgrade allocates
 // no closures and no header copy.
 type dialState struct {
