@@ -190,14 +190,15 @@ func (a *admission) leave(addr string) {
 
 // refuse answers r for refusal i: counted, short text body, Retry-After
 // where the client may simply try again, and a log line at most once a
-// second per reason.
+// second per reason. The line comes first: once the answer is written,
+// the client's next request may be refused before this one is noted.
 func (s *Server) refuse(c net.Conn, r *request, i int, cl client) {
 	rf := &refusals[i]
 	retry := 0
 	if rf.retry {
 		retry = retryAfter()
 	}
-	s.reject(c, rf.status, rf.reason, rf.msg, retry)
+	defer s.reject(c, rf.status, rf.reason, rf.msg, retry)
 	n, ok := s.adm.logs[i].note(time.Since(s.adm.began))
 	if !ok {
 		return
