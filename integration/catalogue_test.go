@@ -51,7 +51,8 @@ var catSockets = flag.Int("catalogue.sockets", 0,
 
 // The catalogue's sluice limits (SLUICE_MAX_FRAME_BYTES,
 // SLUICE_MAX_MESSAGE_BYTES, SLUICE_HANDSHAKE_TIMEOUT). MaxHeaderBytes is the
-// default, 32 KiB; net/http allows 4 KiB more before it answers 431.
+// default, 32 KiB; sluice allows 4 KiB more before it answers 431, as
+// net/http did.
 const (
 	catMaxFrame         = 64 << 10
 	catMaxMessage       = 128 << 10
@@ -204,8 +205,8 @@ func catCases() []catCase {
 		catHeader(ws.Header{Fin: true, OpCode: ws.OpContinuation, Length: 60 << 10}))
 
 	// --- the handshake ----------------------------------------------------
-	// net/http reads up to MaxHeaderBytes+4096 of request line and headers
-	// and answers anything longer with 431 itself; it has no separate limit
+	// sluice reads up to MaxHeaderBytes+4096 of request line and headers,
+	// as net/http did, and answers anything longer with 431; no separate limit
 	// on the request line (no 414) nor on the number of headers.
 	status("header bomb: one 100 KiB value", 431, func(host, id string) []byte {
 		return catUpgrade(host, id, nil, "X-Bomb: "+strings.Repeat("b", 100<<10))

@@ -1,10 +1,10 @@
 package proxy
 
 // Admission control: who may open a session, how many at once and how
-// fast, decided in ServeHTTP before anything is dialled. Who the client is
+// fast, decided in Server.upgrade before anything is dialled. Who the client is
 // comes from clientaddr.go, which origins may connect from origin.go.
 //
-// ServeHTTP checks, in this order, after the request has been found to be
+// upgrade checks, in this order, after the request has been found to be
 // a WebSocket upgrade and sluice is not draining:
 //
 //  1. Origin: with Options.AllowedOrigins set, a request whose Origin
@@ -23,9 +23,9 @@ package proxy
 import (
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/netip"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -99,7 +99,7 @@ func newAdmission(o *Options) (*admission, error) {
 	return a, nil
 }
 
-// slot is an admitted connection's place under the limits. ServeHTTP owns
+// slot is an admitted connection's place under the limits. upgrade owns
 // it until handOff passes it to the session, whose end frees it
 // (Server.forget calls admission.leave with the same client address).
 type slot struct {
@@ -120,12 +120,12 @@ func (t *slot) release() {
 func (t *slot) handOff() { t.held = false }
 
 // admit runs the admission checks for r from cl. When one refuses, it has
-// answered the request and ok is false.
-func (s *Server) admit(w http.ResponseWriter, r *http.Request, cl client) (t slot, ok bool) {
+// answered the request on c and ok is false.
+func (s *Server) admit(c net.Conn, r *request, cl client) (t slot, ok bool) {
 	a := s.adm
-	if origins := r.Header.Values("Origin"); len(a.origins) > 0 && len(origins) > 0 {
-		if len(origins) != 1 || !a.originAllowed(origins[0]) {
-			s.refuse(w, r, refuseOrigin, cl)
+	if len(a.origins) > 0 && r.has("Origin") {
+		if o, one := r.one("Origin"); !one || !a.originAllowed(o) {
+			s.refuse(c, r, refuseOrigin, cl)
 			return slot{}, false
 		}
 	}
@@ -135,7 +135,7 @@ func (s *Server) admit(w http.ResponseWriter, r *http.Request, cl client) (t slo
 	}
 	if a.maxConns > 0 && a.conns.Add(1) > a.maxConns {
 		a.conns.Add(-1)
-		s.refuse(w, r, refuseMaxConns, cl)
+		s.refuse(c, r, refuseMaxConns, cl)
 		return slot{}, false
 	}
 	if a.perIP > 0 && key.IsValid() {
@@ -149,13 +149,13 @@ func (s *Server) admit(w http.ResponseWriter, r *http.Request, cl client) (t slo
 			if a.maxConns > 0 {
 				a.conns.Add(-1)
 			}
-			s.refuse(w, r, refusePerIP, cl)
+			s.refuse(c, r, refusePerIP, cl)
 			return slot{}, false
 		}
 	}
 	if a.bucket != nil && !a.bucket.allow() {
 		a.free(key)
-		s.refuse(w, r, refuseRate, cl)
+		s.refuse(c, r, refuseRate, cl)
 		return slot{}, false
 	}
 	return slot{a: a, key: key, held: true}, true
@@ -178,7 +178,7 @@ func (a *admission) free(key netip.Addr) {
 }
 
 // leave frees the slot of a finished session whose client address is
-// addr (session.clientAddr, which ServeHTTP set to client.addr).
+// addr (session.clientAddr, which upgrade set to client.addr).
 func (a *admission) leave(addr string) {
 	switch {
 	case a.perIP > 0:
@@ -190,20 +190,25 @@ func (a *admission) leave(addr string) {
 
 // refuse answers r for refusal i: counted, short text body, Retry-After
 // where the client may simply try again, and a log line at most once a
-// second per reason.
-func (s *Server) refuse(w http.ResponseWriter, r *http.Request, i int, cl client) {
+// second per reason. The line comes first: once the answer is written,
+// the client's next request may be refused before this one is noted.
+func (s *Server) refuse(c net.Conn, r *request, i int, cl client) {
 	rf := &refusals[i]
+	retry := 0
 	if rf.retry {
-		w.Header().Set("Retry-After", strconv.Itoa(retryAfter()))
+		retry = retryAfter()
 	}
-	s.reject(w, rf.status, rf.reason, rf.msg)
+	defer s.reject(c, rf.status, rf.reason, rf.msg, retry)
 	n, ok := s.adm.logs[i].note(time.Since(s.adm.began))
 	if !ok {
 		return
 	}
 	ev := s.log.Warn().Str("reason", rf.reason).Str("client", cl.addr).Uint64("rejected", n)
 	if i == refuseOrigin {
-		o := r.Header.Get("Origin")
+		o := ""
+		if vs := r.Values("Origin"); len(vs) > 0 {
+			o = vs[0]
+		}
 		if len(o) > 256 {
 			o = o[:256]
 		}

@@ -7,7 +7,6 @@ package proxy
 import (
 	"fmt"
 	"io"
-	"net/http"
 	"net/netip"
 	"net/textproto"
 	"slices"
@@ -27,9 +26,16 @@ type client struct {
 	xff string
 }
 
-func (a *admission) clientOf(r *http.Request) client {
-	return resolveClient(a.trusted, r.RemoteAddr, r.Header)
+func (a *admission) clientOf(r *request) client {
+	if len(a.trusted) == 0 {
+		return client{addr: r.remoteAddr}
+	}
+	return resolveClient(a.trusted, r.remoteAddr, r)
 }
+
+// headerValues is a request's header as resolveClient reads it (an
+// http.Header, or a request).
+type headerValues interface{ Values(name string) []string }
 
 // resolveClient finds the client of a request from remoteAddr with header
 // h. Only a peer within trusted is believed about who it forwards for:
@@ -39,7 +45,7 @@ func (a *admission) clientOf(r *http.Request) client {
 // own say and are never believed. A hop that does not parse stops the
 // walk: the nearest trusted hop is then the client, since nothing beyond
 // it can be vouched for; the same when every hop is trusted.
-func resolveClient(trusted []netip.Prefix, remoteAddr string, h http.Header) client {
+func resolveClient(trusted []netip.Prefix, remoteAddr string, h headerValues) client {
 	cl := client{addr: remoteAddr}
 	if len(trusted) == 0 {
 		return cl
@@ -292,9 +298,9 @@ func normalizePrefix(p netip.Prefix) netip.Prefix {
 // client's, less hop-by-hop ones, plus X-Forwarded-*. It writes them
 // straight from the client's request, in the order http.Header.Write
 // would (sorted by name, the same clean-up of values), rather than build
-// a copy of the header map for every upgrade.
+// a copy of the header for every upgrade.
 type forwardedHeader struct {
-	req   http.Header
+	req   *request
 	xff   string // X-Forwarded-For
 	proto string // X-Forwarded-Proto
 	host  string // X-Forwarded-Host
@@ -303,15 +309,15 @@ type forwardedHeader struct {
 // forwardTo fills h for r from clientIP; xff, when not empty, is the
 // X-Forwarded-For to send instead of the received list plus clientIP
 // (client.xff).
-func (h *forwardedHeader) forwardTo(r *http.Request, clientIP, xff string) {
+func (h *forwardedHeader) forwardTo(r *request, clientIP, xff string) {
 	if xff == "" {
 		xff = clientIP
-		if prior := r.Header.Values("X-Forwarded-For"); len(prior) > 0 {
-			xff = strings.Join(prior, ", ") + ", " + clientIP
+		if r.has("X-Forwarded-For") {
+			xff = strings.Join(r.Values("X-Forwarded-For"), ", ") + ", " + clientIP
 		}
 	}
-	h.req, h.xff, h.proto, h.host = r.Header, xff, "http", r.Host
-	if r.TLS != nil {
+	h.req, h.xff, h.proto, h.host = r, xff, "http", r.host
+	if r.tls {
 		h.proto = "https"
 	}
 }
@@ -327,8 +333,11 @@ func (h *forwardedHeader) forwarded(name string) bool {
 			return false
 		}
 	}
-	for _, v := range h.req["Connection"] {
-		for listed := range strings.SplitSeq(v, ",") {
+	for _, f := range h.req.fields {
+		if f.name != "Connection" {
+			continue
+		}
+		for listed := range strings.SplitSeq(f.value, ",") {
 			if strings.EqualFold(textproto.TrimString(listed), name) {
 				return false
 			}
@@ -337,53 +346,64 @@ func (h *forwardedHeader) forwarded(name string) bool {
 	return isToken(name, false) // as http.Header.Write, drop what is not a field name
 }
 
+// Stand-ins for sluice's own fields in WriteTo's list of field indexes.
+const (
+	fieldXFF = -1 - iota
+	fieldXFHost
+	fieldXFProto
+)
+
 // WriteTo implements ws.HandshakeHeader.
 func (h *forwardedHeader) WriteTo(w io.Writer) (int64, error) {
 	ws, ok := w.(io.StringWriter)
 	if !ok {
 		ws = stringWriter{w}
 	}
-	var buf [24]string // names on the stack for the usual request
-	names := append(buf[:0], "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto")
-	for name := range h.req {
-		if h.forwarded(name) {
-			names = append(names, name)
+	fields := h.req.fields
+	name := func(i int) string {
+		switch i {
+		case fieldXFF:
+			return "X-Forwarded-For"
+		case fieldXFHost:
+			return "X-Forwarded-Host"
+		case fieldXFProto:
+			return "X-Forwarded-Proto"
+		}
+		return fields[i].name
+	}
+	var buf [32]int // indexes on the stack for the usual request
+	order := append(buf[:0], fieldXFF, fieldXFHost, fieldXFProto)
+	for i := range fields {
+		if h.forwarded(fields[i].name) {
+			order = append(order, i)
 		}
 	}
-	slices.Sort(names)
+	// Stable: the values of one name keep their order, as in an
+	// http.Header.
+	slices.SortStableFunc(order, func(a, b int) int { return strings.Compare(name(a), name(b)) })
 	var n int64
-	line := func(name, v string) error {
+	for _, i := range order {
+		var v string
+		switch i {
+		case fieldXFF:
+			v = h.xff
+		case fieldXFHost:
+			v = h.host
+		case fieldXFProto:
+			v = h.proto
+		default:
+			v = fields[i].value
+		}
 		if strings.ContainsAny(v, "\r\n") {
 			v = headerNewlineToSpace.Replace(v)
 		}
 		v = textproto.TrimString(v)
-		for _, s := range [...]string{name, ": ", v, "\r\n"} {
+		for _, s := range [...]string{name(i), ": ", v, "\r\n"} {
 			m, err := ws.WriteString(s)
 			n += int64(m)
 			if err != nil {
-				return err
+				return n, err
 			}
-		}
-		return nil
-	}
-	for _, name := range names {
-		var err error
-		switch name {
-		case "X-Forwarded-For":
-			err = line(name, h.xff)
-		case "X-Forwarded-Proto":
-			err = line(name, h.proto)
-		case "X-Forwarded-Host":
-			err = line(name, h.host)
-		default:
-			for _, v := range h.req[name] {
-				if err = line(name, v); err != nil {
-					break
-				}
-			}
-		}
-		if err != nil {
-			return n, err
 		}
 	}
 	return n, nil

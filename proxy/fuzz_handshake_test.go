@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log"
 	"net"
 	"net/http"
 	"net/url"
@@ -33,7 +32,7 @@ const fuzzCheckEvery = 100
 
 // FuzzServeHandshake writes arbitrary bytes as a client's request to a real
 // sluice Server over loopback TCP, then half-closes. Sluice must not panic
-// (net/http would recover a handler's panic and log it), must answer with a
+// (the Server recovers a handshake's panic and logs it), must answer with a
 // well-formed HTTP response (a 101 being a proper upgrade) or close without
 // a word, within fuzzAnswerWait, and must go on serving proper upgrades.
 func FuzzServeHandshake(f *testing.F) {
@@ -97,8 +96,8 @@ func startFuzzHandshakeFixture(t *testing.T) *fuzzHandshakeFixture {
 	u, _ := url.Parse("ws://" + fx.backend.Addr().String())
 	fx.srv, err = New(Options{
 		Upstream: u,
-		// Warnings and errors only; a panic would show in ErrorLog.
-		Logger:           zerolog.New(io.Discard),
+		// Errors only: a recovered panic is logged at error level.
+		Logger:           zerolog.New(fx.panics).Level(zerolog.ErrorLevel),
 		HandshakeTimeout: time.Second,
 		DialTimeout:      time.Second,
 		CloseTimeout:     time.Second,
@@ -109,8 +108,6 @@ func startFuzzHandshakeFixture(t *testing.T) *fuzzHandshakeFixture {
 		fx.backend.Close()
 		t.Fatal(err)
 	}
-	// net/http reports a handler's recovered panic on ErrorLog.
-	fx.srv.http.ErrorLog = log.New(fx.panics, "", 0)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		fx.backend.Close()
@@ -241,8 +238,8 @@ func (fx *fuzzHandshakeFixture) properUpgrade(n uint64) error {
 	return nil
 }
 
-// fuzzPanicLog is the Server's ErrorLog: net/http writes "http: panic
-// serving ..." there when a handler panics.
+// fuzzPanicLog is the Server's log: a handshake's recovered panic is
+// written there as "panic in client handshake".
 type fuzzPanicLog struct {
 	mu  sync.Mutex
 	buf bytes.Buffer // guarded by mu

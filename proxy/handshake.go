@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/base64"
 	"errors"
@@ -39,31 +38,31 @@ var hopHeaders = []string{
 
 // checkUpgrade validates the client's request before anything is dialled.
 // It returns the HTTP status to answer with and a short reason.
-func checkUpgrade(r *http.Request) (int, string) {
-	if !headerHasToken(r.Header, "Upgrade", "websocket") {
+func checkUpgrade(r *request) (int, string) {
+	if !r.hasToken("Upgrade", "websocket") {
 		return http.StatusUpgradeRequired, "this is a WebSocket endpoint: send an Upgrade: websocket request"
 	}
-	if r.Method != http.MethodGet {
+	if r.method != http.MethodGet {
 		return http.StatusMethodNotAllowed, "WebSocket upgrades must use GET"
 	}
-	if !r.ProtoAtLeast(1, 1) {
+	if r.major < 1 || r.major == 1 && r.minor < 1 {
 		return http.StatusBadRequest, "WebSocket upgrades need HTTP/1.1"
 	}
-	if r.ContentLength > 0 || len(r.TransferEncoding) > 0 {
+	if r.hasBody {
 		// After the 101 those bytes would be read as frames, while an HTTP
 		// device in front saw them as a body: a smuggling surface.
 		return http.StatusBadRequest, "an upgrade request has no body"
 	}
-	if r.Host == "" {
+	if r.host == "" {
 		return http.StatusBadRequest, "missing Host"
 	}
-	if !headerHasToken(r.Header, "Connection", "upgrade") {
+	if !r.hasToken("Connection", "upgrade") {
 		return http.StatusBadRequest, "missing Connection: Upgrade"
 	}
-	if keys := r.Header.Values("Sec-Websocket-Key"); len(keys) != 1 || !validKey(keys[0]) {
+	if key, ok := r.one("Sec-Websocket-Key"); !ok || !validKey(key) {
 		return http.StatusBadRequest, "missing or invalid Sec-WebSocket-Key"
 	}
-	if v := r.Header.Values("Sec-Websocket-Version"); len(v) != 1 || v[0] != "13" {
+	if v, ok := r.one("Sec-Websocket-Version"); !ok || v != "13" {
 		return http.StatusUpgradeRequired, "unsupported Sec-WebSocket-Version: want 13"
 	}
 	return 0, ""
@@ -81,27 +80,16 @@ func validKey(k string) bool {
 	return err == nil && n == 16
 }
 
-func headerHasToken(h http.Header, name, token string) bool {
-	for _, v := range h.Values(name) {
-		for t := range strings.SplitSeq(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(t), token) {
-				return true
-			}
-		}
-	}
-	return false
-}
-
 // upstreamURL joins the request's path and query to the upstream URL the
 // way net/http/httputil does.
-func upstreamURL(base *url.URL, r *http.Request) string {
+func upstreamURL(base, req *url.URL) string {
 	u := *base
-	u.Path, u.RawPath = joinURLPath(base, r.URL)
+	u.Path, u.RawPath = joinURLPath(base, req)
 	switch {
 	case base.RawQuery == "":
-		u.RawQuery = r.URL.RawQuery
-	case r.URL.RawQuery != "":
-		u.RawQuery = base.RawQuery + "&" + r.URL.RawQuery
+		u.RawQuery = req.RawQuery
+	case req.RawQuery != "":
+		u.RawQuery = base.RawQuery + "&" + req.RawQuery
 	}
 	u.Fragment = ""
 	return u.String()
@@ -137,15 +125,17 @@ func singleJoiningSlash(a, b string) string {
 // Drop policy a permessage-deflate offer also asks the server for
 // server_no_context_takeover, so every server message decompresses on its
 // own and dropping one cannot corrupt the next (RFC 7692 §7.1.1.1).
-func offers(r *http.Request, policy limiter.Policy) (protocols []string, exts []httphead.Option) {
-	for _, v := range r.Header.Values("Sec-Websocket-Protocol") {
-		httphead.ScanTokens([]byte(v), func(tok []byte) bool {
-			protocols = append(protocols, string(tok))
-			return true
-		})
-	}
-	for _, v := range r.Header.Values("Sec-Websocket-Extensions") {
-		exts, _ = httphead.ParseOptions([]byte(v), exts)
+func offers(r *request, policy limiter.Policy) (protocols []string, exts []httphead.Option) {
+	for _, f := range r.fields {
+		switch f.name {
+		case "Sec-Websocket-Protocol":
+			httphead.ScanTokens([]byte(f.value), func(tok []byte) bool {
+				protocols = append(protocols, string(tok))
+				return true
+			})
+		case "Sec-Websocket-Extensions":
+			exts, _ = httphead.ParseOptions([]byte(f.value), exts)
+		}
 	}
 	if policy == limiter.Drop {
 		for i := range exts {
@@ -169,12 +159,6 @@ func extensionKind(exts []httphead.Option) frame.Extension {
 		kind = frame.Deflate
 	}
 	return kind
-}
-
-func renderOptions(exts []httphead.Option) string {
-	var b bytes.Buffer
-	httphead.WriteOptions(&b, exts)
-	return b.String()
 }
 
 // rejection is an upstream's non-101 answer, copied while the dialer's
@@ -226,7 +210,7 @@ func dialFailure(err error) (status int, reason string) {
 	return http.StatusBadGateway, "handshake"
 }
 
-// dialState is ServeHTTP's state for the upstream dial. It is pooled, with
+// dialState is upgrade's state for the upstream dial. It is pooled, with
 // the dialer's callbacks bound to it once, so that an upgrade allocates
 // no closures and no header copy.
 type dialState struct {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/url"
+	"runtime/metrics"
 	"strings"
 	"testing"
 	"time"
@@ -194,6 +195,15 @@ func BenchmarkHandshake(b *testing.B) {
 
 func benchHandshakes(b *testing.B, addr string) {
 	b.ReportAllocs()
+	// Goroutines started per upgrade, client's and backend's included (as
+	// in "direct"): each is a hand-off the scheduler pays for.
+	created := []metrics.Sample{{Name: "/sched/goroutines-created:goroutines"}}
+	metrics.Read(created)
+	before := created[0].Value.Uint64()
+	defer func() {
+		metrics.Read(created)
+		b.ReportMetric(float64(created[0].Value.Uint64()-before)/float64(b.N), "goroutines/op")
+	}()
 	// Enough clients at once to keep both the proxy's CPUs busy, as the
 	// harness's 16 workers do.
 	b.SetParallelism(8)

@@ -54,6 +54,13 @@ func parseForwardCase(tb testing.TB, i int) *http.Request {
 	return r
 }
 
+// fromHTTP is the request Serve would have read for r.
+func fromHTTP(r *http.Request) *request {
+	var req request
+	requestFromHTTP(r, &req)
+	return &req
+}
+
 // referenceForwarded is how forwardedHeader's output was built before it
 // wrote straight from the request: copy, delete, set, http.Header.Write.
 func referenceForwarded(r *http.Request, clientIP, xff string) string {
@@ -91,7 +98,7 @@ func TestForwardedHeaderAsHeaderWrite(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			r := parseForwardCase(t, i)
 			var h forwardedHeader
-			h.forwardTo(r, "10.0.0.9", c.xff)
+			h.forwardTo(fromHTTP(r), "10.0.0.9", c.xff)
 			var got bytes.Buffer
 			n, err := h.WriteTo(&got)
 			if err != nil || n != int64(got.Len()) {
@@ -112,7 +119,7 @@ func TestForwardedHeaderCleansValues(t *testing.T) {
 		"Bad Name": {"x"},
 	}}
 	var h forwardedHeader
-	h.forwardTo(r, "10.0.0.9", "")
+	h.forwardTo(fromHTTP(r), "10.0.0.9", "")
 	var got strings.Builder
 	h.WriteTo(&got)
 	if want := referenceForwarded(r, "10.0.0.9", ""); got.String() != want {
@@ -127,7 +134,7 @@ func BenchmarkForwardedHeader(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				var h forwardedHeader
-				h.forwardTo(r, "10.0.0.9", c.xff)
+				h.forwardTo(fromHTTP(r), "10.0.0.9", c.xff)
 				h.WriteTo(io.Discard)
 			}
 		})

@@ -169,7 +169,7 @@ var violationCodes = []ws.StatusCode{ws.StatusProtocolError, ws.StatusInvalidFra
 // admission control's refusals, malformed or late upgrades, and each way
 // the upstream can fail a handshake (Server.dialFailed).
 func rejectionReasons() []string {
-	out := []string{"bad_request", "draining", "client_handshake", "upstream_status"}
+	out := []string{"bad_request", "malformed", "header_too_large", "draining", "client_handshake", "upstream_status"}
 	for _, r := range refusals {
 		out = append(out, r.reason)
 	}

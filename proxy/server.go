@@ -5,33 +5,16 @@ package proxy
 
 import (
 	"context"
-	"errors"
-	stdlog "log"
 	"net"
-	"net/http"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"github.com/gobwas/ws"
 	"github.com/rs/zerolog"
 
-	"sluice/frame"
 	"sluice/limiter"
 )
-
-// httpErrorLog sends net/http's own complaints (TLS handshake errors from
-// scanners, malformed requests) to the structured log at debug level,
-// instead of plain lines on stderr.
-type httpErrorLog struct{ log zerolog.Logger }
-
-func (w httpErrorLog) Write(p []byte) (int, error) {
-	w.log.Debug().Str("source", "net/http").Msg(strings.TrimSpace(string(p)))
-	return len(p), nil
-}
 
 // setSocketBuffer sets opt (SO_RCVBUF or SO_SNDBUF) of the socket c to n
 // bytes.
@@ -64,16 +47,15 @@ func setConnBuffer(conn net.Conn, opt, n int) {
 	}
 }
 
-// Server accepts WebSocket upgrades and proxies each to the upstream.
-// Sessions outlive the HTTP handler that made them: net/http's Shutdown
-// does not see hijacked connections, so the Server tracks them itself.
+// Server accepts WebSocket upgrades and proxies each to the upstream. It
+// runs its own accept loop (accept.go): no net/http state lives for a
+// connection, before its upgrade or after.
 type Server struct {
 	opts    Options
 	log     zerolog.Logger
 	metrics *Metrics
 	budget  *limiter.Budget
 	adm     *admission // connection limits, origins, handshake rate (admission.go)
-	http    *http.Server
 	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
 	idle    *idlePoller   // parked readers of idle sockets; nil: readers wait in goroutines
 	fair    *limiter.Fair // Options.UpstreamMaxMessagesPerSecond; nil: no cap
@@ -88,9 +70,12 @@ type Server struct {
 	dialFailLog rejectLog // upstream dial failures, logged at most once a second
 
 	mu        sync.Mutex
-	sessions  map[*session]struct{} // guarded by mu
-	inflight  int                   // upgrades being handled, guarded by mu
-	evictions evictionLog           // guarded by mu
+	listeners map[net.Listener]struct{} // Serve's, closed by Shutdown; guarded by mu
+	sessions  map[*session]struct{}     // guarded by mu
+	// handshakes are the connections accepted and not yet a session (nor
+	// refused), for Shutdown to wait for or cut off; guarded by mu.
+	handshakes map[net.Conn]struct{}
+	evictions  evictionLog // guarded by mu
 	// sessionGone hears from forget when a session ends, for Shutdown.
 	sessionGone chan struct{}
 	stop        context.CancelFunc
@@ -112,7 +97,9 @@ func New(opts Options) (*Server, error) {
 		log:         opts.Logger,
 		metrics:     newMetrics(opts.Registerer),
 		adm:         adm,
+		listeners:   make(map[net.Listener]struct{}),
 		sessions:    make(map[*session]struct{}),
+		handshakes:  make(map[net.Conn]struct{}),
 		sessionGone: make(chan struct{}, 1),
 	}
 	bc := opts.Budget
@@ -131,14 +118,6 @@ func New(opts Options) (*Server, error) {
 			s.log.Warn().Err(err).Msg("idle readers will wait in goroutines")
 		}
 	}
-	s.http = &http.Server{
-		Handler:           s,
-		ReadHeaderTimeout: opts.HandshakeTimeout,
-		ReadTimeout:       opts.HandshakeTimeout,
-		MaxHeaderBytes:    opts.MaxHeaderBytes,
-		ErrorLog:          stdlog.New(httpErrorLog{opts.Logger}, "", 0),
-	}
-	s.http.SetKeepAlivesEnabled(false)
 	// No TCP keepalive: sluice pings at the WebSocket layer, and the
 	// kernel's probes cost four setsockopt calls per connection.
 	d := net.Dialer{KeepAlive: -1}
@@ -183,12 +162,6 @@ func (s *Server) LastUpstreamConnect() time.Time {
 	return time.Unix(0, n)
 }
 
-// Serve accepts connections on ln until Shutdown. It returns
-// http.ErrServerClosed after a Shutdown.
-func (s *Server) Serve(ln net.Listener) error {
-	return s.http.Serve(ln)
-}
-
 // Shutdown stops accepting, sends 1001 Going Away to every client and its
 // upstream after their queued data — spread over Options.DrainSpread so
 // clients do not all reconnect at once — and waits for the sessions to
@@ -198,10 +171,25 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.draining.Store(true)
 	s.mu.Lock()
 	s.closing.Store(true)
+	for ln := range s.listeners {
+		ln.Close()
+	}
 	s.mu.Unlock()
-	err := s.http.Shutdown(ctx)
-	if errors.Is(err, http.ErrServerClosed) {
-		err = nil
+	// Handshakes under way end within their timeouts: those that reach
+	// admission now are refused with 503, the others become sessions,
+	// which the loop below or startSession itself sends away.
+	err := s.waitHandshakes(ctx)
+	if err != nil {
+		// Out of time: cut off the handshakes left, outside the lock.
+		s.mu.Lock()
+		left := make([]net.Conn, 0, len(s.handshakes))
+		for c := range s.handshakes {
+			left = append(left, c)
+		}
+		s.mu.Unlock()
+		for _, c := range left {
+			c.Close()
+		}
 	}
 	live := s.liveSessions()
 	var gap time.Duration
@@ -264,9 +252,17 @@ func (s *Server) liveSessions() []*session {
 	return live
 }
 
-func (s *Server) handshakeDone() {
+// handshakeBegin counts c as a handshake under way.
+func (s *Server) handshakeBegin(c net.Conn) {
 	s.mu.Lock()
-	s.inflight--
+	s.handshakes[c] = struct{}{}
+	s.mu.Unlock()
+}
+
+// handshakeDone is called when c is a session, or refused.
+func (s *Server) handshakeDone(c net.Conn) {
+	s.mu.Lock()
+	delete(s.handshakes, c)
 	s.mu.Unlock()
 	s.signalGone()
 }
@@ -278,11 +274,12 @@ func (s *Server) signalGone() {
 	}
 }
 
-// waitSessions waits until no session or upgrade is left, or ctx ends.
-func (s *Server) waitSessions(ctx context.Context) error {
+// waitHandshakes waits until no accepted connection is left waiting to
+// become a session, or ctx ends.
+func (s *Server) waitHandshakes(ctx context.Context) error {
 	for {
 		s.mu.Lock()
-		n := len(s.sessions) + s.inflight
+		n := len(s.handshakes)
 		s.mu.Unlock()
 		if n == 0 {
 			return nil
@@ -295,157 +292,21 @@ func (s *Server) waitSessions(ctx context.Context) error {
 	}
 }
 
-// ServeHTTP answers one upgrade request: dial the upstream first, then
-// answer the client from the upstream's answer, then hand both connections
-// to a session and return, so no HTTP state outlives the handshake.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	began := time.Now()
-	if status, msg := checkUpgrade(r); status != 0 {
-		s.reject(w, status, "bad_request", msg)
-		return
-	}
-	// An upgrade under way is counted, so that Shutdown waits for the
-	// session it may still become: net/http forgets a connection once it
-	// is hijacked.
-	s.mu.Lock()
-	if s.closing.Load() {
+// waitSessions waits until no session or upgrade is left, or ctx ends.
+func (s *Server) waitSessions(ctx context.Context) error {
+	for {
+		s.mu.Lock()
+		n := len(s.sessions) + len(s.handshakes)
 		s.mu.Unlock()
-		w.Header().Set("Retry-After", "1")
-		s.reject(w, http.StatusServiceUnavailable, "draining", "sluice is shutting down")
-		return
-	}
-	s.inflight++
-	s.mu.Unlock()
-	defer s.handshakeDone()
-	// Admission control (admission.go): origin, connection limits and
-	// handshake rate, all before anything is dialled.
-	cl := s.adm.clientOf(r)
-	slot, ok := s.admit(w, r, cl)
-	if !ok {
-		return
-	}
-	defer slot.release() // a no-op once the session has the slot
-	clientIP, _, _ := net.SplitHostPort(r.RemoteAddr)
-	u := getDialState(s)
-	defer putDialState(u)
-	u.header.forwardTo(r, clientIP, cl.xff)
-	protocols, exts := offers(r, s.opts.Queue.Policy)
-	dialer := ws.Dialer{
-		Timeout:       s.opts.DialTimeout,
-		Protocols:     protocols,
-		Extensions:    exts,
-		Header:        &u.header,
-		Host:          s.opts.Upstream.Host,
-		TLSConfig:     s.opts.UpstreamTLS,
-		NetDial:       u.netDial,
-		OnStatusError: u.onStatusError,
-		OnHeader:      u.onHeader,
-	}
-	target := upstreamURL(s.opts.Upstream, r)
-	// A context that never ends: the Dialer then bounds the dial with
-	// Timeout alone, instead of starting a goroutine per dial to watch the
-	// request's context. A client gone meanwhile is noticed when its 101
-	// cannot be written.
-	upConn, upBuf, hs, err := dialer.Dial(context.WithoutCancel(r.Context()), target)
-	if err != nil {
-		s.dialFailed(w, r, target, err, u.rej)
-		return
-	}
-	var header http.Header // most upgrades add nothing: no map for them
-	if hs.Protocol != "" || len(hs.Extensions) > 0 || len(u.cookies) > 0 {
-		header = http.Header{}
-	}
-	if hs.Protocol != "" {
-		header.Set("Sec-WebSocket-Protocol", hs.Protocol)
-	}
-	if len(hs.Extensions) > 0 {
-		header.Set("Sec-WebSocket-Extensions", renderOptions(hs.Extensions))
-	}
-	for _, c := range u.cookies {
-		header.Add("Set-Cookie", c)
-	}
-	// checkUpgrade accepted the request with the tokens anywhere in
-	// Upgrade and Connection; the upgrader reads only the first value, so
-	// give it the canonical ones rather than fail after the upstream
-	// already said yes.
-	if v := r.Header["Upgrade"]; len(v) != 1 || v[0] != "websocket" {
-		r.Header.Set("Upgrade", "websocket")
-	}
-	if v := r.Header["Connection"]; len(v) != 1 || v[0] != "Upgrade" {
-		r.Header.Set("Connection", "Upgrade")
-	}
-	up := ws.HTTPUpgrader{Timeout: s.opts.HandshakeTimeout, Header: header}
-	conn, rw, _, err := up.Upgrade(r, w)
-	if err != nil {
-		if conn != nil {
-			conn.Close()
+		if n == 0 {
+			return nil
 		}
-		upConn.Write(frame.AppendClose(nil, ws.StatusGoingAway, "client handshake failed", true))
-		upConn.Close()
-		if upBuf != nil {
-			ws.PutReader(upBuf)
+		select {
+		case <-s.sessionGone:
+		case <-ctx.Done():
+			return ctx.Err()
 		}
-		s.metrics.rejected.WithLabelValues("client_handshake").Inc()
-		s.log.Debug().Err(err).Str("client", r.RemoteAddr).Msg("client upgrade failed")
-		return
 	}
-	if s.opts.ClientWriteBuffer > 0 {
-		setConnBuffer(conn, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
-	}
-	var clientPending, upstreamPending []byte
-	if rw != nil && rw.Reader.Buffered() > 0 {
-		clientPending, _ = rw.Reader.Peek(rw.Reader.Buffered())
-	}
-	if upBuf != nil {
-		upstreamPending, _ = upBuf.Peek(upBuf.Buffered())
-	}
-	s.metrics.handshakeSeconds.Observe(time.Since(began).Seconds())
-	s.metrics.connectionsTotal.Inc()
-	ext := extensionKind(hs.Extensions)
-	slot.handOff() // released by forget, from the session's client address
-	s.startSession(conn, clientPending, upConn, upstreamPending, cl.addr, target, hs.Protocol, ext)
-	if upBuf != nil {
-		ws.PutReader(upBuf)
-	}
-}
-
-func (s *Server) reject(w http.ResponseWriter, status int, reason, msg string) {
-	s.metrics.rejected.WithLabelValues(reason).Inc()
-	if status == http.StatusUpgradeRequired {
-		w.Header().Set("Upgrade", "websocket")
-		w.Header().Set("Sec-WebSocket-Version", "13")
-	}
-	w.Header().Set("Connection", "close")
-	http.Error(w, msg, status)
-}
-
-func (s *Server) dialFailed(w http.ResponseWriter, r *http.Request, target string, err error, rej *rejection) {
-	status, reason := dialFailure(err)
-	s.metrics.dialFailures.WithLabelValues(reason).Inc()
-	if reason == "client_gone" {
-		return
-	}
-	if rej != nil {
-		// The upstream answered, only not with 101: its answer is the
-		// client's answer.
-		s.metrics.rejected.WithLabelValues("upstream_status").Inc()
-		for k, vs := range rej.header {
-			for _, v := range vs {
-				w.Header().Add(k, v)
-			}
-		}
-		w.Header().Set("Content-Length", strconv.Itoa(len(rej.body)))
-		w.Header().Set("Connection", "close")
-		w.WriteHeader(rej.status)
-		w.Write(rej.body)
-		return
-	}
-	// A dead upstream fails every upgrade at once: one line a second says
-	// so, with the count, rather than one per client.
-	if n, ok := s.dialFailLog.note(time.Since(s.adm.began)); ok {
-		s.log.Warn().Err(err).Str("upstream", target).Str("reason", reason).Uint64("failures", n).Msg("upstream dial failed")
-	}
-	s.reject(w, status, "upstream_"+reason, "upstream "+reason)
 }
 
 // forget removes a finished session from the registry and frees its

@@ -1,0 +1,273 @@
+package proxy
+
+// Accept and upgrade without net/http. Per client connection, one
+// goroutine (handshake) does everything before the session: the TLS
+// handshake when the listener is TLS, the request read straight from the
+// socket into a pooled buffer (request.go), the checks, the upstream dial,
+// and the answer in one write (answer.go). Then it starts the session and
+// ends. No bufio, no header map, no context, no background reader.
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	"github.com/gobwas/ws"
+
+	"sluice/frame"
+)
+
+// Serve accepts connections on ln until Shutdown, and upgrades each in a
+// goroutine of its own. ln may be a TLS listener: the TLS handshake is
+// then part of the client's handshake timeout. Serve returns
+// http.ErrServerClosed after a Shutdown, as http.Server.Serve does, and
+// otherwise the listener's error.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closing.Load() {
+		s.mu.Unlock()
+		return http.ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+	}()
+	var backoff time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if s.closing.Load() {
+				return http.ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+				errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, os.ErrDeadlineExceeded) {
+				// Out of descriptors, as net/http: wait and retry rather
+				// than spin or give up.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn().Err(err).Dur("retry_in", backoff).Msg("accept failed")
+				time.Sleep(backoff)
+				continue
+			}
+			return err
+		}
+		backoff = 0
+		// Counted before the goroutine starts, so that Shutdown, once the
+		// listener is closed, waits for every handshake it could miss.
+		s.handshakeBegin(c)
+		go s.handshake(c)
+	}
+}
+
+// handshake is the goroutine of one accepted connection until its session
+// starts or it is refused.
+func (s *Server) handshake(c net.Conn) {
+	defer s.handshakeDone(c)
+	handedOff := false
+	defer func() {
+		if p := recover(); p != nil {
+			// net/http recovered a handler's panic; so does sluice, with
+			// the stack, and the connection is dropped.
+			s.log.Error().Str("client", c.RemoteAddr().String()).Interface("panic", p).
+				Bytes("stack", debug.Stack()).Msg("panic in client handshake")
+		}
+		if !handedOff {
+			c.Close()
+		}
+	}()
+	began := time.Now()
+	c.SetDeadline(began.Add(s.opts.HandshakeTimeout))
+	r := getRequest()
+	defer putRequest(r)
+	r.remoteAddr = c.RemoteAddr().String()
+	if tc, ok := c.(*tls.Conn); ok {
+		if err := tc.Handshake(); err != nil {
+			// Scanners and wrong ports: a debug line, as net/http's
+			// ErrorLog gave.
+			s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("TLS handshake failed")
+			return
+		}
+		r.tls = true
+	}
+	pending, err := readRequest(c, r, s.opts.MaxHeaderBytes+headReadSize)
+	switch {
+	case errors.Is(err, errHeadTooLarge):
+		s.metrics.rejected.WithLabelValues("header_too_large").Inc()
+		writeBadRequest(c, http.StatusRequestHeaderFieldsTooLarge)
+		closeWriteAndWait(c)
+		return
+	case errors.Is(err, errMalformed):
+		s.metrics.rejected.WithLabelValues("malformed").Inc()
+		writeBadRequest(c, http.StatusBadRequest)
+		return
+	case err != nil:
+		// Timeout, or gone before a whole request: nothing to answer.
+		if !errors.Is(err, io.EOF) {
+			s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("client request not read")
+		}
+		return
+	}
+	handedOff = s.upgrade(c, r, pending, began)
+}
+
+// closeWriteAndWait ends a refusal sent before the client's request was
+// all read, as net/http does: half-close, then read what the client still
+// sends, briefly, so that closing with unread bytes does not reset the
+// connection before the client has read the answer.
+func closeWriteAndWait(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	io.Copy(io.Discard, io.LimitReader(c, 1<<20))
+}
+
+// upgrade answers the request r read from c, with pending the bytes that
+// followed it: dial the upstream first, then answer the client from the
+// upstream's answer, then hand both connections to a session. It reports
+// whether the session took c; if not, the caller closes it.
+func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time) bool {
+	if status, msg := checkUpgrade(r); status != 0 {
+		s.reject(c, status, "bad_request", msg, 0)
+		return false
+	}
+	if s.closing.Load() {
+		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
+		return false
+	}
+	// Admission control (admission.go): origin, connection limits and
+	// handshake rate, all before anything is dialled.
+	cl := s.adm.clientOf(r)
+	slot, ok := s.admit(c, r, cl)
+	if !ok {
+		return false
+	}
+	defer slot.release() // a no-op once the session has the slot
+	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
+	u := getDialState(s)
+	defer putDialState(u)
+	u.header.forwardTo(r, clientIP, cl.xff)
+	protocols, exts := offers(r, s.opts.Queue.Policy)
+	dialer := ws.Dialer{
+		Timeout:       s.opts.DialTimeout,
+		Protocols:     protocols,
+		Extensions:    exts,
+		Header:        &u.header,
+		Host:          s.opts.Upstream.Host,
+		TLSConfig:     s.opts.UpstreamTLS,
+		NetDial:       u.netDial,
+		OnStatusError: u.onStatusError,
+		OnHeader:      u.onHeader,
+	}
+	target := upstreamURL(s.opts.Upstream, r.url)
+	// A context that never ends: the Dialer then bounds the dial with
+	// Timeout alone, instead of starting a goroutine per dial to watch it.
+	// A client gone meanwhile is noticed when its 101 cannot be written.
+	upConn, upBuf, hs, err := dialer.Dial(context.Background(), target)
+	// The answer gets a handshake timeout of its own from here, as the
+	// upgrader gave it.
+	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
+	if err != nil {
+		s.dialFailed(c, target, err, u.rej)
+		return false
+	}
+	key, _ := r.one("Sec-Websocket-Key")
+	if err := write101(c, key, hs, u.cookies); err != nil {
+		upConn.Write(frame.AppendClose(nil, ws.StatusGoingAway, "client handshake failed", true))
+		upConn.Close()
+		if upBuf != nil {
+			ws.PutReader(upBuf)
+		}
+		s.metrics.rejected.WithLabelValues("client_handshake").Inc()
+		s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("client upgrade failed")
+		return false
+	}
+	c.SetDeadline(time.Time{})
+	if s.opts.ClientWriteBuffer > 0 {
+		setConnBuffer(c, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
+	}
+	var upstreamPending []byte
+	if upBuf != nil {
+		upstreamPending, _ = upBuf.Peek(upBuf.Buffered())
+	}
+	s.metrics.handshakeSeconds.Observe(time.Since(began).Seconds())
+	s.metrics.connectionsTotal.Inc()
+	ext := extensionKind(hs.Extensions)
+	slot.handOff() // released by forget, from the session's client address
+	// The frame readers copy both pendings: the buffers they are in may be
+	// recycled once startSession returns.
+	s.startSession(c, pending, upConn, upstreamPending, cl.addr, target, hs.Protocol, ext)
+	if upBuf != nil {
+		ws.PutReader(upBuf)
+	}
+	return true
+}
+
+// ServeHTTP lets sluice be embedded in an http.Server: the request that
+// net/http has read is taken over (hijacked) and upgraded as Serve would.
+// Serve is the cheaper way in, with no net/http state per connection.
+func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
+	hj, ok := w.(http.Hijacker)
+	if !ok || hr.ProtoMajor != 1 {
+		s.metrics.rejected.WithLabelValues("bad_request").Inc()
+		w.Header().Set("Connection", "close")
+		http.Error(w, "WebSocket upgrades need HTTP/1.1", http.StatusBadRequest)
+		return
+	}
+	began := time.Now()
+	c, rw, err := hj.Hijack()
+	if err != nil {
+		return
+	}
+	s.handshakeBegin(c)
+	defer s.handshakeDone(c)
+	r := getRequest()
+	defer putRequest(r)
+	requestFromHTTP(hr, r)
+	var pending []byte
+	if n := rw.Reader.Buffered(); n > 0 {
+		pending, _ = rw.Reader.Peek(n)
+	}
+	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
+	if !s.upgrade(c, r, pending, began) {
+		c.Close()
+	}
+}
+
+// reject answers c with status and msg, counted under reason; retry > 0
+// is a Retry-After.
+func (s *Server) reject(c net.Conn, status int, reason, msg string, retry int) {
+	s.metrics.rejected.WithLabelValues(reason).Inc()
+	writeError(c, status, msg, retry)
+}
+
+func (s *Server) dialFailed(c net.Conn, target string, err error, rej *rejection) {
+	status, reason := dialFailure(err)
+	s.metrics.dialFailures.WithLabelValues(reason).Inc()
+	if reason == "client_gone" {
+		return
+	}
+	if rej != nil {
+		// The upstream answered, only not with 101: its answer is the
+		// client's answer.
+		s.metrics.rejected.WithLabelValues("upstream_status").Inc()
+		writeRejection(c, rej)
+		return
+	}
+	// A dead upstream fails every upgrade at once: one line a second says
+	// so, with the count, rather than one per client.
+	if n, ok := s.dialFailLog.note(time.Since(s.adm.began)); ok {
+		s.log.Warn().Err(err).Str("upstream", target).Str("reason", reason).Uint64("failures", n).Msg("upstream dial failed")
+	}
+	s.reject(c, status, "upstream_"+reason, "upstream "+reason, 0)
+}
