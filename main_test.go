@@ -6,7 +6,14 @@ import (
 	"runtime/debug"
 	"strings"
 	"testing"
+
+	"go.uber.org/goleak"
 )
+
+// TestMain fails the run if run leaves a goroutine behind.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
 
 // TestCheck: `sluice check` fails with exactly the error a start with the
 // same environment fails with, and on a good one prints the warnings and
