@@ -126,28 +126,37 @@ var frameSizes = []struct {
 // queue), divided by b.N.
 func BenchmarkClientToUpstream(b *testing.B) {
 	for _, size := range frameSizes {
-		b.Run(size.name, func(b *testing.B) {
-			client, _, up := benchPair(b, Options{})
-			payload := make([]byte, size.n)
-			wire := ws.MustCompileFrame(ws.MaskFrame(ws.NewBinaryFrame(payload)))
-			want := int64(len(wire)) // masked frame in, masked frame out
-			done := make(chan error, 1)
-			b.SetBytes(int64(size.n))
-			b.ReportAllocs()
-			b.ResetTimer()
-			go func() {
-				_, err := io.CopyN(io.Discard, up, want*int64(b.N))
-				done <- err
-			}()
-			for i := 0; i < b.N; i++ {
-				if _, err := client.Write(wire); err != nil {
-					b.Fatal(err)
-				}
-			}
-			if err := <-done; err != nil {
-				b.Fatal(err)
-			}
-		})
+		b.Run(size.name, func(b *testing.B) { benchClientToUpstream(b, size.n, Options{}) })
+	}
+	// With inbound limits on (too high to hold anything back): what the
+	// checks cost a frame, and that they allocate nothing.
+	limited := Options{
+		ClientRate:                   RateLimit{MessagesPerSecond: 1e9, BytesPerSecond: 1 << 40},
+		UpstreamMaxMessagesPerSecond: 1e9,
+	}
+	b.Run("128B-limited", func(b *testing.B) { benchClientToUpstream(b, 128, limited) })
+}
+
+func benchClientToUpstream(b *testing.B, n int, opts Options) {
+	client, _, up := benchPair(b, opts)
+	payload := make([]byte, n)
+	wire := ws.MustCompileFrame(ws.MaskFrame(ws.NewBinaryFrame(payload)))
+	want := int64(len(wire)) // masked frame in, masked frame out
+	done := make(chan error, 1)
+	b.SetBytes(int64(n))
+	b.ReportAllocs()
+	b.ResetTimer()
+	go func() {
+		_, err := io.CopyN(io.Discard, up, want*int64(b.N))
+		done <- err
+	}()
+	for i := 0; i < b.N; i++ {
+		if _, err := client.Write(wire); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := <-done; err != nil {
+		b.Fatal(err)
 	}
 }
 
