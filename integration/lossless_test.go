@@ -368,7 +368,10 @@ func TestStalledClientKernelMemory(t *testing.T) {
 	if peakUnsent < 64<<10 {
 		t.Errorf("peak unsent bytes counted %d, want the kernel's share of a stalled client (> 64 KiB)", peakUnsent)
 	}
-	waitFor(t, closeTimeout+2*time.Second, "sluice's socket to the client to let go of its unsent bytes", func() bool {
+	// An orphan would keep them for minutes; sluice lets go at the close
+	// timeout. The slack is for a loaded machine's timers, not for sluice.
+	const slack = 4 * time.Second
+	waitFor(t, closeTimeout+slack, "sluice's socket to the client to let go of its unsent bytes", func() bool {
 		for _, k := range socketsTo(t, sluicePort, clientPort) {
 			if k.txQueue > 0 {
 				return false
@@ -376,7 +379,7 @@ func TestStalledClientKernelMemory(t *testing.T) {
 		}
 		return true
 	})
-	if took := time.Since(evictedAt); took > closeTimeout+time.Second {
+	if took := time.Since(evictedAt); took > closeTimeout+slack {
 		t.Errorf("unsent bytes held %v after the eviction, want within the %v close timeout", took, closeTimeout)
 	}
 	t.Logf("peak unsent counted: %d KiB; freed %v after the eviction", peakUnsent>>10, time.Since(evictedAt).Round(time.Millisecond))
