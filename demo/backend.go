@@ -9,11 +9,11 @@ import (
 	"sluice/internal/naive"
 )
 
-// startBackend starts the naive broadcast backend (the failure sluice
-// exists to prevent: a queue per client without bound) on a loopback
-// listener whose sockets behave more like a real network path. Nothing is
-// sent until d.backend.Start.
-func (d *demo) startBackend() error {
+// startBackend starts a fresh naive broadcast backend for p (the failure
+// sluice exists to prevent: a queue per client without bound, and no limit
+// on what clients send) on a loopback listener whose sockets behave more
+// like a real network path. Nothing is sent until p.backend.Start.
+func (d *demo) startBackend(p *phase) error {
 	b, err := naive.New(naive.Config{Size: d.opts.size, Rate: float64(d.opts.rate)})
 	if err != nil {
 		return fmt.Errorf("demo: backend: %w", err)
@@ -27,14 +27,17 @@ func (d *demo) startBackend() error {
 	if err != nil {
 		return fmt.Errorf("demo: backend: %w", err)
 	}
-	d.backend, d.backendLn = b, ln
+	p.backend, p.backendLn = b, ln
 	go b.Serve(ln) // Close waits for it
 	return nil
 }
 
-// closeBackend stops the backend and waits for all its goroutines.
+// closeBackend stops p's backend and waits for all its goroutines.
 // Idempotent.
-func (d *demo) closeBackend() {
-	d.backendLn.Close()
-	d.backend.Close()
+func (p *phase) closeBackend() {
+	if p.backend == nil {
+		return
+	}
+	p.backendLn.Close()
+	p.backend.Close()
 }

@@ -1,13 +1,17 @@
 // Package demo is `sluice demo`: a self-contained demonstration of what
-// each backpressure policy does.
+// sluice protects a backend from and what each backpressure policy does.
 //
 // The demo puts three things on loopback: a naive broadcast backend (the
 // kind of server sluice protects), sluice in front of it, and a fleet of
-// fast and slow WebSocket clients. Everything it starts is bounded: the
-// number of clients by -clients, the run by -duration. The demo backend's
-// queues are deliberately unbounded (that is the failure sluice exists to
-// prevent) and only the time bound keeps them finite. Run returns only
-// after every goroutine it started has ended.
+// fast and slow WebSocket clients with one flooding client. It runs in two
+// phases, each with a fresh backend: the clients straight to the backend
+// (the failure: its queues climb, the flooder gets through unchecked),
+// then through sluice (the fix); the summary sets them side by side.
+// Everything it starts is bounded: the number of clients by -clients, each
+// phase by -duration. The demo backend's queues are deliberately unbounded
+// (that is the failure sluice exists to prevent) and only the time bound
+// keeps them finite. Run returns only after every goroutine it started
+// has ended.
 package demo
 
 import (
@@ -23,6 +27,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -32,7 +37,6 @@ import (
 
 	"sluice/admin"
 	"sluice/config"
-	"sluice/internal/naive"
 	"sluice/proxy"
 	"sluice/serve"
 )
@@ -85,8 +89,9 @@ const (
 // seconds at the default -rate. Keepalive keeps sluice's defaults (25 s
 // pings, 10 s pong timeout): a shorter pong timeout than slowFreeze would
 // close every slow client for missing pongs and hide what the policy does.
-func demoDefaults() map[string]string {
-	return map[string]string{
+// With a flooder, each client may send demoClientLimit messages a second.
+func demoDefaults(o demoOptions) map[string]string {
+	env := map[string]string{
 		config.Prefix + "QUEUE_MAX_MESSAGES":     "100",  // 2 s of broadcast at -rate 50
 		config.Prefix + "SLOW_CLIENT_MAX_RATIO":  "0.25", // above -slow 0.05, so the policy acts, not the guard
 		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "4MiB",
@@ -94,7 +99,19 @@ func demoDefaults() map[string]string {
 		config.Prefix + "SHUTDOWN_TIMEOUT":       "5s",
 		config.Prefix + "LOG_LEVEL":              "warn",
 	}
+	if o.flood != 0 {
+		env[config.Prefix+"CLIENT_MAX_MESSAGES_PER_SECOND"] = fmt.Sprint(demoClientLimit)
+	}
+	return env
 }
+
+// demoClientLimit is the message rate a client may send through sluice
+// when the demo floods: far above what a real client needs, far below what
+// a client stuck in a loop sends.
+const demoClientLimit = 50
+
+// defaultFlood is the flooder's rate unless -flood says otherwise.
+const defaultFlood floodRate = 2000
 
 // demoOwned are settings the demo decides itself; the environment's values
 // are ignored with a note.
@@ -114,6 +131,8 @@ type demoOptions struct {
 	admin     string
 	plain     bool
 	logPath   string
+	flood     floodRate // 0: no flooder
+	direct    bool      // run the phase without sluice first
 }
 
 // maxBroadcast bounds what the backend sends to all clients together, in
@@ -124,28 +143,34 @@ const maxBroadcast = 1 << 30
 func (o demoOptions) nSlow() int { return int(math.Round(float64(o.clients) * o.slow)) }
 
 func parseDemoFlags(args []string, stderr io.Writer) (demoOptions, error) {
-	var o demoOptions
+	o := demoOptions{flood: defaultFlood}
 	policy := string(config.PolicyEvict)
 	fs := flag.NewFlagSet("sluice demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&policy, "policy", policy, "what sluice does with a slow client's full queue: evict, drop or pause")
 	fs.Float64Var(&o.slow, "slow", 0.05, "share of the clients that are slow, from 0 to 1")
 	fs.IntVar(&o.clients, "clients", 200, "number of WebSocket clients, from 1 to 10000")
-	fs.DurationVar(&o.duration, "duration", 30*time.Second, "how long to run, from 1s to 1h (Ctrl-C stops early)")
+	fs.DurationVar(&o.duration, "duration", 8*time.Second, "how long each phase runs, from 1s to 1h (Ctrl-C stops early)")
 	fs.IntVar(&o.rate, "rate", 50, "broadcast messages per second, from 1 to 10000")
 	fs.IntVar(&o.size, "size", 1024, "bytes per message, from 16 to 1048576")
 	fs.StringVar(&o.admin, "admin", "127.0.0.1:9090", "address of the status page; if busy, a free port is used")
 	fs.BoolVar(&o.plain, "plain", false, "print one line per second instead of a refreshing screen")
 	fs.StringVar(&o.logPath, "log", "", "write sluice's own log to this file (default: discard it)")
+	fs.Var(&o.flood, "flood", "one more client sends this many messages/s toward the backend (a buggy client re-subscribing in\na loop), at most "+strconv.Itoa(maxFloodRate)+"; 0: none; max, or a bare -flood: as fast as it can")
+	fs.BoolVar(&o.direct, "direct", true, "run the same clients straight to the backend first, without sluice, to compare;\n-direct=false runs only the phase through sluice")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: sluice demo [flags]\n\nRuns a naive broadcast backend, sluice in front of it and a fleet of fast and slow\nclients on loopback, and shows what the chosen policy does. Flags:")
+		fmt.Fprintln(stderr, "usage: sluice demo [flags]\n\nRuns a naive broadcast backend and a fleet of fast and slow clients and a flooding\nclient on loopback: first straight to the backend, then through sluice, and shows\nwhat sluice and the chosen policy change. Flags:")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
 	if fs.NArg() > 0 {
-		return o, fmt.Errorf("demo: unexpected argument %q (flags only; see sluice demo -h)", fs.Arg(0))
+		hint := "flags only; see sluice demo -h"
+		if _, err := strconv.Atoi(fs.Arg(0)); err == nil && o.flood == floodMax {
+			hint = "a rate goes with =, such as -flood=" + fs.Arg(0)
+		}
+		return o, fmt.Errorf("demo: unexpected argument %q (%s)", fs.Arg(0), hint)
 	}
 	fs.Visit(func(f *flag.Flag) { o.policySet = o.policySet || f.Name == "policy" })
 
@@ -163,7 +188,7 @@ func parseDemoFlags(args []string, stderr io.Writer) (demoOptions, error) {
 		bad("clients", o.clients, "a whole number from 1 to 10000")
 	}
 	if o.duration < time.Second || o.duration > time.Hour {
-		bad("duration", o.duration, "a duration from 1s to 1h, such as 30s")
+		bad("duration", o.duration, "a duration from 1s to 1h, such as 8s")
 	}
 	if o.rate < 1 || o.rate > 10000 {
 		bad("rate", o.rate, "messages per second from 1 to 10000")
@@ -187,7 +212,7 @@ func parseDemoFlags(args []string, stderr io.Writer) (demoOptions, error) {
 // demoConfig is sluice's configuration for the demo: demoDefaults, then
 // the user's SLUICE_* environment, then what the demo decides itself.
 func demoConfig(environ map[string]string, o demoOptions, notes io.Writer) (config.Config, error) {
-	env := demoDefaults()
+	env := demoDefaults(o)
 	maps.Copy(env, environ)
 	for _, k := range demoOwned() {
 		if v, ok := env[k]; ok {
@@ -259,30 +284,55 @@ type demo struct {
 	out  io.Writer
 	tty  bool // refresh the screen in place
 
-	backend   *naive.Backend
-	backendLn net.Listener // closed before backend.Close
-	fleet     *demoFleet
-	srv       *proxy.Server
+	srv *proxy.Server
 	// Owned by run's goroutine.
-	statusURL    string
-	client       *http.Client // reads /status.json, like the page does
-	peakQueued   int64        // sluice's queued bytes, sampled every 100 ms
-	lastStatus   *admin.Status
-	began        time.Time
-	loadDuration time.Duration
+	direct    *phase // nil with -direct=false, or when the run ended first
+	via       *phase // through sluice; nil when the run ended before it
+	statusURL string
+	client    *http.Client // reads /status.json, like the page does
 }
 
-// run starts everything, shows the screen until the duration ends or ctx
-// is cancelled, stops everything in order and prints the summary.
+// run runs the phase without sluice, then the one through it, and prints
+// the summary. Ctrl-C ends the phase under way and skips the next.
 func (d *demo) run(ctx context.Context) error {
 	o := d.opts
-	var err error
-	if err := d.startBackend(); err != nil {
+	fmt.Fprintf(d.out, "sluice demo: %d clients (%d slow), %d messages/s of %d bytes", o.clients, o.nSlow(), o.rate, o.size)
+	if o.flood != 0 {
+		fmt.Fprintf(d.out, ", and a flooder sending %s", o.flood.describe())
+	}
+	fmt.Fprintf(d.out, "; %s a phase\n", o.duration)
+	if o.direct {
+		fmt.Fprintln(d.out, "\n1. without sluice: the clients connect straight to the naive backend")
+		p, err := d.runDirect(ctx)
+		if err != nil {
+			return err
+		}
+		d.direct = p
+		if ctx.Err() != nil {
+			d.summary()
+			return nil
+		}
+		fmt.Fprint(d.out, "\n2. ")
+	}
+	if err := d.runSluice(ctx); err != nil {
 		return err
 	}
-	defer d.closeBackend() // idempotent; the normal path closes it earlier
+	d.summary()
+	return nil
+}
 
-	d.cfg.UpstreamURL = &url.URL{Scheme: "ws", Host: d.backendLn.Addr().String(), Path: "/feed"}
+// runSluice is the phase through sluice: it starts a fresh backend and
+// sluice in front of it, shows the screen until the duration ends or ctx
+// is cancelled, and stops everything in order.
+func (d *demo) runSluice(ctx context.Context) error {
+	o := d.opts
+	p := &phase{viaSluice: true}
+	if err := d.startBackend(p); err != nil {
+		return err
+	}
+	defer p.closeBackend() // idempotent; the normal path closes it earlier
+
+	d.cfg.UpstreamURL = &url.URL{Scheme: "ws", Host: p.backendLn.Addr().String(), Path: "/feed"}
 	// sluice gets its own context: Ctrl-C ends the load phase, and the
 	// teardown below then drains sluice at the right moment.
 	sluiceCtx, stopSluice := context.WithCancel(context.WithoutCancel(ctx))
@@ -296,38 +346,46 @@ func (d *demo) run(ctx context.Context) error {
 	d.client = &http.Client{Transport: tr}
 	d.statusURL = "http://" + adminAddr + "/status.json"
 
-	fmt.Fprintf(d.out, "sluice demo: policy %s, %d clients (%d slow), %d messages/s of %d bytes, for %s\n",
-		o.policy, o.clients, o.nSlow(), o.rate, o.size, o.duration)
-	fmt.Fprintf(d.out, "status page: http://%s/status\n", adminAddr)
+	fmt.Fprintf(d.out, "through sluice: policy %s", o.policy)
+	if o.flood != 0 {
+		fmt.Fprintf(d.out, ", %s", clientLimit(d.cfg))
+	}
+	fmt.Fprintf(d.out, "\nstatus page: http://%s/status\n", adminAddr)
 
 	loadCtx, endLoad := context.WithTimeout(ctx, o.duration)
 	defer endLoad()
-	d.began = time.Now()
-	d.fleet = newDemoFleet("ws://"+wsAddr+"/feed", o, slowFreeze(o, d.cfg))
-	d.fleet.start(loadCtx)
-	d.backend.Start()
-
-	d.watch(loadCtx)
-	d.loadDuration = time.Since(d.began)
+	d.via = p
+	d.startLoad(loadCtx, p, "ws://"+wsAddr+"/feed", slowFreeze(o, d.cfg))
+	d.watch(loadCtx, p)
+	p.endLoad()
 
 	// Teardown, in the order that lets every party see a clean end.
-	d.backend.Stop()
 	if st, err := d.fetchStatus(5 * time.Second); err == nil {
-		d.lastStatus = st
+		p.lastStatus = st
 	}
 	// Frozen clients read again and learn how their connection ended;
 	// every client gets a deadline so none can wait forever.
-	d.fleet.wake(time.Now().Add(d.cfg.ShutdownTimeout + 5*time.Second))
+	p.fleet.wake(time.Now().Add(d.cfg.ShutdownTimeout + 5*time.Second))
 	stopSluice() // drain: 1001 to every client after its queued data
 	serveErr := <-serveDone
-	d.fleet.wait()
-	d.closeBackend()
+	p.fleet.wait()
+	if p.flood != nil {
+		p.flood.wait()
+	}
+	p.closeBackend()
 	tr.CloseIdleConnections()
 	if serveErr != nil {
 		return fmt.Errorf("demo: sluice: %w", serveErr)
 	}
-	d.summary()
 	return nil
+}
+
+// clientLimit describes sluice's limit on what one client sends.
+func clientLimit(cfg config.Config) string {
+	if cfg.ClientMaxMessagesPerSecond == 0 {
+		return "no client message limit (SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND=0)"
+	}
+	return fmt.Sprintf("clients may send %d messages/s (%s)", cfg.ClientMaxMessagesPerSecond, cfg.ClientRatePolicy)
 }
 
 // startSluice runs serve.Run in a goroutine and waits until it listens. If
@@ -379,27 +437,32 @@ func (d *demo) fetchStatus(timeout time.Duration) (*admin.Status, error) {
 	return &s, nil
 }
 
-// watch samples sluice's queued bytes every 100 ms for the peak and
-// redraws the screen every second until ctx ends.
-func (d *demo) watch(ctx context.Context) {
+// watch samples p every 100 ms for its peaks and redraws the screen
+// every second until ctx ends.
+func (d *demo) watch(ctx context.Context, p *phase) {
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
-	next := d.began.Add(time.Second)
+	next := p.began.Add(time.Second)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
-			d.peakQueued = max(d.peakQueued, d.srv.Budget().Stats().QueuedBytes)
+			d.sample(p, now)
 			if now.Before(next) {
 				continue
 			}
 			next = next.Add(time.Second)
+			if !p.viaSluice {
+				d.drawDirect(p, now.Sub(p.began))
+				continue
+			}
 			st, err := d.fetchStatus(time.Second)
 			if st != nil {
-				d.lastStatus = st
+				p.lastStatus = st
+				p.peakThrottled = max(p.peakThrottled, st.Totals.Throttled)
 			}
-			d.draw(now.Sub(d.began), st, err)
+			d.draw(p, now.Sub(p.began), st, err)
 		}
 	}
 }

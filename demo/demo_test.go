@@ -17,6 +17,9 @@ import (
 // TestDemoRuns runs the demo once per policy, the way a newcomer would but
 // shorter, and checks the summary tells each policy's story.
 //
+// The phase without sluice is skipped (TestDemoFlood covers it); the
+// flooder runs at its default rate, as in a newcomer's run.
+//
 // -rate=200 compresses time: at the default 50 messages/s the kernel's
 // buffers and sluice's 100-message queue hold about 4.5 s of a frozen
 // client's feed, longer than a 4 s run, so no policy would act yet.
@@ -43,7 +46,7 @@ func TestDemoRuns(t *testing.T) {
 			defer cancel()
 			var stdout, stderr bytes.Buffer
 			began := time.Now()
-			err := Run(ctx, []string{"-duration=4s", "-plain", "-clients=40", "-slow=0.1",
+			err := Run(ctx, []string{"-duration=4s", "-plain", "-clients=40", "-slow=0.1", "-direct=false",
 				"-admin=127.0.0.1:0", "-rate=200", "-policy=" + policy},
 				map[string]string{config.Prefix + "SLOW_CLIENT_MAX_RATIO": "1"}, &stdout, &stderr)
 			out := stdout.String()
@@ -51,7 +54,7 @@ func TestDemoRuns(t *testing.T) {
 			if err != nil {
 				t.Fatalf("run: %v", err)
 			}
-			if !strings.Contains(out, "--- summary: policy "+policy) || !strings.Contains(out, "status page: http://127.0.0.1:") {
+			if !strings.Contains(out, "--- summary: ") || !strings.Contains(out, "through sluice, policy "+policy+",") || !strings.Contains(out, "status page: http://127.0.0.1:") {
 				t.Fatal("no status page line or summary in the output")
 			}
 			// One a second, but a starved machine may delay some.
@@ -90,6 +93,71 @@ func TestDemoRuns(t *testing.T) {
 	}
 }
 
+// TestDemoFlood runs both phases with a flooder and checks what a user
+// would: without sluice the flooder's messages reach the backend far above
+// the limit and the backend's queue climbs; through sluice the flooder is
+// held near the limit while the other clients still get their messages.
+func TestDemoFlood(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	const (
+		flood    = 1000
+		limit    = demoClientLimit
+		duration = 4 * time.Second
+	)
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	began := time.Now()
+	err := Run(ctx, []string{"-duration=" + duration.String(), "-plain", "-clients=40", "-slow=0.1",
+		"-admin=127.0.0.1:0", "-rate=200", "-flood=" + strconv.Itoa(flood)},
+		map[string]string{config.Prefix + "SLOW_CLIENT_MAX_RATIO": "1"}, &stdout, &stderr)
+	out := stdout.String()
+	t.Logf("took %s\n%s%s", time.Since(began).Round(time.Millisecond), out, stderr.String())
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	num := func(s string) float64 {
+		n, err := strconv.ParseFloat(strings.ReplaceAll(s, ",", ""), 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for _, want := range []string{"1. without sluice", "2. through sluice", "clients may send 50 messages/s (throttle)",
+		"without sluice              through sluice", "backend queued at the end", "Without sluice, the backend queued"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("no %q in the output", want)
+		}
+	}
+	m := regexp.MustCompile(`flooder at the backend\s+([\d,]+) messages/s\s+([\d,]+) messages/s`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatal("no flooder row in the comparison")
+	}
+	direct, via := num(m[1]), num(m[2])
+	if direct < 5*limit {
+		t.Errorf("without sluice the flooder reached the backend at %v/s; want far above the limit of %d/s", direct, limit)
+	}
+	// Loose, for a noisy machine: the limit with room, plus the burst
+	// (one second's worth) spread over a phase that may have run short.
+	if bound := 1.5*limit + limit/(duration.Seconds()-1); via > bound || via == 0 {
+		t.Errorf("through sluice the flooder reached the backend at %v/s; want above 0 and at most %.0f/s", via, bound)
+	}
+	f := regexp.MustCompile(`flooder: sent ([\d,]+) messages/s, reached the backend at ([\d,]+)/s \(limit 50/s, throttled\); other clients unaffected`).FindStringSubmatch(out)
+	if f == nil {
+		t.Fatal("no flooder line in the summary, or other clients were affected")
+	}
+	if sent := num(f[1]); sent < 2*via {
+		t.Errorf("the flooder sent %v/s through sluice; want well above what reached the backend (%v/s)", sent, via)
+	}
+	fast := regexp.MustCompile(`fast clients: 36 received ([\d,]+) messages, 0 gaps`).FindStringSubmatch(out)
+	if fast == nil || num(fast[1]) == 0 {
+		t.Error("the fast clients did not all get their messages through sluice")
+	}
+	if !strings.Contains(out, " throttled=1 ") {
+		t.Error("the status page never showed the flooder throttled")
+	}
+}
+
 func TestDemoFlags(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
@@ -106,6 +174,8 @@ func TestDemoFlags(t *testing.T) {
 		{[]string{"-clients=x"}, `invalid value "x" for flag -clients`},
 		{[]string{"-nope"}, `flag provided but not defined: -nope`},
 		{[]string{"extra"}, `unexpected argument "extra"`},
+		{[]string{"-flood=-3"}, `want messages per second from 0 (no flooder) to 1000000, or max`},
+		{[]string{"-flood", "200"}, `a rate goes with =, such as -flood=200`},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			var stdout, stderr bytes.Buffer

@@ -97,9 +97,15 @@ func (f *demoFleet) wait() { f.wg.Wait() }
 type clientConn struct {
 	net.Conn
 	rd *wsutil.Reader
+	// replies, when set, takes the reader's pongs and close echo to the
+	// connection's writer goroutine (the flooder's), so that one goroutine
+	// writes to the socket; unset, the reader writes them itself.
+	replies chan<- []byte
 }
 
-func (f *demoFleet) dial(ctx context.Context, slow bool) (*clientConn, error) {
+// dialFeed connects one client to the feed at u: through sluice, or
+// straight to the backend.
+func dialFeed(ctx context.Context, u string, slow bool) (*clientConn, error) {
 	nd := &net.Dialer{Timeout: 5 * time.Second}
 	if slow {
 		nd.Control = func(_, _ string, c syscall.RawConn) error {
@@ -108,7 +114,7 @@ func (f *demoFleet) dial(ctx context.Context, slow bool) (*clientConn, error) {
 		}
 	}
 	d := ws.Dialer{Timeout: 5 * time.Second, NetDial: nd.DialContext}
-	c, br, _, err := d.Dial(ctx, f.url)
+	c, br, _, err := d.Dial(ctx, u)
 	if err != nil {
 		return nil, err
 	}
@@ -124,20 +130,24 @@ func (f *demoFleet) dial(ctx context.Context, slow bool) (*clientConn, error) {
 }
 
 // control handles a control frame whose header was just read; r reads its
-// payload.
-// A close is echoed and ends the read with a wsutil.ClosedError. It is
-// parsed here rather than by wsutil.ControlHandler, whose check of the
-// code predates 1012 to 1014 and would turn sluice's 1013 into an error.
+// payload. A ping is answered with a pong; a close is echoed and ends the
+// read with a wsutil.ClosedError. The close is parsed here rather than by
+// wsutil.ControlHandler, whose check of the code predates 1012 to 1014 and
+// would turn sluice's 1013 into an error.
 func (c *clientConn) control(h ws.Header, r io.Reader) error {
-	if h.OpCode != ws.OpClose {
-		return wsutil.ControlHandler{Src: r, Dst: c.Conn, State: ws.StateClientSide}.Handle(h)
-	}
 	if h.Length > ws.MaxControlFramePayloadSize {
 		return ws.ErrProtocolControlPayloadOverflow
 	}
 	p := make([]byte, h.Length)
 	if _, err := io.ReadFull(r, p); err != nil {
 		return err
+	}
+	switch h.OpCode {
+	case ws.OpPing:
+		c.reply(ws.NewPongFrame(p))
+		return nil
+	case ws.OpPong:
+		return nil
 	}
 	code, reason := ws.ParseCloseFrameData(p)
 	if len(p) < 2 {
@@ -147,9 +157,21 @@ func (c *clientConn) control(h ws.Header, r io.Reader) error {
 	if len(p) < 2 {
 		echo = ws.NewCloseFrame(nil)
 	}
-	echo = ws.MaskFrameInPlace(echo)
-	ws.WriteFrame(c.Conn, echo) // best effort: the read ends either way
+	c.reply(echo) // best effort: the read ends either way
 	return wsutil.ClosedError{Code: code, Reason: reason}
+}
+
+// reply sends a control frame, masked as a client's must be, in one write.
+func (c *clientConn) reply(f ws.Frame) {
+	b := ws.MustCompileFrame(ws.MaskFrameInPlace(f))
+	if c.replies == nil {
+		c.Write(b)
+		return
+	}
+	select {
+	case c.replies <- b:
+	default: // the writer is behind; a peer that waits for this reply times out
+	}
 }
 
 // demoClient is one client's whole life.
@@ -167,7 +189,7 @@ func (f *demoFleet) demoClient(ctx context.Context, slow bool) {
 		res.outcome = "never connected (the run ended first)"
 		return
 	}
-	c, err := f.dial(ctx, slow)
+	c, err := dialFeed(ctx, f.url, slow)
 	<-f.dialSem
 	if err != nil {
 		res.outcome = "could not connect: " + err.Error()

@@ -55,6 +55,11 @@ type Stats struct {
 	PeakBacklogBytes    int64 `json:"peak_backlog_bytes"`
 	PeakBacklogMessages int64 `json:"peak_backlog_messages"`
 	WriteErrors         int64 `json:"write_errors"`
+	// Received counts the data messages clients sent, all connections
+	// together; PeakConnReceived is the most any one connection sent. A
+	// fragmented message counts once, when it starts.
+	Received         int64 `json:"received"`
+	PeakConnReceived int64 `json:"peak_conn_received"`
 }
 
 // Backend is a naive broadcast server. Connections come in through Serve
@@ -78,6 +83,7 @@ type Backend struct {
 	skipped                                      atomic.Int64 // ticks not sent
 	queued, peakQueued                           atomic.Int64
 	peakBacklogBytes, peakBacklogMessages        atomic.Int64
+	received, peakConnReceived                   atomic.Int64 // inbound data messages
 }
 
 // conn is one client connection of the backend.
@@ -87,6 +93,8 @@ type conn struct {
 	wake chan struct{} // buffered 1: the queue has work, or the conn closes
 
 	wmu sync.Mutex // serialises writes without a queue (naively, across the write)
+
+	received int64 // data messages the client sent; owned by the reader
 
 	mu       sync.Mutex
 	queue    [][]byte // frames waiting to be written, unbounded on purpose; guarded by mu
@@ -150,7 +158,9 @@ func (b *Backend) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // backendReader registers c, starts its writer and reads until the peer
-// closes: data frames are discarded, pings answered, a close echoed.
+// closes: data frames are counted and discarded, as fast as they come
+// (the naive server has no inbound limit either), pings answered, a close
+// echoed.
 func (b *Backend) backendReader(c net.Conn, br *bufio.Reader) {
 	bc := &conn{b: b, c: c, wake: make(chan struct{}, 1)}
 	b.mu.Lock()
@@ -178,6 +188,11 @@ func (b *Backend) backendReader(c net.Conn, br *bufio.Reader) {
 			return
 		}
 		if !h.OpCode.IsControl() {
+			if h.OpCode != ws.OpContinuation {
+				bc.received++
+				b.received.Add(1)
+				raise(&b.peakConnReceived, bc.received)
+			}
 			if _, err := io.CopyN(io.Discard, br, h.Length); err != nil {
 				return
 			}
@@ -463,6 +478,8 @@ func (b *Backend) Stats() Stats {
 		PeakBacklogBytes:    b.peakBacklogBytes.Load(),
 		PeakBacklogMessages: b.peakBacklogMessages.Load(),
 		WriteErrors:         b.writeErrors.Load(),
+		Received:            b.received.Load(),
+		PeakConnReceived:    b.peakConnReceived.Load(),
 	}
 }
 

@@ -134,3 +134,57 @@ func TestCloseEchoed(t *testing.T) {
 		t.Errorf("close code %d, want %d", code, ws.StatusGoingAway)
 	}
 }
+
+// TestCountsInbound checks that the backend counts what each client sends,
+// a fragmented message once, and keeps the busiest connection's count: the
+// demo reads a flooding client's rate from it.
+func TestCountsInbound(t *testing.T) {
+	b, err := New(Config{Size: HeaderLen})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go b.Serve(ln)
+	defer func() { ln.Close(); b.Close() }()
+	url := "ws://" + ln.Addr().String() + "/"
+	busy, _, _, err := ws.Dial(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	quiet, _, _, err := ws.Dial(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer quiet.Close()
+	busy.SetDeadline(time.Now().Add(5 * time.Second))
+	quiet.SetDeadline(time.Now().Add(5 * time.Second))
+	msg := ws.MaskFrame(ws.NewTextFrame([]byte("subscribe")))
+	for range 5 {
+		if err := ws.WriteFrame(busy, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := ws.MaskFrame(ws.Frame{Header: ws.Header{OpCode: ws.OpText, Length: 3}, Payload: []byte("sub")})
+	rest := ws.MaskFrame(ws.Frame{Header: ws.Header{Fin: true, OpCode: ws.OpContinuation, Length: 6}, Payload: []byte("scribe")})
+	for _, f := range []ws.Frame{first, rest} {
+		if err := ws.WriteFrame(quiet, f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A ping after the data: its pong says every frame before it was read.
+	for _, c := range []net.Conn{busy, quiet} {
+		if err := ws.WriteFrame(c, ws.MaskFrame(ws.NewPingFrame(nil))); err != nil {
+			t.Fatal(err)
+		}
+		if f, err := wstest.ReadFrameMax(c, ws.MaxControlFramePayloadSize); err != nil || f.Op != ws.OpPong {
+			t.Fatalf("got %v (%v), want a pong", f.Op, err)
+		}
+	}
+	if s := b.Stats(); s.Received != 6 || s.PeakConnReceived != 5 {
+		t.Errorf("received %d, busiest connection %d; want 6 and 5", s.Received, s.PeakConnReceived)
+	}
+}
