@@ -22,6 +22,12 @@ type Config struct {
 	KeepNewest int
 	// PauseMax bounds one pause; 0 means no bound.
 	PauseMax time.Duration
+	// EvictGrace is how long the Evict policy lets the producer wait for
+	// the writer to drain the queue to its low-water mark before it
+	// refuses a message: a writer that was not scheduled in time on a busy
+	// machine is not a slow client (nats-server stalls its producers a few
+	// ms the same way). 0 refuses at once.
+	EvictGrace time.Duration
 	// SlowDepth is the depth at which the queue's connection counts as slow
 	// for the Budget; 0 means it never does (the upstream direction).
 	SlowDepth int
@@ -164,10 +170,14 @@ func (q *Queue) Paused() (bool, time.Duration) {
 // (the Pause policy, or the rest of a message that has already started).
 func (q *Queue) Push(seg *Segment) error {
 	n := seg.Len()
-	var pauseTimer *time.Timer
+	var pauseTimer, graceTimer *time.Timer
+	graceOver := false
 	defer func() {
 		if pauseTimer != nil {
 			pauseTimer.Stop()
+		}
+		if graceTimer != nil {
+			graceTimer.Stop()
 		}
 	}()
 	q.mu.Lock()
@@ -184,8 +194,15 @@ func (q *Queue) Push(seg *Segment) error {
 		if seg.Start {
 			switch q.cfg.Policy {
 			case Evict:
-				q.mu.Unlock()
-				return ErrOverflow
+				if q.cfg.EvictGrace <= 0 || graceOver {
+					q.roomWanted = false
+					q.mu.Unlock()
+					return ErrOverflow
+				}
+				if graceTimer == nil {
+					// Not yet: the writer may only be late.
+					graceTimer = time.NewTimer(q.cfg.EvictGrace)
+				}
 			case Drop:
 				if q.dropOldest(n) {
 					continue
@@ -193,7 +210,7 @@ func (q *Queue) Push(seg *Segment) error {
 			}
 		}
 		// Wait for the writer to drain below the low-water mark.
-		if q.pausedAt == 0 {
+		if q.pausedAt == 0 && graceTimer == nil {
 			q.pausedAt = now()
 			if q.budget != nil {
 				q.budget.paused.Add(1)
@@ -208,12 +225,17 @@ func (q *Queue) Push(seg *Segment) error {
 		}
 		room := q.room
 		q.mu.Unlock()
-		var expired <-chan time.Time
+		var expired, grace <-chan time.Time
 		if pauseTimer != nil {
 			expired = pauseTimer.C
 		}
+		if graceTimer != nil {
+			grace = graceTimer.C
+		}
 		select {
 		case <-room:
+		case <-grace:
+			graceOver = true // the loop refuses the message unless there is room now
 		case <-expired:
 			q.mu.Lock()
 			q.roomWanted = false

@@ -1482,3 +1482,39 @@ func BenchmarkPushTakeParallel(b *testing.B) {
 		})
 	}
 }
+
+// Under Evict, a message that finds the queue full waits EvictGrace for
+// the writer to drain it to low water; only a writer that does not is a
+// slow client.
+func TestEvictGrace(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := &Config{Policy: Evict, MaxMessages: 4, MaxBytes: 1 << 20, LowWater: 0.5, EvictGrace: 20 * time.Millisecond}
+		q := NewQueue(cfg, nil, nil)
+		defer q.Close()
+		fillMessages(t, q, 4)
+		late := make(chan error, 1)
+		go func() { late <- q.Push(msg(5, 16)) }()
+		synctest.Wait()
+		select {
+		case err := <-late:
+			t.Fatalf("Push on a full queue returned %v at once, want it to wait the grace", err)
+		default:
+		}
+		time.Sleep(10 * time.Millisecond) // the writer comes late, within the grace
+		take(t, q, 3, 1<<20)
+		if err := <-late; err != nil {
+			t.Fatalf("Push after the writer caught up = %v, want nil", err)
+		}
+
+		fillMessages(t, q, 2) // full again: 2 left + 2
+		began := time.Now()
+		s := msg(9, 16)
+		if err := q.Push(s); !errors.Is(err, ErrOverflow) {
+			t.Fatalf("Push on a queue nobody drains = %v, want ErrOverflow", err)
+		}
+		s.Free()
+		if d := time.Since(began); d != 20*time.Millisecond {
+			t.Fatalf("refused after %v, want the 20ms grace", d)
+		}
+	})
+}

@@ -167,6 +167,13 @@ func (o *Options) setDefaults() error {
 	if q.KeepNewest <= 0 || q.KeepNewest > q.MaxMessages {
 		q.KeepNewest = min(10, q.MaxMessages)
 	}
+	if q.EvictGrace == 0 {
+		// A few scheduling quanta: on a busy machine the writer of a
+		// client that reads may start late, and a burst from the backend
+		// (pipelined echoes, say) must not evict it for that. A negative
+		// value evicts at once.
+		q.EvictGrace = 20 * time.Millisecond
+	}
 	if q.SlowDepth <= 0 {
 		q.SlowDepth = min(5, q.MaxMessages)
 	}
