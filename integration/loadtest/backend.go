@@ -32,7 +32,9 @@ import (
 // by default through an unbounded per-connection queue drained by that
 // connection's own writer goroutine (-serialise: written to every
 // connection in turn from the ticking goroutine, with no deadline). With
-// -rate 0 it only accepts connections and reads them, answering pings.
+// -rate 0 it only accepts connections and reads them, answering pings;
+// with -echo (inbound mode) it also sends every message back after -work
+// of busy CPU time, and counts messages by the client id they carry.
 //
 // GET /stats on the same port answers backendStats as JSON.
 
@@ -54,19 +56,21 @@ func backendMain(args []string) int {
 	rate := fs.Float64("rate", 50, "messages per second to every client; 0 = idle")
 	serialise := fs.Bool("serialise", false, "write to all connections from one goroutine, no queues")
 	shared := fs.Bool("shared", false, "queue one shared buffer per message instead of a copy per connection")
+	echo := fs.Bool("echo", false, "echo every message back after -work of busy CPU time (needs -rate 0)")
+	work := fs.Duration("work", 0, "echo: busy CPU time per message, a calibrated loop")
 	lifetime := fs.Duration("lifetime", 10*time.Minute, "exit after this long whatever happens")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	if *size < headerLen || *rate < 0 || *lifetime <= 0 {
-		fmt.Fprintln(os.Stderr, "backend: want -size >= 16, -rate >= 0, -lifetime > 0")
+	if *size < headerLen || *rate < 0 || *lifetime <= 0 || *work < 0 || *echo && *rate != 0 {
+		fmt.Fprintln(os.Stderr, "backend: want -size >= 16, -rate >= 0 (0 with -echo), -work >= 0, -lifetime > 0")
 		return 2
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	ctx, cancel := context.WithTimeout(ctx, *lifetime)
 	defer cancel()
-	cfg := naive.Config{Size: *size, Rate: *rate, Serialise: *serialise, Shared: *shared}
+	cfg := naive.Config{Size: *size, Rate: *rate, Serialise: *serialise, Shared: *shared, Echo: *echo, Work: *work}
 	if err := serveBackend(ctx, *listen, cfg, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "backend:", err)
 		return 1
@@ -114,7 +118,7 @@ type backendProc struct {
 }
 
 // startBackend re-executes this binary as the backend and waits for its
-// address. rate 0 gives an idle backend.
+// address. rate 0 gives an idle backend; in inbound mode, an echoing one.
 func startBackend(ctx context.Context, r *runner, rate float64, lifetime time.Duration) (*backendProc, error) {
 	self, err := os.Executable()
 	if err != nil {
@@ -127,6 +131,9 @@ func startBackend(ctx context.Context, r *runner, rate float64, lifetime time.Du
 	}
 	if r.cfg.shared {
 		args = append(args, "-shared")
+	}
+	if r.cfg.mode == modeInbound {
+		args = append(args, "-echo", "-work", r.cfg.work.String())
 	}
 	addrc := make(chan string, 1)
 	cmd := exec.Command(self, args...)

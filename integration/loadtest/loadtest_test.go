@@ -290,3 +290,204 @@ func TestParseSockstat(t *testing.T) {
 		t.Errorf("readSockstat: %v", err)
 	}
 }
+
+func TestTargetFlooders(t *testing.T) {
+	tests := []struct {
+		in       string
+		flooders []int
+		env      [][]string
+		wantErr  bool
+	}{
+		{in: "direct,sluice", flooders: []int{-1, -1}, env: [][]string{nil, nil}},
+		{in: "direct:flooders=0,sluice:flooders=3", flooders: []int{0, 3}, env: [][]string{nil, nil}},
+		{
+			in:       "sluice:SLUICE_PING_INTERVAL=0;flooders=0,sluice:SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND=50",
+			flooders: []int{0, -1},
+			env:      [][]string{{"SLUICE_PING_INTERVAL=0"}, {"SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND=50"}},
+		},
+		{in: "sluice:flooders=2,SLUICE_POLICY=drop", flooders: []int{2}, env: [][]string{{"SLUICE_POLICY=drop"}}},
+		{in: "direct:SLUICE_POLICY=drop", wantErr: true},
+		{in: "direct:flooders=1;x=2", wantErr: true},
+		{in: "sluice:flooders=-1", wantErr: true},
+		{in: "sluice:flooders=many", wantErr: true},
+		{in: "sluice:flooders=1001", wantErr: true},
+	}
+	for _, tt := range tests {
+		got, err := parseTargets(tt.in)
+		if (err != nil) != tt.wantErr {
+			t.Errorf("parseTargets(%q): error %v, want error %v", tt.in, err, tt.wantErr)
+			continue
+		}
+		if err != nil {
+			continue
+		}
+		if len(got) != len(tt.flooders) {
+			t.Errorf("parseTargets(%q): %d targets, want %d", tt.in, len(got), len(tt.flooders))
+			continue
+		}
+		for i, s := range got {
+			if s.flooders != tt.flooders[i] || !slices.Equal(s.env, tt.env[i]) {
+				t.Errorf("parseTargets(%q)[%d]: flooders %d env %q, want %d %q", tt.in, i, s.flooders, s.env, tt.flooders[i], tt.env[i])
+			}
+		}
+	}
+	r := &runner{cfg: config{flooders: 1}}
+	r.cfg.targets, _ = parseTargets("sluice:flooders=0,sluice,direct:flooders=4")
+	if got := []int{r.flooders(r.cfg.targets[0]), r.flooders(r.cfg.targets[1]), r.maxFlooders()}; !slices.Equal(got, []int{0, 1, 4}) {
+		t.Errorf("flooders, flooders, maxFlooders = %v, want [0 1 4]", got)
+	}
+}
+
+func TestParseFlagsInbound(t *testing.T) {
+	c, err := parseFlags([]string{"-mode", "inbound"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.clients != 200 || c.rate != 5 || c.size != 64 || c.flooders != 1 || c.window != 1000 || c.work != 200*time.Microsecond {
+		t.Errorf("inbound defaults: clients %d rate %v size %d flooders %d window %d work %v", c.clients, c.rate, c.size, c.flooders, c.window, c.work)
+	}
+	c, err = parseFlags([]string{"-mode", "inbound", "-rate", "50", "-size", "1024", "-flooders", "0", "-work", "1ms"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.rate != 50 || c.size != 1024 || c.flooders != 0 || c.work != time.Millisecond {
+		t.Errorf("inbound flags not kept: rate %v size %d flooders %d work %v", c.rate, c.size, c.flooders, c.work)
+	}
+	if c, _ := parseFlags(nil, io.Discard); c.rate != 50 || c.size != 1024 {
+		t.Errorf("broadcast defaults changed: rate %v size %d", c.rate, c.size)
+	}
+	for _, bad := range [][]string{{"-size", "16"}, {"-window", "0"}, {"-flooders", "-1"}, {"-work", "2s"}, {"-work", "-1ms"}} {
+		if _, err := parseFlags(append([]string{"-mode", "inbound"}, bad...), io.Discard); err == nil {
+			t.Errorf("inbound %q: no error", bad)
+		}
+	}
+}
+
+func TestSeqCheck(t *testing.T) {
+	tests := []struct {
+		name           string
+		seqs           []uint64
+		gaps, disorder int64
+	}{
+		{"in order", []uint64{1, 2, 3, 4}, 0, 0},
+		{"first lost", []uint64{2, 3}, 1, 0},
+		{"gap", []uint64{1, 2, 5, 6}, 2, 0},
+		{"late one", []uint64{1, 3, 2, 4}, 1, 1},
+		{"repeat", []uint64{1, 2, 2, 3}, 0, 1},
+		{"none", nil, 0, 0},
+	}
+	for _, tt := range tests {
+		var s seqCheck
+		for _, q := range tt.seqs {
+			s.see(q)
+		}
+		if s.gaps != tt.gaps || s.disorder != tt.disorder {
+			t.Errorf("%s: gaps %d disorder %d, want %d %d", tt.name, s.gaps, s.disorder, tt.gaps, tt.disorder)
+		}
+	}
+}
+
+func TestShareSpread(t *testing.T) {
+	tests := []struct {
+		counts         []int64
+		median, lo, hi float64
+	}{
+		{[]int64{75, 75, 75}, 75, 1, 1},
+		{[]int64{60, 75, 90}, 75, 0.8, 1.2},
+		{[]int64{90, 60, 70, 80}, 75, 0.8, 1.2},
+		{[]int64{0, 10}, 5, 0, 2},
+	}
+	for _, tt := range tests {
+		m, lo, hi := shareSpread(tt.counts)
+		if m != tt.median || math.Abs(lo-tt.lo) > 1e-9 || math.Abs(hi-tt.hi) > 1e-9 {
+			t.Errorf("shareSpread(%v) = %v %v %v, want %v %v %v", tt.counts, m, lo, hi, tt.median, tt.lo, tt.hi)
+		}
+	}
+	for _, counts := range [][]int64{nil, {0, 0, 5}} {
+		if _, lo, hi := shareSpread(counts); !math.IsNaN(lo) || !math.IsNaN(hi) {
+			t.Errorf("shareSpread(%v): spread %v %v, want NaN", counts, lo, hi)
+		}
+	}
+}
+
+func TestInboundReport(t *testing.T) {
+	r := &runner{cfg: config{mode: modeInbound, clients: 200, rate: 5, size: 64, flooders: 1, window: 1000, work: 200 * time.Microsecond, repeat: 3}}
+	r.cfg.targets, _ = parseTargets("sluice:flooders=0,sluice:SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND=50")
+	row := func(target string, flooders int, flood, p99 float64, lost int64) inboundResult {
+		return inboundResult{Target: target, Clients: 200, Flooders: flooders, Duration: 15, BackendPerSec: 1000 + flood,
+			FlooderPerSec: flood, NormalPerSec: 1000, ShareMedian: 75, ShareMin: 0.987, ShareMax: 1.013,
+			NormalP50: 0.5, NormalP99: millis(p99), NormalMax: 9, FlooderLost: lost, TargetRSSStart: 14 << 20, TargetRSSEnd: 15 << 20,
+			TargetCPU: 1, BackendCPU: 3.3, BackendEchoed: 15000, SluiceDelayed: map[string]float64{"client_rate": 1250.4}}
+	}
+	res := [][]inboundResult{
+		{row("sluice:flooders=0", 0, 0, 2, 0), row("sluice:flooders=0", 0, 0, 3, 0), row("sluice:flooders=0", 0, 0, 2.5, 0)},
+		{row("t", 1, 49, 3, 0), row("t", 1, 50, 4, 7), row("t", 1, 51, 3.5, 0)},
+	}
+	res[1][1].FloodEnded = map[string]int{"1008": 1}
+	var out bytes.Buffer
+	writeInboundReport(&out, r, res)
+	for _, want := range []string{
+		"| sluice:flooders=0 | 200 | 0 | 1000 | — | 1000 | 0.987–1.013 | 0.50 | 2.50 | 9.00 | 0 | 0 | 0 | 0 | 14.0 → 15.0 | 1.00 | 3.30 | 220 |",
+		"| t | 200 | 1 | 1050 | 50.0 | 1000 | 0.987–1.013 | 0.50 | 3.50 | 9.00 | 0 | 0 / 7 / 0 | 0 | 0 / normal —, flooders 1×1008 / 0 |",
+		"1250×client_rate |",
+		"medians of 3 rounds",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("report lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// TestInboundDirectAndSluice runs inbound mode against the backend itself
+// without a flooder and against sluice throttling its flooder: every
+// message comes back, in order, and the flooder reaches the backend far
+// less often than unthrottled.
+func TestInboundDirectAndSluice(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds sluice and runs processes for several seconds; skipped with -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	args := []string{"-mode", "inbound", "-clients", "6", "-rate", "20", "-window", "20", "-work", "100us", "-duration", "1500ms",
+		"-sluice-env", "SLUICE_PING_INTERVAL=0", "-compare", "direct:flooders=0,sluice:SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND=20"}
+	cfg, err := parseFlags(args, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &runner{cfg: cfg, stdout: &stdout, stderr: &stderr}
+	if r.noFile, err = raiseNoFile(); err != nil {
+		t.Fatal(err)
+	}
+	if r.sluiceBin, err = buildSluice(ctx, t.TempDir()); err != nil {
+		t.Fatal(err)
+	}
+	res, err := runAll(ctx, r, runInbound)
+	if err != nil {
+		t.Fatalf("%v\nstderr:\n%s", err, stderr.String())
+	}
+	for _, rs := range res {
+		x := rs[0]
+		t.Logf("%s: backend %.0f/s, flooders %.1f/s, normal %.0f/s, share %.2f–%.2f, p99 %v ms, lost %d+%d, drain %.1f s",
+			x.Target, x.BackendPerSec, x.FlooderPerSec, x.NormalPerSec, x.ShareMin, x.ShareMax, x.NormalP99, x.NormalLost, x.FlooderLost, x.Drain)
+		if x.NormalEchoes <= 0 || x.NormalPerSec <= 0 || math.IsNaN(float64(x.NormalP99)) {
+			t.Errorf("%s: %d normal echoes, %.1f/s at the backend, p99 %v", x.Target, x.NormalEchoes, x.NormalPerSec, x.NormalP99)
+		}
+		if x.NormalLost != 0 || x.FlooderLost != 0 || x.Gaps != 0 || x.Disorder != 0 || len(x.NormalEnded)+len(x.FloodEnded) != 0 {
+			t.Errorf("%s: lost %d+%d, gaps %d, disorder %d, ended %v %v", x.Target, x.NormalLost, x.FlooderLost, x.Gaps, x.Disorder, x.NormalEnded, x.FloodEnded)
+		}
+		if x.WorkIterations <= 0 || x.BackendCPU <= 0 {
+			t.Errorf("%s: work iterations %d, backend CPU %v", x.Target, x.WorkIterations, x.BackendCPU)
+		}
+	}
+	if d := res[0][0]; d.Flooders != 0 || d.FlooderSent != 0 {
+		t.Errorf("direct:flooders=0 ran %d flooders that sent %d", d.Flooders, d.FlooderSent)
+	}
+	if s := res[1][0]; s.Flooders != 1 || s.FlooderPerSec <= 0 || s.FlooderPerSec > 40 || s.SluiceDelayed["client_rate"] <= 0 {
+		t.Errorf("sluice: %d flooders at %.1f/s at the backend, delayed %v: want 1 held near 20/s", s.Flooders, s.FlooderPerSec, s.SluiceDelayed)
+	}
+	writeInboundReport(&stdout, r, res)
+	if !strings.Contains(stdout.String(), "\n| direct:flooders=0 | 6 | 0 |") {
+		t.Errorf("report has no direct row:\n%s", stdout.String())
+	}
+}

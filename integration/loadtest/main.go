@@ -14,6 +14,8 @@
 //	go run ./integration/loadtest -mode idle -clients 2000 -duration 10s \
 //	    -compare 'sluice:SLUICE_PING_INTERVAL=0,sluice:SLUICE_PING_INTERVAL=1s;SLUICE_PONG_TIMEOUT=500ms'
 //	go run ./integration/loadtest -mode handshakes -compare direct,sluice -duration 5s
+//	go run ./integration/loadtest -mode inbound -work 200us -duration 15s \
+//	    -compare 'sluice:flooders=0,sluice,sluice:SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND=50'
 //
 // Run with -help for every flag.
 package main
@@ -27,6 +29,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -53,6 +56,7 @@ const (
 	modeBroadcast  = "broadcast"
 	modeIdle       = "idle"
 	modeHandshakes = "handshakes"
+	modeInbound    = "inbound"
 )
 
 // config is the parsed command line.
@@ -71,7 +75,10 @@ type config struct {
 	duration  time.Duration
 	timeout   time.Duration // hard cap on the whole invocation
 	repeat    int
-	workers   int // handshake workers; concurrent dials in other modes
+	workers   int           // handshake workers; concurrent dials in other modes
+	flooders  int           // inbound: default flooding clients per target
+	window    int           // inbound: a flooder's most messages awaiting their echo
+	work      time.Duration // inbound: the backend's busy CPU time per message
 	closeWait time.Duration
 	sluiceEnv []string // K=V for every sluice target
 	sluiceBin string
@@ -92,6 +99,12 @@ Modes (-mode):
               memory per connection, CPU while holding, disconnects, pings
   handshakes  -workers loops of connect + upgrade + close for -duration;
               reports upgrades per second and handshake latency
+  inbound     an echo backend spending -work of CPU per message; -clients
+              normal clients send -size-byte messages at -rate/s each and
+              -flooders clients as fast as their -window allows; reports
+              what reaches the backend (total, flooders, each normal
+              client's share), normal clients' echo latency, lost and
+              reordered echoes, and the target's memory and CPU
 
 Targets (-target, or a comma-separated list in -compare):
   direct                  clients connect to the backend itself
@@ -101,6 +114,9 @@ Targets (-target, or a comma-separated list in -compare):
   sluice:K=V;K=V          sluice with these SLUICE_* settings ("," also works
                           between pairs: a piece that does not start with
                           direct, sluice or cmd: continues the previous target)
+  direct:flooders=N, sluice:flooders=N;K=V
+                          inbound: this target's flooders instead of -flooders
+                          (so one invocation holds the run without them)
   cmd:SHELL COMMAND       any proxy, run with sh -c in the foreground; it must
                           listen on $PROXY_LISTEN (also $PROXY_HOST, $PROXY_PORT)
                           and forward to $BACKEND_ADDR ($BACKEND_HOST,
@@ -134,16 +150,19 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	var target, compare, sluiceEnv string
 	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&c.mode, "mode", modeBroadcast, "broadcast, idle or handshakes")
+	fs.StringVar(&c.mode, "mode", modeBroadcast, "broadcast, idle, handshakes or inbound")
 	fs.StringVar(&target, "target", "sluice", "the target of a single run (see above)")
 	fs.StringVar(&compare, "compare", "", "targets to run one after another, comma-separated; overrides -target")
-	fs.IntVar(&c.clients, "clients", 0, "clients: default 100 in broadcast, 1000 in idle (up to 100000)")
+	fs.IntVar(&c.clients, "clients", 0, "clients: default 100 in broadcast, 1000 in idle, 200 normal ones in inbound (up to 100000)")
 	fs.Float64Var(&c.slow, "slow", 0.1, "broadcast: share of the clients that stop reading, 0 to 1")
 	fs.DurationVar(&c.slowAfter, "slow-after", 2*time.Second, "broadcast: slow clients read this long after all are connected, then stop")
 	fs.IntVar(&c.slowRcv, "slow-rcvbuf", 4096, "broadcast: SO_RCVBUF of slow clients, set before connect (0 = kernel default)")
 	fs.IntVar(&c.slowMSS, "slow-mss", 1460, "broadcast: TCP_MAXSEG of slow clients, so senders size their buffers as on Ethernet rather than for loopback's 64 KiB MSS (0 = kernel default)")
-	fs.IntVar(&c.size, "size", 1024, "broadcast: bytes per message, 16 to 1048576")
-	fs.Float64Var(&c.rate, "rate", 50, "broadcast: messages per second sent to every client, up to 10000")
+	fs.IntVar(&c.size, "size", 1024, "broadcast: bytes per message, 16 to 1048576; inbound: bytes per client message, 24 to 1048576, default 64")
+	fs.Float64Var(&c.rate, "rate", 50, "broadcast: messages per second sent to every client, up to 10000; inbound: per normal client, default 5")
+	fs.IntVar(&c.flooders, "flooders", 1, "inbound: clients that send as fast as their -window allows (a target's flooders=N wins)")
+	fs.IntVar(&c.window, "window", 1000, "inbound: most messages a flooder has awaiting their echo, 1 to 100000")
+	fs.DurationVar(&c.work, "work", 200*time.Microsecond, "inbound: the backend's busy CPU time per message (a calibrated loop), up to 1s")
 	fs.BoolVar(&c.serialise, "serialise", false, "broadcast: the backend writes to every connection in turn from one goroutine instead of per-connection queues and writers")
 	fs.BoolVar(&c.shared, "shared", false, "broadcast: the backend queues one shared buffer per message instead of a copy per connection")
 	fs.DurationVar(&c.duration, "duration", 20*time.Second, "measured time of each run (broadcast run, idle hold, handshake loop), up to 1h")
@@ -167,6 +186,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, fmt.Errorf("unexpected argument %q (flags only; see -help)", fs.Arg(0))
 	}
 	c.command = commandLine(args)
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 
 	var problems []error
 	bad := func(format string, a ...any) { problems = append(problems, fmt.Errorf(format, a...)) }
@@ -180,8 +201,21 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 			c.clients = 1000
 		}
 	case modeHandshakes:
+	case modeInbound:
+		if c.clients == 0 {
+			c.clients = 200
+		}
+		if !set["rate"] {
+			c.rate = 5
+		}
+		if !set["size"] {
+			c.size = 64
+		}
+		if c.size < echoHeaderLen {
+			bad("-size %d: inbound messages carry a %d-byte header; want at least that", c.size, echoHeaderLen)
+		}
 	default:
-		bad("-mode %q: want broadcast, idle or handshakes", c.mode)
+		bad("-mode %q: want broadcast, idle, handshakes or inbound", c.mode)
 	}
 	list := target
 	if compare != "" {
@@ -225,6 +259,15 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	if c.workers < 1 || c.workers > 1024 {
 		bad("-workers %d: want 1 to 1024", c.workers)
 	}
+	if c.flooders < 0 || c.flooders > 1000 {
+		bad("-flooders %d: want 0 to 1000", c.flooders)
+	}
+	if c.window < 1 || c.window > 100000 {
+		bad("-window %d: want 1 to 100000", c.window)
+	}
+	if c.work < 0 || c.work > time.Second {
+		bad("-work %v: want 0 to 1s", c.work)
+	}
 	if c.closeWait <= 0 || c.closeWait > time.Minute {
 		bad("-close-wait %v: want above 0, up to 1m", c.closeWait)
 	}
@@ -266,6 +309,9 @@ type targetSpec struct {
 	kind    string   // kindDirect, kindSluice or kindCmd
 	env     []string // sluice: SLUICE_* K=V pairs
 	command string   // cmd: the shell command
+	// flooders is the target's own flooder count in inbound mode
+	// (flooders=N among its pairs); -1 when it has none.
+	flooders int
 
 	profileName string // sluice: the label in profile file names
 }
@@ -277,7 +323,8 @@ func parseTargets(list string) ([]targetSpec, error) {
 	var labels []string
 	for _, piece := range strings.Split(list, ",") {
 		p := strings.TrimSpace(piece)
-		starts := p == kindDirect || p == kindSluice || strings.HasPrefix(p, kindSluice+":") || strings.HasPrefix(p, kindCmd+":")
+		starts := p == kindDirect || p == kindSluice || strings.HasPrefix(p, kindDirect+":") ||
+			strings.HasPrefix(p, kindSluice+":") || strings.HasPrefix(p, kindCmd+":")
 		switch {
 		case starts:
 			labels = append(labels, p)
@@ -286,20 +333,35 @@ func parseTargets(list string) ([]targetSpec, error) {
 		case p == "":
 			return nil, errors.New("empty target list")
 		default:
-			return nil, fmt.Errorf("target %q: want direct, sluice, sluice:K=V;K=V or cmd:COMMAND", p)
+			return nil, fmt.Errorf("target %q: want direct, direct:flooders=N, sluice, sluice:K=V;K=V or cmd:COMMAND", p)
 		}
 	}
 	var specs []targetSpec
 	for _, l := range labels {
-		s := targetSpec{label: l}
+		s := targetSpec{label: l, flooders: -1}
 		switch {
 		case l == kindDirect:
 			s.kind = kindDirect
+		case strings.HasPrefix(l, kindDirect+":"):
+			s.kind = kindDirect
+			rest, n, err := harnessPairs(strings.TrimPrefix(l, kindDirect+":"))
+			if err == nil && strings.TrimSpace(rest) != "" {
+				err = fmt.Errorf("%q: direct takes only flooders=N", rest)
+			}
+			if err != nil {
+				return nil, fmt.Errorf("target %q: %w", l, err)
+			}
+			s.flooders = n
 		case l == kindSluice:
 			s.kind = kindSluice
 		case strings.HasPrefix(l, kindSluice+":"):
 			s.kind = kindSluice
-			env, err := parseEnvPairs(strings.TrimPrefix(l, kindSluice+":"))
+			rest, n, err := harnessPairs(strings.TrimPrefix(l, kindSluice+":"))
+			if err != nil {
+				return nil, fmt.Errorf("target %q: %w", l, err)
+			}
+			s.flooders = n
+			env, err := parseEnvPairs(rest)
 			if err != nil {
 				return nil, fmt.Errorf("target %q: %w", l, err)
 			}
@@ -316,6 +378,26 @@ func parseTargets(list string) ([]targetSpec, error) {
 		specs = append(specs, s)
 	}
 	return specs, nil
+}
+
+// harnessPairs takes the harness's own pairs (flooders=N) out of a
+// target's "K=V;K=V" list: it returns the rest and N, -1 when absent.
+func harnessPairs(s string) (rest string, flooders int, err error) {
+	flooders = -1
+	var others []string
+	for _, kv := range strings.FieldsFunc(s, func(r rune) bool { return r == ';' || r == ',' }) {
+		v, ok := strings.CutPrefix(strings.TrimSpace(kv), "flooders=")
+		if !ok {
+			others = append(others, kv)
+			continue
+		}
+		n, perr := strconv.Atoi(v)
+		if perr != nil || n < 0 || n > 1000 {
+			return "", 0, fmt.Errorf("%q: want flooders=N, N from 0 to 1000", kv)
+		}
+		flooders = n
+	}
+	return strings.Join(others, ";"), flooders, nil
 }
 
 // parseEnvPairs parses "K=V;K=V" (or ","), where every K is a SLUICE_*
@@ -408,6 +490,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			err = idleFailures(res)
 		}
 		return finish(r, host, res, err, writeIdleReport)
+	case modeInbound:
+		res, err := runAll(ctx, r, runInbound)
+		return finish(r, host, res, err, writeInboundReport)
 	default:
 		res, err := runAll(ctx, r, runHandshakes)
 		return finish(r, host, res, err, writeHandshakeReport)
@@ -433,6 +518,8 @@ func (r *runner) runBudget() time.Duration {
 		b += r.cfg.closeWait + time.Duration(r.cfg.clients)*5*time.Millisecond
 	case modeIdle:
 		b += time.Duration(r.cfg.clients) * 5 * time.Millisecond
+	case modeInbound:
+		b += inboundWarmup + drainMax + time.Duration(r.cfg.clients+r.maxFlooders())*5*time.Millisecond
 	}
 	if r.cfg.profile != "" {
 		b += profileSlack
@@ -525,8 +612,11 @@ func raiseNoFile() (uint64, error) {
 func (r *runner) checkFiles() error {
 	const spare = 100
 	n := uint64(r.cfg.clients)
-	if r.cfg.mode == modeHandshakes {
+	switch r.cfg.mode {
+	case modeHandshakes:
 		n = uint64(r.cfg.workers)
+	case modeInbound:
+		n += uint64(r.maxFlooders())
 	}
 	need := n + spare
 	for _, t := range r.cfg.targets {

@@ -325,3 +325,78 @@ func writeJSON[R any](r *runner, res [][]R) error {
 	}
 	return os.WriteFile(r.cfg.jsonPath, append(b, '\n'), 0o644)
 }
+
+func writeInboundReport(w io.Writer, r *runner, res [][]inboundResult) {
+	c := r.cfg
+	fmt.Fprintf(w, "%d normal clients, each sending %d-byte messages at %g/s; -flooders %d (a target's flooders=N wins) sending as fast as "+
+		"%d unanswered messages allow; an echo backend spending %v of busy CPU per message; %v warm-up, then %v measured; %s.\n\n",
+		c.clients, c.size, c.rate, c.flooders, c.window, c.work, inboundWarmup, c.duration, rounds(r))
+	t := table{header: []string{"target", "normal", "flooders", "backend msgs/s", "flooder msgs/s at backend", "normal msgs/s at backend",
+		"normal share min–max (× median)", "normal p50 ms", "normal p99 ms", "normal max ms", "lost normal", "lost flooder",
+		"out of order", "closed", "target RSS start → end MiB", "target CPU s", "backend CPU s", "backend CPU µs/msg",
+		"harness CPU s", "sluice delayed msgs"}}
+	for i, rs := range res {
+		if len(rs) == 0 {
+			continue
+		}
+		kind := r.cfg.targets[i].kind
+		f := func(g func(inboundResult) float64) float64 { return med(rs, g) }
+		t.add(rs[0].Target,
+			fmt.Sprint(rs[0].Clients),
+			fmt.Sprint(rs[0].Flooders),
+			num(f(func(x inboundResult) float64 { return x.BackendPerSec }), 0),
+			onlyIf(rs[0].Flooders > 0, num(f(func(x inboundResult) float64 { return x.FlooderPerSec }), 1)),
+			num(f(func(x inboundResult) float64 { return x.NormalPerSec }), 0),
+			num(f(func(x inboundResult) float64 { return x.ShareMin }), 3)+"–"+num(f(func(x inboundResult) float64 { return x.ShareMax }), 3),
+			ms(f(func(x inboundResult) float64 { return float64(x.NormalP50) })),
+			ms(f(func(x inboundResult) float64 { return float64(x.NormalP99) })),
+			ms(f(func(x inboundResult) float64 { return float64(x.NormalMax) })),
+			each(rs, func(x inboundResult) string { return fmt.Sprint(x.NormalLost) }),
+			each(rs, func(x inboundResult) string { return fmt.Sprint(x.FlooderLost) }),
+			each(rs, func(x inboundResult) string { return fmt.Sprint(x.Disorder) }),
+			each(rs, func(x inboundResult) string { return closedOf(x) }),
+			onlyIf(kind != kindDirect, mib(f(func(x inboundResult) float64 { return float64(x.TargetRSSStart) }))+" → "+
+				mib(f(func(x inboundResult) float64 { return float64(x.TargetRSSEnd) }))),
+			onlyIf(kind != kindDirect, num(f(func(x inboundResult) float64 { return x.TargetCPU }), 2)),
+			num(f(func(x inboundResult) float64 { return x.BackendCPU }), 2),
+			num(f(func(x inboundResult) float64 { return x.BackendCPU / float64(x.BackendEchoed) * 1e6 }), 0),
+			num(f(func(x inboundResult) float64 { return x.HarnessCPU }), 2),
+			onlyIf(kind == kindSluice, each(rs, func(x inboundResult) string { return counts(roundAll(x.SluiceDelayed)) })),
+		)
+	}
+	t.write(w)
+	fmt.Fprint(w, `
+- At the backend, during the measured window (from its per-client counts): messages per second
+  from all clients, from the flooders together, and from the normal clients together; normal
+  share: the fewest and the most messages one normal client got to the backend, divided by the
+  median client's.
+- normal p50/p99/max: from a normal client's send stamp to its echo, echoes read in the window.
+- lost: messages sent in the whole run (warm-up included) that never came back, after the
+  senders stop and the harness waits for the echoes due (until all came, none came for 3 s, or
+  30 s); a flooder closed by a limit loses what it had in flight. out of order: echoes whose
+  sequence number went back. closed: connections ended by the target or the backend
+  (n×code), normal ones then flooders.
+- target RSS: the target's resident set at the start and at the end of the window. CPU:
+  user+system seconds during the window; backend CPU µs/msg: its CPU divided by the messages it
+  echoed then (at least -work, which is a calibrated busy loop, plus reading and writing).
+- sluice delayed msgs: sluice_messages_delayed_total by limit over the whole run (client_rate:
+  a client's own rate; upstream_cap: the cap on all clients together).
+`)
+}
+
+// closedOf formats the connections a target or backend ended.
+func closedOf(x inboundResult) string {
+	if len(x.NormalEnded) == 0 && len(x.FloodEnded) == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("normal %s, flooders %s", counts(x.NormalEnded), counts(x.FloodEnded))
+}
+
+// roundAll rounds every value of m to a whole number.
+func roundAll(m map[string]float64) map[string]float64 {
+	out := make(map[string]float64, len(m))
+	for k, v := range m {
+		out[k] = math.Round(v)
+	}
+	return out
+}

@@ -4,7 +4,9 @@
 // for as long as the run lasts. The demo runs it in process; the load
 // harness runs it as a process of its own (`loadtest backend`). It speaks
 // gobwas/ws at the frame level, as sluice does, so the demo adds no
-// WebSocket library to the sluice binary.
+// WebSocket library to the sluice binary. In echo mode it is instead the
+// backend that clients flood: it sends every message back after a fixed
+// amount of busy CPU work, and counts messages by client.
 package naive
 
 import (
@@ -37,7 +39,21 @@ type Config struct {
 	// Shared queues one buffer per message for every connection instead of
 	// a copy per connection.
 	Shared bool
+	// Echo sends every data frame back to its sender, after Work of busy
+	// CPU time per message, from the connection's reader: a backend whose
+	// capacity a flooding client can take. Rate must be 0.
+	Echo bool
+	Work time.Duration
 }
+
+// EchoHeaderLen is the part of every echoed message its sender fills:
+// sequence number (bytes 0-7) and send time (8-15) as in broadcasts, then
+// the sender's client id (16-23), by which the backend counts messages,
+// whatever connection (direct or through a proxy) brings them.
+const EchoHeaderLen = 24
+
+// maxEchoFrame bounds the payload the echo backend reads into memory.
+const maxEchoFrame = 1 << 20
 
 // Stats is what a Backend has done; the load harness reads it as JSON.
 type Stats struct {
@@ -60,6 +76,12 @@ type Stats struct {
 	// fragmented message counts once, when it starts.
 	Received         int64 `json:"received"`
 	PeakConnReceived int64 `json:"peak_conn_received"`
+	// Echo mode: messages echoed, the busy-work loop's iterations per
+	// message, and messages by client id (from bytes 16-23 of a message's
+	// first frame), kept after the connection ends.
+	Echoed         int64            `json:"echoed,omitempty"`
+	WorkIterations int64            `json:"work_iterations,omitempty"`
+	PerClient      map[uint64]int64 `json:"per_client,omitempty"`
 }
 
 // Backend is a naive broadcast server. Connections come in through Serve
@@ -84,6 +106,10 @@ type Backend struct {
 	queued, peakQueued                           atomic.Int64
 	peakBacklogBytes, peakBacklogMessages        atomic.Int64
 	received, peakConnReceived                   atomic.Int64 // inbound data messages
+
+	echoed    atomic.Int64
+	workIters int64                    // busy-loop iterations per message; set by New
+	perClient map[uint64]*atomic.Int64 // echo mode: messages by client id; guarded by mu
 }
 
 // conn is one client connection of the backend.
@@ -110,12 +136,20 @@ func New(cfg Config) (*Backend, error) {
 	if cfg.Size < HeaderLen || cfg.Rate < 0 {
 		return nil, fmt.Errorf("naive: want a size of at least %d and a rate of at least 0, got %d and %v", HeaderLen, cfg.Size, cfg.Rate)
 	}
-	return &Backend{
-		cfg:    cfg,
-		queues: cfg.Rate > 0 && !cfg.Serialise,
-		stop:   make(chan struct{}),
-		conns:  make(map[*conn]struct{}),
-	}, nil
+	if cfg.Echo && cfg.Rate != 0 || cfg.Work < 0 {
+		return nil, fmt.Errorf("naive: echo wants rate 0 and work of at least 0, got %v and %v", cfg.Rate, cfg.Work)
+	}
+	b := &Backend{
+		cfg:       cfg,
+		queues:    cfg.Rate > 0 && !cfg.Serialise,
+		stop:      make(chan struct{}),
+		conns:     make(map[*conn]struct{}),
+		perClient: make(map[uint64]*atomic.Int64),
+	}
+	if cfg.Echo && cfg.Work > 0 {
+		b.workIters = Calibrate(cfg.Work)
+	}
+	return b, nil
 }
 
 // Serve accepts connections on ln, upgrades them and serves them, until ln
@@ -182,10 +216,21 @@ func (b *Backend) backendReader(c net.Conn, br *bufio.Reader) {
 	defer b.drop(bc)
 
 	var ctl [ws.MaxControlFramePayloadSize]byte
+	var echo echoState
 	for {
 		h, err := ws.ReadHeader(br)
 		if err != nil {
 			return
+		}
+		if !h.OpCode.IsControl() && b.cfg.Echo {
+			if h.Length > maxEchoFrame {
+				bc.control(ws.MustCompileFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusMessageTooBig, ""))), true)
+				return
+			}
+			if err := bc.echo(br, h, &echo); err != nil {
+				return
+			}
+			continue
 		}
 		if !h.OpCode.IsControl() {
 			if h.OpCode != ws.OpContinuation {
@@ -221,6 +266,95 @@ func (b *Backend) backendReader(c net.Conn, br *bufio.Reader) {
 			bc.control(ws.MustCompileFrame(ws.NewPongFrame(p)), false)
 		}
 	}
+}
+
+// echoState is an echoing reader's: its payload buffer, and the counter
+// of the client sending on the connection, found from its first message.
+type echoState struct {
+	buf     []byte
+	counter *atomic.Int64
+}
+
+// echo reads the data frame with header h and writes it back unmasked,
+// after the busy work when it ends a message; it counts a message when
+// its first frame starts. Echo mode has no queues: the write is direct.
+func (bc *conn) echo(br *bufio.Reader, h ws.Header, st *echoState) error {
+	b := bc.b
+	if int64(cap(st.buf)) < h.Length {
+		st.buf = make([]byte, h.Length)
+	}
+	p := st.buf[:h.Length]
+	if _, err := io.ReadFull(br, p); err != nil {
+		return err
+	}
+	if h.Masked {
+		ws.Cipher(p, h.Mask, 0)
+		h.Masked = false
+	}
+	if h.OpCode != ws.OpContinuation {
+		if st.counter == nil && len(p) >= EchoHeaderLen {
+			st.counter = b.clientCounter(binary.BigEndian.Uint64(p[16:]))
+		}
+		if st.counter != nil {
+			st.counter.Add(1)
+		}
+	}
+	if h.Fin {
+		Spin(b.workIters)
+		b.echoed.Add(1)
+	}
+	var hdr [ws.MaxHeaderSize]byte
+	w := fixedWriter{p: hdr[:]}
+	ws.WriteHeader(&w, h)
+	bufs := net.Buffers{hdr[:w.n], p}
+	bc.wmu.Lock()
+	_, err := bufs.WriteTo(bc.c)
+	bc.wmu.Unlock()
+	if err != nil {
+		b.writeErrors.Add(1)
+	}
+	return err
+}
+
+// clientCounter is the message counter of client id, made on first use.
+func (b *Backend) clientCounter(id uint64) *atomic.Int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	c := b.perClient[id]
+	if c == nil {
+		c = new(atomic.Int64)
+		b.perClient[id] = c
+	}
+	return c
+}
+
+// spinSink keeps the busy loop's result alive, so the compiler cannot
+// drop the loop.
+var spinSink atomic.Uint64
+
+// Spin burns CPU for n iterations of a xorshift step.
+func Spin(n int64) {
+	x := uint64(n) | 1
+	for range n {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+	}
+	spinSink.Add(x)
+}
+
+// Calibrate is how many Spin iterations take d of CPU on this machine: the
+// fastest of several timed runs, so a run the scheduler interrupted does
+// not inflate the work.
+func Calibrate(d time.Duration) int64 {
+	const probe = 1 << 20
+	best := time.Duration(1<<63 - 1)
+	for range 7 {
+		t0 := time.Now()
+		Spin(probe)
+		best = min(best, time.Since(t0))
+	}
+	return max(1, int64(float64(probe)*float64(d)/float64(max(best, 1))))
 }
 
 // control sends a pong or, with last, a close frame: behind the queued
@@ -480,7 +614,24 @@ func (b *Backend) Stats() Stats {
 		WriteErrors:         b.writeErrors.Load(),
 		Received:            b.received.Load(),
 		PeakConnReceived:    b.peakConnReceived.Load(),
+		Echoed:              b.echoed.Load(),
+		WorkIterations:      b.workIters,
+		PerClient:           b.perClientCounts(),
 	}
+}
+
+// perClientCounts copies the echo counters; nil when there are none.
+func (b *Backend) perClientCounts() map[uint64]int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.perClient) == 0 {
+		return nil
+	}
+	out := make(map[uint64]int64, len(b.perClient))
+	for id, c := range b.perClient {
+		out[id] = c.Load()
+	}
+	return out
 }
 
 // LargestBacklog is the bytes queued or being written for the connection

@@ -188,3 +188,49 @@ func TestCountsInbound(t *testing.T) {
 		t.Errorf("received %d, busiest connection %d; want 6 and 5", s.Received, s.PeakConnReceived)
 	}
 }
+
+// TestEcho has two clients send numbered messages carrying their ids, and
+// checks that each comes back as sent and that the backend counts them by
+// client id, after the connection ends too.
+func TestEcho(t *testing.T) {
+	b, err := New(Config{Size: HeaderLen, Echo: true, Work: 50 * time.Microsecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Stats().WorkIterations <= 0 {
+		t.Fatalf("work of 50µs calibrated to %d iterations", b.Stats().WorkIterations)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go b.Serve(ln)
+	defer func() { ln.Close(); b.Close() }()
+	for id, n := range map[uint64]int{7: 30, 9: 5} {
+		c, _, _, err := ws.Dial(context.Background(), "ws://"+ln.Addr().String()+"/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		for seq := 1; seq <= n; seq++ {
+			msg := make([]byte, EchoHeaderLen+3)
+			binary.BigEndian.PutUint64(msg, uint64(seq))
+			binary.BigEndian.PutUint64(msg[16:], id)
+			if err := wsutil.WriteClientBinary(c, msg); err != nil {
+				t.Fatal(err)
+			}
+			got, err := wsutil.ReadServerBinary(c)
+			if err != nil || string(got) != string(msg) {
+				t.Fatalf("client %d, message %d: echo %x (%v), want %x", id, seq, got, err, msg)
+			}
+		}
+		c.Close()
+	}
+	if _, err := New(Config{Size: HeaderLen, Echo: true, Rate: 1}); err == nil {
+		t.Errorf("echo with a broadcast rate: no error")
+	}
+	s := b.Stats()
+	if s.Echoed != 35 || s.PerClient[7] != 30 || s.PerClient[9] != 5 {
+		t.Errorf("echoed %d, per client %v: want 35, 7:30 and 9:5", s.Echoed, s.PerClient)
+	}
+}
