@@ -31,7 +31,7 @@ func RegisterBudgetMetrics(reg prometheus.Registerer, b *limiter.Budget) {
 			func() float64 { return b.Stats().PausedTime.Seconds() }),
 		&depthCollector{budget: b, buckets: []float64{0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000},
 			desc: prometheus.NewDesc("sluice_queue_depth_messages",
-				"Client queue depths in messages (queued, and held back in the kernel for want of window), sampled over all connections at scrape time.", nil, nil)},
+				"Client queue depths in messages, sampled over all connections at scrape time.", nil, nil)},
 	)
 }
 
@@ -50,7 +50,7 @@ func (c *depthCollector) Collect(ch chan<- prometheus.Metric) {
 	var n uint64
 	var sum float64
 	c.budget.Each(func(q *limiter.Queue) {
-		d := float64(q.Depth())
+		d := float64(q.Messages())
 		n++
 		sum += d
 		for i, ub := range c.buckets {

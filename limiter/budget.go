@@ -221,7 +221,7 @@ func (b *Budget) candidates() (live, evicted []candidate, freeing int64, conns i
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for q := range b.queues {
-		c := candidate{q: q, depth: q.Depth(), bytes: q.Bytes()}
+		c := candidate{q: q, depth: q.Messages(), bytes: q.Bytes()}
 		if !q.evicted.Load() {
 			live = append(live, c)
 			continue

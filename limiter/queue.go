@@ -95,13 +95,9 @@ type Queue struct {
 	// unsent is what the kernel holds of this queue's connection that the
 	// peer has not acknowledged (SIOCOUTQ), as last sampled; it counts in
 	// bytes, so the byte mark, the ceiling and status pages see it.
-	// notSent is the part of it not even sent, held back by the peer's
-	// window (SIOCOUTQNSD); it counts toward Depth.
 	unsent     atomic.Int64
-	notSent    atomic.Int64
-	unsentFn   func() (unacked, notSent int64) // see OnUnsent; set under budget.mu
+	unsentFn   func() int64 // see OnUnsent; set under budget.mu
 	wroteSince atomic.Bool                     // a batch was taken since the last sample
-	msgSize    atomic.Int64                    // average bytes of a message the writer took, to count unsent bytes as messages
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
 }
@@ -502,15 +498,6 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		q.addBytes(-taken)
 	}
 	if ended != 0 {
-		if q.unsentFn != nil {
-			// A cheap running average (1/8 weight to the newest batch).
-			per := taken / int64(ended)
-			old := q.msgSize.Load()
-			if old == 0 {
-				old = per
-			}
-			q.msgSize.Store(old + (per-old)/8)
-		}
 		q.addMessages(-ended)
 	}
 	if q.head == nil && q.closeFrame != nil && (len(dst) < cap(dst) || len(dst) == first) && (len(dst) == first || dst[len(dst)-1].Follow == 0) {
@@ -546,7 +533,6 @@ func (q *Queue) Close() {
 	}
 	q.closed = true
 	q.endPause()
-	q.notSent.Store(0)
 	q.setUnsentLocked(0)
 	q.signalRoom()
 	q.signalCtlRoom()
@@ -600,10 +586,10 @@ func (q *Queue) addMessages(n int) {
 }
 
 // updateSlow keeps the Budget's count of slow queues in step: a queue is
-// slow at SlowDepth (Depth), unless it is being evicted already.
+// slow at SlowDepth messages, unless it is being evicted already.
 // Callers hold mu.
 func (q *Queue) updateSlow() {
-	if slow := !q.evicted.Load() && q.Depth() >= q.cfg.SlowDepth; slow != q.slow {
+	if slow := !q.evicted.Load() && int(q.msgs.Load()) >= q.cfg.SlowDepth; slow != q.slow {
 		q.slow = slow
 		if slow {
 			q.budget.slow.Add(1)

@@ -1,18 +1,20 @@
 package limiter
 
-// What the kernel holds for a queue's connection counts too: bytes the
-// peer has not acknowledged (SIOCOUTQ) in the queue's bytes, and bytes
-// its window holds back (SIOCOUTQNSD) in its depth, so that the byte
-// mark, the slow count, the ceiling and status pages see the memory the
+// What the kernel holds for a queue's connection counts too: the bytes the
+// peer has not acknowledged (SIOCOUTQ) count in the queue's bytes, so that
+// the byte mark, the ceiling and status pages see the memory the
 // connection really costs. The Budget's guard samples them every
-// GuardInterval, never per frame.
+// GuardInterval, never per frame. They do not count toward the slow depth,
+// which is in messages: counted there, what a healthy client has in flight
+// or briefly pending made the slow-ratio guard evict clients that were only
+// a moment behind (PERFORMANCE.md, kernel memory of stalled clients).
 
 // OnUnsent names the function that tells how many bytes the kernel holds
-// unacknowledged for the queue's connection (Linux SIOCOUTQ), and how
-// many of those it has not sent yet (SIOCOUTQNSD). The Budget's guard
-// calls it each GuardInterval for queues that were written since, or
-// still had bytes unsent: never per frame. Call it before the first Push.
-func (q *Queue) OnUnsent(f func() (unacked, notSent int64)) {
+// unacknowledged for the queue's connection (Linux SIOCOUTQ). The Budget's
+// guard calls it each GuardInterval for queues that were written since,
+// or still had bytes unsent: never per frame. Call it before the first
+// Push.
+func (q *Queue) OnUnsent(f func() int64) {
 	if q.budget != nil {
 		// The guard may already see the queue: it reads unsentFn under
 		// the Budget's lock.
@@ -26,20 +28,15 @@ func (q *Queue) OnUnsent(f func() (unacked, notSent int64)) {
 // the queue's connection; Bytes includes it.
 func (q *Queue) Unsent() int64 { return q.unsent.Load() }
 
-// NotSent is the part of Unsent the kernel has not sent at all, held back
-// by the peer's window, as last sampled.
-func (q *Queue) NotSent() int64 { return q.notSent.Load() }
-
 // sampleUnsent takes a new sample if one is due: the queue's writer took
 // a batch since the last one, or the kernel still held bytes then.
 func (q *Queue) sampleUnsent() {
 	if q.unsentFn == nil || (!q.wroteSince.Swap(false) && q.unsent.Load() == 0) {
 		return
 	}
-	n, notSent := q.unsentFn()
+	n := q.unsentFn()
 	q.mu.Lock()
 	if !q.closed {
-		q.notSent.Store(notSent)
 		q.setUnsentLocked(n)
 		if q.roomWanted && q.hasRoomLocked() {
 			q.signalRoom()
@@ -56,19 +53,4 @@ func (q *Queue) setUnsentLocked(n int64) {
 			q.budget.unsent.Add(d)
 		}
 	}
-	if q.budget != nil && q.cfg.SlowDepth > 0 {
-		q.updateSlow()
-	}
-}
-
-// Depth is how many messages the connection is behind: those queued, and
-// those the kernel holds back for want of window, counted at the average
-// size of the messages written. Bytes in flight are not counted: a
-// healthy client far away has many.
-func (q *Queue) Depth() int {
-	d := int(q.msgs.Load())
-	if u, size := q.notSent.Load(), q.msgSize.Load(); u > 0 && size > 0 {
-		d += int((u + size - 1) / size)
-	}
-	return d
 }

@@ -124,12 +124,12 @@ func evictionReasons() []string {
 // moves the client's close ahead of its queued data.
 func (s *session) end(c cause, fe *frame.Error) {
 	e := &endings[c]
-	var msgs, depth int
+	var msgs int
 	var byts, unsent int64
 	if e.eviction {
 		// Read the queue before a close frame's priority discards it.
 		q := s.client.out
-		msgs, depth, byts, unsent = q.Messages(), q.Depth(), q.Bytes(), q.Unsent()
+		msgs, byts, unsent = q.Messages(), q.Bytes(), q.Unsent()
 		s.client.out.MarkEvicted()
 	}
 	s.mu.Lock()
@@ -162,9 +162,9 @@ func (s *session) end(c cause, fe *frame.Error) {
 		// there by the time the client or the backend sees the close.
 		s.srv.metrics.evictions.WithLabelValues(e.label).Inc()
 		s.srv.mu.Lock()
-		s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: e.label, QueueMessages: msgs, Depth: depth, QueueBytes: byts, UnsentBytes: unsent})
+		s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: e.label, QueueMessages: msgs, QueueBytes: byts, UnsentBytes: unsent})
 		s.srv.mu.Unlock()
-		s.event(s.srv.log.Warn()).Str("reason", e.label).Int("queue_messages", msgs).Int("depth", depth).Int64("queue_bytes", byts).Int64("unsent_bytes", unsent).Msg("client evicted")
+		s.event(s.srv.log.Warn()).Str("reason", e.label).Int("queue_messages", msgs).Int64("queue_bytes", byts).Int64("unsent_bytes", unsent).Msg("client evicted")
 	}
 
 	s.mu.Lock()

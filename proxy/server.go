@@ -340,7 +340,6 @@ type Eviction struct {
 	Client        string
 	Reason        string
 	QueueMessages int
-	Depth         int   // messages behind: queued, and held back in the kernel (limiter.Queue.Depth)
 	QueueBytes    int64 // UnsentBytes included
 	UnsentBytes   int64 // what the kernel held unacknowledged for the client
 }

@@ -11,12 +11,9 @@ import (
 
 // unsentCounter returns a function that tells how many bytes the kernel
 // holds for conn that its peer has not acknowledged (SIOCOUTQ): memory
-// sluice causes, which the client's queue counts (limiter.Queue.OnUnsent);
-// and how many of those it has not even sent (SIOCOUTQNSD): bytes the
-// peer's closed window holds back, which count toward its depth, whereas
-// bytes in flight to a healthy peer far away do not. nil when conn has no
-// socket to ask.
-func unsentCounter(conn net.Conn) func() (unacked, unsent int64) {
+// sluice causes, which the client's queue counts (limiter.Queue.OnUnsent).
+// nil when conn has no socket to ask.
+func unsentCounter(conn net.Conn) func() int64 {
 	if tc, ok := conn.(interface{ NetConn() net.Conn }); ok {
 		conn = tc.NetConn()
 	}
@@ -28,21 +25,18 @@ func unsentCounter(conn net.Conn) func() (unacked, unsent int64) {
 	if err != nil {
 		return nil
 	}
-	var unacked, unsent int
+	var n int
 	ask := func(fd uintptr) {
 		var err error
-		if unacked, err = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ); err != nil {
-			unacked = 0
-		}
-		if unsent, err = unix.IoctlGetInt(int(fd), unix.SIOCOUTQNSD); err != nil {
-			unsent = 0
+		if n, err = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ); err != nil {
+			n = 0
 		}
 	}
-	return func() (int64, int64) {
-		unacked, unsent = 0, 0
+	return func() int64 {
+		n = 0
 		if raw.Control(ask) != nil {
-			return 0, 0 // closed: it holds nothing sluice still counts
+			return 0 // closed: it holds nothing sluice still counts
 		}
-		return int64(unacked), int64(unsent)
+		return int64(n)
 	}
 }
