@@ -97,7 +97,7 @@ type Queue struct {
 	// bytes, so the byte mark, the ceiling and status pages see it.
 	unsent     atomic.Int64
 	unsentFn   func() int64 // see OnUnsent; set under budget.mu
-	wroteSince atomic.Bool                     // a batch was taken since the last sample
+	wroteSince atomic.Bool  // a batch was taken since the last sample
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
 }
