@@ -43,9 +43,17 @@ func (l *leg) frameStart(h ws.Header) {
 	}
 	w := &l.s.frames
 	w.streaming.Store(!h.OpCode.IsControl() && h.Length > inlineMax)
-	if w.started.Load() == 0 { // else it started in frameEnd, already buffered
-		l.watchFrom(d)
+	if w.started.Load() != 0 {
+		return // it started in frameEnd, already buffered
 	}
+	if h.Length <= int64(l.rd.Buffered()) {
+		// Already here whole (a pong, a small message): nothing to wait
+		// for. An idle client's only frames are its pongs, so its session
+		// never makes the timer (a time.Timer per session) nor wakes for
+		// it FrameReadTimeout later.
+		return
+	}
+	l.watchFrom(d)
 }
 
 // frameEnd: the reader is done with a frame and about to read the next
