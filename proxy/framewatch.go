@@ -139,7 +139,7 @@ func (w *frameWatch) stop() {
 
 // frameTimerFired is the frame watch's timer callback.
 func (s *session) frameTimerFired() {
-	held := s.upstream.out.Bytes() > 0 || s.frames.throttled.Load()
+	held := s.upstream.queuedBytes() > 0 || s.frames.throttled.Load()
 	if !s.frames.check(time.Since(s.began), s.srv.opts.FrameReadTimeout, held) {
 		return
 	}

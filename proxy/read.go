@@ -231,7 +231,7 @@ func (s *session) forwardControl(src, dst *leg, h ws.Header, raw []byte, sc *con
 	// is never dropped. It fails only once dst is closing.
 	seg := limiter.NewSegment(len(wire))
 	*seg.Buf = append(*seg.Buf, wire...)
-	if dst.out.PushControl(seg) != nil {
+	if dst.queue().PushControl(seg) != nil {
 		seg.Free()
 		return readerNext
 	}
@@ -273,7 +273,7 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 	if h.Fin {
 		src.msgsIn++
 	}
-	err := dst.out.Push(seg)
+	err := dst.queue().Push(seg)
 	switch err {
 	case nil:
 		dst.kick()

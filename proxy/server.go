@@ -379,7 +379,7 @@ func (s *Server) Snapshot() []SessionInfo {
 	defer s.mu.Unlock()
 	out := make([]SessionInfo, 0, len(s.sessions))
 	for ss := range s.sessions {
-		q := ss.client.out
+		q := ss.client.queue()
 		paused, _ := q.Paused()
 		out = append(out, SessionInfo{
 			ID: ss.id, Client: ss.clientAddr, Age: time.Since(ss.began),

@@ -36,8 +36,12 @@ type leg struct {
 	conn     net.Conn
 	rd       *frame.Reader
 	check    frame.Checker      // owned by this leg's reader goroutine
-	out      *limiter.Queue     // frames to write to conn
 	ka       *keepalive.Monitor // nil when keepalive is off for this leg
+	// out holds the frames to write to conn; use queue(). The client
+	// leg's is made with the session; the upstream leg's when first
+	// needed, since an idle client sends nothing for the upstream: a
+	// queue (192 B) less per idle session.
+	out atomic.Pointer[limiter.Queue]
 	// writer is this leg's writer goroutine, made once; writing says one
 	// runs or is being started (kick).
 	writer  func()
@@ -82,6 +86,30 @@ type leg struct {
 	rcvdCode     ws.StatusCode
 }
 
+// queue returns the queue of frames to write to l's socket, making the
+// upstream leg's on first use. A queue is made even to be closed (abort),
+// so that nothing pushed afterwards is taken.
+func (l *leg) queue() *limiter.Queue {
+	if q := l.out.Load(); q != nil {
+		return q
+	}
+	// Not counted by the Budget's guard (SlowDepth 0): a queue that
+	// loses the race below is simply dropped.
+	q := limiter.NewQueue(&upstreamQueue, l.s.srv.budget, nil)
+	if !l.out.CompareAndSwap(nil, q) {
+		return l.out.Load()
+	}
+	return q
+}
+
+// queuedBytes is what waits in l's queue, without making one.
+func (l *leg) queuedBytes() int64 {
+	if q := l.out.Load(); q != nil {
+		return q.Bytes()
+	}
+	return 0
+}
+
 func (l *leg) name() string {
 	if l.upstream {
 		return "upstream"
@@ -98,7 +126,7 @@ func (l *leg) finished() bool {
 func (l *leg) SendPing(payload []byte) {
 	seg := limiter.NewSegment(frame.MaxControlFrame)
 	*seg.Buf = frame.AppendControl(*seg.Buf, ws.OpPing, payload, l.upstream)
-	if !l.out.PushPing(seg) {
+	if !l.queue().PushPing(seg) {
 		seg.Free() // closing, or the last ping is still unwritten
 		return
 	}
@@ -156,13 +184,13 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	ss.upstream = leg{s: ss, upstream: true, conn: upConn, rd: frame.NewReader(upConn, upPending)}
 	ss.client.check = frame.Checker{FromClient: true, Extension: ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
 	ss.upstream.check = frame.Checker{FromClient: false, Extension: ext}
-	ss.client.out = limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
+	cq := limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
 	if f := unsentCounter(clientConn); f != nil {
 		// What the kernel holds unsent for the client counts as queued:
 		// sampled by the Budget's guard, never per frame.
-		ss.client.out.OnUnsent(f)
+		cq.OnUnsent(f)
 	}
-	ss.upstream.out = limiter.NewQueue(&upstreamQueue, s.budget, nil)
+	ss.client.out.Store(cq)
 	ss.client.rate = s.newClientRate()
 
 	ss.client.reader, ss.upstream.reader = ss.clientReader, ss.upstreamReader
