@@ -77,7 +77,7 @@ func (l *leg) frameEnd() {
 // not set already.
 func (l *leg) watchFrom(d time.Duration) {
 	w := &l.s.frames
-	if !w.begin(time.Since(l.s.began)) {
+	if !w.begin(l.s.age()) {
 		return
 	}
 	if t := w.timer.Load(); t != nil {
@@ -140,7 +140,7 @@ func (w *frameWatch) stop() {
 // frameTimerFired is the frame watch's timer callback.
 func (s *session) frameTimerFired() {
 	held := s.upstream.queuedBytes() > 0 || s.frames.throttled.Load()
-	if !s.frames.check(time.Since(s.began), s.srv.opts.FrameReadTimeout, held) {
+	if !s.frames.check(s.age(), s.srv.opts.FrameReadTimeout, held) {
 		return
 	}
 	s.mu.Lock()

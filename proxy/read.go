@@ -159,7 +159,7 @@ func (s *session) pump(src, dst *leg) int {
 			s.violation(src, err.(*frame.Error))
 			return readerDraining
 		}
-		if src.rate != nil {
+		if !src.upstream && s.rate != nil {
 			// Inbound limits (ratelimit.go): may wait, or end the session.
 			if next := s.admit(src, h); next != readerNext {
 				return next

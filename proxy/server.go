@@ -236,7 +236,7 @@ func (s *Server) ThrottledClients() int {
 	n := 0
 	s.mu.Lock()
 	for ss := range s.sessions {
-		if r := ss.client.rate; r != nil && r.throttledNow(now) {
+		if r := ss.rate; r != nil && r.throttledNow(now) {
 			n++
 		}
 	}
@@ -382,9 +382,9 @@ func (s *Server) Snapshot() []SessionInfo {
 		q := ss.client.queue()
 		paused, _ := q.Paused()
 		out = append(out, SessionInfo{
-			ID: ss.id, Client: ss.clientAddr, Age: time.Since(ss.began),
+			ID: ss.id, Client: ss.clientAddr, Age: max(0, time.Duration(now-ss.began)),
 			QueueMessages: q.Messages(), QueueBytes: q.Bytes(), UnsentBytes: q.Unsent(), Paused: paused,
-			Slow: q.IsSlow(), Throttled: ss.client.rate != nil && ss.client.rate.throttledNow(now),
+			Slow: q.IsSlow(), Throttled: ss.rate != nil && ss.rate.throttledNow(now),
 		})
 	}
 	return out
