@@ -95,6 +95,7 @@ type Queue struct {
 	notSent    atomic.Int64
 	unsentFn   func() (unacked, notSent int64) // see OnUnsent; set under budget.mu
 	wroteSince atomic.Bool                     // a batch was taken since the last sample
+	due        atomic.Bool                     // on the Budget's list to sample (markDue)
 	msgSize    atomic.Int64                    // average bytes of a message the writer took, to count unsent bytes as messages
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
@@ -442,7 +443,9 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		q.nctl, q.ownPing = 0, false
 		q.signalCtlRoom()
 	}
-	q.wroteSince.Store(true)
+	if !q.wroteSince.Swap(true) && q.unsentFn != nil && q.budget != nil {
+		q.budget.markDue(q) // the first write since the last sample
+	}
 	if q.closeFrame != nil && q.closeFirst {
 		dst = append(dst, q.closeFrame)
 		q.closeFrame = nil
