@@ -23,12 +23,12 @@ type Checker struct {
 	// FromClient: frames must be masked (true) or must not be (false).
 	FromClient bool
 	Extension  Extension
+	inMessage  bool // next to the small fields: a Checker is 32 bytes, not 40
 	// MaxFrame and MaxMessage bound the payload of one frame and of one
 	// message across its fragments; 0 means no bound.
 	MaxFrame   int64
 	MaxMessage int64
 
-	inMessage    bool
 	messageBytes int64
 }
 

@@ -26,11 +26,14 @@ type Reader struct {
 	buf  *[]byte         // nil while empty on a raw conn
 	r, w int             // unread bytes are (*buf)[r:w]
 
-	readFn        func(fd uintptr) bool // built once: RawConn.Read's callback
-	peekFn        func(fd uintptr) bool // built once: Idle's callback
+	// readFn is RawConn.Read's callback, built once: a method value
+	// allocates. Idle's one-read look (peek set) goes through it too, so
+	// a Reader is one func value and 128 bytes, a size class.
+	readFn        func(fd uintptr) bool
 	lastN         int
 	lastErr       error
 	headerScratch [MaxHeaderSize]byte
+	peek          bool             // readFn reads once and never waits (Idle)
 	limited       io.LimitedReader // reused by CopyN
 }
 
@@ -41,8 +44,7 @@ func NewReader(conn net.Conn, pending []byte) *Reader {
 	if sc, ok := conn.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
 			r.raw = raw
-			r.readFn = r.readRaw
-			r.peekFn = r.peekRaw
+			r.readFn = r.onReadable
 		}
 	}
 	for len(pending) > 0 {
@@ -125,7 +127,10 @@ func (r *Reader) Idle() (bool, error) {
 	}
 	r.r, r.w = 0, 0
 	r.lastN, r.lastErr = 0, errWouldBlock
-	if err := r.raw.Read(r.peekFn); err != nil {
+	r.peek = true
+	err := r.raw.Read(r.readFn)
+	r.peek = false
+	if err != nil {
 		return false, err
 	}
 	switch r.lastErr {
@@ -155,8 +160,12 @@ func (r *Reader) Wait() error {
 // errWouldBlock marks a read in Idle that found the socket empty.
 var errWouldBlock = errors.New("frame: would block")
 
-// peekRaw is Idle's RawConn.Read callback: one read, never a wait.
-func (r *Reader) peekRaw(fd uintptr) bool {
+// onReadable is the RawConn.Read callback: readRaw, or under Idle (peek)
+// one read and never a wait.
+func (r *Reader) onReadable(fd uintptr) bool {
+	if !r.peek {
+		return r.readRaw(fd)
+	}
 	if !r.readRaw(fd) {
 		// Empty: readRaw gave the buffer back already.
 		r.lastN, r.lastErr = 0, errWouldBlock

@@ -98,6 +98,7 @@ type Queue struct {
 	unsent     atomic.Int64
 	unsentFn   func() int64 // see OnUnsent; set under budget.mu
 	wroteSince atomic.Bool  // a batch was taken since the last sample
+	due        atomic.Bool  // on the Budget's list to sample (markDue)
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
 }
@@ -460,7 +461,9 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		q.nctl, q.ownPing = 0, false
 		q.signalCtlRoom()
 	}
-	q.wroteSince.Store(true)
+	if !q.wroteSince.Swap(true) && q.unsentFn != nil && q.budget != nil {
+		q.budget.markDue(q) // the first write since the last sample
+	}
 	if q.closeFrame != nil && q.closeFirst {
 		dst = append(dst, q.closeFrame)
 		q.closeFrame = nil

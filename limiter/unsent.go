@@ -29,10 +29,12 @@ func (q *Queue) OnUnsent(f func() int64) {
 func (q *Queue) Unsent() int64 { return q.unsent.Load() }
 
 // sampleUnsent takes a new sample if one is due: the queue's writer took
-// a batch since the last one, or the kernel still held bytes then.
-func (q *Queue) sampleUnsent() {
+// a batch since the last one, or the kernel still held bytes then. It
+// reports whether the kernel holds bytes still, so that the next round
+// samples the queue again.
+func (q *Queue) sampleUnsent() (again bool) {
 	if q.unsentFn == nil || (!q.wroteSince.Swap(false) && q.unsent.Load() == 0) {
-		return
+		return false
 	}
 	n := q.unsentFn()
 	q.mu.Lock()
@@ -41,8 +43,10 @@ func (q *Queue) sampleUnsent() {
 		if q.roomWanted && q.hasRoomLocked() {
 			q.signalRoom()
 		}
+		again = n != 0
 	}
 	q.mu.Unlock()
+	return again
 }
 
 // setUnsentLocked replaces the unsent sample with n. Callers hold mu.

@@ -86,7 +86,7 @@ func closeSegment(code ws.StatusCode, reason string, masked bool) *limiter.Segme
 // queueClose queues seg as l's close frame and starts the close timer.
 // Callers hold s.mu.
 func (s *session) queueClose(l *leg, seg *limiter.Segment, code ws.StatusCode, first bool) {
-	if l.dead || !l.out.PushClose(seg, first) {
+	if l.dead || !l.queue().PushClose(seg, first) {
 		seg.Free()
 		return
 	}
@@ -111,7 +111,7 @@ func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool
 	if l.closeQueued {
 		if first {
 			// Let the queued close overtake the data.
-			l.out.Expedite()
+			l.queue().Expedite()
 			l.kick()
 		}
 		return
@@ -197,7 +197,7 @@ func (s *session) writeFailed(dst *leg, err error) {
 		return
 	}
 	dst.dead = true
-	dst.out.Close()
+	dst.queue().Close()
 	// A client that stopped reading would keep what the kernel holds for
 	// it in an orphaned socket for minutes: reset it instead.
 	s.doom(dst, !dst.upstream)
@@ -231,7 +231,7 @@ func (s *session) abortLocked() {
 		if l.ka != nil {
 			l.ka.Stop()
 		}
-		l.out.Close()
+		l.queue().Close()
 		s.doom(l, !l.upstream && !l.readDone)
 	}
 }

@@ -128,9 +128,9 @@ func (s *session) end(c cause, fe *frame.Error) {
 	var byts, unsent int64
 	if e.eviction {
 		// Read the queue before a close frame's priority discards it.
-		q := s.client.out
+		q := s.client.queue()
 		msgs, byts, unsent = q.Messages(), q.Bytes(), q.Unsent()
-		s.client.out.MarkEvicted()
+		q.MarkEvicted()
 	}
 	s.mu.Lock()
 	if s.aborted {

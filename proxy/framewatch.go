@@ -43,9 +43,17 @@ func (l *leg) frameStart(h ws.Header) {
 	}
 	w := &l.s.frames
 	w.streaming.Store(!h.OpCode.IsControl() && h.Length > inlineMax)
-	if w.started.Load() == 0 { // else it started in frameEnd, already buffered
-		l.watchFrom(d)
+	if w.started.Load() != 0 {
+		return // it started in frameEnd, already buffered
 	}
+	if h.Length <= int64(l.rd.Buffered()) {
+		// Already here whole (a pong, a small message): nothing to wait
+		// for. An idle client's only frames are its pongs, so its session
+		// never makes the timer (a time.Timer per session) nor wakes for
+		// it FrameReadTimeout later.
+		return
+	}
+	l.watchFrom(d)
 }
 
 // frameEnd: the reader is done with a frame and about to read the next
@@ -69,7 +77,7 @@ func (l *leg) frameEnd() {
 // not set already.
 func (l *leg) watchFrom(d time.Duration) {
 	w := &l.s.frames
-	if !w.begin(time.Since(l.s.began)) {
+	if !w.begin(l.s.age()) {
 		return
 	}
 	if t := w.timer.Load(); t != nil {
@@ -131,8 +139,8 @@ func (w *frameWatch) stop() {
 
 // frameTimerFired is the frame watch's timer callback.
 func (s *session) frameTimerFired() {
-	held := s.upstream.out.Bytes() > 0 || s.frames.throttled.Load()
-	if !s.frames.check(time.Since(s.began), s.srv.opts.FrameReadTimeout, held) {
+	held := s.upstream.queuedBytes() > 0 || s.frames.throttled.Load()
+	if !s.frames.check(s.age(), s.srv.opts.FrameReadTimeout, held) {
 		return
 	}
 	s.mu.Lock()

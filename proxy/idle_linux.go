@@ -92,19 +92,17 @@ func (p *idlePoller) park(l *leg) bool {
 	if p == nil || l.raw == nil {
 		return false
 	}
-	op := unix.EPOLL_CTL_MOD
-	if !l.polled {
-		op = unix.EPOLL_CTL_ADD
+	l.armOp = unix.EPOLL_CTL_MOD
+	if l.arm == nil {
+		l.armOp = unix.EPOLL_CTL_ADD
 		p.mu.Lock()
-		p.legs[l.pollID] = l
+		p.legs[l.pollKey()] = l
 		p.mu.Unlock()
-		// Set before arming: the next reader may run before Control
-		// returns.
-		l.polled = true
-		// Made once: a closure per park would allocate.
+		// Made once, and before arming (the next reader may run before
+		// Control returns): a closure per park would allocate. Once
+		// made, the leg is registered.
 		l.arm = func(fd uintptr) { p.arm(l, fd) }
 	}
-	l.armOp = op
 	// Inside Control the descriptor cannot be closed and its number
 	// reused by another socket under us.
 	if err := l.raw.Control(l.arm); err != nil {
@@ -119,8 +117,8 @@ func (p *idlePoller) park(l *leg) bool {
 // it, may touch l again, unless it takes the leg back first.
 func (p *idlePoller) arm(l *leg, fd uintptr) {
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT}
-	setEventID(&ev, l.pollID)
-	op := l.armOp
+	setEventID(&ev, l.pollKey())
+	op := int(l.armOp)
 	// Parked before armed: the event may come at once. Level-triggered
 	// arming reports bytes that arrived since the reader last looked, so
 	// no wake-up is lost between the two.
@@ -139,11 +137,11 @@ func (p *idlePoller) arm(l *leg, fd uintptr) {
 // forget drops l's registration; a closed socket has already left the
 // epoll set, and events still in flight for it find nothing.
 func (p *idlePoller) forget(l *leg) {
-	if p == nil || !l.polled {
+	if p == nil || l.arm == nil {
 		return
 	}
 	p.mu.Lock()
-	delete(p.legs, l.pollID)
+	delete(p.legs, l.pollKey())
 	p.mu.Unlock()
 }
 

@@ -6,7 +6,7 @@ package proxy
 // it reads a frame's payload; under the throttle policy it stops reading
 // until the frame is due, so TCP pushes back on the client and nothing is
 // lost; under the close policy a client over its limit is closed with
-// 1008. A session without limits has no rate state (leg.rate is nil) and
+// 1008. A session without limits has no rate state (session.rate is nil) and
 // pays one branch per frame.
 
 import (
@@ -83,7 +83,7 @@ func (s *Server) newClientRate() *clientRate {
 // may go: at once, after a wait (throttle, or the upstream cap), or not at
 // all (close). It returns readerNext to go on.
 func (s *session) admit(src *leg, h ws.Header) int {
-	r := src.rate
+	r := src.s.rate
 	kind := limiter.FrameNext
 	switch {
 	case h.OpCode == ws.OpClose:

@@ -59,6 +59,7 @@ type Server struct {
 	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
 	idle    *idlePoller   // parked readers of idle sockets; nil: readers wait in goroutines
 	fair    *limiter.Fair // Options.UpstreamMaxMessagesPerSecond; nil: no cap
+	settle  *setupGC      // collects once a burst of setups is over (settle.go)
 
 	nextID   atomic.Uint64
 	draining atomic.Bool // readiness fails: BeginDrain or Shutdown was called
@@ -102,6 +103,7 @@ func New(opts Options) (*Server, error) {
 		handshakes:  make(map[net.Conn]struct{}),
 		sessionGone: make(chan struct{}, 1),
 	}
+	s.settle = newSetupGC(s.Sessions)
 	bc := opts.Budget
 	if bc.ObserveWait == nil {
 		bc.ObserveWait = func(d time.Duration) { s.metrics.queueWaitSeconds.Observe(d.Seconds()) }
@@ -169,6 +171,7 @@ func (s *Server) LastUpstreamConnect() time.Time {
 // and ctx's error is returned.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.draining.Store(true)
+	s.settle.stop()
 	s.mu.Lock()
 	s.closing.Store(true)
 	for ln := range s.listeners {
@@ -233,7 +236,7 @@ func (s *Server) ThrottledClients() int {
 	n := 0
 	s.mu.Lock()
 	for ss := range s.sessions {
-		if r := ss.client.rate; r != nil && r.throttledNow(now) {
+		if r := ss.rate; r != nil && r.throttledNow(now) {
 			n++
 		}
 	}
@@ -375,12 +378,12 @@ func (s *Server) Snapshot() []SessionInfo {
 	defer s.mu.Unlock()
 	out := make([]SessionInfo, 0, len(s.sessions))
 	for ss := range s.sessions {
-		q := ss.client.out
+		q := ss.client.queue()
 		paused, _ := q.Paused()
 		out = append(out, SessionInfo{
-			ID: ss.id, Client: ss.clientAddr, Age: time.Since(ss.began),
+			ID: ss.id, Client: ss.clientAddr, Age: max(0, time.Duration(now-ss.began)),
 			QueueMessages: q.Messages(), QueueBytes: q.Bytes(), UnsentBytes: q.Unsent(), Paused: paused,
-			Slow: q.IsSlow(), Throttled: ss.client.rate != nil && ss.client.rate.throttledNow(now),
+			Slow: q.IsSlow(), Throttled: ss.rate != nil && ss.rate.throttledNow(now),
 		})
 	}
 	return out

@@ -31,17 +31,19 @@ var upstreamQueue = limiter.Config{
 // leg is one side of a session: a socket, its reader state, and the queue
 // its single writer goroutine drains.
 type leg struct {
-	s        *session
-	upstream bool // the leg toward the backend: frames sluice makes are masked
-	conn     net.Conn
-	rd       *frame.Reader
-	check    frame.Checker      // owned by this leg's reader goroutine
-	out      *limiter.Queue     // frames to write to conn
-	ka       *keepalive.Monitor // nil when keepalive is off for this leg
+	s     *session
+	conn  net.Conn
+	rd    *frame.Reader
+	check frame.Checker      // owned by this leg's reader goroutine
+	ka    *keepalive.Monitor // nil when keepalive is off for this leg
+	// out holds the frames to write to conn; use queue(). The client
+	// leg's is made with the session; the upstream leg's when first
+	// needed, since an idle client sends nothing for the upstream: a
+	// queue (192 B) less per idle session.
+	out atomic.Pointer[limiter.Queue]
 	// writer is this leg's writer goroutine, made once; writing says one
 	// runs or is being started (kick).
-	writer  func()
-	writing atomic.Bool
+	writer func()
 	// streamDone carries the result of a streamed payload from this leg's
 	// writer to the other leg's reader, which waits for it. Made by that
 	// reader before the first streamed frame (most sessions never stream:
@@ -50,22 +52,22 @@ type leg struct {
 
 	// Parking (idle_linux.go): a reader whose socket stays quiet between
 	// frames for idleGrace ends, leaving the socket in the server's epoll
-	// set; the poller starts a reader again when it is readable.
-	reader   func()           // this leg's reader goroutine, made once
-	raw      syscall.RawConn  // nil: this leg's reader never parks
-	pollID   uint64           // the leg's key in the epoll set
-	parked   atomic.Bool      // no reader runs; the next is started by wake
-	polled   bool             // registered in the epoll set; reader-owned
-	arm      func(fd uintptr) // registers for one event, as armOp says; reader-owned
-	armOp    int              // EPOLL_CTL_ADD or _MOD; reader-owned
-	skipRest bool             // dropping the frames left of a refused message; reader-owned
-
-	// rate is the client leg's inbound limit state (ratelimit.go); nil
-	// without limits, and always on the upstream leg. Reader-owned.
-	rate *clientRate
+	// set; the poller starts a reader again when it is readable. The
+	// leg's key there is pollKey.
+	reader func()           // this leg's reader goroutine, made once
+	raw    syscall.RawConn  // nil: this leg's reader never parks
+	arm    func(fd uintptr) // registers for one event, as armOp says; made at the first park; reader-owned
 
 	// Counted by the reader of this leg, read after it has ended.
 	msgsIn, bytesIn uint64
+
+	// The small fields last and together: a session is 512 bytes, a
+	// size class, only while they share words (it was 640).
+	writing  atomic.Bool
+	parked   atomic.Bool // no reader runs; the next is started by wake
+	upstream bool        // the leg toward the backend: frames sluice makes are masked
+	armOp    int8        // EPOLL_CTL_ADD or _MOD; reader-owned
+	skipRest bool        // dropping the frames left of a refused message; reader-owned
 
 	// Close state (close.go), guarded by s.mu.
 	closeQueued  bool // a close frame toward this leg is queued or written
@@ -80,6 +82,39 @@ type leg struct {
 	connClosed   bool // ... and has been
 	sentCode     ws.StatusCode
 	rcvdCode     ws.StatusCode
+}
+
+// pollKey is the leg's key in the epoll set: the session's id and the
+// side.
+func (l *leg) pollKey() uint64 {
+	if l.upstream {
+		return l.s.id<<1 | 1
+	}
+	return l.s.id << 1
+}
+
+// queue returns the queue of frames to write to l's socket, making the
+// upstream leg's on first use. A queue is made even to be closed (abort),
+// so that nothing pushed afterwards is taken.
+func (l *leg) queue() *limiter.Queue {
+	if q := l.out.Load(); q != nil {
+		return q
+	}
+	// Not counted by the Budget's guard (SlowDepth 0): a queue that
+	// loses the race below is simply dropped.
+	q := limiter.NewQueue(&upstreamQueue, l.s.srv.budget, nil)
+	if !l.out.CompareAndSwap(nil, q) {
+		return l.out.Load()
+	}
+	return q
+}
+
+// queuedBytes is what waits in l's queue, without making one.
+func (l *leg) queuedBytes() int64 {
+	if q := l.out.Load(); q != nil {
+		return q.Bytes()
+	}
+	return 0
 }
 
 func (l *leg) name() string {
@@ -98,7 +133,7 @@ func (l *leg) finished() bool {
 func (l *leg) SendPing(payload []byte) {
 	seg := limiter.NewSegment(frame.MaxControlFrame)
 	*seg.Buf = frame.AppendControl(*seg.Buf, ws.OpPing, payload, l.upstream)
-	if !l.out.PushPing(seg) {
+	if !l.queue().PushPing(seg) {
 		seg.Free() // closing, or the last ping is still unwritten
 		return
 	}
@@ -127,47 +162,48 @@ func (l *leg) Stale() {
 type session struct {
 	srv        *Server
 	id         uint64
-	began      time.Time
+	began      int64 // limiter.Now() at the start: 8 bytes, where a time.Time takes 24
 	clientAddr string
-	target     string
 
 	client, upstream leg
-	running          atomic.Int32 // goroutines serving the session; 0 once finished
-	frames           frameWatch   // client frame read timeout (admission.go)
+	frames           frameWatch // client frame read timeout (admission.go)
+	// rate is the client's inbound limit state (ratelimit.go); nil
+	// without limits. Owned by the client leg's reader.
+	rate *clientRate
 
 	mu         sync.Mutex
 	closeTimer *time.Timer   // bounds the close handshake; guarded by mu
 	hold       heldClose     // the client's close, waiting for the upstream's; guarded by mu
-	aborted    bool          // guarded by mu
-	cause      cause         // why sluice ended the session, if it did; guarded by mu
 	ended      chan struct{} // closed at abort, for throttled readers; made on first use; guarded by mu
 	endReason  string        // first reason the session began to end; guarded by mu
+
+	running atomic.Int32 // goroutines serving the session; 0 once finished
+	aborted bool         // guarded by mu
+	cause   cause        // why sluice ended the session, if it did; guarded by mu
 }
 
 func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn net.Conn, upPending []byte, clientAddr, target, protocol string, ext frame.Extension) {
 	ss := &session{
 		srv:        s,
 		id:         s.nextID.Add(1),
-		began:      time.Now(),
+		began:      limiter.Now(),
 		clientAddr: clientAddr,
-		target:     target,
 	}
 	ss.client = leg{s: ss, conn: clientConn, rd: frame.NewReader(clientConn, clientPending)}
 	ss.upstream = leg{s: ss, upstream: true, conn: upConn, rd: frame.NewReader(upConn, upPending)}
 	ss.client.check = frame.Checker{FromClient: true, Extension: ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
 	ss.upstream.check = frame.Checker{FromClient: false, Extension: ext}
-	ss.client.out = limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
+	cq := limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
 	if f := unsentCounter(clientConn); f != nil {
 		// What the kernel holds unsent for the client counts as queued:
 		// sampled by the Budget's guard, never per frame.
-		ss.client.out.OnUnsent(f)
+		cq.OnUnsent(f)
 	}
-	ss.upstream.out = limiter.NewQueue(&upstreamQueue, s.budget, nil)
-	ss.client.rate = s.newClientRate()
+	ss.client.out.Store(cq)
+	ss.rate = s.newClientRate()
 
 	ss.client.reader, ss.upstream.reader = ss.clientReader, ss.upstreamReader
 	if s.idle != nil {
-		ss.client.pollID, ss.upstream.pollID = ss.id<<1, ss.id<<1|1
 		ss.client.raw, ss.upstream.raw = ss.client.rd.RawConn(), ss.upstream.rd.RawConn()
 	}
 	// Writers run only while their queue has work (leg.kick), readers
@@ -190,6 +226,7 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	s.sessions[ss] = struct{}{}
 	s.mu.Unlock()
 	s.metrics.connectionsActive.Inc()
+	s.settle.setUp()
 	ss.event(s.log.Info()).Str("upstream", target).Str("protocol", protocol).Msg("session open")
 	if s.closing.Load() {
 		// Shutdown may have listed the sessions before this one joined.
@@ -198,6 +235,9 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	ss.client.startReading()
 	ss.upstream.startReading()
 }
+
+// age is how long the session has run.
+func (s *session) age() time.Duration { return time.Duration(limiter.Now() - s.began) }
 
 // event adds the session's identity to a log line. A per-session
 // sub-logger would hold its own buffer for the session's whole life.
@@ -240,7 +280,7 @@ func (s *session) exit() {
 	s.upstream.rd.Release()
 	m := s.srv.metrics
 	m.connectionsActive.Dec()
-	d := time.Since(s.began)
+	d := s.age()
 	m.sessionSeconds.Observe(d.Seconds())
 	s.mu.Lock()
 	reason, c := s.endReason, s.cause

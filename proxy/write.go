@@ -22,13 +22,13 @@ func (s *session) write(dst, src *leg) {
 	var batch [maxBatch]*limiter.Segment
 	timeout := s.srv.opts.WriteTimeout
 	for {
-		segs, err := dst.out.Take(batch[:0], batchBytes)
+		segs, err := dst.queue().Take(batch[:0], batchBytes)
 		if err == limiter.ErrIdle {
 			// Stopped: unless something came after Take looked and its
 			// pusher saw this writer still running, in which case this
 			// writer goes on (the pusher's kick found writing set).
 			dst.writing.Store(false)
-			if dst.out.Pending() && dst.writing.CompareAndSwap(false, true) {
+			if dst.queue().Pending() && dst.writing.CompareAndSwap(false, true) {
 				continue
 			}
 			return
