@@ -149,15 +149,8 @@ func runBroadcast(ctx context.Context, r *runner, spec targetSpec) (res broadcas
 	tcpu0, bcpu0, hcpu0 := mon.now(tg.proc).CPU, mon.now(be.process).CPU, selfCPU()
 	stopAt.Store(start.Add(cfg.slowAfter).UnixNano())
 	counting.Store(true)
-	select {
-	case <-ctx.Done():
-		return res, fmt.Errorf("broadcast run: %w", ctx.Err())
-	case <-be.exited:
-		return res, be.failure()
-	case <-time.After(cfg.duration):
-	}
-	if tg.proc != nil && !tg.proc.alive() {
-		return res, tg.proc.failure()
+	if err := measuredWindow(ctx, "broadcast", be, tg, cfg.duration); err != nil {
+		return res, err
 	}
 	counting.Store(false)
 	res.Duration = time.Since(start).Seconds()

@@ -323,15 +323,8 @@ func runInbound(ctx context.Context, r *runner, spec targetSpec) (res inboundRes
 	res.TargetRSSStart, res.WorkIterations = t.RSS, s0.WorkIterations
 	tcpu0, bcpu0, hcpu0 := t.CPU, mon.now(be.process).CPU, selfCPU()
 	counting.Store(true)
-	select {
-	case <-ctx.Done():
-		return res, fmt.Errorf("inbound run: %w", ctx.Err())
-	case <-be.exited:
-		return res, be.failure()
-	case <-time.After(cfg.duration):
-	}
-	if tg.proc != nil && !tg.proc.alive() {
-		return res, tg.proc.failure()
+	if err := measuredWindow(ctx, "inbound", be, tg, cfg.duration); err != nil {
+		return res, err
 	}
 	counting.Store(false)
 	res.Duration = time.Since(start).Seconds()

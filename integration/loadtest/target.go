@@ -225,6 +225,24 @@ var sluiceDefaults = []string{"SLUICE_LOG_LEVEL=warn", "SLUICE_SHUTDOWN_TIMEOUT=
 
 // startTarget starts spec in front of the backend at backendAddr and waits
 // until it accepts connections.
+// measuredWindow waits out a run's measured window of d, and fails it
+// when ctx ends or the backend or the target dies meanwhile.
+func measuredWindow(ctx context.Context, mode string, be *backendProc, tg *target, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return fmt.Errorf("%s run: %w", mode, ctx.Err())
+	case <-be.exited:
+		return be.failure()
+	case <-t.C:
+	}
+	if tg.proc != nil && !tg.proc.alive() {
+		return tg.proc.failure()
+	}
+	return nil
+}
+
 func startTarget(ctx context.Context, r *runner, spec targetSpec, backendAddr string) (*target, error) {
 	backendURL := "ws://" + backendAddr + "/"
 	switch spec.kind {
