@@ -1,7 +1,6 @@
 package certs
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"net"
@@ -16,25 +15,8 @@ import (
 	"go.uber.org/goleak"
 
 	"sluice/certs/certstest"
+	"sluice/internal/wstest"
 )
-
-// syncBuffer is a log sink the watcher goroutine and the test share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // handshakeListener serves TLS handshakes with r's configuration on
 // loopback until the test ends, and returns its address.
@@ -68,7 +50,7 @@ func TestCertReload(t *testing.T) {
 	t.Cleanup(func() { goleak.VerifyNone(t) }) // after handshakeListener's cleanup
 	pki := certstest.New(t)
 	certFile, keyFile := pki.WritePair(t, "server", 1)
-	var logs syncBuffer
+	var logs wstest.LogBuffer
 	r, err := NewReloader(certFile, keyFile, zerolog.New(&logs))
 	if err != nil {
 		t.Fatal(err)

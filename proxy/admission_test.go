@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -578,50 +577,16 @@ func (b *echoBackend) xffOf(id string) string {
 	return b.xff[id]
 }
 
-// syncBuffer collects log lines from sessions' goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func (s *syncBuffer) count(substrs ...string) int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n := 0
-	for line := range strings.SplitSeq(s.b.String(), "\n") {
-		all := line != ""
-		for _, sub := range substrs {
-			all = all && strings.Contains(line, sub)
-		}
-		if all {
-			n++
-		}
-	}
-	return n
-}
-
 type testProxy struct {
 	*Server
 	addr string
-	logs *syncBuffer
+	logs *wstest.LogBuffer
 }
 
 func startTestProxy(t *testing.T, b *echoBackend, opts Options) *testProxy {
 	t.Helper()
 	opts.Upstream = &url.URL{Scheme: "ws", Host: b.Addr, Path: "/"}
-	logs := &syncBuffer{}
+	logs := &wstest.LogBuffer{}
 	opts.Logger = zerolog.New(logs)
 	opts.Registerer = prometheus.NewRegistry()
 	srv, err := New(opts)
@@ -797,7 +762,7 @@ func TestAdmissionEndToEnd(t *testing.T) {
 			t.Errorf("rejected{max_connections} = %v, want 21", n)
 		}
 		// A burst is one line (two if it straddled a second), not 21.
-		if n := p.logs.count(`"reason":"max_connections"`, "upgrades rejected"); n < 1 || n > 2 {
+		if n := p.logs.Count(`"reason":"max_connections"`, "upgrades rejected"); n < 1 || n > 2 {
 			t.Errorf("%d log lines for 21 refusals:\n%s", n, p.logs.String())
 		}
 		c2.echo(t, "still here")
@@ -887,7 +852,7 @@ func TestAdmissionEndToEnd(t *testing.T) {
 		if n := p.rejected("origin"); n != 5 {
 			t.Errorf("rejected{origin} = %v, want 5", n)
 		}
-		if n := p.logs.count(`"reason":"origin"`, `"origin":"https://evil.com"`); n != 1 {
+		if n := p.logs.Count(`"reason":"origin"`, `"origin":"https://evil.com"`); n != 1 {
 			t.Errorf("want one log line naming the first refused origin:\n%s", p.logs.String())
 		}
 	})
@@ -980,7 +945,7 @@ func TestFrameReadTimeout(t *testing.T) {
 	if n := p.evicted(endings[causeReadTimeout].label); n != 2 {
 		t.Errorf("evictions{read_timeout} = %v, want 2", n)
 	}
-	if n := p.logs.count(`"reason":"read_timeout"`, "client evicted"); n != 2 {
+	if n := p.logs.Count(`"reason":"read_timeout"`, "client evicted"); n != 2 {
 		t.Errorf("%d eviction lines, want 2", n)
 	}
 	// Idle clients are not the frame watch's business.
