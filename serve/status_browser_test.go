@@ -6,7 +6,6 @@ import (
 	"errors"
 	"image"
 	"image/png"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,32 +34,15 @@ const chromiumTimeout = 60 * time.Second
 // the JSON; this checks that the page shows it.
 func TestStatusPageInBrowser(t *testing.T) {
 	chromium := findChromium(t)
-	defer goleak.VerifyNone(t)
-	backend := startFloodBackend(t)
-	defer backend.close()
-	wsAddr, adminAddr, _, stop := startSluice(t, map[string]string{
-		config.Prefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
-		config.Prefix + "POLICY":                 "drop", // keeps the slow client connected
-		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
-		config.Prefix + "SHUTDOWN_TIMEOUT":       "3s",
-		config.Prefix + "CLOSE_TIMEOUT":          "1s",
-		// The client stays stalled for as long as Chromium takes on a busy
-		// machine: neither a blocked write nor a missing pong may close it.
+	t.Cleanup(func() { goleak.VerifyNone(t) }) // after the setup's cleanups
+	// drop keeps the slow client connected; it stays stalled for as long as
+	// Chromium takes on a busy machine: neither a blocked write nor a
+	// missing pong may close it.
+	st := startStalled(t, "drop", map[string]string{
 		config.Prefix + "WRITE_TIMEOUT": "5m",
 		config.Prefix + "PING_INTERVAL": "0",
-	})
-	defer stop()
-	tr := &http.Transport{}
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
-
-	c := dialStalled(t, "ws://"+wsAddr+"/feed")
-	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, _, err := c.ReadMessage(); err != nil { // then it stops reading
-		t.Fatal(err)
-	}
-	me := c.LocalAddr().String()
+	}, noError)
+	adminAddr, client, me := st.adminAddr, st.client, st.me
 
 	// Open the page only once the server reports the client slow, so the
 	// browser is not racing the kernel's send buffer.
@@ -77,7 +59,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 	}
 	// Stop the flood but keep the connection: the queue stays as it is (the
 	// client never reads again), and Chromium gets the CPU the flood took.
-	backend.quiet()
+	st.backend.quiet()
 	page := "http://" + adminAddr + "/status"
 
 	dom := string(runChromium(t, chromium, "--dump-dom", page))

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"strings"
@@ -151,32 +152,60 @@ func pollStatus(t *testing.T, client *http.Client, url string, done func(admin.S
 	}
 }
 
+// stalledSetup is a real sluice in front of a flooding backend, with a
+// client that has read once and stopped reading.
+type stalledSetup struct {
+	backend   *floodBackend
+	adminAddr string
+	client    *http.Client // for the admin listener
+	conn      *websocket.Conn
+	me        string // the stalled client's address, as sluice names it
+}
+
+// startStalled starts the backend, sluice with the given policy and extra
+// settings, and the stalled client; cleanups stop them all. firstRead
+// decides whether the client's one read may end otherwise than with a
+// message (an eviction may come first on a busy machine).
+func startStalled(t *testing.T, policy string, extra map[string]string, firstRead func(error) bool) stalledSetup {
+	t.Helper()
+	backend := startFloodBackend(t)
+	t.Cleanup(backend.close)
+	env := map[string]string{
+		config.Prefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
+		config.Prefix + "POLICY":                 policy,
+		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
+		config.Prefix + "SHUTDOWN_TIMEOUT":       "3s",
+		config.Prefix + "CLOSE_TIMEOUT":          "1s",
+	}
+	maps.Copy(env, extra)
+	wsAddr, adminAddr, _, stop := startSluice(t, env)
+	t.Cleanup(stop)
+	tr := &http.Transport{}
+	t.Cleanup(tr.CloseIdleConnections)
+	c := dialStalled(t, "ws://"+wsAddr+"/feed")
+	t.Cleanup(func() { c.Close() })
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, _, err := c.ReadMessage(); err != nil && !firstRead(err) { // then it stops reading
+		t.Fatal(err)
+	}
+	return stalledSetup{
+		backend:   backend,
+		adminAddr: adminAddr,
+		client:    &http.Client{Transport: tr, Timeout: 5 * time.Second},
+		conn:      c,
+		me:        c.LocalAddr().String(),
+	}
+}
+
+func noError(error) bool { return false }
+
 // TestStatusShowsSlowClient: a client that stops reading behind a real
 // sluice and a flooding backend shows up in /status.json's top list as
 // slow, with its own address and a non-empty queue.
 func TestStatusShowsSlowClient(t *testing.T) {
-	defer goleak.VerifyNone(t)
-	backend := startFloodBackend(t)
-	defer backend.close()
-	wsAddr, adminAddr, _, stop := startSluice(t, map[string]string{
-		config.Prefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
-		config.Prefix + "POLICY":                 "drop", // keeps the slow client connected
-		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
-		config.Prefix + "SHUTDOWN_TIMEOUT":       "3s",
-		config.Prefix + "CLOSE_TIMEOUT":          "1s",
-	})
-	defer stop()
-	tr := &http.Transport{}
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
-
-	c := dialStalled(t, "ws://"+wsAddr+"/feed")
-	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, _, err := c.ReadMessage(); err != nil { // then it stops reading
-		t.Fatal(err)
-	}
-	me := c.LocalAddr().String()
+	t.Cleanup(func() { goleak.VerifyNone(t) }) // after the setup's cleanups
+	st := startStalled(t, "drop", nil, noError) // drop keeps the slow client connected
+	adminAddr, client, me := st.adminAddr, st.client, st.me
 
 	// The queue's depth moves (drop trims it, the kernel takes some as its
 	// send buffer grows), so wait for one document that shows it all.
@@ -231,30 +260,11 @@ func TestStatusShowsSlowClient(t *testing.T) {
 // is closed, and /status.json lists it among the evictions with its reason
 // and counts it by reason.
 func TestStatusShowsEviction(t *testing.T) {
-	defer goleak.VerifyNone(t)
-	backend := startFloodBackend(t)
-	defer backend.close()
-	wsAddr, adminAddr, _, stop := startSluice(t, map[string]string{
-		config.Prefix + "UPSTREAM_URL":           "ws://" + backend.ln.Addr().String() + "/",
-		config.Prefix + "POLICY":                 "evict",
-		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
-		config.Prefix + "SHUTDOWN_TIMEOUT":       "3s",
-		config.Prefix + "CLOSE_TIMEOUT":          "1s",
-	})
-	defer stop()
-	tr := &http.Transport{}
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
-
-	c := dialStalled(t, "ws://"+wsAddr+"/feed")
-	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	t.Cleanup(func() { goleak.VerifyNone(t) }) // after the setup's cleanups
 	// On a busy machine the flood may get the client evicted before it
 	// reads anything: then its first read is the 1013.
-	if _, _, err := c.ReadMessage(); err != nil && !websocket.IsCloseError(err, 1013) {
-		t.Fatal(err)
-	}
-	me := c.LocalAddr().String()
+	st := startStalled(t, "evict", nil, func(err error) bool { return websocket.IsCloseError(err, 1013) })
+	adminAddr, client, me := st.adminAddr, st.client, st.me
 	got, _ := pollStatus(t, client, "http://"+adminAddr+"/status.json", func(got admin.Status) bool { return len(got.Evictions) > 0 })
 	if len(got.Evictions) != 1 {
 		t.Fatalf("evictions = %+v; want the stalled client", got.Evictions)
