@@ -203,7 +203,7 @@ func noError(error) bool { return false }
 // sluice and a flooding backend shows up in /status.json's top list as
 // slow, with its own address and a non-empty queue.
 func TestStatusShowsSlowClient(t *testing.T) {
-	t.Cleanup(func() { goleak.VerifyNone(t) }) // after the setup's cleanups
+	t.Cleanup(func() { goleak.VerifyNone(t) })  // after the setup's cleanups
 	st := startStalled(t, "drop", nil, noError) // drop keeps the slow client connected
 	adminAddr, client, me := st.adminAddr, st.client, st.me
 
