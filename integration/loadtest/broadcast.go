@@ -65,18 +65,12 @@ type broadcastResult struct {
 func runBroadcast(ctx context.Context, r *runner, spec targetSpec) (res broadcastResult, err error) {
 	cfg := r.cfg
 	res = broadcastResult{Target: spec.label, Clients: cfg.clients, Slow: int(math.Round(float64(cfg.clients) * cfg.slow))}
-	be, err := startBackend(ctx, r, cfg.rate, r.runBudget())
+	parts, err := startRun(ctx, r, spec, cfg.rate, 200*time.Millisecond, true)
 	if err != nil {
 		return res, err
 	}
-	defer be.stop()
-	tg, err := startTarget(ctx, r, spec, be.addr)
-	if err != nil {
-		return res, err
-	}
-	defer tg.stop()
-	mon := newMonitor(200*time.Millisecond, tg.admin, tg.proc, be.process)
-	defer mon.stopMonitor()
+	defer parts.stop()
+	be, tg, mon := parts.be, parts.tg, parts.mon
 
 	// Connect every client; readers start at once, but nothing counts yet.
 	var counting atomic.Bool

@@ -38,18 +38,12 @@ type handshakeResult struct {
 func runHandshakes(ctx context.Context, r *runner, spec targetSpec) (res handshakeResult, err error) {
 	cfg := r.cfg
 	res = handshakeResult{Target: spec.label, Workers: cfg.workers}
-	be, err := startBackend(ctx, r, 0, r.runBudget())
+	parts, err := startRun(ctx, r, spec, 0, time.Second, false)
 	if err != nil {
 		return res, err
 	}
-	defer be.stop()
-	tg, err := startTarget(ctx, r, spec, be.addr)
-	if err != nil {
-		return res, err
-	}
-	defer tg.stop()
-	mon := newMonitor(time.Second, "", tg.proc, be.process)
-	defer mon.stopMonitor()
+	defer parts.stop()
+	be, tg, mon := parts.be, parts.tg, parts.mon
 
 	prof := r.startProfile(ctx, tg, cfg.duration)
 	defer prof.stop()

@@ -82,18 +82,12 @@ func (r idleResult) perConn(before, after float64) float64 {
 func runIdle(ctx context.Context, r *runner, spec targetSpec) (res idleResult, err error) {
 	cfg := r.cfg
 	res = idleResult{Target: spec.label}
-	be, err := startBackend(ctx, r, 0, r.runBudget())
+	parts, err := startRun(ctx, r, spec, 0, 200*time.Millisecond, false)
 	if err != nil {
 		return res, err
 	}
-	defer be.stop()
-	tg, err := startTarget(ctx, r, spec, be.addr)
-	if err != nil {
-		return res, err
-	}
-	defer tg.stop()
-	mon := newMonitor(200*time.Millisecond, "", tg.proc, be.process)
-	defer mon.stopMonitor()
+	defer parts.stop()
+	be, tg, mon := parts.be, parts.tg, parts.mon
 
 	if err := sleep(ctx, settle); err != nil {
 		return res, err

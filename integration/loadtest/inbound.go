@@ -246,18 +246,12 @@ func runInbound(ctx context.Context, r *runner, spec targetSpec) (res inboundRes
 	cfg := r.cfg
 	nFlood := r.flooders(spec)
 	res = inboundResult{Target: spec.label, Clients: cfg.clients, Flooders: nFlood}
-	be, err := startBackend(ctx, r, 0, r.runBudget())
+	parts, err := startRun(ctx, r, spec, 0, 200*time.Millisecond, false)
 	if err != nil {
 		return res, err
 	}
-	defer be.stop()
-	tg, err := startTarget(ctx, r, spec, be.addr)
-	if err != nil {
-		return res, err
-	}
-	defer tg.stop()
-	mon := newMonitor(200*time.Millisecond, "", tg.proc, be.process)
-	defer mon.stopMonitor()
+	defer parts.stop()
+	be, tg, mon := parts.be, parts.tg, parts.mon
 
 	total := cfg.clients + nFlood
 	var counting, stopped atomic.Bool

@@ -225,6 +225,41 @@ var sluiceDefaults = []string{"SLUICE_LOG_LEVEL=warn", "SLUICE_SHUTDOWN_TIMEOUT=
 
 // startTarget starts spec in front of the backend at backendAddr and waits
 // until it accepts connections.
+// runParts are what every run starts: the backend, the target in front of
+// it, and the monitor sampling both.
+type runParts struct {
+	be  *backendProc
+	tg  *target
+	mon *monitor
+}
+
+// startRun starts a run's backend (broadcasting at rate; 0 for none), the
+// target spec in front of it, and a monitor sampling both every interval,
+// scraping the target's admin listener when scrape is set.
+func startRun(ctx context.Context, r *runner, spec targetSpec, rate float64, every time.Duration, scrape bool) (*runParts, error) {
+	be, err := startBackend(ctx, r, rate, r.runBudget())
+	if err != nil {
+		return nil, err
+	}
+	tg, err := startTarget(ctx, r, spec, be.addr)
+	if err != nil {
+		be.stop()
+		return nil, err
+	}
+	admin := ""
+	if scrape {
+		admin = tg.admin
+	}
+	return &runParts{be: be, tg: tg, mon: newMonitor(every, admin, tg.proc, be.process)}, nil
+}
+
+// stop ends the monitor, the target and the backend, in that order.
+func (p *runParts) stop() {
+	p.mon.stopMonitor()
+	p.tg.stop()
+	p.be.stop()
+}
+
 // measuredWindow waits out a run's measured window of d, and fails it
 // when ctx ends or the backend or the target dies meanwhile.
 func measuredWindow(ctx context.Context, mode string, be *backendProc, tg *target, d time.Duration) error {
