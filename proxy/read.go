@@ -16,9 +16,11 @@ package proxy
 //     one queues only its header, with Follow set to its payload length.
 //  5. The segment goes on the other leg's queue (limiter.Queue.Push):
 //     the queue's policy may refuse it (evict), drop older messages, or
-//     make the reader wait (pause); the reader then starts the other leg's
-//     writer unless it runs (kick, write.go).
-//  6. The writer takes a batch, control frames first, and writes it with
+//     make the reader wait (pause). Unless a writer runs, the reader then
+//     writes the other leg's queue itself with one non-blocking writev
+//     (flush, write.go), and starts a writer goroutine only for what the
+//     socket does not take at once, a close, or a streamed payload.
+//  6. A writer takes a batch, control frames first, and writes it with
 //     one writev under a deadline; a Follow segment's payload is then
 //     spliced from the reader's socket (stream), and the reader, which
 //     waited on streamDone, goes on with the next frame.
@@ -235,7 +237,7 @@ func (s *session) forwardControl(src, dst *leg, h ws.Header, raw []byte, sc *con
 		seg.Free()
 		return readerNext
 	}
-	dst.kick()
+	s.flush(dst, src)
 	return readerNext
 }
 
@@ -276,7 +278,7 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 	err := dst.queue().Push(seg)
 	switch err {
 	case nil:
-		dst.kick()
+		s.flush(dst, src)
 		if follow == 0 {
 			return readerNext
 		}

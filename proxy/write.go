@@ -3,7 +3,9 @@ package proxy
 import (
 	"net"
 	"sync"
+	"syscall"
 	"time"
+	"unsafe"
 
 	"sluice/limiter"
 )
@@ -11,72 +13,130 @@ import (
 // batchBytes bounds one writev.
 const batchBytes = 256 << 10
 
-func (s *session) clientWriter()   { defer s.exit(); s.write(&s.client, &s.upstream) }
-func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.client) }
+func (s *session) clientWriter()   { defer s.exit(); s.write(&s.client, &s.upstream, nil) }
+func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.client, nil) }
 
-// write is the only goroutine that writes to dst's socket while it runs.
-// It takes batches from dst's queue, control frames first, and writes each
-// batch with one writev under a deadline; it ends when the queue is empty
-// (the next push starts another: leg.kick) and after a close frame.
-func (s *session) write(dst, src *leg) {
-	var batch [maxBatch]*limiter.Segment
-	timeout := s.srv.opts.WriteTimeout
+// flush is how a reader that has just queued a frame for dst gets it
+// written. When no writer runs it writes dst's queue itself, without
+// waiting: one non-blocking writev from the goroutine that is already
+// awake, which is how a socket with room (nearly always) gets its frame.
+// Only what the socket does not take at once, a close or a spliced payload
+// go to a writer goroutine (write), and a writer that runs already will
+// take the frame anyway. Starting a goroutine per frame had cost sluice a
+// fifth of its CPU in the broadcast load, in goroutine starts, stack
+// growth and scheduler hand-offs.
+func (s *session) flush(dst, src *leg) {
+	raw := dst.rd.RawConn()
+	if raw == nil {
+		dst.kick() // TLS: the record layer needs its own writes
+		return
+	}
+	if !dst.writing.CompareAndSwap(false, true) {
+		return
+	}
+	b := getBatch()
 	for {
-		segs, err := dst.queue().Take(batch[:0], batchBytes)
+		segs, err := dst.queue().Take(b.segs[:0], batchBytes)
 		if err == limiter.ErrIdle {
-			// Stopped: unless something came after Take looked and its
-			// pusher saw this writer still running, in which case this
-			// writer goes on (the pusher's kick found writing set).
 			dst.writing.Store(false)
 			if dst.queue().Pending() && dst.writing.CompareAndSwap(false, true) {
 				continue
 			}
+			putBatch(b)
 			return
 		}
 		if err != nil {
+			putBatch(b) // closed: writing stays set, as the writer leaves it
 			return
 		}
-		iov := iovecPool.Get().(*iovecs)
-		for i, seg := range segs {
-			iov.bufs[i] = seg.Bytes()
-		}
-		iov.nb = iov.bufs[:len(segs)]
+		b.n, b.off = len(segs), 0
 		last := segs[len(segs)-1]
-		deadline := timeout
-		if last.Close && onlyControl(segs) {
-			// A close with no data before it is best effort: a slow
-			// client's window may be shut for good.
-			deadline = min(timeout, closeWriteTimeout)
-		}
-		dst.conn.SetWriteDeadline(time.Now().Add(deadline))
-		_, err = iov.nb.WriteTo(dst.conn)
-		iov.bufs = [maxBatch][]byte{}
-		iovecPool.Put(iov)
-		if err == nil && last.Follow > 0 {
-			err = s.stream(dst, src, last.Follow)
-			dst.streamDone <- err
-		} else if last.Follow > 0 {
-			dst.streamDone <- err
-		}
-		closed := last.Close
-		for i, seg := range segs {
-			seg.Free()
-			batch[i] = nil
-		}
-		if err != nil {
-			s.writeFailed(dst, err)
-			return
-		}
-		if closed {
-			if !dst.upstream {
-				// Nothing follows a close frame: FIN tells the client
-				// so, and it closes its side (close.go).
-				halfClose(dst.conn)
+		if !last.Close && last.Follow == 0 {
+			b.off = b.writeNow(raw)
+			if b.off == b.size() {
+				b.free()
+				continue
 			}
-			s.closeWritten(dst)
+		}
+		// The rest waits for the socket in a goroutine of its own, which
+		// counts as the session's like any writer (the calling reader's
+		// count keeps the session from finishing before enter).
+		s.enter()
+		b.s, b.dst, b.src = s, dst, src
+		go b.carry()
+		return
+	}
+}
+
+// write is the only goroutine that writes to dst's socket while it runs.
+// It finishes b, a batch flush could not, if any, then takes batches from
+// dst's queue, control frames first, and writes each with one writev
+// under a deadline; it ends when the queue is empty (the next push starts
+// another writer: leg.kick, flush) and after a close frame.
+func (s *session) write(dst, src *leg, b *outBatch) {
+	if b == nil {
+		b = getBatch()
+	}
+	defer putBatch(b)
+	for {
+		if b.n == 0 {
+			segs, err := dst.queue().Take(b.segs[:0], batchBytes)
+			if err == limiter.ErrIdle {
+				// Stopped: unless something came after Take looked and its
+				// pusher saw this writer still running, in which case this
+				// writer goes on (the pusher's kick found writing set).
+				dst.writing.Store(false)
+				if dst.queue().Pending() && dst.writing.CompareAndSwap(false, true) {
+					continue
+				}
+				return
+			}
+			if err != nil {
+				return
+			}
+			b.n, b.off = len(segs), 0
+		}
+		if !s.writeBatch(dst, src, b) {
 			return
 		}
 	}
+}
+
+// writeBatch writes what is left of b to dst under a deadline, then splices
+// a following payload, and reports whether the writer goes on.
+func (s *session) writeBatch(dst, src *leg, b *outBatch) bool {
+	segs := b.segs[:b.n]
+	last := segs[len(segs)-1]
+	deadline := s.srv.opts.WriteTimeout
+	if last.Close && onlyControl(segs) {
+		// A close with no data before it is best effort: a slow client's
+		// window may be shut for good.
+		deadline = min(deadline, closeWriteTimeout)
+	}
+	dst.conn.SetWriteDeadline(time.Now().Add(deadline))
+	_, err := b.buffers().WriteTo(dst.conn)
+	if err == nil && last.Follow > 0 {
+		err = s.stream(dst, src, last.Follow)
+		dst.streamDone <- err
+	} else if last.Follow > 0 {
+		dst.streamDone <- err
+	}
+	closed := last.Close
+	b.free()
+	if err != nil {
+		s.writeFailed(dst, err)
+		return false
+	}
+	if closed {
+		if !dst.upstream {
+			// Nothing follows a close frame: FIN tells the client so, and
+			// it closes its side (close.go).
+			halfClose(dst.conn)
+		}
+		s.closeWritten(dst)
+		return false
+	}
+	return true
 }
 
 // streamChunk is how much of a streamed payload one write deadline
@@ -101,14 +161,124 @@ func (s *session) stream(dst, src *leg, n int64) error {
 // maxBatch bounds the frames in one writev.
 const maxBatch = 64
 
-// iovecs is a writer's scratch for one writev, pooled so that an idle
-// writer holds none.
-type iovecs struct {
+// outBatch is one batch of segments taken from a queue and the scratch to
+// write it, pooled, so that a leg that is not writing holds none. Its
+// callbacks are made once per pooled batch: a closure per write would
+// allocate.
+type outBatch struct {
+	segs [maxBatch]*limiter.Segment
+	n    int // segs in use
+	off  int // bytes of them already written
 	bufs [maxBatch][]byte
 	nb   net.Buffers
+
+	// writeNow's writev, inside RawConn.Write.
+	vec    [maxBatch]syscall.Iovec
+	nvec   int
+	wrote  int
+	writev func(fd uintptr) bool
+
+	// A batch flush hands to a writer goroutine (carry).
+	s        *session
+	dst, src *leg
+	carry    func()
 }
 
-var iovecPool = sync.Pool{New: func() any { return new(iovecs) }}
+var batchPool sync.Pool
+
+func getBatch() *outBatch {
+	if b, _ := batchPool.Get().(*outBatch); b != nil {
+		return b
+	}
+	b := new(outBatch)
+	b.writev = b.writevOnce
+	b.carry = b.carryOn
+	return b
+}
+
+func putBatch(b *outBatch) {
+	b.bufs = [maxBatch][]byte{}
+	b.nb = nil
+	b.s, b.dst, b.src = nil, nil, nil
+	batchPool.Put(b)
+}
+
+// carryOn is the writer goroutine flush starts for a batch it could not
+// finish.
+func (b *outBatch) carryOn() {
+	s, dst, src := b.s, b.dst, b.src
+	b.s, b.dst, b.src = nil, nil, nil
+	defer s.exit()
+	s.write(dst, src, b)
+}
+
+func (b *outBatch) size() int {
+	n := 0
+	for _, seg := range b.segs[:b.n] {
+		n += len(seg.Bytes())
+	}
+	return n
+}
+
+// buffers is what is left to write of the batch, as net.Buffers.
+func (b *outBatch) buffers() *net.Buffers {
+	skip := b.off
+	k := 0
+	for _, seg := range b.segs[:b.n] {
+		p := seg.Bytes()
+		if skip >= len(p) {
+			skip -= len(p)
+			continue
+		}
+		b.bufs[k] = p[skip:]
+		skip = 0
+		k++
+	}
+	b.nb = b.bufs[:k]
+	return &b.nb
+}
+
+// free returns the batch's segments to their pool; the batch is empty.
+func (b *outBatch) free() {
+	for i, seg := range b.segs[:b.n] {
+		seg.Free()
+		b.segs[i] = nil
+	}
+	b.n, b.off = 0, 0
+}
+
+// writeNow writes as much of the batch as the socket takes without
+// waiting and returns how many bytes that was: all of them, fewer when
+// the socket's buffer is full, 0 on an error (the writer goroutine meets
+// it again and reports it) or a passed write deadline.
+func (b *outBatch) writeNow(raw syscall.RawConn) int {
+	b.nvec = 0
+	for _, seg := range b.segs[:b.n] {
+		p := seg.Bytes()
+		b.vec[b.nvec].Base = &p[0]
+		b.vec[b.nvec].SetLen(len(p))
+		b.nvec++
+	}
+	b.wrote = 0
+	raw.Write(b.writev)
+	b.vec = [maxBatch]syscall.Iovec{}
+	return b.wrote
+}
+
+// writevOnce is RawConn.Write's callback for writeNow: one writev, and
+// never a wait for the socket to become writable.
+func (b *outBatch) writevOnce(fd uintptr) bool {
+	for {
+		n, _, errno := syscall.Syscall(syscall.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&b.vec[0])), uintptr(b.nvec))
+		if errno == syscall.EINTR {
+			continue
+		}
+		if errno == 0 {
+			b.wrote = int(n)
+		}
+		return true
+	}
+}
 
 // closeWriteTimeout bounds the write of a close frame that no data
 // precedes (evictions, protocol errors).
