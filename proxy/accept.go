@@ -65,15 +65,25 @@ func (s *Server) Serve(ln net.Listener) error {
 		// Counted before the goroutine starts, so that Shutdown, once the
 		// listener is closed, waits for every handshake it could miss.
 		s.handshakeBegin(c)
-		go s.handshake(c)
+		go s.serveConn(c)
 	}
 }
 
-// handshake is the goroutine of one accepted connection until its session
-// starts or it is refused.
-func (s *Server) handshake(c net.Conn) {
+// serveConn is the goroutine of one accepted connection: its handshake,
+// then, once it is a session, its client's first reader. The client's
+// first frame (a short session's close) then needs no goroutine, no epoll
+// registration and no wake-up of its own, and the reader inherits the
+// stack the handshake has grown.
+func (s *Server) serveConn(c net.Conn) {
+	if ss := s.handshake(c); ss != nil {
+		ss.clientReader()
+	}
+}
+
+// handshake reads and answers the request of an accepted connection and
+// returns its session, or nil when it is refused.
+func (s *Server) handshake(c net.Conn) (ss *session) {
 	defer s.handshakeDone(c)
-	handedOff := false
 	defer func() {
 		if p := recover(); p != nil {
 			// net/http recovered a handler's panic; so does sluice, with
@@ -81,7 +91,7 @@ func (s *Server) handshake(c net.Conn) {
 			s.log.Error().Str("client", c.RemoteAddr().String()).Interface("panic", p).
 				Bytes("stack", debug.Stack()).Msg("panic in client handshake")
 		}
-		if !handedOff {
+		if ss == nil {
 			c.Close()
 		}
 	}()
@@ -95,7 +105,7 @@ func (s *Server) handshake(c net.Conn) {
 			// Scanners and wrong ports: a debug line, as net/http's
 			// ErrorLog gave.
 			s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("TLS handshake failed")
-			return
+			return nil
 		}
 		r.tls = true
 	}
@@ -105,19 +115,19 @@ func (s *Server) handshake(c net.Conn) {
 		s.metrics.rejected.WithLabelValues("header_too_large").Inc()
 		writeBadRequest(c, http.StatusRequestHeaderFieldsTooLarge)
 		closeWriteAndWait(c)
-		return
+		return nil
 	case errors.Is(err, errMalformed):
 		s.metrics.rejected.WithLabelValues("malformed").Inc()
 		writeBadRequest(c, http.StatusBadRequest)
-		return
+		return nil
 	case err != nil:
 		// Timeout, or gone before a whole request: nothing to answer.
 		if !errors.Is(err, io.EOF) {
 			s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("client request not read")
 		}
-		return
+		return nil
 	}
-	handedOff = s.upgrade(c, r, pending, began)
+	return s.upgrade(c, r, pending, began)
 }
 
 // closeWriteAndWait ends a refusal sent before the client's request was
@@ -134,23 +144,24 @@ func closeWriteAndWait(c net.Conn) {
 
 // upgrade answers the request r read from c, with pending the bytes that
 // followed it: dial the upstream first, then answer the client from the
-// upstream's answer, then hand both connections to a session. It reports
-// whether the session took c; if not, the caller closes it.
-func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time) bool {
+// upstream's answer, then hand both connections to a session. It returns
+// the session, whose client reader the caller starts, or nil, and then the
+// caller closes c.
+func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time) *session {
 	if status, msg := checkUpgrade(r); status != 0 {
 		s.reject(c, status, "bad_request", msg, 0)
-		return false
+		return nil
 	}
 	if s.closing.Load() {
 		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
-		return false
+		return nil
 	}
 	// Admission control (admission.go): origin, connection limits and
 	// handshake rate, all before anything is dialled.
 	cl := s.adm.clientOf(r)
 	slot, ok := s.admit(c, r, cl)
 	if !ok {
-		return false
+		return nil
 	}
 	defer slot.release() // a no-op once the session has the slot
 	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
@@ -179,7 +190,7 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
 	if err != nil {
 		s.dialFailed(c, target, err, u.rej)
-		return false
+		return nil
 	}
 	key, _ := r.one("Sec-Websocket-Key")
 	if err := write101(c, key, hs, u.cookies); err != nil {
@@ -190,7 +201,7 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 		}
 		s.metrics.rejected.WithLabelValues("client_handshake").Inc()
 		s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("client upgrade failed")
-		return false
+		return nil
 	}
 	c.SetDeadline(time.Time{})
 	if s.opts.ClientWriteBuffer > 0 {
@@ -206,11 +217,11 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 	slot.handOff() // released by forget, from the session's client address
 	// The frame readers copy both pendings: the buffers they are in may be
 	// recycled once startSession returns.
-	s.startSession(c, pending, upConn, upstreamPending, cl.addr, target, hs.Protocol, ext)
+	ss := s.startSession(c, pending, upConn, upstreamPending, cl.addr, target, hs.Protocol, ext)
 	if upBuf != nil {
 		ws.PutReader(upBuf)
 	}
-	return true
+	return ss
 }
 
 // ServeHTTP lets sluice be embedded in an http.Server: the request that
@@ -239,7 +250,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 		pending, _ = rw.Reader.Peek(n)
 	}
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
-	if !s.upgrade(c, r, pending, began) {
+	if ss := s.upgrade(c, r, pending, began); ss != nil {
+		ss.client.startReading() // net/http's goroutine is not ours to keep
+	} else {
 		c.Close()
 	}
 }

@@ -223,6 +223,7 @@ func benchIdleSessions(b *testing.B, opts Options) {
 		ups = append(ups, <-backend.conns)
 	}
 	waitSessions(b, srv, n)
+	waitParked(b, srv, 2*n)
 	withSessions, stackSessions := goMemoryParts()
 	if heapProfile != "" {
 		f, err := os.Create(heapProfile)

@@ -164,3 +164,26 @@ func waitSessions(t testing.TB, srv *Server, want int) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// waitParked waits until want legs have parked in srv's epoll set at least
+// once: a new session's client reader waits out idleGrace in the
+// handshake's goroutine before it parks.
+func waitParked(t testing.TB, srv *Server, want int) {
+	t.Helper()
+	if srv.idle == nil {
+		return
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		srv.idle.mu.Lock()
+		n := len(srv.idle.legs)
+		srv.idle.mu.Unlock()
+		if n >= want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d legs parked, want %d", n, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

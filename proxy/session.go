@@ -182,7 +182,10 @@ type session struct {
 	cause   cause        // why sluice ended the session, if it did; guarded by mu
 }
 
-func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn net.Conn, upPending []byte, clientAddr, target, protocol string, ext frame.Extension) {
+// startSession makes the session of an upgraded pair and starts its
+// upstream reader; the caller runs or starts the client's (clientReader,
+// startReading).
+func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn net.Conn, upPending []byte, clientAddr, target, protocol string, ext frame.Extension) *session {
 	ss := &session{
 		srv:        s,
 		id:         s.nextID.Add(1),
@@ -232,8 +235,8 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 		// Shutdown may have listed the sessions before this one joined.
 		ss.goAway()
 	}
-	ss.client.startReading()
 	ss.upstream.startReading()
+	return ss
 }
 
 // age is how long the session has run.
