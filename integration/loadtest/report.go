@@ -144,7 +144,7 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
 		c.clients, c.slow*100, c.slowRcv, c.slowMSS, c.slowAfter, c.size, c.rate, c.duration, rounds(r), backend)
 	t := table{header: []string{"target", "clients", "slow", "backend sent msgs/s", "msgs/s per fast client", "fast p50 ms", "fast p99 ms", "fast max ms",
 		"fast gaps", "fast closed", "slow clients ended", "target peak RSS MiB", "target CPU s", "backend peak RSS MiB", "backend CPU s",
-		"harness CPU s", "backend peak per-client backlog", "backend peak queued", "sluice peak queued", "sluice evictions", "sluice dropped msgs",
+		"harness CPU s", "target CPU µs/msg", "all CPU µs/msg", "backend peak per-client backlog", "backend peak queued", "sluice peak queued", "sluice evictions", "sluice dropped msgs",
 		"TCP mem peak MiB", "TCP mem end MiB", "TCP orphans peak", "TCP orphans end"}}
 	for i, rs := range res {
 		if len(rs) == 0 {
@@ -169,6 +169,8 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
 			mib(f(func(x broadcastResult) float64 { return float64(x.BackendPeakRSS) })),
 			num(f(func(x broadcastResult) float64 { return x.BackendCPU }), 2),
 			num(f(func(x broadcastResult) float64 { return x.HarnessCPU }), 2),
+			onlyIf(kind != kindDirect, num(f(func(x broadcastResult) float64 { return perMessage(x, x.TargetCPU) }), 1)),
+			num(f(func(x broadcastResult) float64 { return perMessage(x, x.TargetCPU+x.BackendCPU+x.HarnessCPU) }), 1),
 			backlog(c, rs),
 			size(f(func(x broadcastResult) float64 { return float64(x.Backend.PeakQueuedBytes) })),
 			onlyIf(sluice, size(f(func(x broadcastResult) float64 { return x.SluicePeakQueued }))),
@@ -191,6 +193,12 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
   the window: the close code received, eof (no close frame), rst (reset) or open.
 - CPU: user+system seconds of each process group during the window (harness: the clients, which
   share the CPUs with everything else). Peak RSS: the highest sample (every 200 ms), or VmHWM.
+- CPU µs/msg: CPU per message delivered to a fast client, the fair figure when targets deliver
+  different rates (a -serialise backend slows to what the slowest socket takes). target: the
+  proxy's own; all: target, backend and harness together. On loopback the kernel's work for a
+  packet (the receiver's TCP processing, waking it) is charged to whichever process sent it or
+  read it and so opened a window, so how a proxy sizes its reads and writes moves CPU between it
+  and its peers; the sum is the figure no such attribution changes.
 - backend backlog: bytes (messages) queued or being written for one connection; queued: all
   connections together. sluice peak queued: sluice_queued_bytes, sampled every 200 ms.
 - TCP mem: the kernel's TCP socket memory of the whole machine (/proc/net/sockstat "mem", pages
@@ -200,6 +208,15 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
   by orphans). TCP orphans: sockets closed by their process but still holding unsent data
   (absolute count, machine-wide), highest sampled and at the end of -close-wait.
 `)
+}
+
+// perMessage is cpu seconds in microseconds per message delivered to a
+// fast client during the window.
+func perMessage(x broadcastResult, cpu float64) float64 {
+	if x.FastReceived == 0 {
+		return 0
+	}
+	return cpu * 1e6 / float64(x.FastReceived)
 }
 
 // backlog formats the backend's peak per-client backlog in bytes and
