@@ -90,7 +90,7 @@ func (s *session) queueClose(l *leg, seg *limiter.Segment, code ws.StatusCode, f
 		seg.Free()
 		return
 	}
-	l.kick()
+	l.flushWanted = true
 	l.closeQueued = true
 	l.sentCode = code
 	s.armCloseTimerLocked()
@@ -112,7 +112,7 @@ func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool
 		if first {
 			// Let the queued close overtake the data.
 			l.queue().Expedite()
-			l.kick()
+			l.flushWanted = true
 		}
 		return
 	}
@@ -245,14 +245,20 @@ func (s *session) doom(l *leg, reset bool) {
 }
 
 // unlock lets go of s.mu, then closes the sockets doomed meanwhile, and
-// wakes their parked readers to find them closed and end.
+// wakes their parked readers to find them closed and end; then it writes
+// the close frames queued meanwhile (flush), which nothing may do under
+// s.mu: a close written whole is acknowledged under it (closeWritten).
 func (s *session) unlock() {
-	var close [2]*leg
+	var close, flush [2]*leg
 	var reset [2]bool
 	for i, l := range []*leg{&s.client, &s.upstream} {
 		if l.doomed && !l.connClosed {
 			l.connClosed = true
 			close[i], reset[i] = l, l.resetOnClose
+		}
+		if l.flushWanted {
+			l.flushWanted = false
+			flush[i] = l
 		}
 	}
 	s.mu.Unlock()
@@ -265,6 +271,12 @@ func (s *session) unlock() {
 		}
 		l.conn.Close()
 		l.wake()
+	}
+	if flush[0] != nil {
+		s.flush(&s.client, &s.upstream)
+	}
+	if flush[1] != nil {
+		s.flush(&s.upstream, &s.client)
 	}
 }
 

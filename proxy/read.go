@@ -19,7 +19,7 @@ package proxy
 //     make the reader wait (pause). Unless a writer runs, the reader then
 //     writes the other leg's queue itself with one non-blocking writev
 //     (flush, write.go), and starts a writer goroutine only for what the
-//     socket does not take at once, a close, or a streamed payload.
+//     socket does not take at once or a streamed payload.
 //  6. A writer takes a batch, control frames first, and writes it with
 //     one writev under a deadline; a Follow segment's payload is then
 //     spliced from the reader's socket (stream), and the reader, which

@@ -71,6 +71,7 @@ type leg struct {
 
 	// Close state (close.go), guarded by s.mu.
 	closeQueued  bool // a close frame toward this leg is queued or written
+	flushWanted  bool // ... queued or moved ahead under s.mu: unlock writes it
 	closeSent    bool // ... and written
 	closeRcvd    bool // this leg's peer sent a close frame
 	noReply      bool // this leg broke the protocol or does not read: its close is not awaited

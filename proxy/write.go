@@ -20,9 +20,9 @@ func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.cli
 // written. When no writer runs it writes dst's queue itself, without
 // waiting: one non-blocking writev from the goroutine that is already
 // awake, which is how a socket with room (nearly always) gets its frame.
-// Only what the socket does not take at once, a close or a spliced payload
-// go to a writer goroutine (write), and a writer that runs already will
-// take the frame anyway. Starting a goroutine per frame had cost sluice a
+// Only what the socket does not take at once and a spliced payload go to a
+// writer goroutine (write), and a writer that runs already will take the
+// frame anyway. Close frames queued under s.mu are flushed by unlock. Starting a goroutine per frame had cost sluice a
 // fifth of its CPU in the broadcast load, in goroutine starts, stack
 // growth and scheduler hand-offs.
 func (s *session) flush(dst, src *leg) {
@@ -51,17 +51,26 @@ func (s *session) flush(dst, src *leg) {
 		}
 		b.n, b.off = len(segs), 0
 		last := segs[len(segs)-1]
-		if !last.Close && last.Follow == 0 {
+		if last.Follow == 0 {
 			b.off = b.writeNow(raw)
 			if b.off == b.size() {
+				closed := last.Close
 				b.free()
-				continue
+				if !closed {
+					continue
+				}
+				putBatch(b)
+				s.closeSent(dst) // writing stays set: nothing follows a close
+				return
 			}
 		}
 		// The rest waits for the socket in a goroutine of its own, which
-		// counts as the session's like any writer (the calling reader's
-		// count keeps the session from finishing before enter).
-		s.enter()
+		// counts as the session's like any writer.
+		if !s.enter() {
+			b.free() // the session has finished: its sockets are closed
+			putBatch(b)
+			return
+		}
 		b.s, b.dst, b.src = s, dst, src
 		go b.carry()
 		return
@@ -128,15 +137,20 @@ func (s *session) writeBatch(dst, src *leg, b *outBatch) bool {
 		return false
 	}
 	if closed {
-		if !dst.upstream {
-			// Nothing follows a close frame: FIN tells the client so, and
-			// it closes its side (close.go).
-			halfClose(dst.conn)
-		}
-		s.closeWritten(dst)
+		s.closeSent(dst)
 		return false
 	}
 	return true
+}
+
+// closeSent: dst's close frame is on the wire.
+func (s *session) closeSent(dst *leg) {
+	if !dst.upstream {
+		// Nothing follows a close frame: FIN tells the client so, and it
+		// closes its side (close.go).
+		halfClose(dst.conn)
+	}
+	s.closeWritten(dst)
 }
 
 // streamChunk is how much of a streamed payload one write deadline
