@@ -192,12 +192,15 @@ func FuzzReadFrames(f *testing.F) {
 		if err == nil {
 			t.Fatal("the stream ended without an error")
 		}
-		if n := largeAllocs() - large; n > 0 {
-			t.Fatalf("%d allocations over 32 KiB for %d bytes of input", n, len(data))
+		// The runtime counts the Reader's 32 KiB read buffer, when the
+		// pool has none to give, in its last (large) bucket; a second
+		// large allocation would be one sized by a header.
+		if n := largeAllocs() - large; n > 1 {
+			t.Fatalf("%d allocations of 32 KiB or more for %d bytes of input", n, len(data))
 		}
 		// The Reader, a pooled buffer or two and a little per frame:
 		// nothing that grows with the lengths in the headers.
-		bound := uint64(64<<10 + 64*len(data))
+		bound := uint64(96<<10 + 64*len(data))
 		if got := totalAlloc() - total; got > bound {
 			t.Fatalf("allocated %d bytes for %d bytes of input (bound %d)", got, len(data), bound)
 		}
