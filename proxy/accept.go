@@ -76,7 +76,7 @@ func (s *Server) Serve(ln net.Listener) error {
 // stack the handshake has grown.
 func (s *Server) serveConn(c net.Conn) {
 	if ss := s.handshake(c); ss != nil {
-		ss.clientReader()
+		ss.firstClientReader()
 	}
 }
 

@@ -1,16 +1,18 @@
-// Command epollrelay is gorelay without Go's net package: descriptors
+// Command epollrelay is gotunnel without Go's net package: descriptors
 // owned directly, non-blocking accept, connect, read and write on one epoll
-// set per thread (two, as HAProxy's two threads here), no goroutine per
-// connection. It parses nothing either, so beside gorelay it measures what
-// owning the descriptors would save sluice per upgrade, and beside HAProxy
-// what is left:
+// set per CPU (HAProxy runs a thread per CPU here), no goroutine per
+// connection, and, as HAProxy, no read that can only fail: a short read
+// means the socket is empty, and the next bytes are a new edge. The epoll
+// sets are waited on through Go's netpoller, as sluice's idle poller is.
+// It parses nothing either, so beside gotunnel it measures what owning the
+// descriptors would save sluice per upgrade, and beside HAProxy what Go's
+// runtime still costs:
 //
-//	go build -o /tmp/epollrelay ./integration/loadtest/peers/epollrelay
-//	go run ./integration/loadtest -mode handshakes -compare 'cmd:exec /tmp/epollrelay,cmd:exec /tmp/gorelay,cmd:sh integration/loadtest/peers/haproxy.sh'
+//	go run ./integration/loadtest -mode handshakes -compare 'cmd:sh integration/loadtest/peers/epollrelay.sh,cmd:sh integration/loadtest/peers/gotunnel.sh,cmd:sh integration/loadtest/peers/haproxy.sh'
 //
 // It listens on $PROXY_LISTEN and dials $BACKEND_ADDR, as every cmd target.
 // A measuring tool, not a proxy: it holds at most relayBuf bytes per
-// direction and assumes IPv4.
+// direction and speaks IPv4 only.
 package main
 
 import (
