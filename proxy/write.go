@@ -22,9 +22,10 @@ func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.cli
 // awake, which is how a socket with room (nearly always) gets its frame.
 // Only what the socket does not take at once and a spliced payload go to a
 // writer goroutine (write), and a writer that runs already will take the
-// frame anyway. Close frames queued under s.mu are flushed by unlock. Starting a goroutine per frame had cost sluice a
-// fifth of its CPU in the broadcast load, in goroutine starts, stack
-// growth and scheduler hand-offs.
+// frame anyway. Close frames queued under s.mu are flushed by unlock.
+// Starting a goroutine per frame had cost sluice a fifth of its CPU in the
+// broadcast load, in goroutine starts, stack growth and scheduler
+// hand-offs.
 func (s *session) flush(dst, src *leg) {
 	raw := dst.rd.RawConn()
 	if raw == nil {
@@ -35,22 +36,8 @@ func (s *session) flush(dst, src *leg) {
 		return
 	}
 	b := getBatch()
-	for {
-		segs, err := dst.queue().Take(b.segs[:0], batchBytes)
-		if err == limiter.ErrIdle {
-			dst.writing.Store(false)
-			if dst.queue().Pending() && dst.writing.CompareAndSwap(false, true) {
-				continue
-			}
-			putBatch(b)
-			return
-		}
-		if err != nil {
-			putBatch(b) // closed: writing stays set, as the writer leaves it
-			return
-		}
-		b.n, b.off = len(segs), 0
-		last := segs[len(segs)-1]
+	for b.take(dst) {
+		last := b.segs[b.n-1]
 		if last.Follow == 0 {
 			b.off = b.writeNow(raw)
 			if b.off == b.size() {
@@ -75,6 +62,7 @@ func (s *session) flush(dst, src *leg) {
 		go b.carry()
 		return
 	}
+	putBatch(b)
 }
 
 // write is the only goroutine that writes to dst's socket while it runs.
@@ -88,26 +76,35 @@ func (s *session) write(dst, src *leg, b *outBatch) {
 	}
 	defer putBatch(b)
 	for {
-		if b.n == 0 {
-			segs, err := dst.queue().Take(b.segs[:0], batchBytes)
-			if err == limiter.ErrIdle {
-				// Stopped: unless something came after Take looked and its
-				// pusher saw this writer still running, in which case this
-				// writer goes on (the pusher's kick found writing set).
-				dst.writing.Store(false)
-				if dst.queue().Pending() && dst.writing.CompareAndSwap(false, true) {
-					continue
-				}
-				return
-			}
-			if err != nil {
-				return
-			}
-			b.n, b.off = len(segs), 0
+		if b.n == 0 && !b.take(dst) {
+			return
 		}
 		if !s.writeBatch(dst, src, b) {
 			return
 		}
+	}
+}
+
+// take fills b with a batch from dst's queue, control frames first, and
+// reports whether there is one to write. When the queue is empty the
+// writer stops (writing is let go), unless something came after Take
+// looked and its pusher saw this writer still running (its kick or flush
+// found writing set): then the writer goes on. A closed queue stops the
+// writer for good, writing still set.
+func (b *outBatch) take(dst *leg) bool {
+	for {
+		segs, err := dst.queue().Take(b.segs[:0], batchBytes)
+		switch err {
+		case nil:
+			b.n, b.off = len(segs), 0
+			return true
+		case limiter.ErrIdle:
+			dst.writing.Store(false)
+			if dst.queue().Pending() && dst.writing.CompareAndSwap(false, true) {
+				continue
+			}
+		}
+		return false
 	}
 }
 
