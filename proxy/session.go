@@ -125,6 +125,14 @@ func (l *leg) name() string {
 	return "client"
 }
 
+// peer is the session's other leg.
+func (l *leg) peer() *leg {
+	if l.upstream {
+		return &l.s.client
+	}
+	return &l.s.upstream
+}
+
 // finished: nothing more is expected on this leg. Callers hold s.mu.
 func (l *leg) finished() bool {
 	return l.dead || (l.closeSent && (l.closeRcvd || l.noReply))
@@ -138,7 +146,10 @@ func (l *leg) SendPing(payload []byte) {
 		seg.Free() // closing, or the last ping is still unwritten
 		return
 	}
-	l.kick()
+	// Written from the keepalive's timer goroutine, as a reader writes
+	// what it queues: a writer goroutine per ping was one goroutine start
+	// per connection per interval.
+	l.s.flush(l, l.peer())
 	if l.upstream {
 		l.s.srv.metrics.upstreamPingsSent.Inc()
 	} else {
