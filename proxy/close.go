@@ -129,6 +129,11 @@ func (s *session) armCloseTimerLocked() {
 func (s *session) closeWritten(dst *leg) {
 	s.mu.Lock()
 	defer s.unlock()
+	if s.aborted {
+		// Written by a flush from an uncounted goroutine (a timer, the
+		// guard) after the session finished: nothing is left to count.
+		return
+	}
 	dst.closeSent = true
 	s.srv.metrics.closeCode(dst.upstream, true, dst.sentCode).Inc()
 	if dst.draining && dst.closeRcvd {

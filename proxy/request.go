@@ -17,7 +17,7 @@ import (
 
 // headReadSize bounds one read of the request head. Whatever follows the
 // head in the last read is the client's first frames (clientPending),
-// which must fit the frame reader's buffer (frame: 8 KiB).
+// which must fit the frame reader's buffer (frame: 32 KiB).
 const headReadSize = 4096
 
 // Errors of readRequest. The first two are answered; the others close the

@@ -1,7 +1,9 @@
 package proxy
 
 import (
+	"errors"
 	"net"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -39,7 +41,7 @@ func (s *session) flush(dst, src *leg) {
 	for b.take(dst) {
 		last := b.segs[b.n-1]
 		if last.Follow == 0 {
-			b.off = b.writeNow(raw)
+			b.off = b.writeNow(raw, dst.conn)
 			if b.off == b.size() {
 				closed := last.Close
 				b.free()
@@ -54,7 +56,15 @@ func (s *session) flush(dst, src *leg) {
 		// The rest waits for the socket in a goroutine of its own, which
 		// counts as the session's like any writer.
 		if !s.enter() {
-			b.free() // the session has finished: its sockets are closed
+			// The session has finished: its sockets are closed. A spliced
+			// frame's reader is told, as Queue.Close tells it.
+			if last.Follow > 0 && last.Discarded != nil {
+				select {
+				case last.Discarded <- limiter.ErrClosed:
+				default:
+				}
+			}
+			b.free()
 			putBatch(b)
 			return
 		}
@@ -261,8 +271,8 @@ func (b *outBatch) free() {
 // writeNow writes as much of the batch as the socket takes without
 // waiting and returns how many bytes that was: all of them, fewer when
 // the socket's buffer is full, 0 on an error (the writer goroutine meets
-// it again and reports it) or a passed write deadline.
-func (b *outBatch) writeNow(raw syscall.RawConn) int {
+// it again and reports it).
+func (b *outBatch) writeNow(raw syscall.RawConn, conn net.Conn) int {
 	b.nvec = 0
 	for _, seg := range b.segs[:b.n] {
 		p := seg.Bytes()
@@ -271,7 +281,14 @@ func (b *outBatch) writeNow(raw syscall.RawConn) int {
 		b.nvec++
 	}
 	b.wrote = 0
-	raw.Write(b.writev)
+	if err := raw.Write(b.writev); errors.Is(err, os.ErrDeadlineExceeded) {
+		// A writer goroutine's deadline, passed since: RawConn.Write
+		// refuses before writing, and every flush on this leg would start
+		// a goroutine until the next one set a fresh deadline. A write
+		// that never waits needs none; the caller holds writing.
+		conn.SetWriteDeadline(time.Time{})
+		raw.Write(b.writev)
+	}
 	b.vec = [maxBatch]syscall.Iovec{}
 	return b.wrote
 }
