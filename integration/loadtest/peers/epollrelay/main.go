@@ -8,7 +8,7 @@
 // descriptors would save sluice per upgrade, and beside HAProxy what Go's
 // runtime still costs:
 //
-//	go run ./integration/loadtest -mode handshakes -compare 'cmd:sh integration/loadtest/peers/epollrelay.sh,cmd:sh integration/loadtest/peers/gotunnel.sh,cmd:sh integration/loadtest/peers/haproxy.sh'
+//	go run ./integration/loadtest -mode handshakes -compare 'cmd:sh integration/loadtest/peers/go.sh epollrelay,cmd:sh integration/loadtest/peers/go.sh gotunnel,cmd:sh integration/loadtest/peers/haproxy.sh'
 //
 // It listens on $PROXY_LISTEN and dials $BACKEND_ADDR, as every cmd target.
 // A measuring tool, not a proxy: it holds at most relayBuf bytes per

@@ -5,7 +5,7 @@
 // much of sluice's cost per connection is Go's runtime rather than
 // sluice's own work:
 //
-//	go run ./integration/loadtest -mode handshakes -compare 'cmd:sh integration/loadtest/peers/gotunnel.sh,sluice'
+//	go run ./integration/loadtest -mode handshakes -compare 'cmd:sh integration/loadtest/peers/go.sh gotunnel,sluice'
 package main
 
 import (
