@@ -277,11 +277,10 @@ func (s *session) unlock() {
 		l.conn.Close()
 		l.wake()
 	}
-	if flush[0] != nil {
-		s.flush(&s.client, &s.upstream)
-	}
-	if flush[1] != nil {
-		s.flush(&s.upstream, &s.client)
+	for _, l := range flush {
+		if l != nil {
+			s.flush(l, l.peer())
+		}
 	}
 }
 
