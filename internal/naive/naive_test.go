@@ -101,17 +101,8 @@ func TestBroadcast(t *testing.T) {
 
 // TestCloseEchoed checks that a client's close is answered with its code.
 func TestCloseEchoed(t *testing.T) {
-	b, err := New(Config{Size: HeaderLen})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go b.Serve(ln)
-	defer func() { ln.Close(); b.Close() }()
-	c, _, _, err := ws.Dial(context.Background(), "ws://"+ln.Addr().String()+"/")
+	_, url := serveBackend(t, Config{Size: HeaderLen})
+	c, _, _, err := ws.Dial(context.Background(), url)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,17 +130,7 @@ func TestCloseEchoed(t *testing.T) {
 // a fragmented message once, and keeps the busiest connection's count: the
 // demo reads a flooding client's rate from it.
 func TestCountsInbound(t *testing.T) {
-	b, err := New(Config{Size: HeaderLen})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go b.Serve(ln)
-	defer func() { ln.Close(); b.Close() }()
-	url := "ws://" + ln.Addr().String() + "/"
+	b, url := serveBackend(t, Config{Size: HeaderLen})
 	busy, _, _, err := ws.Dial(context.Background(), url)
 	if err != nil {
 		t.Fatal(err)
@@ -193,21 +174,12 @@ func TestCountsInbound(t *testing.T) {
 // checks that each comes back as sent and that the backend counts them by
 // client id, after the connection ends too.
 func TestEcho(t *testing.T) {
-	b, err := New(Config{Size: HeaderLen, Echo: true, Work: 50 * time.Microsecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b, url := serveBackend(t, Config{Size: HeaderLen, Echo: true, Work: 50 * time.Microsecond})
 	if b.Stats().WorkIterations <= 0 {
 		t.Fatalf("work of 50µs calibrated to %d iterations", b.Stats().WorkIterations)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go b.Serve(ln)
-	defer func() { ln.Close(); b.Close() }()
 	for id, n := range map[uint64]int{7: 30, 9: 5} {
-		c, _, _, err := ws.Dial(context.Background(), "ws://"+ln.Addr().String()+"/")
+		c, _, _, err := ws.Dial(context.Background(), url)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -233,4 +205,21 @@ func TestEcho(t *testing.T) {
 	if s.Echoed != 35 || s.PerClient[7] != 30 || s.PerClient[9] != 5 {
 		t.Errorf("echoed %d, per client %v: want 35, 7:30 and 9:5", s.Echoed, s.PerClient)
 	}
+}
+
+// serveBackend starts a backend with cfg on a loopback listener, closed
+// when the test ends, and returns it and its URL.
+func serveBackend(t *testing.T, cfg Config) (*Backend, string) {
+	t.Helper()
+	b, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go b.Serve(ln)
+	t.Cleanup(func() { ln.Close(); b.Close() })
+	return b, "ws://" + ln.Addr().String() + "/"
 }
