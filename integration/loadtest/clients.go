@@ -146,14 +146,7 @@ func (f *fastClient) fastReader(counting *atomic.Bool) {
 	var hdr [headerLen]byte
 	var last uint64
 	for {
-		_, rd, err := f.conn.NextReader()
-		if err == nil {
-			_, err = io.ReadFull(rd, hdr[:])
-		}
-		now := time.Now().UnixNano()
-		if err == nil {
-			_, err = io.Copy(io.Discard, rd)
-		}
+		now, err := readMessageHeader(f.conn, hdr[:])
 		if err != nil {
 			if counting.Load() {
 				f.ended = outcome(err)
@@ -351,3 +344,17 @@ func maxMs(h *latency.Histogram) millis {
 }
 
 func asMillis(d time.Duration) millis { return millis(float64(d.Microseconds()) / 1000) }
+
+// readMessageHeader reads the next message's first len(hdr) bytes into
+// hdr, notes the time they arrived (ns), and discards the rest of it.
+func readMessageHeader(c *websocket.Conn, hdr []byte) (now int64, err error) {
+	_, rd, err := c.NextReader()
+	if err == nil {
+		_, err = io.ReadFull(rd, hdr)
+	}
+	now = time.Now().UnixNano()
+	if err == nil {
+		_, err = io.Copy(io.Discard, rd)
+	}
+	return now, err
+}

@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"math"
 	"slices"
 	"sync"
@@ -129,14 +128,7 @@ func (c *echoClient) inboundReader(counting *atomic.Bool, echoes *atomic.Int64) 
 	defer close(c.readDone)
 	var hdr [echoHeaderLen]byte
 	for {
-		_, rd, err := c.conn.NextReader()
-		if err == nil {
-			_, err = io.ReadFull(rd, hdr[:])
-		}
-		now := time.Now().UnixNano()
-		if err == nil {
-			_, err = io.Copy(io.Discard, rd)
-		}
+		now, err := readMessageHeader(c.conn, hdr[:])
 		if err != nil {
 			if !c.stopped.Load() {
 				c.ended = outcome(err)
