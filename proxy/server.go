@@ -280,26 +280,20 @@ func (s *Server) signalGone() {
 // waitHandshakes waits until no accepted connection is left waiting to
 // become a session, or ctx ends.
 func (s *Server) waitHandshakes(ctx context.Context) error {
-	for {
-		s.mu.Lock()
-		n := len(s.handshakes)
-		s.mu.Unlock()
-		if n == 0 {
-			return nil
-		}
-		select {
-		case <-s.sessionGone:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
+	return s.waitGone(ctx, func() int { return len(s.handshakes) })
 }
 
 // waitSessions waits until no session or upgrade is left, or ctx ends.
 func (s *Server) waitSessions(ctx context.Context) error {
+	return s.waitGone(ctx, func() int { return len(s.sessions) + len(s.handshakes) })
+}
+
+// waitGone waits until left, called under s.mu, is 0, or ctx ends; every
+// session or handshake that goes signals sessionGone.
+func (s *Server) waitGone(ctx context.Context, left func() int) error {
 	for {
 		s.mu.Lock()
-		n := len(s.sessions) + len(s.handshakes)
+		n := left()
 		s.mu.Unlock()
 		if n == 0 {
 			return nil
