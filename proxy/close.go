@@ -180,7 +180,12 @@ func (s *session) lost(src *leg, err error) {
 	}
 	s.noteEnd(src.name() + " lost: " + errString(err))
 	s.unlock()
-	if src.upstream {
+	s.endLost(src)
+}
+
+// endLost ends the session because l's socket is gone.
+func (s *session) endLost(l *leg) {
+	if l.upstream {
 		s.end(causeUpstreamLost, nil)
 	} else {
 		s.end(causeClientLost, nil)
@@ -208,11 +213,7 @@ func (s *session) writeFailed(dst *leg, err error) {
 	s.doom(dst, !dst.upstream)
 	s.noteEnd(dst.name() + " write failed: " + errString(err))
 	s.unlock()
-	if dst.upstream {
-		s.end(causeUpstreamLost, nil)
-	} else {
-		s.end(causeClientLost, nil)
-	}
+	s.endLost(dst)
 }
 
 // abortLocked stops the session; the sockets close in unlock. A client
