@@ -228,7 +228,6 @@ func putBatch(b *outBatch) {
 // finish.
 func (b *outBatch) carryOn() {
 	s, dst, src := b.s, b.dst, b.src
-	b.s, b.dst, b.src = nil, nil, nil
 	defer s.exit()
 	s.write(dst, src, b)
 }

@@ -46,13 +46,12 @@ type loop struct {
 func main() {
 	listen := netip.MustParseAddrPort(os.Getenv("PROXY_LISTEN"))
 	backend := netip.MustParseAddrPort(os.Getenv("BACKEND_ADDR"))
-	done := make(chan struct{})
 	for range runtime.NumCPU() {
 		l := &loop{sides: make(map[int]*side), backend: unix.SockaddrInet4{Port: int(backend.Port()), Addr: backend.Addr().As4()}}
 		l.listen(listen)
 		go l.run()
 	}
-	<-done
+	select {} // the loops run until the harness stops the process
 }
 
 func (l *loop) listen(a netip.AddrPort) {
