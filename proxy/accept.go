@@ -189,6 +189,9 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 	// upgrader gave it.
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
 	if err != nil {
+		// Free the slot before the client reads its 502: a client that
+		// retries at once must find it free.
+		slot.release()
 		s.dialFailed(c, target, err, u.rej)
 		return nil
 	}
