@@ -59,15 +59,18 @@ func (s *session) upstreamReader() { s.read(&s.upstream, &s.client, idleGrace) }
 // firstClientReader is the client's reader in the handshake's goroutine
 // (serveConn). Its first wait is shorter: the goroutine holds the stack
 // the handshake grew (about 10 KiB), and in a burst of new connections
-// (2,600 a second, 9,500 in all) a second's wait for each had RSS at
-// 7.2 KiB per connection once all were connected, against 4.3 when new
-// sessions parked at once. A client's first frame after the 101, or a
-// short session's close, usually comes within the grace.
+// (2,600 a second, 9,500 in all) each such wait holds one stack: with a
+// second's wait RSS was 7.2 KiB per connection once all were connected,
+// 4.8 with 250 ms and 4.4 with 50 ms (HAProxy 4.6), against 3.9 once
+// they had parked.
 func (s *session) firstClientReader() { s.read(&s.client, &s.upstream, firstGrace) }
 
 // firstGrace is how long the handshake's goroutine waits for the client's
-// first frame before it parks.
-const firstGrace = 250 * time.Millisecond
+// first frame before it parks. A client on loopback or a LAN that speaks
+// as soon as it has its 101 (a subscription, or a short session's close)
+// does so well within it, and then needs no epoll_ctl and no goroutine of
+// its own; a slower one parks and is woken as any idle leg is.
+const firstGrace = 50 * time.Millisecond
 
 // read runs src's reader: it forwards frames until src parks, ends or is
 // lost. A reader that parks hands its place in the running count to the
