@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"fmt"
 	"io"
 	"math"
 	"net/http"
@@ -151,6 +152,40 @@ func TestBroadcastDirectAndSluice(t *testing.T) {
 	for _, row := range []string{"\n| direct | 10 | 1 |", "\n| sluice | 10 | 1 |"} {
 		if !strings.Contains(out.String(), row) {
 			t.Errorf("report has no row starting %q:\n%s", row, out.String())
+		}
+	}
+}
+
+// TestRunAllRotates: each round starts one target further along, so no
+// target always runs first, and every result is filed under its target in
+// round order.
+func TestRunAllRotates(t *testing.T) {
+	specs, err := parseTargets("direct,sluice,cmd:true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &runner{cfg: config{targets: specs, repeat: 4, mode: modeHandshakes}, stderr: io.Discard}
+	var order []string
+	res, err := runAll(context.Background(), r, func(_ context.Context, r *runner, t targetSpec) (string, error) {
+		order = append(order, t.label)
+		return fmt.Sprintf("%s/%d", t.label, r.round), nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantOrder := []string{
+		"direct", "sluice", "cmd:true",
+		"sluice", "cmd:true", "direct",
+		"cmd:true", "direct", "sluice",
+		"direct", "sluice", "cmd:true",
+	}
+	if !slices.Equal(order, wantOrder) {
+		t.Errorf("run order %q, want %q", order, wantOrder)
+	}
+	for i, s := range specs {
+		want := []string{s.label + "/1", s.label + "/2", s.label + "/3", s.label + "/4"}
+		if !slices.Equal(res[i], want) {
+			t.Errorf("results for %s: %q, want %q", s.label, res[i], want)
 		}
 	}
 }
