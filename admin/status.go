@@ -116,7 +116,7 @@ type Status struct {
 // Totals are the process-wide counts of a Status.
 type Totals struct {
 	Connections int     `json:"connections"`
-	Slow        int     `json:"slow"`         // at or past SLUICE_SLOW_CLIENT_DEPTH
+	Slow        int     `json:"slow"`         // stalled for SLUICE_SLOW_CLIENT_AGE (limiter/progress.go)
 	AllowedSlow int     `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
 	Paused      int     `json:"paused"`
 	Throttled   int     `json:"throttled"`     // clients an inbound limit held back within the last second

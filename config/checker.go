@@ -192,11 +192,24 @@ func (c *checker) unknownVars(environ map[string]string) {
 	slices.Sort(unknown)
 	for _, k := range unknown {
 		msg := "unknown variable; config.example.env lists the known ones"
-		if s := suggest(k); s != "" {
+		if r := retired(strings.ToUpper(k)); r != "" {
+			msg = r
+		} else if s := suggest(k); s != "" {
 			msg = "unknown variable; did you mean " + s + "?"
 		}
 		c.add(Problem{Var: k, Value: environ[k], Msg: msg, order: len(configFields)})
 	}
+}
+
+// retired says what replaced a variable sluice once read, "" for any
+// other: left in a deployment, it would otherwise silently do nothing.
+func retired(name string) string {
+	switch name {
+	case Prefix + "SLOW_CLIENT_DEPTH":
+		return "no longer read: a client is slow when it stops taking bytes, not when its queue is deep; set " +
+			Prefix + "SLOW_CLIENT_AGE (a duration such as 5s) instead"
+	}
+	return ""
 }
 
 // suggest returns the known variable closest to name, or "" when none is

@@ -195,9 +195,12 @@ type Config struct {
 	// either absolutely or as a percentage of the process memory limit
 	// (see GlobalQueueLimit.Resolve and MemoryLimit).
 	GlobalQueueMaxBytes GlobalQueueLimit `env:"GLOBAL_QUEUE_MAX_BYTES" envDefault:"5%" want:"a positive size such as 512MiB, or a percentage of the memory limit above 0% and up to 100%, such as 5% or 2.5%"`
-	// SlowClientDepth is the queue depth, in messages, from which a client
-	// counts as slow.
-	SlowClientDepth int `env:"SLOW_CLIENT_DEPTH" envDefault:"5" want:"a whole number from 1 to SLUICE_QUEUE_MAX_MESSAGES, such as 5"`
+	// SlowClientAge is how far behind a client may fall before it counts
+	// as slow (for the ratio guard, /status and sluice_slow_clients): its
+	// socket has taken nothing for this long while data waited, or its
+	// oldest queued message has waited this long. A deep queue while bytes
+	// flow is not slow.
+	SlowClientAge time.Duration `env:"SLOW_CLIENT_AGE" envDefault:"5s" want:"a duration from 100ms to 10m, such as 5s"`
 	// SlowClientMaxRatio is the largest fraction of connected clients that
 	// may be slow at once before sluice starts shedding the slowest.
 	SlowClientMaxRatio float64 `env:"SLOW_CLIENT_MAX_RATIO" envDefault:"0.005" want:"a fraction above 0 and at most 1, such as 0.005"`
@@ -394,7 +397,7 @@ func (cfg Config) check(c *checker) {
 	c.field("PauseMax", cfg.PauseMax >= 0, cfg.PauseMax)
 
 	c.field("GlobalQueueMaxBytes", cfg.GlobalQueueMaxBytes.valid(), cfg.GlobalQueueMaxBytes)
-	c.field("SlowClientDepth", cfg.SlowClientDepth >= 1, cfg.SlowClientDepth)
+	c.field("SlowClientAge", cfg.SlowClientAge >= 100*time.Millisecond && cfg.SlowClientAge <= 10*time.Minute, cfg.SlowClientAge)
 	c.field("SlowClientMaxRatio", cfg.SlowClientMaxRatio > 0 && cfg.SlowClientMaxRatio <= 1, cfg.SlowClientMaxRatio)
 
 	c.field("PingInterval", cfg.PingInterval >= 0, cfg.PingInterval)
@@ -412,8 +415,6 @@ func (cfg Config) check(c *checker) {
 
 	// Cross-field rules.
 	c.cross(cfg.DropKeepNewest <= cfg.QueueMaxMessages, "DropKeepNewest", cfg.DropKeepNewest,
-		"QueueMaxMessages", cfg.QueueMaxMessages, "want at most %s")
-	c.cross(cfg.SlowClientDepth <= cfg.QueueMaxMessages, "SlowClientDepth", cfg.SlowClientDepth,
 		"QueueMaxMessages", cfg.QueueMaxMessages, "want at most %s")
 	c.cross(cfg.PingInterval == 0 || cfg.PongTimeout < cfg.PingInterval, "PongTimeout", cfg.PongTimeout,
 		"PingInterval", cfg.PingInterval, "want a duration shorter than %s")

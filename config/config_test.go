@@ -104,7 +104,7 @@ func defaultConfig(t *testing.T) Config {
 		DropKeepNewest:       10,
 		PauseMax:             0,
 		GlobalQueueMaxBytes:  GlobalQueueLimit{Percent: 5},
-		SlowClientDepth:      5,
+		SlowClientAge:        5 * time.Second,
 		SlowClientMaxRatio:   0.005,
 		PingInterval:         25 * time.Second,
 		PongTimeout:          10 * time.Second,
@@ -299,7 +299,9 @@ func TestLoadInvalid(t *testing.T) {
 		{"SLUICE_GLOBAL_QUEUE_MAX_BYTES", "5 %"},
 		{"SLUICE_GLOBAL_QUEUE_MAX_BYTES", "NaN%"},
 		{"SLUICE_GLOBAL_QUEUE_MAX_BYTES", "lots"},
-		{"SLUICE_SLOW_CLIENT_DEPTH", "0"},
+		{"SLUICE_SLOW_CLIENT_AGE", "0"},
+		{"SLUICE_SLOW_CLIENT_AGE", "50ms"},
+		{"SLUICE_SLOW_CLIENT_AGE", "11m"},
 		{"SLUICE_SLOW_CLIENT_MAX_RATIO", "0"},
 		{"SLUICE_SLOW_CLIENT_MAX_RATIO", "1.01"},
 		{"SLUICE_SLOW_CLIENT_MAX_RATIO", "Inf"},
@@ -416,8 +418,8 @@ func TestLoadCrossField(t *testing.T) {
 		{"keep newest above max messages", []string{"SLUICE_QUEUE_MAX_MESSAGES", "5"}, []string{
 			`SLUICE_DROP_KEEP_NEWEST="10": want at most SLUICE_QUEUE_MAX_MESSAGES (5)`,
 		}},
-		{"keep newest and slow depth above max messages", []string{"SLUICE_QUEUE_MAX_MESSAGES", "4", "SLUICE_DROP_KEEP_NEWEST", "4"}, []string{
-			`SLUICE_SLOW_CLIENT_DEPTH="5": want at most SLUICE_QUEUE_MAX_MESSAGES (4)`,
+		{"retired slow depth", []string{"SLUICE_SLOW_CLIENT_DEPTH", "5"}, []string{
+			`SLUICE_SLOW_CLIENT_DEPTH="5": no longer read: a client is slow when it stops taking bytes, not when its queue is deep; set SLUICE_SLOW_CLIENT_AGE (a duration such as 5s) instead`,
 		}},
 		{"keep newest equals max messages", []string{"SLUICE_QUEUE_MAX_MESSAGES", "10"}, nil},
 		{"drain longer than shutdown", []string{"SLUICE_DRAIN_DELAY", "20s", "SLUICE_DRAIN_SPREAD", "15s"}, []string{

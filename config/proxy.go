@@ -83,7 +83,7 @@ func (cfg Config) ProxyOptions(log zerolog.Logger, reg prometheus.Registerer) (p
 			LowWater:    cfg.QueueLowWater,
 			KeepNewest:  cfg.DropKeepNewest,
 			PauseMax:    cfg.PauseMax,
-			SlowDepth:   cfg.SlowClientDepth,
+			SlowAge:     cfg.SlowClientAge,
 		},
 		Budget: limiter.BudgetConfig{
 			Ceiling:   cfg.GlobalQueueMaxBytes.Resolve(MemoryLimit()),

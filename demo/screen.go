@@ -12,6 +12,7 @@ import (
 	"sluice/admin"
 	"sluice/config"
 	"sluice/internal/latency"
+	"sluice/limiter"
 )
 
 // floodLastSecond is the flooder's messages at the backend since the last
@@ -315,9 +316,10 @@ func (d *demo) explainDirect() string {
 func (d *demo) explainGuards(t admin.Totals, slow outcomeCounts) string {
 	var s string
 	if n := t.EvictionsByReason["slow_ratio"]; n > 0 {
-		s += fmt.Sprintf(" The slow-ratio guard evicted %d: more than %g of all clients (SLUICE_SLOW_CLIENT_MAX_RATIO) "+
-			"were %d or more messages behind at once, and the slowest went first, before their own queue was full.",
-			n, d.cfg.SlowClientMaxRatio, d.cfg.SlowClientDepth)
+		s += fmt.Sprintf(" The slow-ratio guard evicted %d: more than %g of all clients (SLUICE_SLOW_CLIENT_MAX_RATIO, "+
+			"and at least %d) had taken nothing for %s at once (SLUICE_SLOW_CLIENT_AGE), and the longest stalled went first, "+
+			"before their own queue was full.",
+			n, d.cfg.SlowClientMaxRatio, limiter.MinAllowedSlow, d.cfg.SlowClientAge)
 	}
 	if n := t.EvictionsByReason["global_ceiling"]; n > 0 {
 		s += fmt.Sprintf(" The global guard evicted %d: all queues together passed SLUICE_GLOBAL_QUEUE_MAX_BYTES (%s), "+

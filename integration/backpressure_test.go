@@ -1031,48 +1031,51 @@ func TestBackpressureGlobalCeiling(t *testing.T) {
 	t.Logf("evictions %+v; queued bytes peaked at %d, %d after the eviction", order, peak.get(), peakAfter.get())
 }
 
-// TestBackpressureSlowRatio: 20 clients, 4 of them slow, with a slow ratio
-// of 0.05 (one slow client allowed) and a per-client bound that never
-// fires: the three deepest queues are evicted for slow_ratio, the
-// shallowest stays although it is slow.
+// TestBackpressureSlowRatio: 22 clients, 6 of them stalled, with a slow
+// ratio of 0.05 (the floor of 4 slow clients allowed) and a per-client
+// bound that never fires: the two that stalled first are evicted for
+// slow_ratio, the other four stay although they are slow, and the fast
+// clients, never slow, lose nothing.
 func TestBackpressureSlowRatio(t *testing.T) {
 	const (
-		fastN     = 16
-		size      = 512
-		slowDepth = 5
+		fastN   = 16
+		size    = 512
+		slowAge = time.Second
 	)
-	// Bigger messages fill the kernel's buffers in fewer messages, so at
-	// every moment the queue of the client with the bigger messages is the
-	// deeper. One message per 80 ms: a fast client would have to stall for
-	// 400 ms to count as slow.
-	sizes := []int{64 << 10, 32 << 10, 16 << 10, 8 << 10}
+	// Bigger messages fill the kernel's buffers in fewer messages, so the
+	// client with the bigger messages stalls first. One message per 80 ms.
+	sizes := []int{64 << 10, 48 << 10, 32 << 10, 16 << 10, 8 << 10, 4 << 10}
 	b := bpNewBackend(t, bpBackendConfig{Size: size, Interval: 80 * time.Millisecond})
 	s := bpStartSluice(t, b.url, func(o *proxy.Options) {
-		o.Queue = limiter.Config{Policy: limiter.Evict, MaxMessages: 100000, MaxBytes: 256 << 20, SlowDepth: slowDepth}
+		o.Queue = limiter.Config{Policy: limiter.Evict, MaxMessages: 100000, MaxBytes: 256 << 20, SlowAge: slowAge}
 		o.Budget = limiter.BudgetConfig{SlowRatio: 0.05}
-		o.WriteTimeout = 15 * time.Second
+		o.WriteTimeout = time.Minute
 	})
 	slow := make([]*bpRawClient, len(sizes))
 	for i, sz := range sizes {
 		slow[i] = bpDialSlow(t, s.url, fmt.Sprintf("slow%dk", sz>>10), sz)
 	}
-	shallowest := slow[len(slow)-1]
 	fast := bpDialFastClients(t, s.url, "fast", fastN, size)
 	waitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+len(sizes) })
-	if st := s.srv.Budget().Stats(); st.AllowedSlow != 1 {
-		t.Errorf("Stats().AllowedSlow = %d with %d connections and ratio 0.05, want 1", st.AllowedSlow, st.Connections)
+	if st := s.srv.Budget().Stats(); st.AllowedSlow != limiter.MinAllowedSlow {
+		t.Errorf("Stats().AllowedSlow = %d with %d connections and ratio 0.05, want the floor %d", st.AllowedSlow, st.Connections, limiter.MinAllowedSlow)
 	}
 	b.StartPublishing()
 
-	waitFor(t, bpWaitTimeout, "three evictions", func() bool {
+	waitFor(t, bpWaitTimeout, "two evictions", func() bool {
 		_, order := bpEvictions(s.srv)
-		return len(order) >= 3
+		return len(order) >= 2
 	})
-	waitFor(t, bpWaitTimeout, "the shallowest slow client to be slow", func() bool {
-		si, ok := bpSession(s.srv, shallowest.addr)
-		return !ok || si.Slow
+	stayed := slow[2:]
+	waitFor(t, bpWaitTimeout, "the four slow clients left to be slow", func() bool {
+		for _, c := range stayed {
+			if si, ok := bpSession(s.srv, c.addr); ok && !si.Slow {
+				return false
+			}
+		}
+		return true
 	})
-	// It stays, slow, for a few more guard rounds.
+	// They stay, slow, for a few more guard rounds.
 	mark := b.Latest() + 4
 	bpWaitFast(t, fast, mark)
 
@@ -1083,21 +1086,20 @@ func TestBackpressureSlowRatio(t *testing.T) {
 		if e.Reason != "slow_ratio" {
 			t.Errorf("eviction %+v: reason %q, want slow_ratio", e, e.Reason)
 		}
-		if e.QueueMessages < slowDepth {
-			t.Errorf("eviction %+v: %d messages queued, below SlowDepth %d", e, e.QueueMessages, slowDepth)
+	}
+	want := []string{slow[0].addr, slow[1].addr}
+	if !slices.Equal(got, want) {
+		t.Errorf("evicted %v, want the longest stalled first: %v (%s, %s)", got, want, slow[0].id, slow[1].id)
+	}
+	for _, c := range stayed {
+		si, ok := bpSession(s.srv, c.addr)
+		if !ok {
+			t.Errorf("slow client %s was evicted; the floor allows four", c.id)
+		} else if !si.Slow {
+			t.Errorf("slow client %s: %+v, want slow", c.id, si)
 		}
 	}
-	want := []string{slow[0].addr, slow[1].addr, slow[2].addr}
-	if !slices.Equal(got, want) {
-		t.Errorf("evicted %v, want the deepest first: %v (%s, %s, %s)", got, want, slow[0].id, slow[1].id, slow[2].id)
-	}
-	si, ok := bpSession(s.srv, shallowest.addr)
-	if !ok {
-		t.Errorf("the shallowest slow client %s was evicted", shallowest.id)
-	} else if !si.Slow || si.QueueMessages < slowDepth {
-		t.Errorf("the shallowest slow client %s: %+v, want slow", shallowest.id, si)
-	}
-	for _, c := range slow[:3] {
+	for _, c := range slow[:2] {
 		waitFor(t, bpWaitTimeout, "the backend to see "+c.id+"'s upstream leg close", func() bool { return b.Conn(c.id).CloseCode() != 0 })
 		if code := b.Conn(c.id).CloseCode(); code != int(ws.StatusGoingAway) {
 			t.Errorf("client %s: backend saw its upstream leg close with %d, want 1001", c.id, code)

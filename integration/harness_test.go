@@ -113,6 +113,26 @@ func startSluiceEnv(t testing.TB, upstream string, env map[string]string, config
 	t.Helper()
 	environ := harnessEnv()
 	maps.Copy(environ, env)
+	return startSluiceFrom(t, upstream, environ, configure)
+}
+
+// startSluiceDefaults starts sluice as the binary would with nothing set
+// but its addresses and the upstream: every default as shipped, the
+// guards and keepalive included.
+func startSluiceDefaults(t testing.TB, upstream string, env map[string]string) *sluiceUnderTest {
+	t.Helper()
+	environ := map[string]string{
+		config.Prefix + "LISTEN_ADDR": "127.0.0.1:0",
+		config.Prefix + "ADMIN_ADDR":  "",
+	}
+	maps.Copy(environ, env)
+	return startSluiceFrom(t, upstream, environ, nil)
+}
+
+// startSluiceFrom starts sluice configured by environ alone, then
+// configure.
+func startSluiceFrom(t testing.TB, upstream string, environ map[string]string, configure func(*proxy.Options)) *sluiceUnderTest {
+	t.Helper()
 	environ[config.Prefix+"UPSTREAM_URL"] = upstream
 	cfg, err := config.Load(environ)
 	if err != nil {

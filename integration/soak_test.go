@@ -81,7 +81,7 @@ func TestSoak(t *testing.T) {
 		o.WriteTimeout = time.Second
 		o.CloseTimeout = 2 * time.Second
 		o.ClientWriteBuffer = 16 << 10 // a stalled client shows within a few messages
-		o.Queue = limiter.Config{Policy: limiter.Evict, MaxMessages: 50, SlowDepth: 5}
+		o.Queue = limiter.Config{Policy: limiter.Evict, MaxMessages: 50, SlowAge: time.Second}
 		o.Keepalive = keepalive.Config{Interval: time.Second, Timeout: 500 * time.Millisecond}
 	})
 	srv, base := sl.srv, sl.url

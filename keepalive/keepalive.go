@@ -67,6 +67,17 @@ type Peer interface {
 	Stale()                  // called at most once; the Monitor is stopped after it
 }
 
+// Holder is a Peer that can tell the Monitor it is not reading the peer's
+// socket at the moment (its frames wait for room elsewhere, or a rate
+// limit holds them back): the peer's answer to a ping then waits in the
+// peer's own send buffer, behind the data nobody reads, and cannot prove
+// anything. While Held, the pong deadline does not run out; once the hold
+// ends, the peer has a whole Timeout more. Held is called from the timer
+// goroutine and must not block.
+type Holder interface {
+	Held() bool
+}
+
 // Monitor schedules pings and pong deadlines for one peer. It exists per
 // connection, so it is kept to one cache line (plus the runtime timer).
 type Monitor struct {
@@ -81,8 +92,11 @@ type Monitor struct {
 	// last ping?".
 	heard atomic.Bool
 
+	holder Holder // the Peer, if it is one; immutable after Start
+
 	mu       sync.Mutex
 	awaiting bool // guarded by mu: a ping is out and the timer measures Timeout
+	wasHeld  bool // guarded by mu: the last deadline passed while the peer was held
 	stopped  bool // guarded by mu: no callback may begin and the timer is not re-armed
 }
 
@@ -102,6 +116,7 @@ func Start(cfg Config, p Peer) *Monitor {
 		panic("keepalive: negative Interval")
 	}
 	m := &Monitor{peer: p, interval: cfg.Interval, timeout: cfg.Timeout}
+	m.holder, _ = p.(Holder)
 	if cfg.Interval == 0 {
 		return m
 	}
@@ -170,8 +185,16 @@ func (m *Monitor) fire() {
 	}
 	if m.awaiting {
 		if m.heard.Load() {
-			m.awaiting = false
+			m.awaiting, m.wasHeld = false, false
 			m.t.Reset(m.onTick(m.nextPing()))
+			m.mu.Unlock()
+			return
+		}
+		if held := m.holder != nil && m.holder.Held(); held || m.wasHeld {
+			// Not the peer's silence: ours. Look again a Timeout
+			// later, and a whole Timeout after the hold ends.
+			m.wasHeld = held
+			m.t.Reset(m.timeout)
 			m.mu.Unlock()
 			return
 		}

@@ -656,3 +656,81 @@ func TestPingsShareTicks(t *testing.T) {
 		}
 	})
 }
+
+// heldPeer is a recPeer whose reads sluice can hold back (Holder).
+type heldPeer struct {
+	recPeer
+	held atomic.Bool
+}
+
+func (p *heldPeer) Held() bool { return p.held.Load() }
+
+// While sluice is not reading the peer (held), the pong deadline does not
+// run out: the pong waits in the peer's send buffer behind its data. Once
+// the hold ends, the peer has a whole Timeout more; after that, silence is
+// the peer's own and it is stale.
+func TestHeldPeerNotStale(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := testCfg
+		p := &heldPeer{}
+		var holdEnded time.Time
+		p.onPing = func(m *Monitor) {
+			if m.PingsSent() == 1 {
+				p.held.Store(true) // sluice stops reading just as it pings
+			}
+		}
+		m := Start(cfg, p)
+		p.m.Store(m)
+		// Held for five timeouts: never stale.
+		time.Sleep(cfg.Interval + 5*cfg.Timeout)
+		synctest.Wait()
+		if _, _, stales, _ := p.snapshot(); len(stales) != 0 {
+			t.Fatalf("stale while held, %v after the ping", stales[0].Sub(p.pings[0]))
+		}
+		p.held.Store(false)
+		holdEnded = time.Now()
+		time.Sleep(3 * cfg.Timeout)
+		synctest.Wait()
+		_, _, stales, _ := p.snapshot()
+		if len(stales) != 1 {
+			t.Fatalf("Stale called %d times after the hold ended, want 1", len(stales))
+		}
+		if got := stales[0].Sub(holdEnded); got < cfg.Timeout || got > 2*cfg.Timeout {
+			t.Errorf("stale %v after the hold ended, want a whole Timeout more, at most two (%v..%v)", got, cfg.Timeout, 2*cfg.Timeout)
+		}
+		settle(m, cfg)
+	})
+}
+
+// A held peer that answers once the hold ends is not stale, and the
+// schedule goes on as usual.
+func TestHeldPeerAnswersAfterHold(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := testCfg
+		p := &heldPeer{}
+		p.onPing = func(m *Monitor) {
+			if m.PingsSent() == 1 {
+				p.held.Store(true)
+				go func() {
+					time.Sleep(4 * cfg.Timeout)
+					p.held.Store(false)
+					time.Sleep(cfg.Timeout / 2)
+					m.Heard() // the backlog read; the pong behind it
+					p.answer.Store(true)
+				}()
+			}
+		}
+		m := Start(cfg, p)
+		p.m.Store(m)
+		time.Sleep(10 * cfg.Interval)
+		synctest.Wait()
+		pings, _, stales, _ := p.snapshot()
+		if len(stales) != 0 {
+			t.Fatalf("stale %v after the first ping", stales[0].Sub(pings[0]))
+		}
+		if len(pings) < 5 {
+			t.Errorf("%d pings in 10 intervals, want the schedule to go on", len(pings))
+		}
+		settle(m, cfg)
+	})
+}

@@ -43,9 +43,8 @@ type BudgetConfig struct {
 	// ceiling.
 	Ceiling int64
 	// SlowRatio is the share of connections that may be slow at once
-	// (0 < SlowRatio <= 1); at least one slow connection is always allowed,
-	// so with fewer than 1/SlowRatio connections the guard only acts once
-	// two or more are slow.
+	// (0 < SlowRatio <= 1); at least MinAllowedSlow are always allowed, so
+	// a small fleet is not held to one stalled client.
 	SlowRatio float64
 	// ObserveWait, if set, is given the time each message waited in a queue.
 	ObserveWait func(time.Duration)
@@ -74,11 +73,16 @@ type Budget struct {
 	// proxy's CPU (a map walk of all connections 20 times a second).
 	dueMu sync.Mutex
 	due   []*Queue // guarded by dueMu
+
+	// clock is monotonic nanoseconds: when messages are queued and the
+	// guard samples. Tests of slowness set their own before the first
+	// queue, so that they run minutes of samples in a moment.
+	clock func() int64
 }
 
 // NewBudget returns a Budget with cfg's bounds.
 func NewBudget(cfg BudgetConfig) *Budget {
-	return &Budget{cfg: cfg, queues: make(map[*Queue]struct{})}
+	return &Budget{cfg: cfg, queues: make(map[*Queue]struct{}), clock: now}
 }
 
 // Stats is a snapshot of the Budget's counters.
@@ -87,7 +91,7 @@ type Stats struct {
 	QueuedBytes   int64         // bytes in all queues, UnsentBytes included
 	UnsentBytes   int64         // bytes the kernel holds unacknowledged for the counted connections
 	Ceiling       int64         // BudgetConfig.Ceiling
-	Slow          int           // connections at or past their slow depth
+	Slow          int           // connections stalled or SlowAge behind (progress.go)
 	Paused        int           // producers waiting for room
 	PausedTime    time.Duration // total time producers have waited, ended pauses
 	DroppedTotal  uint64        // messages discarded by the Drop policy
@@ -114,8 +118,15 @@ func (b *Budget) Stats() Stats {
 	}
 }
 
+// MinAllowedSlow is how many slow connections the ratio guard always
+// allows, whatever the ratio: 0.5% of 200 connections is one, and a second
+// client on a bad mobile link would then evict one of the two. Slow means
+// stalled for SlowAge, so a few at once are clients in trouble, not a
+// danger to the process; the ceiling still bounds what they hold.
+const MinAllowedSlow = 4
+
 func (b *Budget) allowedSlow(conns int) int {
-	return max(1, int(b.cfg.SlowRatio*float64(conns)))
+	return max(MinAllowedSlow, int(b.cfg.SlowRatio*float64(conns)))
 }
 
 func (b *Budget) register(q *Queue) {
@@ -164,18 +175,22 @@ func (b *Budget) Guard(ctx context.Context) {
 
 // SampleUnsent asks the kernel, through each queue's OnUnsent function,
 // how much it holds unacknowledged for the connections that wrote since
-// the last sample or still had bytes unsent then, so that Bytes, the slow
-// count and the ceiling include it. Only those queues are visited (the
-// due list): an idle connection costs the guard nothing. The system calls
-// run outside any lock; scratch is reused between calls and returned.
-func (b *Budget) SampleUnsent(scratch []*Queue) []*Queue {
+// the last sample or still had something waiting then, so that Bytes and
+// the ceiling include it, and decides which of them are slow (progress.go).
+// Only those queues are visited (the due list): an idle connection costs
+// the guard nothing. The system calls run outside any lock; scratch is
+// reused between calls and returned.
+func (b *Budget) SampleUnsent(scratch []*Queue) []*Queue { return b.sampleAt(b.clock(), scratch) }
+
+// sampleAt is SampleUnsent with the samples taken as of t.
+func (b *Budget) sampleAt(t int64, scratch []*Queue) []*Queue {
 	b.dueMu.Lock()
 	list := b.due
 	b.due = scratch[:0]
 	b.dueMu.Unlock()
 	for i, q := range list {
 		q.due.Store(false)
-		if q.sampleUnsent() {
+		if q.sample(t) {
 			b.markDue(q) // the kernel still holds some: look again
 		}
 		list[i] = nil
@@ -201,7 +216,7 @@ func (b *Budget) Check() {
 	overCeiling := b.cfg.Ceiling > 0 && b.queued.Load() > b.cfg.Ceiling
 	var tooSlow bool
 	if b.cfg.SlowRatio > 0 {
-		if s := b.slow.Load(); s > 1 {
+		if s := b.slow.Load(); s > MinAllowedSlow {
 			b.mu.Lock()
 			tooSlow = int(s) > b.allowedSlow(len(b.queues))
 			b.mu.Unlock()
@@ -227,7 +242,6 @@ func (b *Budget) Check() {
 // candidate is a queue the guards may pick.
 type candidate struct {
 	q      *Queue
-	depth  int
 	bytes  int64
 	reason Reason // 0: stays
 }
@@ -239,7 +253,7 @@ func (b *Budget) candidates() (live, evicted []candidate, freeing int64, conns i
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for q := range b.queues {
-		c := candidate{q: q, depth: q.Messages(), bytes: q.Bytes()}
+		c := candidate{q: q, bytes: q.Bytes()}
 		if !q.evicted.Load() {
 			live = append(live, c)
 			continue
@@ -288,11 +302,27 @@ func (b *Budget) overCeiling(live, evicted []candidate, freeing int64) {
 	}
 }
 
-// tooSlow picks the slowest of the live queues, deepest first, until no
-// more are slow than the ratio allows.
+// tooSlow picks the slow live queues, the longest stalled first, until no
+// more are slow than the ratio allows. Only slow queues are picked: a
+// client that keeps up is never evicted by this guard, however deep its
+// queue.
 func (b *Budget) tooSlow(live []candidate, conns int) {
+	stalled := make(map[*Queue]time.Duration, len(live))
+	for _, c := range live {
+		if c.q.IsSlow() {
+			stalled[c.q] = c.q.StalledFor()
+		}
+	}
 	slices.SortFunc(live, func(x, y candidate) int {
-		return cmp.Or(cmp.Compare(y.depth, x.depth), cmp.Compare(y.bytes, x.bytes))
+		xs, xok := stalled[x.q]
+		ys, yok := stalled[y.q]
+		if xok != yok {
+			if xok {
+				return -1
+			}
+			return 1
+		}
+		return cmp.Or(cmp.Compare(ys, xs), cmp.Compare(y.bytes, x.bytes))
 	})
 	excess := int(b.slow.Load()) - b.allowedSlow(conns)
 	for i := range live {
@@ -300,8 +330,8 @@ func (b *Budget) tooSlow(live []candidate, conns int) {
 		if excess <= 0 {
 			break
 		}
-		if c.depth < c.q.cfg.SlowDepth {
-			continue // queues of another kind may be deeper yet not slow
+		if _, ok := stalled[c.q]; !ok {
+			break // the slow ones come first
 		}
 		if c.reason == 0 {
 			c.reason = ReasonSlowRatio
@@ -317,10 +347,10 @@ func (q *Queue) MarkEvicted() bool {
 	if !q.evicted.CompareAndSwap(false, true) {
 		return false
 	}
-	if q.budget != nil && q.cfg.SlowDepth > 0 {
+	if q.budget != nil && q.cfg.SlowAge > 0 {
 		// An evicted connection is on its way out: no longer counted slow.
 		q.mu.Lock()
-		q.updateSlow()
+		q.setSlowLocked(false)
 		q.mu.Unlock()
 	}
 	return true

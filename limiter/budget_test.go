@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -64,14 +65,44 @@ func fillMessages(t *testing.T, q *Queue, n int) {
 	}
 }
 
-func clientCfg(slowDepth int) *Config {
-	return &Config{Policy: Evict, MaxMessages: 1000, MaxBytes: 1 << 30, LowWater: 0.5, SlowDepth: slowDepth}
+// testSlowAge is the SlowAge of clientCfg's queues.
+const testSlowAge = time.Second
+
+func clientCfg() *Config {
+	return &Config{Policy: Evict, MaxMessages: 1000, MaxBytes: 1 << 30, LowWater: 0.5, SlowAge: testSlowAge}
+}
+
+// guardClock runs a Budget's samples on a clock of its own, one
+// GuardInterval a tick, so that tests of slowness neither sleep nor race
+// the real guard. Messages are queued at its time too, so they are as
+// old as the ticks say.
+type guardClock struct {
+	b *Budget
+	t atomic.Int64 // read by producers that wait in Push
+}
+
+func newGuardClock(b *Budget) *guardClock {
+	c := &guardClock{b: b}
+	c.t.Store(int64(time.Hour))
+	b.clock = c.t.Load
+	return c
+}
+
+// run takes the samples of d, one a GuardInterval; during calls each
+// tick's work first.
+func (c *guardClock) run(d time.Duration, during ...func()) {
+	for n := int(d / GuardInterval); n > 0; n-- {
+		for _, f := range during {
+			f()
+		}
+		c.b.sampleAt(c.t.Add(int64(GuardInterval)), nil)
+	}
 }
 
 func TestBudgetAccounting(t *testing.T) {
 	b := NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.5})
-	client := NewQueue(clientCfg(100), b, nil)
-	dropper := NewQueue(&Config{Policy: Drop, MaxMessages: 4, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 2, SlowDepth: 100}, b, nil)
+	client := NewQueue(clientCfg(), b, nil)
+	dropper := NewQueue(&Config{Policy: Drop, MaxMessages: 4, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 2, SlowAge: testSlowAge}, b, nil)
 	upstream := NewQueue(&Config{Policy: Pause, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5}, b, nil)
 	queues := []*Queue{client, dropper, upstream}
 	check := func(step string) {
@@ -86,7 +117,7 @@ func TestBudgetAccounting(t *testing.T) {
 	}
 
 	if st := b.Stats(); st.Connections != 2 {
-		t.Fatalf("Connections = %d, want 2: only queues with a SlowDepth count", st.Connections)
+		t.Fatalf("Connections = %d, want 2: only queues with a SlowAge count", st.Connections)
 	}
 	for i := range 10 {
 		for _, q := range queues {
@@ -124,52 +155,119 @@ func TestBudgetAccounting(t *testing.T) {
 	}
 }
 
-func TestBudgetSlowCount(t *testing.T) {
-	b := NewBudget(BudgetConfig{SlowRatio: 0.5})
-	q1 := NewQueue(clientCfg(3), b, nil)
-	q2 := NewQueue(clientCfg(3), b, nil)
-	defer q2.Close()
-	slow := func(want int, step string) {
+// Slow means stalled: a queue is slow when its client has taken nothing for
+// SlowAge while data waited, or its oldest message waited SlowAge; not when
+// it is deep while bytes flow.
+func TestSlowMeansStalled(t *testing.T) {
+	slow := func(t *testing.T, b *Budget, want int, step string) {
 		t.Helper()
 		if got := b.Stats().Slow; got != want {
 			t.Fatalf("%s: Slow = %d, want %d", step, got, want)
 		}
 	}
-	fillMessages(t, q1, 2)
-	slow(0, "depth 2")
-	mustPush(t, q1, msg(3, 16))
-	slow(1, "depth 3")
-	mustPush(t, q1, msg(4, 16))
-	slow(1, "depth 4")
-	take(t, q1, 2, 1<<20)
-	slow(0, "taken down to 2")
-	mustPush(t, q1, dataSeg(5, 16, true, false))
-	slow(1, "a started message counts")
-	take(t, q1, 3, 1<<20) // the start of 5 is taken, not its end
-	slow(0, "taken down to the message in progress")
-	mustPush(t, q1, dataSeg(6, 16, false, true))
-	fillMessages(t, q1, 2)
-	slow(1, "back to 3")
-	fillMessages(t, q2, 3)
-	slow(2, "two slow queues")
-	q1.Close()
-	slow(1, "a slow queue closed")
-	q2.PushClose(closeSeg(), true)
-	slow(0, "a priority close discards the data")
-}
-
-func TestBudgetSlowCountDrop(t *testing.T) {
-	b := NewBudget(BudgetConfig{SlowRatio: 0.5})
-	q := NewQueue(&Config{Policy: Drop, MaxMessages: 5, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 2, SlowDepth: 4}, b, nil)
-	defer q.Close()
-	fillMessages(t, q, 5)
-	if got := b.Stats().Slow; got != 1 {
-		t.Fatalf("Slow = %d at depth 5, want 1", got)
-	}
-	mustPush(t, q, msg(9, 16)) // drops down to KeepNewest
-	if q.Messages() != 2 || b.Stats().Slow != 0 {
-		t.Fatalf("after a drop: depth %d, Slow %d; want 2 and 0", q.Messages(), b.Stats().Slow)
-	}
+	t.Run("deep but taking is not slow", func(t *testing.T) {
+		b := NewBudget(BudgetConfig{SlowRatio: 0.5})
+		q := NewQueue(clientCfg(), b, nil)
+		defer q.Close()
+		clock := newGuardClock(b)
+		fillMessages(t, q, 300)
+		// 100 arrive and 100 are taken a tick: 300 deep for three times
+		// SlowAge, each message a few ticks old when taken.
+		clock.run(3*testSlowAge, func() { fillMessages(t, q, 100); take(t, q, 100, 1<<30) })
+		if q.Messages() != 300 {
+			t.Fatalf("depth %d, want 300", q.Messages())
+		}
+		slow(t, b, 0, "taking 100 messages a tick, 300 deep")
+		if q.IsSlow() || q.StalledFor() != 0 {
+			t.Fatalf("IsSlow %v StalledFor %v, want false 0", q.IsSlow(), q.StalledFor())
+		}
+	})
+	t.Run("nothing taken for SlowAge", func(t *testing.T) {
+		b := NewBudget(BudgetConfig{SlowRatio: 0.5})
+		q := NewQueue(clientCfg(), b, nil)
+		defer q.Close()
+		clock := newGuardClock(b)
+		mustPush(t, q, msg(1, 16))
+		take(t, q, 1, 1<<20) // the writer took it; the socket took no more
+		clock.run(GuardInterval)
+		fillMessages(t, q, 3)
+		clock.run(testSlowAge - GuardInterval)
+		slow(t, b, 0, "stalled just under SlowAge")
+		clock.run(GuardInterval)
+		slow(t, b, 1, "stalled for SlowAge")
+		if got := q.StalledFor(); got != testSlowAge {
+			t.Fatalf("StalledFor = %v, want %v", got, testSlowAge)
+		}
+		take(t, q, 1, 1<<20)
+		if q.StalledFor() != 0 {
+			t.Fatal("StalledFor after a Take: want 0 until the next sample")
+		}
+		clock.run(GuardInterval)
+		slow(t, b, 1, "a message taken, but the oldest left waited SlowAge")
+		take(t, q, 10, 1<<20)
+		fillMessages(t, q, 3)
+		clock.run(GuardInterval)
+		slow(t, b, 0, "caught up")
+		clock.run(testSlowAge)
+		slow(t, b, 1, "stalled again")
+		take(t, q, 10, 1<<20) // drained
+		clock.run(GuardInterval)
+		slow(t, b, 0, "drained")
+		clock.run(2 * testSlowAge)
+		slow(t, b, 0, "nothing waiting: never slow")
+	})
+	t.Run("unsent bytes moving is progress", func(t *testing.T) {
+		b := NewBudget(BudgetConfig{SlowRatio: 0.5})
+		q := NewQueue(clientCfg(), b, nil)
+		defer q.Close()
+		var kernel int64 = 200 * kb
+		q.OnUnsent(func() int64 { return kernel })
+		clock := newGuardClock(b)
+		mustPush(t, q, msg(1, 16))
+		take(t, q, 1, 1<<20) // the writer now blocks on a full socket
+		// The client reads: what the kernel holds moves, though the
+		// writer takes nothing more.
+		clock.run(3*testSlowAge, func() { kernel -= 16; fillMessages(t, q, 1) })
+		// The oldest message keeps its age rule; drop the queue's to test
+		// the kernel's alone.
+		q.mu.Lock()
+		q.discardLocked()
+		q.mu.Unlock()
+		clock.run(GuardInterval, func() { kernel -= 16 })
+		slow(t, b, 0, "kernel bytes moving")
+		clock.run(testSlowAge + GuardInterval) // kernel bytes still to the byte
+		slow(t, b, 1, "kernel bytes still: the client stopped reading")
+	})
+	t.Run("oldest message waited SlowAge", func(t *testing.T) {
+		b := NewBudget(BudgetConfig{SlowRatio: 0.5})
+		q := NewQueue(clientCfg(), b, nil)
+		defer q.Close()
+		clock := newGuardClock(b)
+		fillMessages(t, q, 1000)
+		// One message a tick while 20 arrive: bytes flow, but the client
+		// falls further behind every tick.
+		clock.run(testSlowAge-GuardInterval, func() { take(t, q, 1, 1) })
+		slow(t, b, 0, "oldest message younger than SlowAge")
+		clock.run(2*GuardInterval, func() { take(t, q, 1, 1) })
+		slow(t, b, 1, "oldest message older than SlowAge")
+	})
+	t.Run("evicted and closed queues are not counted", func(t *testing.T) {
+		b := NewBudget(BudgetConfig{SlowRatio: 0.5})
+		q1, q2 := NewQueue(clientCfg(), b, nil), NewQueue(clientCfg(), b, nil)
+		clock := newGuardClock(b)
+		for _, q := range []*Queue{q1, q2} {
+			mustPush(t, q, msg(1, 16))
+			take(t, q, 1, 1<<20)
+			fillMessages(t, q, 3)
+		}
+		clock.run(testSlowAge + GuardInterval)
+		slow(t, b, 2, "both stalled")
+		q1.MarkEvicted()
+		slow(t, b, 1, "one evicted")
+		q2.Close()
+		slow(t, b, 0, "the other closed")
+		q1.Close()
+	})
 }
 
 func TestBudgetCheckCeiling(t *testing.T) {
@@ -197,7 +295,7 @@ func TestBudgetCheckCeiling(t *testing.T) {
 			named := make(map[string]*Queue)
 			for _, size := range tt.sizes {
 				name := fmt.Sprintf("q%d", size)
-				q := NewQueue(clientCfg(1000), b, ev.hook(name))
+				q := NewQueue(clientCfg(), b, ev.hook(name))
 				defer q.Close()
 				fillBytes(t, q, size*kb)
 				named[name] = q
@@ -231,38 +329,68 @@ func TestBudgetCheckCeiling(t *testing.T) {
 	}
 }
 
+// stalledQueues makes, in b, a queue per entry of stalls that has taken
+// nothing for one tick more than that (named s<ticks>), and conns-len(stalls) that
+// keep up (named fast<i>), on clock; all are sampled as of clock's end.
+func stalledQueues(t *testing.T, b *Budget, clock *guardClock, ev *evictions, conns int, stalls []int, during ...func()) {
+	t.Helper()
+	longest := slices.Max(append([]int{0}, stalls...))
+	var pending []func()
+	for i := range conns {
+		name, stall := fmt.Sprintf("fast%d", i), -1
+		if i < len(stalls) {
+			name, stall = fmt.Sprintf("s%d", stalls[i]), stalls[i]
+		}
+		q := NewQueue(clientCfg(), b, ev.hook(name))
+		t.Cleanup(q.Close)
+		mustPush(t, q, msg(0, 16))
+		take(t, q, 1, 1<<20)
+		if stall < 0 {
+			pending = append(pending, func() { fillMessages(t, q, 1); take(t, q, 1, 1<<20) })
+			continue
+		}
+		// Data waits from the tick that leaves stall ticks to the end,
+		// after at least one tick of taking.
+		start := longest - stall + 1
+		ticks := 0
+		pending = append(pending, func() {
+			if ticks == start {
+				fillMessages(t, q, 1)
+			} else if ticks < start {
+				fillMessages(t, q, 1)
+				take(t, q, 1, 1<<20)
+			}
+			ticks++
+		})
+	}
+	clock.run(time.Duration(longest+2)*GuardInterval, append(pending, during...)...)
+}
+
 func TestBudgetCheckSlowRatio(t *testing.T) {
+	// SlowAge is 20 ticks.
 	tests := []struct {
 		name   string
 		ratio  float64
 		conns  int
-		depths []int // of the slow queues, named s<depth>; the rest are at depth 1
+		stalls []int // ticks each stalled queue has taken nothing
 		want   []string
 	}{
-		{"three of four", 0.05, 20, []int{6, 10, 4, 8}, []string{"s10:slow_ratio", "s6:slow_ratio", "s8:slow_ratio"}},
-		{"one slow is allowed", 0.05, 20, []int{10}, nil},
-		{"two slow, one allowed", 0.05, 20, []int{5, 7}, []string{"s7:slow_ratio"}},
-		{"few connections allow one", 0.05, 3, []int{5, 7}, []string{"s7:slow_ratio"}},
-		{"ratio allows two", 0.1, 20, []int{6, 10, 4, 8}, []string{"s10:slow_ratio", "s8:slow_ratio"}},
-		{"within the ratio", 0.25, 20, []int{6, 10, 4, 8}, nil},
-		{"ratio off", 0, 20, []int{6, 10, 4, 8}, nil},
+		{"floor of four allowed", 0.05, 20, []int{30, 25, 40, 22}, nil},
+		{"five stalled of 20", 0.05, 20, []int{30, 25, 40, 22, 35}, []string{"s40:slow_ratio"}},
+		{"longest stalled first", 0.05, 20, []int{30, 25, 40, 22, 35, 50, 21}, []string{"s35:slow_ratio", "s40:slow_ratio", "s50:slow_ratio"}},
+		{"not yet SlowAge", 0.05, 20, []int{30, 25, 40, 22, 18, 10}, nil},
+		{"ratio allows six", 0.1, 60, []int{30, 25, 40, 22, 35, 50, 21}, []string{"s50:slow_ratio"}},
+		{"within the ratio", 0.5, 20, []int{30, 25, 40, 22, 35, 50, 21}, nil},
+		{"ratio off", 0, 20, []int{30, 25, 40, 22, 35, 50, 21}, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			b := NewBudget(BudgetConfig{SlowRatio: tt.ratio})
 			var ev evictions
-			for i := range tt.conns {
-				name, depth := fmt.Sprintf("fast%d", i), 1
-				if i < len(tt.depths) {
-					name, depth = fmt.Sprintf("s%d", tt.depths[i]), tt.depths[i]
-				}
-				q := NewQueue(clientCfg(4), b, ev.hook(name))
-				defer q.Close()
-				fillMessages(t, q, depth)
-			}
+			stalledQueues(t, b, newGuardClock(b), &ev, tt.conns, tt.stalls)
 			slow := 0
-			for _, d := range tt.depths {
-				if d >= 4 {
+			for _, s := range tt.stalls {
+				if time.Duration(s+1)*GuardInterval >= testSlowAge {
 					slow++
 				}
 			}
@@ -274,7 +402,7 @@ func TestBudgetCheckSlowRatio(t *testing.T) {
 			if got := ev.snapshot(); !slices.Equal(got, tt.want) {
 				t.Fatalf("evicted %v, want %v", got, tt.want)
 			}
-			b.Check() // the evicted ones still count as slow until they close
+			b.Check() // the evicted ones are not picked again
 			if got := ev.snapshot(); !slices.Equal(got, tt.want) {
 				t.Fatalf("second Check: evicted %v, want %v", got, tt.want)
 			}
@@ -282,21 +410,22 @@ func TestBudgetCheckSlowRatio(t *testing.T) {
 	}
 }
 
-// Queues of two kinds share a Budget: a deep queue that is not slow by its
-// own SlowDepth must not hide the slow ones behind it.
-func TestBudgetCheckSlowMixedDepths(t *testing.T) {
+// A queue that is deep but keeps taking is never picked by the ratio
+// guard, even when it is the deepest and the guard must act.
+func TestBudgetCheckSlowSparesTheBusy(t *testing.T) {
 	b := NewBudget(BudgetConfig{SlowRatio: 0.05})
 	var ev evictions
-	deep := NewQueue(clientCfg(100), b, ev.hook("deep"))
+	clock := newGuardClock(b)
+	deep := NewQueue(clientCfg(), b, ev.hook("deep"))
 	defer deep.Close()
-	fillMessages(t, deep, 50)
-	for _, depth := range []int{5, 7} {
-		q := NewQueue(clientCfg(4), b, ev.hook(fmt.Sprintf("s%d", depth)))
-		defer q.Close()
-		fillMessages(t, q, depth)
+	fillMessages(t, deep, 300)
+	busy := func() { fillMessages(t, deep, 100); take(t, deep, 100, 1<<30) }
+	stalledQueues(t, b, clock, &ev, 5, []int{25, 26, 27, 28, 29}, busy)
+	if deep.IsSlow() || deep.Messages() != 300 {
+		t.Fatalf("the busy queue: IsSlow %v, %d deep; want false, 300", deep.IsSlow(), deep.Messages())
 	}
 	b.Check()
-	if got, want := ev.snapshot(), []string{"s7:slow_ratio"}; !slices.Equal(got, want) {
+	if got, want := ev.snapshot(), []string{"s29:slow_ratio"}; !slices.Equal(got, want) {
 		t.Fatalf("evicted %v, want %v", got, want)
 	}
 }
@@ -307,11 +436,12 @@ func TestBudgetAllowedSlow(t *testing.T) {
 		conns int
 		want  int
 	}{
-		{0.05, 0, 1}, {0.05, 19, 1}, {0.05, 20, 1}, {0.05, 40, 2}, {0.1, 20, 2}, {0.5, 7, 3}, {1, 5, 5},
+		{0.05, 0, 4}, {0.05, 19, 4}, {0.05, 80, 4}, {0.05, 100, 5}, {0.1, 20, 4}, {0.5, 7, 4}, {0.5, 12, 6}, {1, 5, 5},
+		{0.005, 200, 4}, {0.005, 10000, 50},
 	} {
 		b := NewBudget(BudgetConfig{SlowRatio: tt.ratio})
 		for range tt.conns {
-			q := NewQueue(clientCfg(4), b, nil)
+			q := NewQueue(clientCfg(), b, nil)
 			defer q.Close()
 		}
 		if st := b.Stats(); st.AllowedSlow != tt.want || st.SlowThreshold != tt.ratio {
@@ -325,22 +455,18 @@ func TestBudgetAllowedSlow(t *testing.T) {
 func TestBudgetCheckBoth(t *testing.T) {
 	b := NewBudget(BudgetConfig{Ceiling: 100 * kb, SlowRatio: 0.05})
 	var ev evictions
-	big := NewQueue(clientCfg(4), b, ev.hook("big"))
+	clock := newGuardClock(b)
+	big := NewQueue(clientCfg(), b, ev.hook("big"))
 	defer big.Close()
-	fillBytes(t, big, 6*64*kb) // six messages: slow and over the ceiling
-	for _, depth := range []int{5, 8} {
-		q := NewQueue(clientCfg(4), b, ev.hook(fmt.Sprintf("s%d", depth)))
-		defer q.Close()
-		fillMessages(t, q, depth)
-	}
-	for range 17 {
-		q := NewQueue(clientCfg(4), b, ev.hook("fast"))
-		defer q.Close()
-	}
-	// 20 connections allow one slow; three are. big goes for the ceiling
-	// and is one of the two too many; s8, the deepest, is the other.
+	mustPush(t, big, msg(0, 16))
+	take(t, big, 1, 1<<20)
+	fillBytes(t, big, 6*64*kb) // over the ceiling, and stalled longest
+	// 20 connections allow four slow; six are (big and five more). big
+	// goes for the ceiling and is one of the two too many; s40, the
+	// longest stalled of the rest, is the other.
+	stalledQueues(t, b, clock, &ev, 19, []int{21, 25, 30, 35, 40})
 	b.Check()
-	want := []string{"big:global_ceiling", "s8:slow_ratio"}
+	want := []string{"big:global_ceiling", "s40:slow_ratio"}
 	if got := ev.snapshot(); !slices.Equal(got, want) {
 		t.Fatalf("evicted %v, want %v", got, want)
 	}
@@ -350,11 +476,11 @@ func TestBudgetEach(t *testing.T) {
 	b := NewBudget(BudgetConfig{})
 	var made []*Queue
 	for range 3 {
-		q := NewQueue(clientCfg(4), b, nil)
+		q := NewQueue(clientCfg(), b, nil)
 		defer q.Close()
 		made = append(made, q)
 	}
-	up := NewQueue(clientCfg(0), b, nil) // not counted
+	up := NewQueue(&Config{Policy: Pause, MaxMessages: 8, MaxBytes: 1 << 20, LowWater: 0.5}, b, nil) // not counted
 	defer up.Close()
 	var seen []*Queue
 	b.Each(func(q *Queue) { seen = append(seen, q) })
@@ -378,7 +504,7 @@ func TestGuard(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		b := NewBudget(BudgetConfig{Ceiling: 10 * kb})
 		evicted := make(chan Reason, 1)
-		q := NewQueue(clientCfg(100), b, func(r Reason) { evicted <- r })
+		q := NewQueue(clientCfg(), b, func(r Reason) { evicted <- r })
 		defer q.Close()
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan struct{})
@@ -434,7 +560,7 @@ func TestBudgetConcurrent(t *testing.T) {
 	var writers []*burstWriter
 	for i := range 8 {
 		evict := make(chan Reason, 1)
-		q := NewQueue(&Config{Policy: Evict, MaxMessages: 64, MaxBytes: 32 * kb, LowWater: 0.5, SlowDepth: 8},
+		q := NewQueue(&Config{Policy: Evict, MaxMessages: 64, MaxBytes: 32 * kb, LowWater: 0.5, SlowAge: testSlowAge},
 			b, func(r Reason) { evict <- r })
 		// Writers, started on demand: slow for odd i.
 		w := newBurstWriter(t, q, 8, 4*kb, func(segs []*Segment) {
@@ -481,7 +607,7 @@ func TestBudgetConcurrent(t *testing.T) {
 func BenchmarkCheck(b *testing.B) {
 	bud := NewBudget(BudgetConfig{Ceiling: 1 << 30, SlowRatio: 0.05})
 	for i := range 1000 {
-		q := NewQueue(clientCfg(4), bud, nil)
+		q := NewQueue(clientCfg(), bud, nil)
 		defer q.Close()
 		if i == 0 {
 			for range 5 {
@@ -505,7 +631,7 @@ func BenchmarkCheck(b *testing.B) {
 func TestUnsentCounts(t *testing.T) {
 	b := NewBudget(BudgetConfig{Ceiling: 1 << 20, SlowRatio: 1})
 	cfg := bigCfg(Evict)
-	cfg.MaxMessages, cfg.MaxBytes, cfg.SlowDepth = 100, 1<<20, 5 // slow at 50 KiB unsent
+	cfg.MaxMessages, cfg.MaxBytes, cfg.SlowAge = 100, 1<<20, testSlowAge
 	var evicted []Reason
 	q := NewQueue(cfg, b, func(r Reason) { evicted = append(evicted, r) })
 	var kernel int64
@@ -564,7 +690,7 @@ func TestBudgetReclaimsEvictedFirst(t *testing.T) {
 	b := NewBudget(BudgetConfig{Ceiling: 100 * kb})
 	var ev evictions
 	mk := func(name string, heap int, unsent int64) *Queue {
-		q := NewQueue(clientCfg(1000), b, ev.hook(name))
+		q := NewQueue(clientCfg(), b, ev.hook(name))
 		t.Cleanup(q.Close)
 		q.OnUnsent(func() int64 { return unsent })
 		mustPush(t, q, msg(1, 16))

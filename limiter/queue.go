@@ -22,15 +22,19 @@ type Config struct {
 	KeepNewest int
 	// PauseMax bounds one pause; 0 means no bound.
 	PauseMax time.Duration
-	// EvictGrace is how long the Evict policy lets the producer wait for
-	// the writer to drain the queue to its low-water mark before it
-	// refuses a message: a writer that was not scheduled in time on a busy
-	// machine is not a slow client (nats-server stalls its producers a few
-	// ms the same way). 0 refuses at once.
+	// EvictGrace is how long the client may take nothing while the queue
+	// is at its high-water mark before the Evict policy refuses a message.
+	// A client that takes bytes, however busy the machine, is not evicted
+	// for a full queue: the producer waits for it instead, as under Pause,
+	// until it stalls (nothing taken for EvictGrace) or falls SlowAge
+	// behind. 0 refuses at once, whatever the client is doing.
 	EvictGrace time.Duration
-	// SlowDepth is the depth at which the queue's connection counts as slow
-	// for the Budget; 0 means it never does (the upstream direction).
-	SlowDepth int
+	// SlowAge is how far behind a client may fall before it counts as
+	// slow: its socket has taken nothing for SlowAge while data waited, or
+	// its oldest queued message has waited SlowAge. A queue briefly deep
+	// while bytes flow is not slow. 0 means the queue is never slow and not
+	// counted by the Budget's guards (the upstream direction).
+	SlowAge time.Duration
 }
 
 func (c *Config) lowMessages() int { return int(float64(c.MaxMessages) * c.LowWater) }
@@ -77,13 +81,19 @@ type Queue struct {
 	ownPing      bool     // one of ctl is sluice's own ping
 	closeFrame   *Segment // sent after data, or first when closeFirst
 	closeFirst   bool
-	closed       bool // aborted: Take and Push fail
-	writerInMsg  bool // the writer has taken a message's start but not its end
-	roomWanted   bool // the producer waits on room
-	roomForStart bool // ... to start a message: the count must fall too
-	slow         bool
+	closed       bool  // aborted: Take and Push fail
+	writerInMsg  bool  // the writer has taken a message's start but not its end
+	roomWanted   bool  // the producer waits on room
+	roomForStart bool  // ... to start a message: the count must fall too
 	pausedAt     int64 // monotonic ns the current pause began; 0 if none
 	dropped      uint64
+
+	// Progress (progress.go): whether the client is taking what waits.
+	took       bool        // Take handed the writer something since the last sample
+	sampledAt  int64       // monotonic ns of the guard's last sample of this queue; 0 before it
+	progressAt int64       // monotonic ns of the last sample that saw progress, or nothing waiting
+	openMsgAt  int64       // queuedAt of the message the writer has started (writerInMsg)
+	slow       atomic.Bool // counted slow by the Budget; written under mu
 
 	// room tells the producer waiting on the data lane that it is below
 	// low water, or closed; ctlRoom tells a forwarder waiting on a full
@@ -131,7 +141,7 @@ func NewQueue(cfg *Config, b *Budget, onEvict func(Reason)) *Queue {
 		budget:  b,
 		onEvict: onEvict,
 	}
-	if b != nil && cfg.SlowDepth > 0 {
+	if b != nil && cfg.SlowAge > 0 {
 		b.register(q)
 	}
 	return q
@@ -191,13 +201,15 @@ func (q *Queue) Push(seg *Segment) error {
 		if seg.Start {
 			switch q.cfg.Policy {
 			case Evict:
-				if q.cfg.EvictGrace <= 0 || graceOver {
+				if q.cfg.EvictGrace <= 0 || graceOver || q.stalledLocked() {
 					q.roomWanted = false
+					q.endPause()
 					q.mu.Unlock()
 					return ErrOverflow
 				}
-				if graceTimer == nil {
-					// Not yet: the writer may only be late.
+				if graceTimer == nil && q.cfg.SlowAge == 0 {
+					// Nobody samples this queue's progress: the grace runs
+					// from the overflow, once.
 					graceTimer = time.NewTimer(q.cfg.EvictGrace)
 				}
 			case Drop:
@@ -243,11 +255,16 @@ func (q *Queue) Push(seg *Segment) error {
 		q.mu.Lock()
 	}
 	q.endPause()
-	if seg.Start && q.budget != nil && q.budget.cfg.ObserveWait != nil {
-		seg.queuedAt = now() // only a message's first segment is observed
+	if seg.Start && q.budget != nil && (q.cfg.SlowAge > 0 || q.budget.cfg.ObserveWait != nil) {
+		seg.queuedAt = q.budget.clock() // a message's age is its first segment's
 	}
 	if q.tail == nil {
 		q.head = seg
+		if q.cfg.SlowAge > 0 && q.budget != nil && !q.wroteSince.Load() && !q.wroteSince.Swap(true) {
+			// Data waits from now: the guard watches whether the client
+			// takes it, even while its writer is blocked and takes nothing.
+			q.budget.markDue(q)
+		}
 	} else {
 		q.tail.next = seg
 	}
@@ -461,7 +478,8 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		q.nctl, q.ownPing = 0, false
 		q.signalCtlRoom()
 	}
-	if !q.wroteSince.Swap(true) && q.unsentFn != nil && q.budget != nil {
+	q.took = true
+	if !q.wroteSince.Swap(true) && q.budget != nil && (q.unsentFn != nil || q.cfg.SlowAge > 0) {
 		q.budget.markDue(q) // the first write since the last sample
 	}
 	if q.closeFrame != nil && q.closeFirst {
@@ -485,6 +503,7 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		taken += s.Len()
 		if s.Start {
 			lastWait = s.queuedAt
+			q.openMsgAt = s.queuedAt
 		}
 		if s.End {
 			ended++
@@ -513,7 +532,7 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 	}
 	q.mu.Unlock()
 	if lastWait != 0 && q.budget != nil && q.budget.cfg.ObserveWait != nil {
-		q.budget.cfg.ObserveWait(time.Duration(now() - lastWait))
+		q.budget.cfg.ObserveWait(time.Duration(q.budget.clock() - lastWait))
 	}
 	return dst, nil
 }
@@ -537,10 +556,11 @@ func (q *Queue) Close() {
 	q.closed = true
 	q.endPause()
 	q.setUnsentLocked(0)
+	q.setSlowLocked(false)
 	q.signalRoom()
 	q.signalCtlRoom()
 	q.mu.Unlock()
-	if q.budget != nil && q.cfg.SlowDepth > 0 {
+	if q.budget != nil && q.cfg.SlowAge > 0 {
 		q.budget.unregister(q)
 	}
 }
@@ -582,29 +602,4 @@ func (q *Queue) addBytes(n int64) {
 
 func (q *Queue) addMessages(n int) {
 	q.msgs.Add(int32(n))
-	if q.budget == nil || q.cfg.SlowDepth == 0 {
-		return
-	}
-	q.updateSlow()
-}
-
-// updateSlow keeps the Budget's count of slow queues in step: a queue is
-// slow at SlowDepth messages, unless it is being evicted already.
-// Callers hold mu.
-func (q *Queue) updateSlow() {
-	if slow := !q.evicted.Load() && int(q.msgs.Load()) >= q.cfg.SlowDepth; slow != q.slow {
-		q.slow = slow
-		if slow {
-			q.budget.slow.Add(1)
-		} else {
-			q.budget.slow.Add(-1)
-		}
-	}
-}
-
-// IsSlow reports whether the queue counts as slow now.
-func (q *Queue) IsSlow() bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.slow
 }

@@ -344,7 +344,7 @@ func TestCloseFrame(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			b := NewBudget(BudgetConfig{})
 			cfg := bigCfg(Evict)
-			cfg.SlowDepth = 100
+			cfg.SlowAge = time.Second
 			q := NewQueue(cfg, b, nil)
 			defer q.Close()
 			for id := uint64(1); id <= 3; id++ {
@@ -912,7 +912,7 @@ func checkWhole(t *testing.T, segs []*Segment, st *wholeState) bool {
 func TestPausePolicy(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		b := NewBudget(BudgetConfig{})
-		q := NewQueue(&Config{Policy: Pause, MaxMessages: 10, MaxBytes: 1 << 20, LowWater: 0.5, SlowDepth: 100}, b, nil)
+		q := NewQueue(&Config{Policy: Pause, MaxMessages: 10, MaxBytes: 1 << 20, LowWater: 0.5, SlowAge: time.Second}, b, nil)
 		defer q.Close()
 		for id := uint64(1); id <= 10; id++ {
 			mustPush(t, q, msg(id, 16))
@@ -1121,7 +1121,7 @@ func TestStreamDiscard(t *testing.T) {
 func TestCloseIdempotent(t *testing.T) {
 	b := NewBudget(BudgetConfig{})
 	cfg := bigCfg(Evict)
-	cfg.SlowDepth = 1
+	cfg.SlowAge = time.Second
 	q := NewQueue(cfg, b, nil)
 	mustPush(t, q, msg(1, 100))
 	q.PushControl(ctlSeg(1))
@@ -1201,8 +1201,8 @@ func TestConcurrentPushTake(t *testing.T) {
 		cfg      Config
 		lossless bool
 	}{
-		{"pause", Config{Policy: Pause, MaxMessages: 16, MaxBytes: 8 << 10, LowWater: 0.5, SlowDepth: 8}, true},
-		{"drop", Config{Policy: Drop, MaxMessages: 16, MaxBytes: 8 << 10, LowWater: 0.5, KeepNewest: 4, SlowDepth: 8}, false},
+		{"pause", Config{Policy: Pause, MaxMessages: 16, MaxBytes: 8 << 10, LowWater: 0.5, SlowAge: time.Second}, true},
+		{"drop", Config{Policy: Drop, MaxMessages: 16, MaxBytes: 8 << 10, LowWater: 0.5, KeepNewest: 4, SlowAge: time.Second}, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1337,10 +1337,10 @@ func wholeMsg(payload []byte) *Segment {
 // pushTakeCases are shared by the benchmarks.
 var pushTakeCases = []pushTakeCase{
 	{"evict", Config{Policy: Evict, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5}, false},
-	{"evict/budget", Config{Policy: Evict, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, SlowDepth: 50}, true},
-	{"drop/budget", Config{Policy: Drop, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 10, SlowDepth: 50}, true},
+	{"evict/budget", Config{Policy: Evict, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, SlowAge: time.Second}, true},
+	{"drop/budget", Config{Policy: Drop, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, KeepNewest: 10, SlowAge: time.Second}, true},
 	{"pause", Config{Policy: Pause, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5}, false},
-	{"pause/budget", Config{Policy: Pause, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, SlowDepth: 50}, true},
+	{"pause/budget", Config{Policy: Pause, MaxMessages: 100, MaxBytes: 1 << 20, LowWater: 0.5, SlowAge: time.Second}, true},
 }
 
 // The queue adds no allocation to a push and a take: the same segment
@@ -1517,4 +1517,87 @@ func TestEvictGrace(t *testing.T) {
 			t.Fatalf("refused after %v, want the 20ms grace", d)
 		}
 	})
+}
+
+// Under Evict with progress sampled (SlowAge set), a full queue evicts only
+// a client that has taken nothing for EvictGrace: one that takes, however
+// slowly the machine lets it, holds the producer back instead.
+func TestEvictOnlyTheStalled(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := NewBudget(BudgetConfig{})
+		cfg := &Config{Policy: Evict, MaxMessages: 4, MaxBytes: 1 << 20, LowWater: 0.5,
+			EvictGrace: 10 * GuardInterval, SlowAge: time.Hour}
+		q := NewQueue(cfg, b, nil)
+		defer q.Close()
+		clock := newGuardClock(b)
+		mustPush(t, q, msg(0, 16))
+		take(t, q, 1, 1<<20) // on the guard's list from now on
+		fillMessages(t, q, 4)
+
+		// A client that takes one message every 9 ticks: each push waits,
+		// then goes on; none is refused.
+		for i := range 30 {
+			done := asyncPush(q, msg(uint64(100+i), 16))
+			synctest.Wait()
+			if _, ok := returned(done); ok {
+				t.Fatalf("push %d past the mark did not wait", i)
+			}
+			if st := b.Stats(); st.Paused != 1 {
+				t.Fatalf("push %d: Paused = %d while it waits, want 1", i, st.Paused)
+			}
+			clock.run(8 * GuardInterval)
+			synctest.Wait()
+			if err, ok := returned(done); ok {
+				t.Fatalf("push %d returned %v before the client took anything", i, err)
+			}
+			take(t, q, 1, 1<<20)
+			clock.run(GuardInterval)
+			synctest.Wait()
+			err, ok := returned(done)
+			if !ok || err != nil {
+				t.Fatalf("push %d after the client took a message: returned %v, %v; want nil", i, ok, err)
+			}
+		}
+
+		// The client stops taking: the next push past the mark is refused
+		// once EvictGrace has passed without progress, not before.
+		done := asyncPush(q, msg(999, 16))
+		clock.run(9 * GuardInterval)
+		synctest.Wait()
+		if err, ok := returned(done); ok {
+			t.Fatalf("refused after 9 still ticks (%v), want the grace of 10", err)
+		}
+		clock.run(GuardInterval)
+		synctest.Wait()
+		if err, ok := returned(done); !ok || !errors.Is(err, ErrOverflow) {
+			t.Fatalf("after 10 still ticks: returned %v, %v; want ErrOverflow", ok, err)
+		}
+		if st := b.Stats(); st.Paused != 0 {
+			t.Fatalf("Paused = %d after the refusal, want 0", st.Paused)
+		}
+	})
+}
+
+// A client already stalled when its queue fills is refused at once: the
+// backend is not held back for it.
+func TestEvictStalledAtOnce(t *testing.T) {
+	b := NewBudget(BudgetConfig{})
+	cfg := &Config{Policy: Evict, MaxMessages: 4, MaxBytes: 1 << 20, LowWater: 0.5,
+		EvictGrace: 10 * GuardInterval, SlowAge: time.Hour}
+	q := NewQueue(cfg, b, nil)
+	defer q.Close()
+	clock := newGuardClock(b)
+	mustPush(t, q, msg(0, 16))
+	take(t, q, 1, 1<<20)
+	// Messages arrive slowly; the client took its last one long ago.
+	clock.run(20*GuardInterval, func() {
+		if q.Messages() < 4 {
+			fillMessages(t, q, 1)
+		}
+	})
+	s := msg(5, 16)
+	if err := q.Push(s); !errors.Is(err, ErrOverflow) {
+		t.Fatalf("Push on a full queue of a client stalled for 20 ticks = %v, want ErrOverflow at once", err)
+	}
+	s.Free()
 }

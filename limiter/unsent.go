@@ -4,10 +4,8 @@ package limiter
 // peer has not acknowledged (SIOCOUTQ) count in the queue's bytes, so that
 // the byte mark, the ceiling and status pages see the memory the
 // connection really costs. The Budget's guard samples them every
-// GuardInterval, never per frame. They do not count toward the slow depth,
-// which is in messages: counted there, what a healthy client has in flight
-// or briefly pending made the slow-ratio guard evict clients that were only
-// a moment behind (PERFORMANCE.md, kernel memory of stalled clients).
+// GuardInterval, never per frame; whether they move tells it whether the
+// client reads (progress.go).
 
 // OnUnsent names the function that tells how many bytes the kernel holds
 // unacknowledged for the queue's connection (Linux SIOCOUTQ). The Budget's
@@ -28,25 +26,37 @@ func (q *Queue) OnUnsent(f func() int64) {
 // the queue's connection; Bytes includes it.
 func (q *Queue) Unsent() int64 { return q.unsent.Load() }
 
-// sampleUnsent takes a new sample if one is due: the queue's writer took
-// a batch since the last one, or the kernel still held bytes then. It
-// reports whether the kernel holds bytes still, so that the next round
-// samples the queue again.
-func (q *Queue) sampleUnsent() (again bool) {
-	if q.unsentFn == nil || (!q.wroteSince.Swap(false) && q.unsent.Load() == 0) {
+// sample takes a new sample at t: what the kernel holds unacknowledged
+// (when the queue's writer took a batch since the last one, or the kernel
+// still held bytes then), and whether the client made progress since
+// (progress.go). It reports whether the queue is to be sampled again: the
+// kernel still holds bytes, or data still waits.
+func (q *Queue) sample(t int64) (again bool) {
+	n, asked := int64(0), false
+	if q.unsentFn != nil && (q.wroteSince.Swap(false) || q.unsent.Load() != 0) {
+		n, asked = q.unsentFn(), true
+	} else {
+		q.wroteSince.Store(false)
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
 		return false
 	}
-	n := q.unsentFn()
-	q.mu.Lock()
-	if !q.closed {
+	progressed := q.took
+	q.took = false
+	if asked {
+		progressed = progressed || n != q.unsent.Load()
 		q.setUnsentLocked(n)
 		if q.roomWanted && q.hasRoomLocked() {
 			q.signalRoom()
 		}
-		again = n != 0
 	}
-	q.mu.Unlock()
-	return again
+	waiting := false
+	if q.cfg.SlowAge > 0 {
+		waiting = q.observeLocked(t, progressed)
+	}
+	return waiting || q.unsent.Load() != 0
 }
 
 // setUnsentLocked replaces the unsent sample with n. Callers hold mu.

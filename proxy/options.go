@@ -168,14 +168,15 @@ func (o *Options) setDefaults() error {
 		q.KeepNewest = min(10, q.MaxMessages)
 	}
 	if q.EvictGrace == 0 {
-		// A few scheduling quanta: on a busy machine the writer of a
-		// client that reads may start late, and a burst from the backend
-		// (pipelined echoes, say) must not evict it for that. A negative
-		// value evicts at once.
-		q.EvictGrace = 20 * time.Millisecond
+		// Ten of the guard's samples without a byte taken: a client that
+		// reads never goes that long on a busy machine (its unsent bytes
+		// move whenever it reads), while one that stalled before its
+		// queue filled is evicted as soon as it fills. A negative value
+		// evicts at once.
+		q.EvictGrace = 500 * time.Millisecond
 	}
-	if q.SlowDepth <= 0 {
-		q.SlowDepth = min(5, q.MaxMessages)
+	if q.SlowAge <= 0 {
+		q.SlowAge = 5 * time.Second
 	}
 	return nil
 }

@@ -157,6 +157,19 @@ func (l *leg) SendPing(payload []byte) {
 	}
 }
 
+// Held tells the keepalive that sluice itself is not reading l's socket
+// now: its frames wait for room in the other leg's queue, or an inbound
+// limit holds them back. The peer's pong then waits in its own send
+// buffer behind its data, and its deadline must not run out for that.
+func (l *leg) Held() bool {
+	if q := l.peer().out.Load(); q != nil {
+		if paused, _ := q.Paused(); paused {
+			return true
+		}
+	}
+	return !l.upstream && l.s.rate != nil && l.s.rate.throttledNow(limiter.Now())
+}
+
 // Stale implements keepalive.Peer: the peer missed its pong deadline.
 func (l *leg) Stale() {
 	if l.upstream {

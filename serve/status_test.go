@@ -176,6 +176,8 @@ func startStalled(t *testing.T, policy string, extra map[string]string, firstRea
 		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "64MiB",
 		config.Prefix + "SHUTDOWN_TIMEOUT":       "3s",
 		config.Prefix + "CLOSE_TIMEOUT":          "1s",
+		// Slow within half a second of stalling, not the default 5 s.
+		config.Prefix + "SLOW_CLIENT_AGE": "500ms",
 	}
 	maps.Copy(env, extra)
 	wsAddr, adminAddr, _, stop := startSluice(t, env)

@@ -1,0 +1,120 @@
+package limiter
+
+import "time"
+
+// Slow means stalled. A client counts as slow when it is not keeping up,
+// not when its queue is deep for a moment: its socket has taken nothing
+// for SlowAge while data waited for it, or its oldest queued message has
+// waited SlowAge. On a busy machine a client that reads as fast as it can
+// may have dozens of messages queued for an instant; it still takes bytes,
+// so it is not slow, and neither the ratio guard nor the Evict policy
+// disconnects it. nats-server draws the same line: a client is slow when
+// a flush to it has blocked past its write deadline, not when a burst is
+// pending.
+//
+// Progress is seen by the Budget's guard, every GuardInterval, for the
+// queues on its due list (written since the last sample, or with anything
+// waiting): the writer took a batch since the last sample (Take sets
+// took), or the bytes the kernel holds unacknowledged changed (the client
+// read, so the writer blocked on its socket could go on). A stalled
+// client's unsent bytes sit still to the byte. Nothing is timed on the
+// frame path.
+
+// waitingLocked: something waits for the client, in the queue or in the
+// kernel. Callers hold mu.
+func (q *Queue) waitingLocked() bool {
+	return q.msgs.Load() > 0 || q.head != nil || q.unsent.Load() > 0
+}
+
+// oldestLocked is when the oldest message not yet fully written was
+// queued, 0 if none or unknown. Callers hold mu.
+func (q *Queue) oldestLocked() int64 {
+	if q.writerInMsg {
+		return q.openMsgAt
+	}
+	if q.head != nil && q.head.Start {
+		return q.head.queuedAt
+	}
+	return 0
+}
+
+// observeLocked records one sample's verdict at t: progressed says the
+// client took something since the last sample. It updates the slow count
+// and reports whether the queue still has something waiting, so that the
+// guard samples it again. Callers hold mu.
+func (q *Queue) observeLocked(t int64, progressed bool) (waiting bool) {
+	waiting = !q.closed && q.waitingLocked()
+	if progressed || !waiting || q.progressAt == 0 {
+		q.progressAt = t
+	}
+	q.sampledAt = t
+	q.setSlowLocked(waiting && q.behindLocked(t, q.cfg.SlowAge))
+	if q.roomWanted && q.cfg.Policy == Evict {
+		q.signalRoom() // the producer at the high-water mark looks again
+	}
+	return waiting
+}
+
+// behindLocked reports whether, by the samples up to t, the client has
+// taken nothing for age, or its oldest message has waited age. The
+// stillness is measured between samples, so a guard that ran late (a busy
+// machine) does not make every client look stalled. Callers hold mu.
+func (q *Queue) behindLocked(t int64, age time.Duration) bool {
+	if age <= 0 || q.sampledAt == 0 {
+		return false
+	}
+	if !q.took && q.sampledAt-q.progressAt >= int64(age) {
+		return true
+	}
+	oldest := q.oldestLocked()
+	return oldest != 0 && t-oldest >= int64(age)
+}
+
+// stalledLocked is the Evict policy's test at the high-water mark: the
+// client has taken nothing for EvictGrace, or fell SlowAge behind.
+// Callers hold mu.
+func (q *Queue) stalledLocked() bool {
+	if q.cfg.SlowAge <= 0 || q.budget == nil {
+		return false // no samples: the grace timer decides
+	}
+	if q.sampledAt == 0 {
+		return false
+	}
+	if !q.took && q.sampledAt-q.progressAt >= int64(q.cfg.EvictGrace) {
+		return true
+	}
+	oldest := q.oldestLocked()
+	return oldest != 0 && q.budget.clock()-oldest >= int64(q.cfg.SlowAge)
+}
+
+// setSlowLocked keeps the Budget's count of slow queues in step. A queue
+// being evicted is not counted. Callers hold mu.
+func (q *Queue) setSlowLocked(slow bool) {
+	slow = slow && !q.evicted.Load() && !q.closed
+	if q.slow.Load() == slow {
+		return
+	}
+	q.slow.Store(slow)
+	if q.budget == nil {
+		return
+	}
+	if slow {
+		q.budget.slow.Add(1)
+	} else {
+		q.budget.slow.Add(-1)
+	}
+}
+
+// IsSlow reports whether the queue counts as slow now.
+func (q *Queue) IsSlow() bool { return q.slow.Load() }
+
+// StalledFor is how long, by the guard's samples, the client has taken
+// nothing while data waited for it; 0 when it is keeping up.
+func (q *Queue) StalledFor() time.Duration {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.took || q.sampledAt == 0 || !q.waitingLocked() {
+		return 0
+	}
+	return time.Duration(q.sampledAt - q.progressAt)
+}
