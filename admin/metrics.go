@@ -4,7 +4,25 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"sluice/limiter"
+	"sluice/version"
 )
+
+// RegisterBuildInfo exports sluice_build_info, 1 with the build's
+// version, commit and Go release as labels, as Prometheus's own
+// prometheus_build_info: join on it to see which build a pod runs.
+func RegisterBuildInfo(reg prometheus.Registerer, info version.Info) {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "sluice_build_info",
+		Help: "Always 1; its labels name the running build (version, commit, goversion).",
+		ConstLabels: prometheus.Labels{
+			"version":   info.Version,
+			"commit":    info.Commit,
+			"goversion": info.GoVersion,
+		},
+	})
+	g.Set(1)
+	reg.MustRegister(g)
+}
 
 // RegisterBudgetMetrics exports the queue budget's counters and the queue
 // depth histogram, read at scrape time so the frame path pays nothing for

@@ -21,6 +21,7 @@ import (
 	"sluice/certs"
 	"sluice/config"
 	"sluice/proxy"
+	"sluice/version"
 )
 
 // Listening is what Run reports once both listeners listen.
@@ -55,6 +56,8 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 		}
 	}()
 	admin.RegisterBudgetMetrics(reg, srv.Budget())
+	build := version.Get()
+	admin.RegisterBuildInfo(reg, build)
 	ln, stopTLS, err := listen(ctx, cfg, log)
 	if err != nil {
 		return err
@@ -81,7 +84,8 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 	serving = true
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info().Str("addr", ln.Addr().String()).Str("admin_addr", adminAddr).
+	log.Info().Str("version", build.Version).Str("commit", build.Commit).
+		Str("addr", ln.Addr().String()).Str("admin_addr", adminAddr).
 		Str("upstream", opts.Upstream.String()).Str("policy", opts.Queue.Policy.String()).
 		Int64("global_queue_max_bytes", opts.Budget.Ceiling).Msg("listening")
 	if ready != nil {
