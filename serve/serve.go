@@ -38,6 +38,7 @@ type Listening struct {
 // listeners listen. Run returns only after every goroutine it started has
 // ended; its error is a start-up failure or the listener's.
 func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(Listening)) error {
+	checkHostLimits(log, cfg.MaxConnections)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts, err := cfg.ProxyOptions(log, reg)
