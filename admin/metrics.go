@@ -1,6 +1,8 @@
 package admin
 
 import (
+	"strconv"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"sluice/limiter"
@@ -25,7 +27,7 @@ func RegisterBuildInfo(reg prometheus.Registerer, info version.Info) {
 }
 
 // RegisterBudgetMetrics exports the queue budget's counters and the queue
-// depth histogram, read at scrape time so the frame path pays nothing for
+// depth gauges, read at scrape time so the frame path pays nothing for
 // them. The proxy registers its per-session metrics itself.
 func RegisterBudgetMetrics(reg prometheus.Registerer, b *limiter.Budget) {
 	gauge := func(name, help string, f func(limiter.Stats) float64) prometheus.Collector {
@@ -47,39 +49,57 @@ func RegisterBudgetMetrics(reg prometheus.Registerer, b *limiter.Budget) {
 			func() float64 { return float64(b.Stats().DroppedTotal) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sluice_pause_seconds_total", Help: "Time upstream readers spent paused, ended pauses."},
 			func() float64 { return b.Stats().PausedTime.Seconds() }),
-		&depthCollector{budget: b, buckets: []float64{0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000},
-			desc: prometheus.NewDesc("sluice_queue_depth_messages",
-				"Client queue depths in messages, sampled over all connections at scrape time.", nil, nil)},
+		newDepthCollector(b),
 	)
 }
 
-// depthCollector builds the queue depth histogram at scrape time from every
-// queue, so p95/p99 depth can be read without a per-message cost.
+// depthThresholds are the depths, in messages, sluice_clients_queue_deeper_than
+// counts clients past; 5 is the default slow depth's neighbourhood, 100
+// the default high-water mark.
+var depthThresholds = [...]int{0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000}
+
+// depthCollector reads every client queue's depth at scrape time, so the
+// frame path pays nothing for it, and exports what a snapshot can honestly
+// be: gauges. (A histogram rebuilt at each scrape has bucket counts that
+// fall, which rate() and histogram_quantile() read as counter resets.)
 type depthCollector struct {
-	budget  *limiter.Budget
-	buckets []float64 // upper bounds, ascending; never changed
-	desc    *prometheus.Desc
+	budget *limiter.Budget
+	max    *prometheus.Desc
+	deeper *prometheus.Desc
+	labels [len(depthThresholds)]string // the thresholds as label values, formatted once
 }
 
-func (c *depthCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+func newDepthCollector(b *limiter.Budget) *depthCollector {
+	c := &depthCollector{
+		budget: b,
+		max: prometheus.NewDesc("sluice_queue_depth_max_messages",
+			"The deepest client queue, in messages, at scrape time.", nil, nil),
+		deeper: prometheus.NewDesc("sluice_clients_queue_deeper_than",
+			"Clients whose queue holds more than the label's number of messages, at scrape time.", []string{"messages"}, nil),
+	}
+	for i, d := range depthThresholds {
+		c.labels[i] = strconv.Itoa(d)
+	}
+	return c
+}
+
+func (c *depthCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.max; ch <- c.deeper }
 
 func (c *depthCollector) Collect(ch chan<- prometheus.Metric) {
-	counts := make([]uint64, len(c.buckets))
-	var n uint64
-	var sum float64
+	var counts [len(depthThresholds)]int
+	deepest := 0
 	c.budget.Each(func(q *limiter.Queue) {
-		d := float64(q.Messages())
-		n++
-		sum += d
-		for i, ub := range c.buckets {
-			if d <= ub {
-				counts[i]++
+		d := q.Messages()
+		deepest = max(deepest, d)
+		for i, t := range depthThresholds {
+			if d <= t {
+				break
 			}
+			counts[i]++
 		}
 	})
-	buckets := make(map[float64]uint64, len(c.buckets))
-	for i, ub := range c.buckets {
-		buckets[ub] = counts[i]
+	ch <- prometheus.MustNewConstMetric(c.max, prometheus.GaugeValue, float64(deepest))
+	for i, n := range counts {
+		ch <- prometheus.MustNewConstMetric(c.deeper, prometheus.GaugeValue, float64(n), c.labels[i])
 	}
-	ch <- prometheus.MustNewConstHistogram(c.desc, n, sum, buckets)
 }
