@@ -305,3 +305,56 @@ func TestPodMonitor(t *testing.T) {
 		t.Error(`deploy/alerts.yml no longer expects job="sluice": change the PodMonitor's job label with it`)
 	}
 }
+
+// TestLogLines runs a session and a drain through sluice with the logger
+// the binary uses, and reads every line as a log collector would: each is
+// JSON with a timestamp to the millisecond, and every field that holds a
+// duration says its unit in its name (seconds).
+func TestLogLines(t *testing.T) {
+	cfg, err := config.Load(map[string]string{config.Prefix + "UPSTREAM_URL": "ws://127.0.0.1:1/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs wstest.LogBuffer
+	env := map[string]string{config.Prefix + "DRAIN_SPREAD": "10ms", config.Prefix + "SHUTDOWN_TIMEOUT": "3s"}
+	// Checked last, after the cleanups that drain and stop sluice.
+	t.Cleanup(func() {
+		stamp := regexp.MustCompile(`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d)$`)
+		durationWord := regexp.MustCompile(`(^|_)(duration|delay|spread|timeout|retry|wait|age|elapsed|interval)(_|$)`)
+		seen := map[string]bool{}
+		for line := range strings.SplitSeq(strings.TrimSpace(logs.String()), "\n") {
+			var fields map[string]any
+			if err := json.Unmarshal([]byte(line), &fields); err != nil {
+				t.Errorf("log line is not JSON: %v\n%s", err, line)
+				continue
+			}
+			msg, _ := fields["message"].(string)
+			seen[msg] = true
+			ts, _ := fields["time"].(string)
+			if !stamp.MatchString(ts) {
+				t.Errorf("%q: time %q; want RFC 3339 with milliseconds", msg, ts)
+			} else if when, err := time.Parse(time.RFC3339Nano, ts); err != nil || time.Since(when).Abs() > time.Minute {
+				t.Errorf("%q: time %q parses to %v, %v", msg, ts, when, err)
+			}
+			for k, v := range fields {
+				if durationWord.MatchString(k) && !strings.HasSuffix(k, "_seconds") {
+					t.Errorf("%q: field %s=%v holds a duration without its unit in its name", msg, k, v)
+				}
+			}
+			if msg == "session closed" {
+				if d, ok := fields["duration_seconds"].(float64); !ok || d <= 0 || d > 10 {
+					t.Errorf("session closed: duration_seconds = %v; want the session's few seconds at most", fields["duration_seconds"])
+				}
+			}
+			if msg == "draining" && (fields["delay_seconds"] != 0.0 || fields["spread_seconds"] != 0.01 || fields["timeout_seconds"] != 3.0) {
+				t.Errorf("draining: %v; want delay_seconds 0, spread_seconds 0.01, timeout_seconds 3", fields)
+			}
+		}
+		for _, want := range []string{"listening", "session closed", "draining", "stopped"} {
+			if !seen[want] {
+				t.Errorf("no %q line in:\n%s", want, logs.String())
+			}
+		}
+	})
+	startEchoSession(t, env, cfg.Logger(&logs))
+}

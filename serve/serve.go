@@ -136,8 +136,8 @@ func listen(ctx context.Context, cfg config.Config, log zerolog.Logger) (_ net.L
 // can notice.
 func drain(srv *proxy.Server, adminSrv *http.Server, cfg config.Config, log zerolog.Logger, delay bool) {
 	srv.BeginDrain()
-	log.Info().Int("sessions", srv.Sessions()).Dur("delay", cfg.DrainDelay).
-		Dur("spread", cfg.DrainSpread).Dur("timeout", cfg.ShutdownTimeout).Msg("draining")
+	log.Info().Int("sessions", srv.Sessions()).Float64("delay_seconds", cfg.DrainDelay.Seconds()).
+		Float64("spread_seconds", cfg.DrainSpread.Seconds()).Float64("timeout_seconds", cfg.ShutdownTimeout.Seconds()).Msg("draining")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if cfg.DrainDelay > 0 && delay {
