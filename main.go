@@ -77,7 +77,8 @@ const usage = `usage: sluice          run the proxy (configured by SLUICE_* vari
 // check is `sluice check`, as `nginx -t` or `haproxy -c`: it loads the
 // configuration and maps it to the proxy's options, as a start does, and
 // returns the same error a failed start prints; it opens no socket. On
-// success it prints the warnings a start would log and "configuration ok".
+// success it prints the warnings a start would log (the host's limits
+// included) and "configuration ok".
 func check(args []string, environ map[string]string, stdout io.Writer) error {
 	if len(args) > 0 {
 		return fmt.Errorf("check: unexpected argument %q (it reads only SLUICE_* variables)", args[0])
@@ -89,7 +90,7 @@ func check(args []string, environ map[string]string, stdout io.Writer) error {
 	if _, err := cfg.ProxyOptions(zerolog.Nop(), nil); err != nil {
 		return err
 	}
-	for _, w := range cfg.Warnings() {
+	for _, w := range append(cfg.Warnings(), serve.HostLimitWarnings(cfg)...) {
 		fmt.Fprintln(stdout, "warning:", w)
 	}
 	fmt.Fprintln(stdout, "sluice: configuration ok")

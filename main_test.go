@@ -51,6 +51,16 @@ func TestCheck(t *testing.T) {
 	if got := out.String(); !strings.Contains(got, "warning: SLUICE_PING_INTERVAL=0") || !strings.HasSuffix(got, "sluice: configuration ok\n") {
 		t.Errorf("check printed %q; want the keepalive warning and configuration ok", got)
 	}
+	// The host's limits are checked as a start checks them: more
+	// connections than any host's ephemeral port range holds.
+	out.Reset()
+	good["SLUICE_MAX_CONNECTIONS"] = "70000"
+	if err := run(context.Background(), []string{"check"}, good, &out, &bytes.Buffer{}); err != nil {
+		t.Fatalf("check of a good environment: %v", err)
+	}
+	if got := out.String(); !strings.Contains(got, "warning: SLUICE_MAX_CONNECTIONS=70000 exceeds the") {
+		t.Errorf("check printed %q; want the ephemeral port warning", got)
+	}
 	if err := run(context.Background(), []string{"check", "extra"}, good, &out, &bytes.Buffer{}); err == nil {
 		t.Error("check accepted an argument")
 	}

@@ -92,3 +92,15 @@ func checkHostLimits(log zerolog.Logger, maxConns int) {
 		log.Warn().Msg(w)
 	}
 }
+
+// HostLimitWarnings are the warnings a start with cfg would log about this
+// host's limits, for `sluice check`. Like a start, it raises the soft
+// descriptor limit to the hard one.
+func HostLimitWarnings(cfg config.Config) []string {
+	l, err := readHostLimits()
+	w := limitWarnings(cfg.MaxConnections, l)
+	if err != nil {
+		w = append(w, "could not read the host's limits: "+err.Error())
+	}
+	return w
+}
