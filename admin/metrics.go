@@ -53,20 +53,16 @@ func RegisterBudgetMetrics(reg prometheus.Registerer, b *limiter.Budget) {
 	)
 }
 
-// depthThresholds are the depths, in messages, sluice_clients_queue_deeper_than
-// counts clients past; 5 is the default slow depth's neighbourhood, 100
-// the default high-water mark.
-var depthThresholds = [...]int{0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000}
-
 // depthCollector reads every client queue's depth at scrape time, so the
 // frame path pays nothing for it, and exports what a snapshot can honestly
 // be: gauges. (A histogram rebuilt at each scrape has bucket counts that
 // fall, which rate() and histogram_quantile() read as counter resets.)
 type depthCollector struct {
-	budget *limiter.Budget
-	max    *prometheus.Desc
-	deeper *prometheus.Desc
-	labels [len(depthThresholds)]string // the thresholds as label values, formatted once
+	budget     *limiter.Budget
+	max        *prometheus.Desc
+	deeper     *prometheus.Desc
+	thresholds []int    // ascending; set by newDepthCollector, never changed
+	labels     []string // thresholds as label values, formatted once
 }
 
 func newDepthCollector(b *limiter.Budget) *depthCollector {
@@ -76,9 +72,11 @@ func newDepthCollector(b *limiter.Budget) *depthCollector {
 			"The deepest client queue, in messages, at scrape time.", nil, nil),
 		deeper: prometheus.NewDesc("sluice_clients_queue_deeper_than",
 			"Clients whose queue holds more than the label's number of messages, at scrape time.", []string{"messages"}, nil),
+		// 5 is the default slow depth, 100 the default high-water mark.
+		thresholds: []int{0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000},
 	}
-	for i, d := range depthThresholds {
-		c.labels[i] = strconv.Itoa(d)
+	for _, d := range c.thresholds {
+		c.labels = append(c.labels, strconv.Itoa(d))
 	}
 	return c
 }
@@ -86,12 +84,12 @@ func newDepthCollector(b *limiter.Budget) *depthCollector {
 func (c *depthCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.max; ch <- c.deeper }
 
 func (c *depthCollector) Collect(ch chan<- prometheus.Metric) {
-	var counts [len(depthThresholds)]int
+	counts := make([]int, len(c.thresholds))
 	deepest := 0
 	c.budget.Each(func(q *limiter.Queue) {
 		d := q.Messages()
 		deepest = max(deepest, d)
-		for i, t := range depthThresholds {
+		for i, t := range c.thresholds {
 			if d <= t {
 				break
 			}
