@@ -10,13 +10,10 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
-	"runtime/debug"
-	"strings"
 	"syscall"
 
 	"github.com/KimMachineGun/automemlimit/memlimit"
@@ -26,6 +23,7 @@ import (
 	"sluice/config"
 	"sluice/demo"
 	"sluice/serve"
+	"sluice/version"
 )
 
 func main() {
@@ -46,8 +44,8 @@ func run(ctx context.Context, args []string, environ map[string]string, stdout, 
 			return demo.Run(ctx, args[1:], environ, stdout, stderr)
 		case "check":
 			return check(args[1:], environ, stdout)
-		case "version":
-			return version(args[1:], stdout)
+		case "version", "-version", "--version":
+			return printVersion(args[1:], stdout)
 		case "-h", "-help", "--help", "help":
 			fmt.Fprintln(stdout, usage)
 			return nil
@@ -73,13 +71,14 @@ func run(ctx context.Context, args []string, environ map[string]string, stdout, 
 
 const usage = `usage: sluice          run the proxy (configured by SLUICE_* variables, see config.example.env)
        sluice check    validate the SLUICE_* variables and exit: 0 if sluice would start, 1 if not
-       sluice version  print the module version and the VCS commit it was built from
+       sluice version  print the version, the commit and the Go release it was built from (also -version, --version)
        sluice demo     run a built-in backend, sluice and a fleet of fast and slow clients`
 
 // check is `sluice check`, as `nginx -t` or `haproxy -c`: it loads the
 // configuration and maps it to the proxy's options, as a start does, and
 // returns the same error a failed start prints; it opens no socket. On
-// success it prints the warnings a start would log and "configuration ok".
+// success it prints the warnings a start would log (the host's limits
+// included) and "configuration ok".
 func check(args []string, environ map[string]string, stdout io.Writer) error {
 	if len(args) > 0 {
 		return fmt.Errorf("check: unexpected argument %q (it reads only SLUICE_* variables)", args[0])
@@ -91,53 +90,19 @@ func check(args []string, environ map[string]string, stdout io.Writer) error {
 	if _, err := cfg.ProxyOptions(zerolog.Nop(), nil); err != nil {
 		return err
 	}
-	for _, w := range cfg.Warnings() {
+	for _, w := range append(cfg.Warnings(), serve.HostLimitWarnings(cfg)...) {
 		fmt.Fprintln(stdout, "warning:", w)
 	}
 	fmt.Fprintln(stdout, "sluice: configuration ok")
 	return nil
 }
 
-// version is `sluice version`: the main module's version and the commit
-// the go command stamped into the binary (absent under `go run` and in
-// test binaries).
-func version(args []string, stdout io.Writer) error {
+// printVersion is `sluice version`: the version and commit stamped at
+// build time (build.sh, deploy/Dockerfile), else the go command's record.
+func printVersion(args []string, stdout io.Writer) error {
 	if len(args) > 0 {
 		return fmt.Errorf("version: unexpected argument %q", args[0])
 	}
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return errors.New("version: no build information in this binary")
-	}
-	fmt.Fprintln(stdout, versionLine(bi))
+	fmt.Fprintln(stdout, version.Get())
 	return nil
-}
-
-// versionLine renders "sluice v1.2.0 commit 0123abcd (2026-12-01T10:00:00Z,
-// modified) go1.26.8".
-func versionLine(bi *debug.BuildInfo) string {
-	settings := map[string]string{}
-	for _, s := range bi.Settings {
-		settings[s.Key] = s.Value
-	}
-	line := "sluice " + bi.Main.Version
-	if bi.Main.Version == "" {
-		line += "(unknown)"
-	}
-	if rev := settings["vcs.revision"]; rev != "" {
-		line += " commit " + rev
-		var notes []string
-		if t := settings["vcs.time"]; t != "" {
-			notes = append(notes, t)
-		}
-		if settings["vcs.modified"] == "true" {
-			notes = append(notes, "modified")
-		}
-		if len(notes) > 0 {
-			line += " (" + strings.Join(notes, ", ") + ")"
-		}
-	} else {
-		line += " commit unknown"
-	}
-	return line + " " + bi.GoVersion
 }

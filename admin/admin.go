@@ -1,5 +1,5 @@
 // Package admin is sluice's admin listener: the process-wide metrics that
-// are not a session's (queue budget gauges, the depth histogram), health
+// are not a session's (queue budget gauges, queue depths), health
 // and readiness for the orchestrator, the live status page and its JSON,
 // and Go's profiles when asked for. It reads the proxy; it never changes
 // it.

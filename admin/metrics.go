@@ -1,13 +1,33 @@
 package admin
 
 import (
+	"strconv"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"sluice/limiter"
+	"sluice/version"
 )
 
+// RegisterBuildInfo exports sluice_build_info, 1 with the build's
+// version, commit and Go release as labels, as Prometheus's own
+// prometheus_build_info: join on it to see which build a pod runs.
+func RegisterBuildInfo(reg prometheus.Registerer, info version.Info) {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "sluice_build_info",
+		Help: "Always 1; its labels name the running build (version, commit, goversion).",
+		ConstLabels: prometheus.Labels{
+			"version":   info.Version,
+			"commit":    info.Commit,
+			"goversion": info.GoVersion,
+		},
+	})
+	g.Set(1)
+	reg.MustRegister(g)
+}
+
 // RegisterBudgetMetrics exports the queue budget's counters and the queue
-// depth histogram, read at scrape time so the frame path pays nothing for
+// depth gauges, read at scrape time so the frame path pays nothing for
 // them. The proxy registers its per-session metrics itself.
 func RegisterBudgetMetrics(reg prometheus.Registerer, b *limiter.Budget) {
 	gauge := func(name, help string, f func(limiter.Stats) float64) prometheus.Collector {
@@ -29,39 +49,55 @@ func RegisterBudgetMetrics(reg prometheus.Registerer, b *limiter.Budget) {
 			func() float64 { return float64(b.Stats().DroppedTotal) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sluice_pause_seconds_total", Help: "Time upstream readers spent paused, ended pauses."},
 			func() float64 { return b.Stats().PausedTime.Seconds() }),
-		&depthCollector{budget: b, buckets: []float64{0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000},
-			desc: prometheus.NewDesc("sluice_queue_depth_messages",
-				"Client queue depths in messages, sampled over all connections at scrape time.", nil, nil)},
+		newDepthCollector(b),
 	)
 }
 
-// depthCollector builds the queue depth histogram at scrape time from every
-// queue, so p95/p99 depth can be read without a per-message cost.
+// depthCollector reads every client queue's depth at scrape time, so the
+// frame path pays nothing for it, and exports what a snapshot can honestly
+// be: gauges. (A histogram rebuilt at each scrape has bucket counts that
+// fall, which rate() and histogram_quantile() read as counter resets.)
 type depthCollector struct {
-	budget  *limiter.Budget
-	buckets []float64 // upper bounds, ascending; never changed
-	desc    *prometheus.Desc
+	budget     *limiter.Budget
+	max        *prometheus.Desc
+	deeper     *prometheus.Desc
+	thresholds []int    // ascending; set by newDepthCollector, never changed
+	labels     []string // thresholds as label values, formatted once
 }
 
-func (c *depthCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+func newDepthCollector(b *limiter.Budget) *depthCollector {
+	c := &depthCollector{
+		budget: b,
+		max: prometheus.NewDesc("sluice_queue_depth_max_messages",
+			"The deepest client queue, in messages, at scrape time.", nil, nil),
+		deeper: prometheus.NewDesc("sluice_clients_queue_deeper_than",
+			"Clients whose queue holds more than the label's number of messages, at scrape time.", []string{"messages"}, nil),
+		// 5 marks a client a few messages behind, 100 the default high-water mark.
+		thresholds: []int{0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000},
+	}
+	for _, d := range c.thresholds {
+		c.labels = append(c.labels, strconv.Itoa(d))
+	}
+	return c
+}
+
+func (c *depthCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.max; ch <- c.deeper }
 
 func (c *depthCollector) Collect(ch chan<- prometheus.Metric) {
-	counts := make([]uint64, len(c.buckets))
-	var n uint64
-	var sum float64
+	counts := make([]int, len(c.thresholds))
+	deepest := 0
 	c.budget.Each(func(q *limiter.Queue) {
-		d := float64(q.Messages())
-		n++
-		sum += d
-		for i, ub := range c.buckets {
-			if d <= ub {
-				counts[i]++
+		d := q.Messages()
+		deepest = max(deepest, d)
+		for i, t := range c.thresholds {
+			if d <= t {
+				break
 			}
+			counts[i]++
 		}
 	})
-	buckets := make(map[float64]uint64, len(c.buckets))
-	for i, ub := range c.buckets {
-		buckets[ub] = counts[i]
+	ch <- prometheus.MustNewConstMetric(c.max, prometheus.GaugeValue, float64(deepest))
+	for i, n := range counts {
+		ch <- prometheus.MustNewConstMetric(c.deeper, prometheus.GaugeValue, float64(n), c.labels[i])
 	}
-	ch <- prometheus.MustNewConstHistogram(c.desc, n, sum, buckets)
 }

@@ -73,11 +73,11 @@ type Config struct {
 	// buffer that absorbs a burst from the backend while clients are slow.
 	// 0 keeps the kernel default.
 	UpstreamReadBuffer ByteSize `env:"UPSTREAM_READ_BUFFER" envDefault:"64KiB" want:"0 (kernel default) or a size from 4KiB to 64MiB, such as 64KiB"`
-	// ClientWriteBuffer is SO_SNDBUF of client sockets. 0 keeps the
-	// kernel's autotuning, which can buffer megabytes for a stalled client
-	// before sluice's queue for it starts to fill; a fixed size (e.g.
-	// 256KiB) makes slow clients visible sooner and bounds kernel memory.
-	ClientWriteBuffer ByteSize `env:"CLIENT_WRITE_BUFFER" envDefault:"0" want:"0 (kernel default) or a size from 4KiB to 64MiB, such as 256KiB"`
+	// ClientWriteBuffer is SO_SNDBUF of client sockets. The default bounds
+	// the kernel memory a stalled client holds outside the queue ceiling
+	// (autotuning lets it grow to tcp_wmem's maximum, 4 MiB by default)
+	// and shows slow clients sooner; 0 keeps the kernel's autotuning.
+	ClientWriteBuffer ByteSize `env:"CLIENT_WRITE_BUFFER" envDefault:"256KiB" want:"0 (kernel default) or a size from 4KiB to 64MiB, such as 256KiB"`
 	// IdlePoll parks the reader of a socket quiet for a second in one
 	// shared epoll set (Linux) instead of a goroutine waiting on it: about
 	// 8 KiB less per idle connection.
@@ -186,8 +186,9 @@ type Config struct {
 	// keeps when it sheds a backlog.
 	DropKeepNewest int `env:"DROP_KEEP_NEWEST" envDefault:"10" want:"a whole number from 1 to SLUICE_QUEUE_MAX_MESSAGES, such as 10"`
 	// PauseMax bounds how long the pause policy may block a producer before
-	// the connection is closed; 0 lets a pause last forever.
-	PauseMax time.Duration `env:"PAUSE_MAX" envDefault:"0" want:"0 (no limit) or a positive duration such as 5s or 1m"`
+	// the connection is closed; 0 lets a pause last forever, so that a
+	// client that reads a trickle holds its backend connection still.
+	PauseMax time.Duration `env:"PAUSE_MAX" envDefault:"30s" want:"0 (no limit) or a positive duration such as 5s or 1m"`
 
 	// --- global guards (whole process) ---
 
@@ -227,8 +228,9 @@ type Config struct {
 	// connections still open when it expires are cut.
 	ShutdownTimeout time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"30s" want:"a positive duration such as 30s"`
 	// DrainDelay is how long sluice keeps serving after SIGTERM (while
-	// reporting not-ready) so load balancers stop sending new clients.
-	DrainDelay time.Duration `env:"DRAIN_DELAY" envDefault:"0" want:"0 or a positive duration such as 5s"`
+	// reporting not-ready) so load balancers stop sending new clients: they
+	// learn of the termination seconds after sluice does.
+	DrainDelay time.Duration `env:"DRAIN_DELAY" envDefault:"5s" want:"0 or a positive duration such as 5s"`
 	// DrainSpread spreads the closing of existing connections over this
 	// long, so clients do not all reconnect at the same instant.
 	// DrainDelay+DrainSpread must be shorter than ShutdownTimeout.

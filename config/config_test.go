@@ -88,6 +88,7 @@ func defaultConfig(t *testing.T) Config {
 		UpstreamURL:          mustURL(t, testUpstream),
 		UpstreamDialTimeout:  5 * time.Second,
 		UpstreamReadBuffer:   64 * KiB,
+		ClientWriteBuffer:    256 * KiB,
 		IdlePoll:             true,
 		UpstreamCloseCode:    1014,
 		MaxFrameBytes:        16 * MiB,
@@ -102,7 +103,7 @@ func defaultConfig(t *testing.T) Config {
 		QueueMaxBytes:        10 * MiB,
 		QueueLowWater:        0.5,
 		DropKeepNewest:       10,
-		PauseMax:             0,
+		PauseMax:             30 * time.Second,
 		GlobalQueueMaxBytes:  GlobalQueueLimit{Percent: 5},
 		SlowClientAge:        5 * time.Second,
 		SlowClientMaxRatio:   0.005,
@@ -111,7 +112,7 @@ func defaultConfig(t *testing.T) Config {
 		UpstreamPingInterval: 0,
 		CloseTimeout:         5 * time.Second,
 		ShutdownTimeout:      30 * time.Second,
-		DrainDelay:           0,
+		DrainDelay:           5 * time.Second,
 		DrainSpread:          0,
 		LogLevel:             zerolog.InfoLevel,
 		LogFormat:            "json",
@@ -425,8 +426,8 @@ func TestLoadCrossField(t *testing.T) {
 		{"drain longer than shutdown", []string{"SLUICE_DRAIN_DELAY", "20s", "SLUICE_DRAIN_SPREAD", "15s"}, []string{
 			`SLUICE_DRAIN_DELAY+SLUICE_DRAIN_SPREAD="20s+15s": want a total shorter than SLUICE_SHUTDOWN_TIMEOUT (30s)`,
 		}},
-		{"drain equals shutdown", []string{"SLUICE_DRAIN_SPREAD", "10s", "SLUICE_SHUTDOWN_TIMEOUT", "10s"}, []string{
-			`SLUICE_DRAIN_DELAY+SLUICE_DRAIN_SPREAD="0s+10s": want a total shorter than SLUICE_SHUTDOWN_TIMEOUT (10s)`,
+		{"drain equals shutdown", []string{"SLUICE_DRAIN_SPREAD", "5s", "SLUICE_SHUTDOWN_TIMEOUT", "10s"}, []string{
+			`SLUICE_DRAIN_DELAY+SLUICE_DRAIN_SPREAD="5s+5s": want a total shorter than SLUICE_SHUTDOWN_TIMEOUT (10s)`,
 		}},
 		{"drain sum overflows", []string{"SLUICE_DRAIN_DELAY", "2562047h", "SLUICE_DRAIN_SPREAD", "2562047h"}, []string{
 			`SLUICE_DRAIN_DELAY+SLUICE_DRAIN_SPREAD="2562047h+2562047h": want a total shorter than SLUICE_SHUTDOWN_TIMEOUT (30s)`,
@@ -628,7 +629,8 @@ func TestWarnings(t *testing.T) {
 	}{
 		{nil, nil},
 		{[]string{"SLUICE_PING_INTERVAL", "0"}, []string{"SLUICE_PING_INTERVAL=0"}},
-		{[]string{"SLUICE_POLICY", "pause"}, []string{"SLUICE_PAUSE_MAX=0"}},
+		{[]string{"SLUICE_POLICY", "pause"}, nil},
+		{[]string{"SLUICE_POLICY", "pause", "SLUICE_PAUSE_MAX", "0"}, []string{"SLUICE_PAUSE_MAX=0"}},
 		{[]string{"SLUICE_POLICY", "pause", "SLUICE_PAUSE_MAX", "5s"}, nil},
 		{[]string{"SLUICE_POLICY", "drop", "SLUICE_PING_INTERVAL", "0"}, []string{"keepalive off"}},
 	}

@@ -107,10 +107,26 @@ func trustedProxies(entries []string) []netip.Prefix {
 }
 
 // Logger is the logger SLUICE_LOG_LEVEL and SLUICE_LOG_FORMAT describe,
-// writing to w.
+// writing to w. Its lines carry the time to the millisecond; durations are
+// logged as seconds in fields named *_seconds.
 func (cfg Config) Logger(w io.Writer) zerolog.Logger {
 	if cfg.LogFormat == LogFormatConsole {
-		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.TimeOnly}
+		w = zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05.000"}
 	}
-	return zerolog.New(w).Level(cfg.LogLevel).With().Timestamp().Logger()
+	return zerolog.New(w).Level(cfg.LogLevel).Hook(millisTimestamp{})
+}
+
+// logTimeFormat is RFC 3339 with milliseconds, always three digits so
+// that lines sort as text.
+const logTimeFormat = "2006-01-02T15:04:05.000Z07:00"
+
+// millisTimestamp stamps each line with the time to the millisecond.
+// zerolog's own Timestamp() formats with its package-level
+// TimeFieldFormat, to the second by default; this leaves that global
+// alone.
+type millisTimestamp struct{}
+
+func (millisTimestamp) Run(e *zerolog.Event, _ zerolog.Level, _ string) {
+	var buf [len(logTimeFormat) + 8]byte
+	e.Bytes(zerolog.TimestampFieldName, time.Now().AppendFormat(buf[:0], logTimeFormat))
 }

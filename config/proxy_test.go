@@ -1,6 +1,8 @@
 package config
 
 import (
+	"bytes"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -30,7 +32,7 @@ func TestProxyOptions(t *testing.T) {
 		"SLUICE_MAX_MESSAGE_BYTES", "2MiB",
 		"SLUICE_UPSTREAM_CLOSE_CODE", "1012",
 		"SLUICE_UPSTREAM_READ_BUFFER", "8KiB",
-		"SLUICE_CLIENT_WRITE_BUFFER", "256KiB",
+		"SLUICE_CLIENT_WRITE_BUFFER", "128KiB",
 		"SLUICE_IDLE_POLL", "false",
 		"SLUICE_FRAME_READ_TIMEOUT", "9s",
 		"SLUICE_MAX_CONNECTIONS", "77",
@@ -82,7 +84,7 @@ func TestProxyOptions(t *testing.T) {
 		{"UpstreamFailureCode", int(o.UpstreamFailureCode), 1012},
 		{"UpstreamTLS", o.UpstreamTLS == nil, true},
 		{"UpstreamReadBuffer", o.UpstreamReadBuffer, 8 << 10},
-		{"ClientWriteBuffer", o.ClientWriteBuffer, 256 << 10},
+		{"ClientWriteBuffer", o.ClientWriteBuffer, 128 << 10},
 		{"NoIdlePoll", o.NoIdlePoll, true},
 		{"ClientRate", o.ClientRate, proxy.RateLimit{MessagesPerSecond: 60, BytesPerSecond: 64 << 10, Burst: 3 * time.Second, Policy: limiter.CloseOverLimit, ThrottleMax: 12 * time.Second}},
 		{"UpstreamMaxMessagesPerSecond", o.UpstreamMaxMessagesPerSecond, int64(5000)},
@@ -134,4 +136,27 @@ func mustProxyOptions(c Config) proxy.Options {
 		panic(err)
 	}
 	return o
+}
+
+// TestLoggerTime: both log formats stamp lines to the millisecond.
+func TestLoggerTime(t *testing.T) {
+	for format, want := range map[string]*regexp.Regexp{
+		LogFormatJSON:    regexp.MustCompile(`^\{"level":"info","time":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d)","message":"hello"\}\n$`),
+		LogFormatConsole: regexp.MustCompile(`^\d\d:\d\d:\d\d\.\d{3} INF hello\n$`),
+	} {
+		cfg, err := Load(environ("SLUICE_LOG_FORMAT", format))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var buf bytes.Buffer
+		log := cfg.Logger(&buf)
+		log.Info().Msg("hello")
+		got := buf.String()
+		if format == LogFormatConsole {
+			got = regexp.MustCompile(`\x1b\[[0-9;]*m`).ReplaceAllString(got, "")
+		}
+		if !want.MatchString(got) {
+			t.Errorf("%s: %q; want a match for %s", format, got, want)
+		}
+	}
 }

@@ -97,6 +97,7 @@ func demoDefaults(o demoOptions) map[string]string {
 		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "4MiB",
 		config.Prefix + "UPSTREAM_READ_BUFFER":   "4KiB", // pause reaches the backend within a second
 		config.Prefix + "SHUTDOWN_TIMEOUT":       "5s",
+		config.Prefix + "DRAIN_DELAY":            "0", // no load balancer sends clients to the demo
 		config.Prefix + "LOG_LEVEL":              "warn",
 	}
 	if o.flood != 0 {

@@ -143,8 +143,8 @@ type procSluice struct {
 }
 
 // procStart runs the binary with a minimal environment plus env (SLUICE_*
-// variables; the listen addresses default to 127.0.0.1:0 and the shutdown
-// timeout to 10s). The cleanup kills it if it still runs and waits for it.
+// variables; the listen addresses default to 127.0.0.1:0, the shutdown
+// timeout to 10s and the drain delay to 0). The cleanup kills it if it still runs and waits for it.
 func procStart(t *testing.T, env map[string]string) *procSluice {
 	t.Helper()
 	bin := procBinary(t)
@@ -152,6 +152,7 @@ func procStart(t *testing.T, env map[string]string) *procSluice {
 		"SLUICE_LISTEN_ADDR":      "127.0.0.1:0",
 		"SLUICE_ADMIN_ADDR":       "127.0.0.1:0",
 		"SLUICE_SHUTDOWN_TIMEOUT": "10s",
+		"SLUICE_DRAIN_DELAY":      "0", // the drain tests expect new clients refused at once
 	}
 	for k, v := range env {
 		vars[k] = v

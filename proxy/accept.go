@@ -55,7 +55,7 @@ func (s *Server) Serve(ln net.Listener) error {
 				// Out of descriptors, as net/http: wait and retry rather
 				// than spin or give up.
 				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				s.log.Warn().Err(err).Dur("retry_in", backoff).Msg("accept failed")
+				s.log.Warn().Err(err).Float64("retry_in_seconds", backoff.Seconds()).Msg("accept failed")
 				time.Sleep(backoff)
 				continue
 			}

@@ -318,7 +318,7 @@ func (s *session) exit() {
 		ev = ev.Str("evicted", endings[c].label)
 	}
 	ev.Str("reason", reason).
-		Dur("duration", d).
+		Float64("duration_seconds", d.Seconds()).
 		Int("client_close_sent", int(s.client.sentCode)).
 		Int("client_close_received", int(s.client.rcvdCode)).
 		Int("upstream_close_sent", int(s.upstream.sentCode)).

@@ -21,6 +21,7 @@ import (
 	"sluice/certs"
 	"sluice/config"
 	"sluice/proxy"
+	"sluice/version"
 )
 
 // Listening is what Run reports once both listeners listen.
@@ -37,6 +38,7 @@ type Listening struct {
 // listeners listen. Run returns only after every goroutine it started has
 // ended; its error is a start-up failure or the listener's.
 func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(Listening)) error {
+	checkHostLimits(log, cfg.MaxConnections)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts, err := cfg.ProxyOptions(log, reg)
@@ -55,6 +57,8 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 		}
 	}()
 	admin.RegisterBudgetMetrics(reg, srv.Budget())
+	build := version.Get()
+	admin.RegisterBuildInfo(reg, build)
 	ln, stopTLS, err := listen(ctx, cfg, log)
 	if err != nil {
 		return err
@@ -81,7 +85,8 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 	serving = true
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info().Str("addr", ln.Addr().String()).Str("admin_addr", adminAddr).
+	log.Info().Str("version", build.Version).Str("commit", build.Commit).
+		Str("addr", ln.Addr().String()).Str("admin_addr", adminAddr).
 		Str("upstream", opts.Upstream.String()).Str("policy", opts.Queue.Policy.String()).
 		Int64("global_queue_max_bytes", opts.Budget.Ceiling).Msg("listening")
 	if ready != nil {
@@ -131,8 +136,8 @@ func listen(ctx context.Context, cfg config.Config, log zerolog.Logger) (_ net.L
 // can notice.
 func drain(srv *proxy.Server, adminSrv *http.Server, cfg config.Config, log zerolog.Logger, delay bool) {
 	srv.BeginDrain()
-	log.Info().Int("sessions", srv.Sessions()).Dur("delay", cfg.DrainDelay).
-		Dur("spread", cfg.DrainSpread).Dur("timeout", cfg.ShutdownTimeout).Msg("draining")
+	log.Info().Int("sessions", srv.Sessions()).Float64("delay_seconds", cfg.DrainDelay.Seconds()).
+		Float64("spread_seconds", cfg.DrainSpread.Seconds()).Float64("timeout_seconds", cfg.ShutdownTimeout.Seconds()).Msg("draining")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if cfg.DrainDelay > 0 && delay {

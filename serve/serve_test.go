@@ -38,8 +38,18 @@ func TestMain(m *testing.M) {
 // waits for serve to return.
 func startSluice(t *testing.T, env map[string]string) (wsAddr, adminAddr string, srv *proxy.Server, stop func()) {
 	t.Helper()
+	return startSluiceLogged(t, env, zerolog.Nop())
+}
+
+// startSluiceLogged is startSluice logging to log. The drain delay is off
+// unless env sets it, so that stop does not wait for it.
+func startSluiceLogged(t *testing.T, env map[string]string, log zerolog.Logger) (wsAddr, adminAddr string, srv *proxy.Server, stop func()) {
+	t.Helper()
 	env[config.Prefix+"LISTEN_ADDR"] = "127.0.0.1:0"
 	env[config.Prefix+"ADMIN_ADDR"] = "127.0.0.1:0"
+	if _, ok := env[config.Prefix+"DRAIN_DELAY"]; !ok {
+		env[config.Prefix+"DRAIN_DELAY"] = "0"
+	}
 	cfg, err := config.Load(env)
 	if err != nil {
 		t.Fatal(err)
@@ -48,7 +58,7 @@ func startSluice(t *testing.T, env map[string]string) (wsAddr, adminAddr string,
 	ready := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
-		done <- Run(ctx, cfg, zerolog.Nop(), func(l Listening) {
+		done <- Run(ctx, cfg, log, func(l Listening) {
 			wsAddr, adminAddr, srv = l.Addr, l.AdminAddr, l.Server
 			close(ready)
 		})

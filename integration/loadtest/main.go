@@ -109,8 +109,9 @@ Modes (-mode):
 Targets (-target, or a comma-separated list in -compare):
   direct                  clients connect to the backend itself
   sluice                  the repository's sluice binary (built once), with
-                          SLUICE_LOG_LEVEL=warn and SLUICE_SHUTDOWN_TIMEOUT=5s
-                          unless -sluice-env or the target sets them
+                          SLUICE_LOG_LEVEL=warn, SLUICE_SHUTDOWN_TIMEOUT=5s and
+                          SLUICE_DRAIN_DELAY=0 unless -sluice-env or the
+                          target sets them
   sluice:K=V;K=V          sluice with these SLUICE_* settings ("," also works
                           between pairs: a piece that does not start with
                           direct, sluice or cmd: continues the previous target)

@@ -221,7 +221,9 @@ func (t *target) stop() {
 var harnessOwned = []string{"SLUICE_UPSTREAM_URL", "SLUICE_LISTEN_ADDR", "SLUICE_ADMIN_ADDR"}
 
 // sluiceDefaults apply unless -sluice-env or the target says otherwise.
-var sluiceDefaults = []string{"SLUICE_LOG_LEVEL=warn", "SLUICE_SHUTDOWN_TIMEOUT=5s"}
+// No drain delay: no load balancer sends the harness's clients, and the
+// delay must stay below the shutdown timeout.
+var sluiceDefaults = []string{"SLUICE_LOG_LEVEL=warn", "SLUICE_SHUTDOWN_TIMEOUT=5s", "SLUICE_DRAIN_DELAY=0"}
 
 // startTarget starts spec in front of the backend at backendAddr and waits
 // until it accepts connections.
