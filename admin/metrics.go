@@ -43,7 +43,7 @@ func RegisterBudgetMetrics(reg prometheus.Registerer, b *limiter.Budget) {
 			}
 			return float64(s.QueuedBytes) / float64(s.Ceiling)
 		}),
-		gauge("sluice_slow_clients", "Clients that have taken nothing for SLUICE_SLOW_CLIENT_AGE while data waited, or whose oldest queued message waited that long.", func(s limiter.Stats) float64 { return float64(s.Slow) }),
+		gauge("sluice_slow_clients", "Clients that have taken nothing for SLUICE_SLOW_CLIENT_AGE while data waited for them.", func(s limiter.Stats) float64 { return float64(s.Slow) }),
 		gauge("sluice_paused_connections", "Upstream readers paused until their client's queue drains.", func(s limiter.Stats) float64 { return float64(s.Paused) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sluice_dropped_messages_total", Help: "Messages discarded by the drop policy."},
 			func() float64 { return float64(b.Stats().DroppedTotal) }),

@@ -196,11 +196,9 @@ type Config struct {
 	// either absolutely or as a percentage of the process memory limit
 	// (see GlobalQueueLimit.Resolve and MemoryLimit).
 	GlobalQueueMaxBytes GlobalQueueLimit `env:"GLOBAL_QUEUE_MAX_BYTES" envDefault:"5%" want:"a positive size such as 512MiB, or a percentage of the memory limit above 0% and up to 100%, such as 5% or 2.5%"`
-	// SlowClientAge is how far behind a client may fall before it counts
-	// as slow (for the ratio guard, /status and sluice_slow_clients): its
-	// socket has taken nothing for this long while data waited, or its
-	// oldest queued message has waited this long. A deep queue while bytes
-	// flow is not slow.
+	// SlowClientAge is how long a client may take nothing while data
+	// waits for it before it counts as slow (for the ratio guard, /status
+	// and sluice_slow_clients). A deep queue while bytes flow is not slow.
 	SlowClientAge time.Duration `env:"SLOW_CLIENT_AGE" envDefault:"5s" want:"a duration from 100ms to 10m, such as 5s"`
 	// SlowClientMaxRatio is the largest fraction of connected clients that
 	// may be slow at once before sluice starts shedding the slowest.

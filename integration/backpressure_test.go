@@ -1050,6 +1050,7 @@ func TestBackpressureSlowRatio(t *testing.T) {
 		o.Queue = limiter.Config{Policy: limiter.Evict, MaxMessages: 100000, MaxBytes: 256 << 20, SlowAge: slowAge}
 		o.Budget = limiter.BudgetConfig{SlowRatio: 0.05}
 		o.WriteTimeout = time.Minute
+		o.ClientWriteBuffer = 16 << 10 // a stalled client shows within a few messages
 	})
 	slow := make([]*bpRawClient, len(sizes))
 	for i, sz := range sizes {
@@ -1062,7 +1063,9 @@ func TestBackpressureSlowRatio(t *testing.T) {
 	}
 	b.StartPublishing()
 
-	waitFor(t, bpWaitTimeout, "two evictions", func() bool {
+	// Stalling takes up to a few seconds for the smallest messages, then
+	// SlowAge; more on a machine busy with the rest of the suite.
+	waitFor(t, 4*bpWaitTimeout, "two evictions", func() bool {
 		_, order := bpEvictions(s.srv)
 		return len(order) >= 2
 	})

@@ -29,8 +29,9 @@ import (
 // clients sends messages of random kind and size (most under 16 KiB, some
 // of 100-160 KiB, a few up to 300 KiB) as fast as it can, fragmented, with
 // pings between the fragments, to a gorilla echo backend, and checks every
-// echo byte for byte and every pong in order. The machine is saturated in
-// bursts: queues grow deep for moments, and bytes keep flowing.
+// echo byte for byte and every pong in order. The machine is saturated:
+// queues grow deep, messages wait seconds under -race, and bytes keep
+// flowing.
 func TestBusyClientsNeverEvicted(t *testing.T) {
 	for _, policy := range []string{"evict", "drop", "pause"} {
 		t.Run(policy, func(t *testing.T) {
@@ -246,7 +247,9 @@ func busyClient(ctx context.Context, url string, id int, specs []busySpec) error
 				p = p[chunk:]
 				if rng.IntN(4) == 0 {
 					pings++
-					if err := c.WriteControl(gorilla.PingMessage, []byte(strconv.FormatInt(pings, 10)), time.Now().Add(wstest.IOTimeout)); err != nil {
+					// sluice may hold this client back while its echoes
+					// wait (pause, evict at the mark): the ping waits too.
+					if err := c.WriteControl(gorilla.PingMessage, []byte(strconv.FormatInt(pings, 10)), time.Now().Add(time.Minute)); err != nil {
 						sendErr <- err
 						return
 					}
@@ -282,7 +285,7 @@ func busyClient(ctx context.Context, url string, id int, specs []busySpec) error
 	// round trip, a ping of our own answered after them.
 	pings++
 	last := pings
-	if err := c.WriteControl(gorilla.PingMessage, []byte(strconv.FormatInt(last, 10)), time.Now().Add(wstest.IOTimeout)); err != nil {
+	if err := c.WriteControl(gorilla.PingMessage, []byte(strconv.FormatInt(last, 10)), time.Now().Add(time.Minute)); err != nil {
 		return fmt.Errorf("last ping: %w", err)
 	}
 	if err := c.WriteMessage(gorilla.TextMessage, []byte("12345678end")); err != nil {

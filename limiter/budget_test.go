@@ -156,8 +156,7 @@ func TestBudgetAccounting(t *testing.T) {
 }
 
 // Slow means stalled: a queue is slow when its client has taken nothing for
-// SlowAge while data waited, or its oldest message waited SlowAge; not when
-// it is deep while bytes flow.
+// SlowAge while data waited; not when it is deep while bytes flow.
 func TestSlowMeansStalled(t *testing.T) {
 	slow := func(t *testing.T, b *Budget, want int, step string) {
 		t.Helper()
@@ -203,12 +202,8 @@ func TestSlowMeansStalled(t *testing.T) {
 			t.Fatal("StalledFor after a Take: want 0 until the next sample")
 		}
 		clock.run(GuardInterval)
-		slow(t, b, 1, "a message taken, but the oldest left waited SlowAge")
-		take(t, q, 10, 1<<20)
-		fillMessages(t, q, 3)
-		clock.run(GuardInterval)
-		slow(t, b, 0, "caught up")
-		clock.run(testSlowAge)
+		slow(t, b, 0, "a batch taken")
+		clock.run(testSlowAge + GuardInterval)
 		slow(t, b, 1, "stalled again")
 		take(t, q, 10, 1<<20) // drained
 		clock.run(GuardInterval)
@@ -228,28 +223,23 @@ func TestSlowMeansStalled(t *testing.T) {
 		// The client reads: what the kernel holds moves, though the
 		// writer takes nothing more.
 		clock.run(3*testSlowAge, func() { kernel -= 16; fillMessages(t, q, 1) })
-		// The oldest message keeps its age rule; drop the queue's to test
-		// the kernel's alone.
-		q.mu.Lock()
-		q.discardLocked()
-		q.mu.Unlock()
-		clock.run(GuardInterval, func() { kernel -= 16 })
 		slow(t, b, 0, "kernel bytes moving")
 		clock.run(testSlowAge + GuardInterval) // kernel bytes still to the byte
 		slow(t, b, 1, "kernel bytes still: the client stopped reading")
 	})
-	t.Run("oldest message waited SlowAge", func(t *testing.T) {
+	t.Run("falling behind while taking is not slow", func(t *testing.T) {
 		b := NewBudget(BudgetConfig{SlowRatio: 0.5})
-		q := NewQueue(clientCfg(), b, nil)
+		cfg := clientCfg()
+		cfg.MaxMessages = 1 << 20
+		q := NewQueue(cfg, b, nil)
 		defer q.Close()
 		clock := newGuardClock(b)
-		fillMessages(t, q, 1000)
-		// One message a tick while 20 arrive: bytes flow, but the client
-		// falls further behind every tick.
-		clock.run(testSlowAge-GuardInterval, func() { take(t, q, 1, 1) })
-		slow(t, b, 0, "oldest message younger than SlowAge")
-		clock.run(2*GuardInterval, func() { take(t, q, 1, 1) })
-		slow(t, b, 1, "oldest message older than SlowAge")
+		// Twenty arrive and one is taken a tick: on a saturated pod a
+		// client may be seconds behind and still read all it can. That is
+		// for the write deadline, drop and PauseMax to bound, not for the
+		// slow verdict.
+		clock.run(5*testSlowAge, func() { fillMessages(t, q, 20); take(t, q, 1, 1) })
+		slow(t, b, 0, "1,900 behind, taking")
 	})
 	t.Run("evicted and closed queues are not counted", func(t *testing.T) {
 		b := NewBudget(BudgetConfig{SlowRatio: 0.5})

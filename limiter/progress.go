@@ -2,15 +2,18 @@ package limiter
 
 import "time"
 
-// Slow means stalled. A client counts as slow when it is not keeping up,
-// not when its queue is deep for a moment: its socket has taken nothing
-// for SlowAge while data waited for it, or its oldest queued message has
-// waited SlowAge. On a busy machine a client that reads as fast as it can
-// may have dozens of messages queued for an instant; it still takes bytes,
-// so it is not slow, and neither the ratio guard nor the Evict policy
-// disconnects it. nats-server draws the same line: a client is slow when
-// a flush to it has blocked past its write deadline, not when a burst is
-// pending.
+// Slow means stalled. A client counts as slow when it has stopped taking
+// what waits for it, not when its queue is deep for a moment: its socket
+// has taken nothing for SlowAge while data waited. On a busy machine a
+// client that reads as fast as it can may have dozens of messages queued,
+// some of them for seconds when the whole pod is saturated; it still takes
+// bytes, so it is not slow, and neither the ratio guard nor the Evict
+// policy disconnects it. nats-server draws the same line: a client is slow
+// when a flush to it has blocked past its write deadline, not when a burst
+// is pending. A client that takes bytes but ever fewer than it is sent is
+// bounded otherwise: its writer must finish each batch within the write
+// deadline, drop sheds its backlog, and a producer held back for PauseMax
+// (pause, or evict at the high-water mark) ends the session.
 //
 // Progress is seen by the Budget's guard, every GuardInterval, for the
 // queues on its due list (written since the last sample, or with anything
@@ -26,18 +29,6 @@ func (q *Queue) waitingLocked() bool {
 	return q.msgs.Load() > 0 || q.head != nil || q.unsent.Load() > 0
 }
 
-// oldestLocked is when the oldest message not yet fully written was
-// queued, 0 if none or unknown. Callers hold mu.
-func (q *Queue) oldestLocked() int64 {
-	if q.writerInMsg {
-		return q.openMsgAt
-	}
-	if q.head != nil && q.head.Start {
-		return q.head.queuedAt
-	}
-	return 0
-}
-
 // observeLocked records one sample's verdict at t: progressed says the
 // client took something since the last sample. It updates the slow count
 // and reports whether the queue still has something waiting, so that the
@@ -48,43 +39,28 @@ func (q *Queue) observeLocked(t int64, progressed bool) (waiting bool) {
 		q.progressAt = t
 	}
 	q.sampledAt = t
-	q.setSlowLocked(waiting && q.behindLocked(t, q.cfg.SlowAge))
+	q.setSlowLocked(waiting && q.stillFor() >= q.cfg.SlowAge)
 	if q.roomWanted && q.cfg.Policy == Evict {
 		q.signalRoom() // the producer at the high-water mark looks again
 	}
 	return waiting
 }
 
-// behindLocked reports whether, by the samples up to t, the client has
-// taken nothing for age, or its oldest message has waited age. The
+// stillFor is how long, by the samples, the client has taken nothing: the
 // stillness is measured between samples, so a guard that ran late (a busy
-// machine) does not make every client look stalled. Callers hold mu.
-func (q *Queue) behindLocked(t int64, age time.Duration) bool {
-	if age <= 0 || q.sampledAt == 0 {
-		return false
+// machine) does not make every client look stalled. 0 while the writer has
+// taken something since the last sample. Callers hold mu.
+func (q *Queue) stillFor() time.Duration {
+	if q.took || q.sampledAt == 0 {
+		return 0
 	}
-	if !q.took && q.sampledAt-q.progressAt >= int64(age) {
-		return true
-	}
-	oldest := q.oldestLocked()
-	return oldest != 0 && t-oldest >= int64(age)
+	return time.Duration(q.sampledAt - q.progressAt)
 }
 
 // stalledLocked is the Evict policy's test at the high-water mark: the
-// client has taken nothing for EvictGrace, or fell SlowAge behind.
-// Callers hold mu.
+// client has taken nothing for EvictGrace. Callers hold mu.
 func (q *Queue) stalledLocked() bool {
-	if q.cfg.SlowAge <= 0 || q.budget == nil {
-		return false // no samples: the grace timer decides
-	}
-	if q.sampledAt == 0 {
-		return false
-	}
-	if !q.took && q.sampledAt-q.progressAt >= int64(q.cfg.EvictGrace) {
-		return true
-	}
-	oldest := q.oldestLocked()
-	return oldest != 0 && q.budget.clock()-oldest >= int64(q.cfg.SlowAge)
+	return q.cfg.SlowAge > 0 && q.budget != nil && q.stillFor() >= q.cfg.EvictGrace
 }
 
 // setSlowLocked keeps the Budget's count of slow queues in step. A queue
@@ -113,8 +89,8 @@ func (q *Queue) IsSlow() bool { return q.slow.Load() }
 func (q *Queue) StalledFor() time.Duration {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.took || q.sampledAt == 0 || !q.waitingLocked() {
+	if !q.waitingLocked() {
 		return 0
 	}
-	return time.Duration(q.sampledAt - q.progressAt)
+	return q.stillFor()
 }

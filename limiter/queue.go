@@ -20,20 +20,20 @@ type Config struct {
 	// KeepNewest is how many queued messages the Drop policy keeps,
 	// counting the new one.
 	KeepNewest int
-	// PauseMax bounds one pause; 0 means no bound.
+	// PauseMax bounds one pause of the producer (Pause, and Evict waiting
+	// for a client that still takes bytes); 0 means no bound.
 	PauseMax time.Duration
 	// EvictGrace is how long the client may take nothing while the queue
 	// is at its high-water mark before the Evict policy refuses a message.
 	// A client that takes bytes, however busy the machine, is not evicted
 	// for a full queue: the producer waits for it instead, as under Pause,
-	// until it stalls (nothing taken for EvictGrace) or falls SlowAge
-	// behind. 0 refuses at once, whatever the client is doing.
+	// until it stalls (nothing taken for EvictGrace) or the wait passes
+	// PauseMax. 0 refuses at once, whatever the client is doing.
 	EvictGrace time.Duration
-	// SlowAge is how far behind a client may fall before it counts as
-	// slow: its socket has taken nothing for SlowAge while data waited, or
-	// its oldest queued message has waited SlowAge. A queue briefly deep
-	// while bytes flow is not slow. 0 means the queue is never slow and not
-	// counted by the Budget's guards (the upstream direction).
+	// SlowAge is how long a client may take nothing while data waits for
+	// it before it counts as slow (progress.go). A queue deep while bytes
+	// flow is not slow. 0 means the queue is never slow and not counted by
+	// the Budget's guards (the upstream direction).
 	SlowAge time.Duration
 }
 
@@ -224,7 +224,7 @@ func (q *Queue) Push(seg *Segment) error {
 			if q.budget != nil {
 				q.budget.paused.Add(1)
 			}
-			if q.cfg.PauseMax > 0 && seg.Start && q.cfg.Policy == Pause {
+			if q.cfg.PauseMax > 0 && seg.Start && (q.cfg.Policy == Pause || q.cfg.Policy == Evict) {
 				pauseTimer = time.NewTimer(q.cfg.PauseMax)
 			}
 		}
@@ -255,8 +255,8 @@ func (q *Queue) Push(seg *Segment) error {
 		q.mu.Lock()
 	}
 	q.endPause()
-	if seg.Start && q.budget != nil && (q.cfg.SlowAge > 0 || q.budget.cfg.ObserveWait != nil) {
-		seg.queuedAt = q.budget.clock() // a message's age is its first segment's
+	if seg.Start && q.budget != nil && q.budget.cfg.ObserveWait != nil {
+		seg.queuedAt = q.budget.clock() // only a message's first segment is observed
 	}
 	if q.tail == nil {
 		q.head = seg
@@ -503,7 +503,6 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 		taken += s.Len()
 		if s.Start {
 			lastWait = s.queuedAt
-			q.openMsgAt = s.queuedAt
 		}
 		if s.End {
 			ended++

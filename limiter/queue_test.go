@@ -1601,3 +1601,37 @@ func TestEvictStalledAtOnce(t *testing.T) {
 	}
 	s.Free()
 }
+
+// Under Evict, a client that takes bytes but never enough to bring its
+// queue down holds the producer back at most PauseMax: then the session
+// ends (ErrPauseTimeout), as under Pause.
+func TestEvictWaitBoundedByPauseMax(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := NewBudget(BudgetConfig{})
+		cfg := &Config{Policy: Evict, MaxMessages: 4, MaxBytes: 1 << 20, LowWater: 0.5,
+			EvictGrace: 10 * GuardInterval, SlowAge: time.Hour, PauseMax: 3 * time.Second}
+		q := NewQueue(cfg, b, nil)
+		defer q.Close()
+		mustPush(t, q, msg(0, 16))
+		take(t, q, 1, 1<<20)
+		fillMessages(t, q, 4)
+		done := asyncPush(q, msg(5, 16))
+		// The guard sees progress every tick (the kernel's bytes move),
+		// yet the queue stays full.
+		var kernel atomic.Int64
+		q.OnUnsent(func() int64 { return kernel.Add(1) })
+		for range int(3*time.Second/GuardInterval) - 1 {
+			time.Sleep(GuardInterval)
+			b.SampleUnsent(nil)
+			synctest.Wait()
+			if err, ok := returned(done); ok {
+				t.Fatalf("returned %v before PauseMax while the client took bytes", err)
+			}
+		}
+		time.Sleep(2 * GuardInterval)
+		synctest.Wait()
+		if err, ok := returned(done); !ok || !errors.Is(err, ErrPauseTimeout) {
+			t.Fatalf("after PauseMax: returned %v, %v; want ErrPauseTimeout", ok, err)
+		}
+	})
+}
