@@ -85,6 +85,8 @@ func defaultConfig(t *testing.T) Config {
 		Pprof:                false,
 		HandshakeTimeout:     10 * time.Second,
 		MaxHeaderBytes:       32 * KiB,
+		HTTPPassThrough:      true,
+		HTTPResponseTimeout:  60 * time.Second,
 		UpstreamURL:          mustURL(t, testUpstream),
 		UpstreamDialTimeout:  5 * time.Second,
 		UpstreamReadBuffer:   64 * KiB,
