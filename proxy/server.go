@@ -69,7 +69,7 @@ type Server struct {
 	// TCP connect, for readiness.
 	lastUpstreamOK atomic.Int64
 
-	dialFailLog rejectLog // upstream dial failures, logged at most once a second
+	dialFailLog    rejectLog // upstream dial failures, logged at most once a second
 	proxyHeaderLog rejectLog // connections refused for their PROXY header, logged at most once a second
 
 	mu        sync.Mutex
