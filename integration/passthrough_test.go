@@ -52,7 +52,8 @@ func downloadBody() []byte {
 //	/sse          text/event-stream: event 1 at once, each next one when
 //	              the test sends on sseNext, three in all
 //	/headers      what the app saw, as JSON (Host, URI, header)
-//	/ws           a gorilla WebSocket echo
+//	/ws, */ws     a gorilla WebSocket echo; with ?tell, its first message
+//	              is the request URI it saw
 type httpApp struct {
 	srv     *httptest.Server
 	url     string // ws://host:port, for SLUICE_UPSTREAM_URL
@@ -102,6 +103,9 @@ func startHTTPApp(t *testing.T) *httpApp {
 				return
 			}
 			defer c.Close()
+			if r.URL.Query().Has("tell") {
+				c.WriteMessage(gorilla.TextMessage, []byte(r.URL.RequestURI()))
+			}
 			for {
 				mt, msg, err := c.ReadMessage()
 				if err != nil {
@@ -380,5 +384,33 @@ func TestPassThroughUpstreamDown(t *testing.T) {
 	}
 	if got := metricValue(t, s, "sluice_http_requests_total", "code", "5xx"); got != 1 {
 		t.Errorf("sluice_http_requests_total{code=\"5xx\"} = %v, want 1", got)
+	}
+}
+
+// TestUpstreamPathPrefix: the upstream URL's path is a prefix of every
+// request's, for upgrades and plain requests alike (README, "Upstream
+// paths").
+func TestUpstreamPathPrefix(t *testing.T) {
+	app := startHTTPApp(t)
+	s := startSluice(t, app.url+"/base", nil)
+	resp, err := plainClient(t).Get("http://" + s.addr + "/who?x=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen seenRequest
+	json.NewDecoder(resp.Body).Decode(&seen)
+	resp.Body.Close()
+	if seen.URI != "/base/who?x=1" {
+		t.Errorf("plain request: the app saw %q, want /base/who?x=1", seen.URI)
+	}
+	c, _, err := gorilla.DefaultDialer.Dial(s.url+"/ws?tell", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(wstest.IOTimeout))
+	_, uri, err := c.ReadMessage()
+	if err != nil || string(uri) != "/base/ws?tell" {
+		t.Errorf("upgrade: the app saw %q (%v), want /base/ws?tell", uri, err)
 	}
 }
