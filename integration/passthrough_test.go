@@ -9,6 +9,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -25,6 +27,7 @@ import (
 
 	"sluice/config"
 	"sluice/internal/wstest"
+	"sluice/proxy"
 )
 
 // downloadSize is the app's /download: large enough that holding it whole
@@ -412,5 +415,28 @@ func TestUpstreamPathPrefix(t *testing.T) {
 	_, uri, err := c.ReadMessage()
 	if err != nil || string(uri) != "/base/ws?tell" {
 		t.Errorf("upgrade: the app saw %q (%v), want /base/ws?tell", uri, err)
+	}
+}
+
+// TestPassThroughTLSUpstream: with a wss:// upstream, plain requests go to
+// its https:// origin, trusting the CA that upgrades trust.
+func TestPassThroughTLSUpstream(t *testing.T) {
+	app := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "tls=%v path=%s", r.TLS != nil, r.URL.Path)
+	}))
+	t.Cleanup(app.Close)
+	pool := x509.NewCertPool()
+	pool.AddCert(app.Certificate())
+	s := startSluice(t, "wss://"+app.Listener.Addr().String(), func(o *proxy.Options) {
+		o.UpstreamTLS = &tls.Config{RootCAs: pool}
+	})
+	resp, err := plainClient(t).Get("http://" + s.addr + "/secure")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(b) != "tls=true path=/secure" {
+		t.Errorf("through sluice to an https origin: %d %q", resp.StatusCode, b)
 	}
 }

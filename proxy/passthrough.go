@@ -12,6 +12,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	stdlog "log"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -19,6 +20,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/rs/zerolog"
 )
 
 // Bounds of pass-through that are not configuration.
@@ -76,6 +79,7 @@ func newPassThrough(s *Server) *passThrough {
 		// and chunks reach the client as the upstream sends them.
 		FlushInterval: -1,
 		ErrorHandler:  p.fail,
+		ErrorLog:      netHTTPLog(s.log),
 	}
 	p.web = &http.Server{
 		Handler:           s,
@@ -85,6 +89,7 @@ func newPassThrough(s *Server) *passThrough {
 		ConnContext:       func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, passConnKey{}, c) },
 		// No HTTP/2 here: the connections come in as HTTP/1.
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
+		ErrorLog:     netHTTPLog(s.log),
 	}
 	p.served.Add(1)
 	go func() {
@@ -202,6 +207,20 @@ func isUpgradeRequest(hr *http.Request) bool {
 		}
 	}
 	return false
+}
+
+// netHTTPLog sends what net/http and ReverseProxy would print on stderr
+// (a client gone mid-answer, a malformed request) to log at debug level:
+// per-request noise, not events.
+func netHTTPLog(log zerolog.Logger) *stdlog.Logger {
+	return stdlog.New(debugWriter{log}, "", 0)
+}
+
+type debugWriter struct{ log zerolog.Logger }
+
+func (w debugWriter) Write(p []byte) (int, error) {
+	w.log.Debug().Str("from", "net/http").Msg(strings.TrimSpace(string(p)))
+	return len(p), nil
 }
 
 // passConn is a connection handed to the pass-through server: the bytes
