@@ -366,6 +366,9 @@ func (cfg Config) Warnings() []string {
 	if cfg.Policy == PolicyPause && cfg.PauseMax == 0 {
 		w = append(w, Prefix+"POLICY=pause with "+Prefix+"PAUSE_MAX=0: a client that stops reading can stall its upstream forever")
 	}
+	if cfg.ProxyProtocol && len(listEntries(cfg.TrustedProxies)) == 0 {
+		w = append(w, Prefix+"PROXY_PROTOCOL=true without "+Prefix+"TRUSTED_PROXIES: any peer that reaches the port can claim any client address; list the load balancers")
+	}
 	return w
 }
 

@@ -631,6 +631,8 @@ func TestWarnings(t *testing.T) {
 		{[]string{"SLUICE_POLICY", "pause"}, []string{"SLUICE_PAUSE_MAX=0"}},
 		{[]string{"SLUICE_POLICY", "pause", "SLUICE_PAUSE_MAX", "5s"}, nil},
 		{[]string{"SLUICE_POLICY", "drop", "SLUICE_PING_INTERVAL", "0"}, []string{"keepalive off"}},
+		{[]string{"SLUICE_PROXY_PROTOCOL", "true"}, []string{"SLUICE_TRUSTED_PROXIES"}},
+		{[]string{"SLUICE_PROXY_PROTOCOL", "true", "SLUICE_TRUSTED_PROXIES", "10.0.0.0/8"}, nil},
 	}
 	for _, tt := range tests {
 		cfg, err := Load(environ(tt.env...))
