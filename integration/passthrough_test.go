@@ -50,7 +50,7 @@ func downloadBody() []byte {
 // httpApp is an app as users run them: pages and a WebSocket on one port.
 //
 //	/health       200 "ok"
-//	/echo         the request body back, as it arrives
+//	/echo         the request body back
 //	/download     downloadSize bytes, with Content-Length
 //	/sse          text/event-stream: event 1 at once, each next one when
 //	              the test sends on sseNext, three in all
@@ -75,8 +75,15 @@ func startHTTPApp(t *testing.T) *httpApp {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/health", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
 	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) {
+		// Read whole first: net/http's HTTP/1 server stops the body once
+		// the answer has started.
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
 		w.Header().Set("Content-Type", r.Header.Get("Content-Type"))
-		io.Copy(w, r.Body)
+		w.Write(b)
 	})
 	mux.HandleFunc("/download", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/octet-stream")
@@ -134,8 +141,8 @@ func plainClient(t *testing.T) *http.Client {
 	return &http.Client{Transport: tr, Timeout: wstest.IOTimeout}
 }
 
-// TestPassThroughRequests: a health check, a POST, an 8 MiB download and a
-// request's headers come through sluice as the app sent them, counted by
+// TestPassThroughRequests: a health check, a POST (sized and chunked), an
+// 8 MiB download and a request's headers come through sluice as the app sent them, counted by
 // status class.
 func TestPassThroughRequests(t *testing.T) {
 	app := startHTTPApp(t)
@@ -162,6 +169,24 @@ func TestPassThroughRequests(t *testing.T) {
 	resp.Body.Close()
 	if !bytes.Equal(b, post) || resp.Header.Get("Content-Type") != "application/x-test" {
 		t.Fatalf("POST /echo: %d bytes back (Content-Type %q), want the %d sent", len(b), resp.Header.Get("Content-Type"), len(post))
+	}
+
+	// A body of unknown length goes chunked, through sluice too.
+	pr, pw := io.Pipe()
+	go func() {
+		for range 64 {
+			pw.Write(post[:16<<10])
+		}
+		pw.Close()
+	}()
+	resp, err = c.Post(base+"/echo", "application/x-test", pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !bytes.Equal(b, bytes.Repeat(post[:16<<10], 64)) {
+		t.Fatalf("chunked POST /echo: %d bytes back, want the %d sent", len(b), 64*16<<10)
 	}
 
 	resp, err = c.Get(base + "/download")
@@ -196,11 +221,11 @@ func TestPassThroughRequests(t *testing.T) {
 		t.Errorf("X-Forwarded-For at the app = %q, want \"198.51.100.9, 127.0.0.1\", as for an upgrade", got)
 	}
 
-	if got := metricValue(t, s, "sluice_http_requests_total", "code", "2xx"); got != 4 {
-		t.Errorf("sluice_http_requests_total{code=\"2xx\"} = %v, want 4", got)
+	if got := metricValue(t, s, "sluice_http_requests_total", "code", "2xx"); got != 5 {
+		t.Errorf("sluice_http_requests_total{code=\"2xx\"} = %v, want 5", got)
 	}
-	if got := histogramCount(t, s, "sluice_http_request_duration_seconds"); got != 4 {
-		t.Errorf("sluice_http_request_duration_seconds count = %d, want 4", got)
+	if got := histogramCount(t, s, "sluice_http_request_duration_seconds"); got != 5 {
+		t.Errorf("sluice_http_request_duration_seconds count = %d, want 5", got)
 	}
 }
 
