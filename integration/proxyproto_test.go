@@ -160,3 +160,15 @@ func TestProxyProtocolUntrustedPeer(t *testing.T) {
 		t.Errorf("sluice_connections_rejected_total{reason=\"proxy_protocol\"} = %v, want 1", got)
 	}
 }
+
+// TestProxyProtocolSilentPeer: a peer that sends nothing is closed once
+// SLUICE_HANDSHAKE_TIMEOUT has passed, counted.
+func TestProxyProtocolSilentPeer(t *testing.T) {
+	app := startHTTPApp(t)
+	s := startSluiceProxyProtocol(t, app.url, map[string]string{config.Prefix + "HANDSHAKE_TIMEOUT": "200ms"})
+	r := dialRaw(t, s.addr) // its deadline, wstest.IOTimeout, is far longer
+	expectRefused(t, r)
+	if got := metricValue(t, s, "sluice_connections_rejected_total", "reason", "proxy_protocol"); got != 1 {
+		t.Errorf("sluice_connections_rejected_total{reason=\"proxy_protocol\"} = %v, want 1", got)
+	}
+}
