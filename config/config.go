@@ -57,6 +57,25 @@ type Config struct {
 	TLSCertFile string `env:"TLS_CERT_FILE" want:"the path of a PEM certificate chain, set together with SLUICE_TLS_KEY_FILE"`
 	// TLSKeyFile is the PEM private key of TLSCertFile.
 	TLSKeyFile string `env:"TLS_KEY_FILE" want:"the path of the PEM private key of SLUICE_TLS_CERT_FILE, set together with it"`
+	// HTTPPassThrough sends every request on the proxy port that is not a
+	// WebSocket upgrade to the upstream's origin (ws:// as http://, wss://
+	// as https://), streamed both ways: an app's pages, health checks,
+	// POSTs, downloads, SSE and long-polling (Socket.IO's first transport)
+	// work through sluice as they do direct. On by default because sluice
+	// is a sidecar that owns the app's port; false answers them 426.
+	HTTPPassThrough bool `env:"HTTP_PASSTHROUGH" envDefault:"true" want:"true or false"`
+	// HTTPResponseTimeout bounds the wait for the upstream's response
+	// headers to a passed-through request. Long-polls hold their answer
+	// for up to the app's poll interval (Socket.IO: 25 s), so the default
+	// is well above it, as nginx's proxy_read_timeout.
+	HTTPResponseTimeout time.Duration `env:"HTTP_RESPONSE_TIMEOUT" envDefault:"60s" want:"a positive duration such as 30s or 60s"`
+	// ProxyProtocol requires a PROXY protocol header (v1 or v2) at the
+	// start of every connection on the proxy port, as a load balancer that
+	// speaks it sends (HAProxy send-proxy, AWS NLB, nginx proxy_protocol);
+	// the address in it is the client. A connection without one is
+	// refused. Off by default: a header from an unexpected peer would
+	// let it claim any address.
+	ProxyProtocol bool `env:"PROXY_PROTOCOL" envDefault:"false" want:"true or false"`
 
 	// --- upstream ---
 
@@ -65,7 +84,7 @@ type Config struct {
 	// https to wss, so after Load the scheme is always ws or wss.
 	// It is required unless Load is given AllowNoUpstream (the demo
 	// runs its own backend); it is then nil when unset.
-	UpstreamURL *url.URL `env:"UPSTREAM_URL" want:"a ws://, wss://, http:// or https:// URL with a host and no #fragment, such as ws://backend:8080/socket"`
+	UpstreamURL *url.URL `env:"UPSTREAM_URL" want:"a ws://, wss://, http:// or https:// URL with a host and no #fragment, such as ws://backend:8080"`
 	// UpstreamDialTimeout bounds connecting to the upstream and completing
 	// its WebSocket handshake; the client waits meanwhile.
 	UpstreamDialTimeout time.Duration `env:"UPSTREAM_DIAL_TIMEOUT" envDefault:"5s" want:"a positive duration such as 500ms, 5s or 1m"`
@@ -350,6 +369,9 @@ func (cfg Config) Warnings() []string {
 	if cfg.Policy == PolicyPause && cfg.PauseMax == 0 {
 		w = append(w, Prefix+"POLICY=pause with "+Prefix+"PAUSE_MAX=0: a client that stops reading can stall its upstream forever")
 	}
+	if cfg.ProxyProtocol && len(listEntries(cfg.TrustedProxies)) == 0 {
+		w = append(w, Prefix+"PROXY_PROTOCOL=true without "+Prefix+"TRUSTED_PROXIES: any peer that reaches the port can claim any client address; list the load balancers")
+	}
 	return w
 }
 
@@ -359,6 +381,7 @@ func (cfg Config) check(c *checker) {
 	c.field("ListenAddr", ValidHostPort(cfg.ListenAddr), cfg.ListenAddr)
 	c.field("AdminAddr", cfg.AdminAddr == "" || ValidHostPort(cfg.AdminAddr), cfg.AdminAddr)
 	c.field("HandshakeTimeout", cfg.HandshakeTimeout > 0, cfg.HandshakeTimeout)
+	c.field("HTTPResponseTimeout", cfg.HTTPResponseTimeout > 0, cfg.HTTPResponseTimeout)
 	c.field("MaxHeaderBytes", cfg.MaxHeaderBytes >= KiB && cfg.MaxHeaderBytes <= MiB, cfg.MaxHeaderBytes)
 
 	if cfg.UpstreamURL != nil {

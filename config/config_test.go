@@ -85,6 +85,8 @@ func defaultConfig(t *testing.T) Config {
 		Pprof:                false,
 		HandshakeTimeout:     10 * time.Second,
 		MaxHeaderBytes:       32 * KiB,
+		HTTPPassThrough:      true,
+		HTTPResponseTimeout:  60 * time.Second,
 		UpstreamURL:          mustURL(t, testUpstream),
 		UpstreamDialTimeout:  5 * time.Second,
 		UpstreamReadBuffer:   64 * KiB,
@@ -633,6 +635,8 @@ func TestWarnings(t *testing.T) {
 		{[]string{"SLUICE_POLICY", "pause", "SLUICE_PAUSE_MAX", "0"}, []string{"SLUICE_PAUSE_MAX=0"}},
 		{[]string{"SLUICE_POLICY", "pause", "SLUICE_PAUSE_MAX", "5s"}, nil},
 		{[]string{"SLUICE_POLICY", "drop", "SLUICE_PING_INTERVAL", "0"}, []string{"keepalive off"}},
+		{[]string{"SLUICE_PROXY_PROTOCOL", "true"}, []string{"SLUICE_TRUSTED_PROXIES"}},
+		{[]string{"SLUICE_PROXY_PROTOCOL", "true", "SLUICE_TRUSTED_PROXIES", "10.0.0.0/8"}, nil},
 	}
 	for _, tt := range tests {
 		cfg, err := Load(environ(tt.env...))

@@ -59,6 +59,9 @@ func (cfg Config) ProxyOptions(log zerolog.Logger, reg prometheus.Registerer) (p
 		UpstreamReadBuffer:  int(cfg.UpstreamReadBuffer),
 		ClientWriteBuffer:   int(cfg.ClientWriteBuffer),
 		NoIdlePoll:          !cfg.IdlePoll,
+		HTTPPassThrough:     cfg.HTTPPassThrough,
+		HTTPResponseTimeout: cfg.HTTPResponseTimeout,
+		ProxyProtocol:       cfg.ProxyProtocol,
 
 		FrameReadTimeout:       cfg.FrameReadTimeout,
 		MaxConnections:         cfg.MaxConnections,

@@ -346,6 +346,9 @@ func catSetup(t *testing.T) *catEnv {
 	e.backend = catStartBackend(t)
 	s := startSluice(t, e.backend.url, func(o *proxy.Options) {
 		o.Logger = zerolog.New(e.panics).Level(zerolog.WarnLevel)
+		// The catalogue checks what sluice refuses: plain requests get 426
+		// here, not the backend's answer (passthrough_test.go).
+		o.HTTPPassThrough = false
 		o.HandshakeTimeout = catHandshakeTimeout
 		o.MaxHeaderBytes = catMaxHeaderBytes
 		o.MaxFrameBytes = catMaxFrame

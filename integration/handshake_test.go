@@ -343,11 +343,11 @@ func blackhole(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-// TestPlainHTTPGetRefused: a GET without Upgrade gets 426 Upgrade Required
-// naming websocket.
+// TestPlainHTTPGetRefused: with SLUICE_HTTP_PASSTHROUGH=false, a GET
+// without Upgrade gets 426 Upgrade Required naming websocket.
 func TestPlainHTTPGetRefused(t *testing.T) {
 	b := newBackend(t)
-	s := startSluice(t, b.url, nil)
+	s := startSluiceEnv(t, b.url, map[string]string{config.Prefix + "HTTP_PASSTHROUGH": "false"}, nil)
 	tr := &http.Transport{DisableKeepAlives: true}
 	defer tr.CloseIdleConnections()
 	client := http.Client{Transport: tr, Timeout: wstest.IOTimeout}

@@ -84,6 +84,7 @@ func (s *Server) serveConn(c net.Conn) {
 // returns its session, or nil when it is refused.
 func (s *Server) handshake(c net.Conn) (ss *session) {
 	defer s.handshakeDone(c)
+	handedOff := false // to the pass-through server, which closes c
 	defer func() {
 		if p := recover(); p != nil {
 			// net/http recovered a handler's panic; so does sluice, with
@@ -91,7 +92,7 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 			s.log.Error().Str("client", c.RemoteAddr().String()).Interface("panic", p).
 				Bytes("stack", debug.Stack()).Msg("panic in client handshake")
 		}
-		if ss == nil {
+		if ss == nil && !handedOff {
 			c.Close()
 		}
 	}()
@@ -99,6 +100,9 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 	c.SetDeadline(began.Add(s.opts.HandshakeTimeout))
 	r := getRequest()
 	defer putRequest(r)
+	if s.opts.ProxyProtocol && !s.proxyHeaderOK(c) {
+		return nil
+	}
 	r.remoteAddr = c.RemoteAddr().String()
 	if tc, ok := c.(*tls.Conn); ok {
 		if err := tc.Handshake(); err != nil {
@@ -125,6 +129,10 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 		if !errors.Is(err, io.EOF) {
 			s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("client request not read")
 		}
+		return nil
+	}
+	if s.pass != nil && !r.hasToken("Upgrade", "websocket") {
+		handedOff = s.pass.handOff(c, r, pending)
 		return nil
 	}
 	return s.upgrade(c, r, pending, began)
@@ -230,7 +238,14 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 // ServeHTTP lets sluice be embedded in an http.Server: the request that
 // net/http has read is taken over (hijacked) and upgraded as Serve would.
 // Serve is the cheaper way in, with no net/http state per connection.
+//
+// With Options.HTTPPassThrough, a request that is not an upgrade is sent
+// to the upstream's origin instead, through w.
 func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
+	if s.pass != nil && !isUpgradeRequest(hr) {
+		s.pass.serve(w, hr)
+		return
+	}
 	hj, ok := w.(http.Hijacker)
 	if !ok || hr.ProtoMajor != 1 {
 		s.metrics.rejected.WithLabelValues("bad_request").Inc()
@@ -242,6 +257,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 	c, rw, err := hj.Hijack()
 	if err != nil {
 		return
+	}
+	if pc, ok := c.(*passConn); ok {
+		// An upgrade on a kept-alive pass-through connection: the
+		// upgrade takes a slot of its own.
+		pc.releaseSlot()
 	}
 	s.handshakeBegin(c)
 	defer s.handshakeDone(c)

@@ -129,6 +129,23 @@ func (s *Server) admit(c net.Conn, r *request, cl client) (t slot, ok bool) {
 			return slot{}, false
 		}
 	}
+	t, ok = s.take(c, r, cl)
+	if !ok {
+		return slot{}, false
+	}
+	if a.bucket != nil && !a.bucket.allow() {
+		t.release()
+		s.refuse(c, r, refuseRate, cl)
+		return slot{}, false
+	}
+	return t, true
+}
+
+// take counts a connection from cl against MaxConnections and
+// MaxConnectionsPerIP: the checks an upgrade and a pass-through connection
+// share. When one refuses, it has answered r on c and ok is false.
+func (s *Server) take(c net.Conn, r *request, cl client) (t slot, ok bool) {
+	a := s.adm
 	var key netip.Addr // counted by only with a per-IP bound: no parse without
 	if a.perIP > 0 {
 		key = clientKey(cl.addr)
@@ -152,11 +169,6 @@ func (s *Server) admit(c net.Conn, r *request, cl client) (t slot, ok bool) {
 			s.refuse(c, r, refusePerIP, cl)
 			return slot{}, false
 		}
-	}
-	if a.bucket != nil && !a.bucket.allow() {
-		a.free(key)
-		s.refuse(c, r, refuseRate, cl)
-		return slot{}, false
 	}
 	return slot{a: a, key: key, held: true}, true
 }

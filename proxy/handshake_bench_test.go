@@ -154,6 +154,7 @@ func benchHandshakeOptions() Options {
 		FrameReadTimeout:   30 * time.Second,
 		MaxConnections:     50000,
 		Keepalive:          keepalive.Config{Interval: 25 * time.Second, Timeout: 10 * time.Second},
+		HTTPPassThrough:    true,
 	}
 }
 

@@ -11,19 +11,22 @@ import (
 // Metrics are the proxy's Prometheus series. They are registered into the
 // registerer given to New; nothing here is global.
 type Metrics struct {
-	connectionsActive  prometheus.Gauge
-	connectionsTotal   prometheus.Counter
-	rejected           *prometheus.CounterVec
-	handshakeSeconds   prometheus.Histogram
-	dialFailures       *prometheus.CounterVec
-	messages           [2]prometheus.Counter // by direction
-	bytes              [2]prometheus.Counter // by direction
-	closeCodes         *prometheus.CounterVec
-	evictions          *prometheus.CounterVec
-	protocolErrors     *prometheus.CounterVec
-	pingsSent          prometheus.Counter
-	queueWaitSeconds   prometheus.Histogram
-	sessionSeconds     prometheus.Histogram
+	connectionsActive prometheus.Gauge
+	connectionsTotal  prometheus.Counter
+	rejected          *prometheus.CounterVec
+	handshakeSeconds  prometheus.Histogram
+	dialFailures      *prometheus.CounterVec
+	messages          [2]prometheus.Counter // by direction
+	bytes             [2]prometheus.Counter // by direction
+	closeCodes        *prometheus.CounterVec
+	evictions         *prometheus.CounterVec
+	protocolErrors    *prometheus.CounterVec
+	pingsSent         prometheus.Counter
+	queueWaitSeconds  prometheus.Histogram
+	sessionSeconds    prometheus.Histogram
+	// Pass-through requests, by status class, and their durations.
+	httpRequests       *prometheus.CounterVec
+	httpSeconds        prometheus.Histogram
 	upstreamPingsSent  prometheus.Counter
 	upstreamPongMissed prometheus.Counter
 	// upstreamClosedFirst counts upstream connections whose backend did
@@ -99,6 +102,13 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "sluice_session_duration_seconds", Help: "Lifetime of proxied sessions.",
 			Buckets: prometheus.ExponentialBuckets(1, 4, 10),
 		}),
+		httpRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_http_requests_total", Help: "Plain HTTP requests passed through to the upstream, by status class (2xx to 5xx; a client gone before the answer counts as 4xx, 499).",
+		}, []string{"code"}),
+		httpSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sluice_http_request_duration_seconds", Help: "Time from a passed-through request to the end of its answer (streams and downloads included).",
+			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
+		}),
 	}
 	msgs := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sluice_messages_total", Help: "Data messages forwarded, by direction.",
@@ -132,6 +142,9 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 	for _, r := range evictionReasons() {
 		m.evictions.WithLabelValues(r)
 	}
+	for _, c := range statusClasses[1:] {
+		m.httpRequests.WithLabelValues(c)
+	}
 	for _, leg := range []string{"client", "upstream"} {
 		for _, code := range violationCodes {
 			m.protocolErrors.WithLabelValues(leg, closeCodeLabel(code))
@@ -141,7 +154,7 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 		reg.MustRegister(m.connectionsActive, m.connectionsTotal, m.rejected, m.handshakeSeconds,
 			m.dialFailures, msgs, byts, m.closeCodes, m.evictions, m.protocolErrors, m.pingsSent,
 			m.upstreamPingsSent, m.upstreamPongMissed, m.upstreamClosedFirst, m.queueWaitSeconds, m.sessionSeconds,
-			delayed, throttle)
+			delayed, throttle, m.httpRequests, m.httpSeconds)
 	}
 	return m
 }
@@ -169,7 +182,7 @@ var violationCodes = []ws.StatusCode{ws.StatusProtocolError, ws.StatusInvalidFra
 // admission control's refusals, malformed or late upgrades, and each way
 // the upstream can fail a handshake (Server.dialFailed).
 func rejectionReasons() []string {
-	out := []string{"bad_request", "malformed", "header_too_large", "draining", "client_handshake", "upstream_status"}
+	out := []string{"bad_request", "malformed", "header_too_large", "draining", "client_handshake", "upstream_status", "proxy_protocol"}
 	for _, r := range refusals {
 		out = append(out, r.reason)
 	}

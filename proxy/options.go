@@ -73,6 +73,23 @@ type Options struct {
 	// storm cannot overload the upstream.
 	MaxHandshakesPerSecond int
 
+	// HTTPPassThrough sends every request that is not a WebSocket upgrade
+	// to the upstream's origin (ws:// as http://, wss:// as https:// with
+	// UpstreamTLS), streamed both ways, so one port serves an app's pages,
+	// health checks, SSE and long-polling besides its WebSockets. Off,
+	// such requests get 426.
+	HTTPPassThrough bool
+	// HTTPResponseTimeout bounds the wait for the upstream's response
+	// headers to a passed-through request (long-polls included); the
+	// body may then take as long as it takes. Default 60s.
+	HTTPResponseTimeout time.Duration
+
+	// ProxyProtocol requires every connection to start with a PROXY
+	// protocol header (v1 or v2) whose source address is then the client.
+	// Serve's listener must come from ProxyProtocolListener; with
+	// TrustedProxies set, only those peers may connect.
+	ProxyProtocol bool
+
 	// UpstreamFailureCode is the close code clients get when the upstream
 	// fails: 1014 by default; 1011 or 1012 for fleets whose client library
 	// rejects 1014.
@@ -128,6 +145,7 @@ func (o *Options) setDefaults() error {
 	def(&o.HandshakeTimeout, 10*time.Second)
 	def(&o.WriteTimeout, 10*time.Second)
 	def(&o.CloseTimeout, 5*time.Second)
+	def(&o.HTTPResponseTimeout, 60*time.Second)
 	if o.FrameReadTimeout < 0 || o.MaxConnections < 0 || o.MaxConnectionsPerIP < 0 || o.MaxHandshakesPerSecond < 0 {
 		return errors.New("proxy: FrameReadTimeout, MaxConnections, MaxConnectionsPerIP and MaxHandshakesPerSecond must not be negative")
 	}

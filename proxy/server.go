@@ -60,6 +60,7 @@ type Server struct {
 	idle    *idlePoller   // parked readers of idle sockets; nil: readers wait in goroutines
 	fair    *limiter.Fair // Options.UpstreamMaxMessagesPerSecond; nil: no cap
 	settle  *setupGC      // collects once a burst of setups is over (settle.go)
+	pass    *passThrough  // Options.HTTPPassThrough; nil: plain requests get 426
 
 	nextID   atomic.Uint64
 	draining atomic.Bool // readiness fails: BeginDrain or Shutdown was called
@@ -68,7 +69,8 @@ type Server struct {
 	// TCP connect, for readiness.
 	lastUpstreamOK atomic.Int64
 
-	dialFailLog rejectLog // upstream dial failures, logged at most once a second
+	dialFailLog    rejectLog // upstream dial failures, logged at most once a second
+	proxyHeaderLog rejectLog // connections refused for their PROXY header, logged at most once a second
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{} // Serve's, closed by Shutdown; guarded by mu
@@ -127,6 +129,9 @@ func New(opts Options) (*Server, error) {
 		d.Control = receiveBuffer(opts.UpstreamReadBuffer)
 	}
 	s.netDial = d.DialContext
+	if opts.HTTPPassThrough {
+		s.pass = newPassThrough(s)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
 	s.guardWG.Add(1)
@@ -178,6 +183,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		ln.Close()
 	}
 	s.mu.Unlock()
+	// Pass-through connections: idle ones close now, requests under way
+	// may finish while the sessions drain, until ctx ends.
+	passDone := make(chan struct{})
+	go func() {
+		defer close(passDone)
+		if s.pass != nil {
+			s.pass.shutdown(ctx)
+		}
+	}()
+	defer func() { <-passDone }()
 	// Handshakes under way end within their timeouts: those that reach
 	// admission now are refused with 503, the others become sessions,
 	// which the loop below or startSession itself sends away.

@@ -59,7 +59,7 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 	admin.RegisterBudgetMetrics(reg, srv.Budget())
 	build := version.Get()
 	admin.RegisterBuildInfo(reg, build)
-	ln, stopTLS, err := listen(ctx, cfg, log)
+	ln, stopTLS, err := listen(ctx, cfg, log, srv)
 	if err != nil {
 		return err
 	}
@@ -107,16 +107,20 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 	return serveFailed
 }
 
-// listen opens the WebSocket listener; with a certificate pair it serves
-// TLS and stop ends the certificate watcher (the admin listener stays
-// plain HTTP). stop is never nil when err is nil.
-func listen(ctx context.Context, cfg config.Config, log zerolog.Logger) (_ net.Listener, stop func(), _ error) {
+// listen opens the WebSocket listener; with SLUICE_PROXY_PROTOCOL it
+// reads a PROXY header first; with a certificate pair it serves TLS and
+// stop ends the certificate watcher (the admin listener stays plain HTTP). stop is never nil when err is nil.
+func listen(ctx context.Context, cfg config.Config, log zerolog.Logger, srv *proxy.Server) (_ net.Listener, stop func(), _ error) {
 	// TCP keepalive off on accepted connections, as on upstream ones:
 	// keepalive is sluice's pings, and the probes' setup costs syscalls.
 	lc := net.ListenConfig{KeepAlive: -1}
 	ln, err := lc.Listen(ctx, "tcp", cfg.ListenAddr)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%sLISTEN_ADDR=%q: %w", config.Prefix, cfg.ListenAddr, err)
+	}
+	if cfg.ProxyProtocol {
+		// The PROXY header comes first, before TLS.
+		ln = srv.ProxyProtocolListener(ln)
 	}
 	if cfg.TLSCertFile == "" {
 		return ln, func() {}, nil

@@ -1,6 +1,7 @@
 package serve
 
 import (
+	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -394,5 +395,46 @@ func TestAdminPprof(t *testing.T) {
 				t.Error("admin /debug/pprof/cmdline: empty")
 			}
 		})
+	}
+}
+
+// TestServeProxyProtocolUnderTLS: with SLUICE_PROXY_PROTOCOL and TLS, the
+// PROXY header comes first, then TLS; a plain request passed through
+// reaches the app with the header's client in X-Forwarded-For and https
+// in X-Forwarded-Proto.
+func TestServeProxyProtocolUnderTLS(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	pki := certstest.New(t)
+	certFile, keyFile := pki.WritePair(t, "server", 1)
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, r.Header.Get("X-Forwarded-For")+" "+r.Header.Get("X-Forwarded-Proto"))
+	}))
+	defer backend.Close()
+	wsAddr, _, _, stop := startSluice(t, map[string]string{
+		config.Prefix + "UPSTREAM_URL":     "ws://" + backend.Listener.Addr().String(),
+		config.Prefix + "TLS_CERT_FILE":    certFile,
+		config.Prefix + "TLS_KEY_FILE":     keyFile,
+		config.Prefix + "PROXY_PROTOCOL":   "true",
+		config.Prefix + "SHUTDOWN_TIMEOUT": "3s",
+	})
+	defer stop()
+
+	raw, err := net.DialTimeout("tcp", wsAddr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(raw, "PROXY TCP4 203.0.113.7 127.0.0.1 40001 443\r\n")
+	c := tls.Client(raw, &tls.Config{RootCAs: pki.Pool, ServerName: "localhost"})
+	io.WriteString(c, "GET /who HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(b) != "203.0.113.7 https" {
+		t.Errorf("the app saw X-Forwarded-For and -Proto %q, want \"203.0.113.7 https\"", b)
 	}
 }

@@ -1,0 +1,337 @@
+package proxy
+
+// HTTP pass-through (Options.HTTPPassThrough): a connection whose first
+// request is not a WebSocket upgrade is handed, with the bytes already
+// read replayed, to one net/http server per Server, whose handler sends
+// every plain request to the upstream's origin through
+// httputil.ReverseProxy. An upgrade arriving later on such a kept-alive
+// connection is hijacked and takes the usual upgrade path (ServeHTTP).
+// Upgrades that come first, the usual case, never touch net/http.
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	stdlog "log"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// Bounds of pass-through that are not configuration.
+const (
+	// passIdleTimeout closes a kept-alive client connection idle between
+	// requests for this long (nginx keepalive_timeout: 75 s).
+	passIdleTimeout = 75 * time.Second
+	// passMaxIdleUpstream bounds the idle connections kept to the
+	// upstream for reuse.
+	passMaxIdleUpstream = 64
+	// passUpstreamIdleTimeout closes an idle upstream connection.
+	passUpstreamIdleTimeout = 90 * time.Second
+	// passMaxResponseHeader bounds the upstream's response headers.
+	passMaxResponseHeader = 1 << 20
+)
+
+// passThrough serves the plain HTTP requests of a Server.
+type passThrough struct {
+	s      *Server
+	origin *url.URL // the upstream with http or https for ws or wss
+	web    *http.Server
+	conns  *connQueue // web's listener, fed by handOff
+	proxy  *httputil.ReverseProxy
+	failed rejectLog // upstream failures, logged at most once a second
+	served sync.WaitGroup
+}
+
+func newPassThrough(s *Server) *passThrough {
+	o := &s.opts
+	origin := *o.Upstream
+	origin.Scheme = "http"
+	if o.Upstream.Scheme == "wss" {
+		origin.Scheme = "https"
+	}
+	d := &net.Dialer{Timeout: o.DialTimeout}
+	tr := &http.Transport{
+		DialContext:            d.DialContext,
+		TLSClientConfig:        o.UpstreamTLS, // the same CAs and client certificate as wss://
+		TLSHandshakeTimeout:    o.DialTimeout,
+		ResponseHeaderTimeout:  o.HTTPResponseTimeout,
+		ExpectContinueTimeout:  time.Second,
+		MaxIdleConns:           passMaxIdleUpstream,
+		MaxIdleConnsPerHost:    passMaxIdleUpstream,
+		IdleConnTimeout:        passUpstreamIdleTimeout,
+		MaxResponseHeaderBytes: passMaxResponseHeader,
+		// Bodies pass as they are: no Accept-Encoding added, nothing
+		// decompressed.
+		DisableCompression: true,
+	}
+	p := &passThrough{s: s, origin: &origin, conns: newConnQueue()}
+	p.proxy = &httputil.ReverseProxy{
+		Rewrite:   p.rewrite,
+		Transport: tr,
+		// Every write is flushed at once: SSE events, long-poll answers
+		// and chunks reach the client as the upstream sends them.
+		FlushInterval: -1,
+		ErrorHandler:  p.fail,
+		ErrorLog:      netHTTPLog(s.log),
+	}
+	p.web = &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: o.HandshakeTimeout,
+		IdleTimeout:       passIdleTimeout,
+		MaxHeaderBytes:    o.MaxHeaderBytes,
+		ConnContext:       func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, passConnKey{}, c) },
+		// No HTTP/2 here: the connections come in as HTTP/1.
+		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
+		ErrorLog:     netHTTPLog(s.log),
+	}
+	p.served.Add(1)
+	go func() {
+		defer p.served.Done()
+		p.web.Serve(p.conns)
+	}()
+	return p
+}
+
+// handOff gives c, whose first request r (followed by pending) is not an
+// upgrade, to the pass-through server. It reports false when c was
+// refused (answered) or could not be handed over; the caller then closes
+// c. The connection counts toward the limits until it closes or turns
+// into an upgrade.
+func (p *passThrough) handOff(c net.Conn, r *request, pending []byte) bool {
+	s := p.s
+	if s.closing.Load() {
+		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
+		return false
+	}
+	cl := s.adm.clientOf(r)
+	slot, ok := s.take(c, r, cl)
+	if !ok {
+		return false
+	}
+	pc := &passConn{Conn: c, slot: slot}
+	pc.replay = append(append(make([]byte, 0, len(r.head)+len(pending)), r.head...), pending...)
+	if tc, ok := c.(*tls.Conn); ok {
+		cs := tc.ConnectionState()
+		pc.tls = &cs
+	}
+	c.SetDeadline(time.Time{}) // net/http sets its own
+	if !p.conns.hand(pc) {
+		pc.releaseSlot()
+		return false
+	}
+	return true
+}
+
+// serve proxies one plain request, counted by status class and timed.
+func (p *passThrough) serve(w http.ResponseWriter, hr *http.Request) {
+	began := time.Now()
+	if pc, ok := hr.Context().Value(passConnKey{}).(*passConn); ok && pc.tls != nil && hr.TLS == nil {
+		hr.TLS = pc.tls
+	}
+	rec := &statusRecorder{ResponseWriter: w}
+	p.proxy.ServeHTTP(rec, hr)
+	code := rec.code
+	if code == 0 {
+		code = http.StatusOK // nothing written: net/http answers 200
+	}
+	p.s.metrics.httpRequests.WithLabelValues(statusClass(code)).Inc()
+	p.s.metrics.httpSeconds.Observe(time.Since(began).Seconds())
+}
+
+// rewrite builds the upstream request: the same URL as an upgrade would
+// dial (upstreamURL), Host the upstream's, and the forwarded headers that
+// forwardedHeader writes for upgrades, with the same trusted-proxy rules.
+func (p *passThrough) rewrite(pr *httputil.ProxyRequest) {
+	in := pr.In
+	target, _ := url.Parse(upstreamURL(p.origin, in.URL))
+	pr.Out.URL = target
+	pr.Out.Host = ""
+	r := getRequest()
+	defer putRequest(r)
+	requestFromHTTP(in, r)
+	cl := p.s.adm.clientOf(r)
+	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
+	var h forwardedHeader
+	h.forwardTo(r, clientIP, cl.xff)
+	for name := range pr.Out.Header {
+		// Te: trailers stays, as ReverseProxy keeps it for gRPC.
+		if name != "Te" && !h.forwarded(name) {
+			delete(pr.Out.Header, name)
+		}
+	}
+	pr.Out.Header.Set("X-Forwarded-For", h.xff)
+	pr.Out.Header.Set("X-Forwarded-Host", h.host)
+	pr.Out.Header.Set("X-Forwarded-Proto", h.proto)
+}
+
+// fail answers a request the upstream did not answer: 502, or 504 on a
+// timeout, as an upgrade's dial failure; nothing when the client left.
+func (p *passThrough) fail(w http.ResponseWriter, hr *http.Request, err error) {
+	status, reason := dialFailure(err)
+	if errors.Is(hr.Context().Err(), context.Canceled) {
+		status, reason = 499, "client_gone"
+	}
+	if reason != "client_gone" {
+		if n, ok := p.failed.note(time.Since(p.s.adm.began)); ok {
+			p.s.log.Warn().Err(err).Str("upstream", p.origin.Redacted()).Str("reason", reason).
+				Uint64("failures", n).Msg("upstream http request failed")
+		}
+	}
+	w.WriteHeader(status)
+}
+
+// shutdown stops the pass-through server: idle connections close at once,
+// requests under way may finish until ctx ends, and are then cut off.
+func (p *passThrough) shutdown(ctx context.Context) {
+	if p.web.Shutdown(ctx) != nil {
+		p.web.Close()
+	}
+	p.served.Wait()
+}
+
+// isUpgradeRequest reports whether net/http's request asks for a
+// WebSocket, as checkUpgrade's first test does.
+func isUpgradeRequest(hr *http.Request) bool {
+	for _, v := range hr.Header.Values("Upgrade") {
+		for t := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), "websocket") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// netHTTPLog sends what net/http and ReverseProxy would print on stderr
+// (a client gone mid-answer, a malformed request) to log at debug level:
+// per-request noise, not events.
+func netHTTPLog(log zerolog.Logger) *stdlog.Logger {
+	return stdlog.New(debugWriter{log}, "", 0)
+}
+
+type debugWriter struct{ log zerolog.Logger }
+
+func (w debugWriter) Write(p []byte) (int, error) {
+	w.log.Debug().Str("from", "net/http").Msg(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// passConn is a connection handed to the pass-through server: the bytes
+// sluice read replayed first, and its admission slot freed once, when it
+// closes or turns into an upgrade (which takes a slot of its own). It has
+// no SyscallConn on purpose: a frame reader must read through Read.
+type passConn struct {
+	net.Conn
+	replay []byte               // read only by Read, which net/http calls from one goroutine at a time
+	tls    *tls.ConnectionState // nil for plain connections
+
+	once sync.Once
+	slot slot // released through once
+}
+
+type passConnKey struct{}
+
+func (c *passConn) Read(b []byte) (int, error) {
+	if len(c.replay) > 0 {
+		n := copy(b, c.replay)
+		c.replay = c.replay[n:]
+		return n, nil
+	}
+	return c.Conn.Read(b)
+}
+
+func (c *passConn) Close() error {
+	c.releaseSlot()
+	return c.Conn.Close()
+}
+
+func (c *passConn) releaseSlot() { c.once.Do(c.slot.release) }
+
+// connQueue is a net.Listener whose connections are handed to it.
+type connQueue struct {
+	conns chan net.Conn
+	done  chan struct{}
+	once  sync.Once
+}
+
+func newConnQueue() *connQueue {
+	return &connQueue{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+// hand passes c to Accept; false once the queue is closed.
+func (q *connQueue) hand(c net.Conn) bool {
+	select {
+	case q.conns <- c:
+		return true
+	case <-q.done:
+		return false
+	}
+}
+
+func (q *connQueue) Accept() (net.Conn, error) {
+	select {
+	case c := <-q.conns:
+		return c, nil
+	case <-q.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (q *connQueue) Close() error {
+	q.once.Do(func() { close(q.done) })
+	return nil
+}
+
+func (q *connQueue) Addr() net.Addr { return passAddr{} }
+
+type passAddr struct{}
+
+func (passAddr) Network() string { return "pass-through" }
+func (passAddr) String() string  { return "pass-through" }
+
+// statusRecorder notes the final status a handler wrote. Unwrap lets
+// http.ResponseController reach the flusher and hijacker underneath.
+type statusRecorder struct {
+	http.ResponseWriter
+	code int // the first final (non-1xx) status; 0 until then
+}
+
+func (w *statusRecorder) WriteHeader(code int) {
+	if w.code == 0 && code >= 200 {
+		w.code = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusRecorder) Write(b []byte) (int, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusRecorder) Flush() {
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (w *statusRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// statusClasses are the code label of sluice_http_requests_total: the
+// class of the status, so the series stay few.
+var statusClasses = []string{"1xx", "2xx", "3xx", "4xx", "5xx"}
+
+func statusClass(code int) string {
+	if code >= 100 && code < 600 {
+		return statusClasses[code/100-1]
+	}
+	return "other"
+}
