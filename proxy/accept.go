@@ -167,7 +167,7 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
 	u := getDialState(s)
 	defer putDialState(u)
-	u.header.forwardTo(r, clientIP, cl.xff)
+	u.header.forwardTo(r, clientIP, cl)
 	protocols, exts := offers(r, s.opts.Queue.Policy)
 	dialer := ws.Dialer{
 		Timeout:       s.opts.DialTimeout,

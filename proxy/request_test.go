@@ -49,10 +49,10 @@ func TestRequestAsNetHTTP(t *testing.T) {
 			r.remoteAddr, r.tls = "10.0.0.9:4711", c.tls
 			var got, want strings.Builder
 			var h forwardedHeader
-			h.forwardTo(r, "10.0.0.9", c.xff)
+			h.forwardTo(r, "10.0.0.9", client{xff: c.xff, trustedPeer: c.trusted})
 			h.WriteTo(&got)
 			hr := parseForwardCase(t, i)
-			h.forwardTo(fromHTTP(hr), "10.0.0.9", c.xff)
+			h.forwardTo(fromHTTP(hr), "10.0.0.9", client{xff: c.xff, trustedPeer: c.trusted})
 			h.WriteTo(&want)
 			if got.String() != want.String() {
 				t.Errorf("%s, step %d: got\n%s\nwant\n%s", c.name, step, got.String(), want.String())
