@@ -120,6 +120,10 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 		s.metrics.rejected.WithLabelValues("malformed").Inc()
 		writeBadRequest(c, http.StatusBadRequest)
 		return nil
+	case errors.Is(err, errVersion):
+		s.metrics.rejected.WithLabelValues("malformed").Inc()
+		writeBadRequest(c, http.StatusHTTPVersionNotSupported)
+		return nil
 	case err != nil:
 		// Timeout, or gone before a whole request: nothing to answer.
 		if !errors.Is(err, io.EOF) {
