@@ -8,7 +8,6 @@ package proxy
 // ends. No bufio, no header map, no context, no background reader.
 
 import (
-	"context"
 	"crypto/tls"
 	"errors"
 	"io"
@@ -185,10 +184,10 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 		OnHeader:      u.onHeader,
 	}
 	target := upstreamURL(s.opts.Upstream, r.url)
-	// A context that never ends: the Dialer then bounds the dial with
-	// Timeout alone, instead of starting a goroutine per dial to watch it.
-	// A client gone meanwhile is noticed when its 101 cannot be written.
-	upConn, upBuf, hs, err := dialer.Dial(context.Background(), target)
+	// Bounded by the dial timeout alone, with no goroutine per dial to
+	// watch a context: a client gone meanwhile is noticed when its 101
+	// cannot be written.
+	upConn, upBuf, hs, err := u.dialUpstream(&dialer, target)
 	// The answer gets a handshake timeout of its own from here, as the
 	// upgrader gave it.
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
@@ -273,6 +272,11 @@ func (s *Server) reject(c net.Conn, status int, reason, msg string, retry int) {
 
 func (s *Server) dialFailed(c net.Conn, target string, err error, rej *rejection) {
 	status, reason := dialFailure(err)
+	if rej != nil && rej.bad {
+		// An answer sluice will not relay: too large or malformed.
+		status, reason, rej = http.StatusBadGateway, "handshake", nil
+		err = errUpstreamBadHeader
+	}
 	s.metrics.dialFailures.WithLabelValues(reason).Inc()
 	if reason == "client_gone" {
 		return
