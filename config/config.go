@@ -48,6 +48,11 @@ type Config struct {
 	// HandshakeTimeout bounds the time a client has to send its whole
 	// upgrade request, so idle half-open connections cannot pile up.
 	HandshakeTimeout time.Duration `env:"HANDSHAKE_TIMEOUT" envDefault:"10s" want:"a positive duration such as 500ms, 10s or 1m"`
+	// HandshakeIdleTimeout bounds each wait for more of the upgrade
+	// request, the first byte included, within HandshakeTimeout: a client
+	// that stops sending frees its place under the connection limits
+	// sooner than the whole handshake's bound.
+	HandshakeIdleTimeout time.Duration `env:"HANDSHAKE_IDLE_TIMEOUT" envDefault:"5s" want:"a positive duration such as 1s or 5s, at most SLUICE_HANDSHAKE_TIMEOUT"`
 	// MaxHeaderBytes caps the size of a client's upgrade request headers.
 	MaxHeaderBytes ByteSize `env:"MAX_HEADER_BYTES" envDefault:"32KiB" want:"a size from 1KiB to 1MiB, such as 8192, 32KiB or 1MiB"`
 	// TLSCertFile and TLSKeyFile, set together, make the WebSocket
@@ -118,8 +123,8 @@ type Config struct {
 
 	// --- admission (checked before the upstream is dialled) ---
 
-	// MaxConnections bounds the client connections open at once, upgrades
-	// in progress included; past it, new upgrades get 503 with a
+	// MaxConnections bounds the client connections open at once, from
+	// their accept: requests still arriving count; past it, new upgrades get 503 with a
 	// Retry-After. Each costs two file descriptors and some memory: the
 	// default protects a process with the usual 1Mi descriptors and a few
 	// GiB of memory. 0 means no limit.
@@ -130,9 +135,10 @@ type Config struct {
 	// balancer's address. 0 means no limit.
 	MaxConnectionsPerIP int `env:"MAX_CONNECTIONS_PER_IP" envDefault:"0" want:"0 (no limit) or a whole number up to 10000000, such as 100"`
 	// TrustedProxies lists the peers (load balancers) whose
-	// X-Forwarded-For, or Forwarded when there is no X-Forwarded-For,
-	// names the client. Empty trusts nobody: the client is the socket's
-	// peer.
+	// X-Forwarded-For or Forwarded names the client (when both name one
+	// and they differ, neither is believed), and whose Forwarded and
+	// X-Real-IP go upstream; from other peers those are removed. Empty
+	// trusts nobody: the client is the socket's peer.
 	TrustedProxies []string `env:"TRUSTED_PROXIES" want:"a comma-separated list of CIDRs or IP addresses, such as 10.0.0.0/8,192.168.1.7,fd00::/8"`
 	// AllowedOrigins lists the web origins whose pages may open
 	// WebSockets through sluice; another Origin gets 403 (cross-site
@@ -356,6 +362,7 @@ func (cfg Config) check(c *checker) {
 	c.field("ListenAddr", ValidHostPort(cfg.ListenAddr), cfg.ListenAddr)
 	c.field("AdminAddr", cfg.AdminAddr == "" || ValidHostPort(cfg.AdminAddr), cfg.AdminAddr)
 	c.field("HandshakeTimeout", cfg.HandshakeTimeout > 0, cfg.HandshakeTimeout)
+	c.field("HandshakeIdleTimeout", cfg.HandshakeIdleTimeout > 0, cfg.HandshakeIdleTimeout)
 	c.field("MaxHeaderBytes", cfg.MaxHeaderBytes >= KiB && cfg.MaxHeaderBytes <= MiB, cfg.MaxHeaderBytes)
 
 	if cfg.UpstreamURL != nil {

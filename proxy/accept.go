@@ -95,10 +95,19 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 		}
 	}()
 	began := time.Now()
-	c.SetDeadline(began.Add(s.opts.HandshakeTimeout))
+	deadline := began.Add(s.opts.HandshakeTimeout)
+	// The first bytes, as every later read, must come within the idle
+	// timeout; the whole request within the handshake timeout.
+	c.SetDeadline(minTime(deadline, began.Add(s.opts.HandshakeIdleTimeout)))
 	r := getRequest()
 	defer putRequest(r)
 	r.remoteAddr = c.RemoteAddr().String()
+	// Counted from here, while the request is still arriving.
+	slot, ok := s.arrive(c, r)
+	if !ok {
+		return nil
+	}
+	defer slot.release() // a no-op once the session has the slot
 	if tc, ok := c.(*tls.Conn); ok {
 		if err := tc.Handshake(); err != nil {
 			// Scanners and wrong ports: a debug line, as net/http's
@@ -108,7 +117,10 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 		}
 		r.tls = true
 	}
-	pending, err := readRequest(c, r, s.opts.MaxHeaderBytes+headReadSize)
+	pending, err := readRequest(c, r, s.opts.MaxHeaderBytes+headReadSize, s.opts.HandshakeIdleTimeout, deadline)
+	// The answers' deadline is the handshake's, however late the
+	// request came within it.
+	c.SetWriteDeadline(deadline)
 	switch {
 	case errors.Is(err, errHeadTooLarge):
 		s.metrics.rejected.WithLabelValues("header_too_large").Inc()
@@ -130,7 +142,14 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 		}
 		return nil
 	}
-	return s.upgrade(c, r, pending, began)
+	return s.upgrade(c, r, pending, began, &slot)
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }
 
 // closeWriteAndWait ends a refusal sent before the client's request was
@@ -149,8 +168,9 @@ func closeWriteAndWait(c net.Conn) {
 // followed it: dial the upstream first, then answer the client from the
 // upstream's answer, then hand both connections to a session. It returns
 // the session, whose client reader the caller starts, or nil, and then the
-// caller closes c.
-func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time) *session {
+// caller closes c. slot is c's place under the limits (arrive): upgrade
+// hands it to the session, or frees it early for a client that may retry.
+func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time, slot *slot) *session {
 	if status, msg := checkUpgrade(r); status != 0 {
 		s.reject(c, status, "bad_request", msg, 0)
 		return nil
@@ -159,14 +179,12 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
 		return nil
 	}
-	// Admission control (admission.go): origin, connection limits and
-	// handshake rate, all before anything is dialled.
+	// Admission control (admission.go): origin, the per-IP limit of a
+	// forwarded client and handshake rate, all before anything is dialled.
 	cl := s.adm.clientOf(r)
-	slot, ok := s.admit(c, r, cl)
-	if !ok {
+	if !s.admit(c, r, cl, slot) {
 		return nil
 	}
-	defer slot.release() // a no-op once the session has the slot
 	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
 	u := getDialState(s)
 	defer putDialState(u)
@@ -256,7 +274,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 		pending, _ = rw.Reader.Peek(n)
 	}
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
-	if ss := s.upgrade(c, r, pending, began); ss != nil {
+	slot, ok := s.arrive(c, r)
+	if !ok {
+		c.Close()
+		return
+	}
+	defer slot.release()
+	if ss := s.upgrade(c, r, pending, began, &slot); ss != nil {
 		ss.client.startReading() // net/http's goroutine is not ours to keep
 	} else {
 		c.Close()

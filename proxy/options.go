@@ -29,9 +29,13 @@ type Options struct {
 
 	DialTimeout      time.Duration // upstream connect and handshake; default 5s
 	HandshakeTimeout time.Duration // client request headers; default 10s
-	WriteTimeout     time.Duration // one write to either socket; default 10s
-	CloseTimeout     time.Duration // a close handshake, both legs; default 5s
-	DrainSpread      time.Duration // Shutdown's 1001s are spread over this; 0: all at once
+	// HandshakeIdleTimeout bounds each wait for more of the request,
+	// the first bytes included, within HandshakeTimeout: a client that
+	// stops sending frees its slot sooner. Default 5s.
+	HandshakeIdleTimeout time.Duration
+	WriteTimeout         time.Duration // one write to either socket; default 10s
+	CloseTimeout         time.Duration // a close handshake, both legs; default 5s
+	DrainSpread          time.Duration // Shutdown's 1001s are spread over this; 0: all at once
 	// NoIdlePoll makes the reader of a quiet socket wait in its own
 	// goroutine for good instead of leaving the socket in the shared epoll
 	// set after a second (Linux): about 4 KiB of stack more per idle socket.
@@ -52,11 +56,13 @@ type Options struct {
 	// Admission control, checked before the upstream is dialled (see
 	// admission.go). 0 or empty means no check, for each.
 	//
-	// MaxConnections bounds the connections admitted at once, handshakes
-	// in progress included: past it, 503 with Retry-After.
+	// MaxConnections bounds the connections admitted at once, from their
+	// accept: requests still arriving and handshakes in progress count.
+	// Past it, 503 with Retry-After.
 	MaxConnections int
 	// MaxConnectionsPerIP bounds them per client address (per /64 for
-	// IPv6): past it, 429 with Retry-After.
+	// IPv6), from the accept for a peer that is not a trusted proxy:
+	// past it, 429 with Retry-After.
 	MaxConnectionsPerIP int
 	// TrustedProxies are the peers believed when their X-Forwarded-For
 	// (or, without one, Forwarded) header names the client. The client so
@@ -126,6 +132,7 @@ func (o *Options) setDefaults() error {
 	}
 	def(&o.DialTimeout, 5*time.Second)
 	def(&o.HandshakeTimeout, 10*time.Second)
+	def(&o.HandshakeIdleTimeout, 5*time.Second)
 	def(&o.WriteTimeout, 10*time.Second)
 	def(&o.CloseTimeout, 5*time.Second)
 	if o.FrameReadTimeout < 0 || o.MaxConnections < 0 || o.MaxConnectionsPerIP < 0 || o.MaxHandshakesPerSecond < 0 {

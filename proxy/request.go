@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"time"
 )
 
 // headReadSize bounds one read of the request head. Whatever follows the
@@ -114,8 +115,10 @@ func putRequest(r *request) {
 // readRequest reads the request head from c into r, at most limit bytes
 // of it, and returns the bytes read after it (the client's first frames,
 // at most headReadSize), valid until putRequest. A read error (timeout,
-// EOF before the blank line) is returned as is.
-func readRequest(c net.Conn, r *request, limit int) (pending []byte, err error) {
+// EOF before the blank line) is returned as is. With idle > 0 each read
+// that leaves the head unfinished gives the next one idle at most, and
+// never past deadline: the caller set the first read's deadline.
+func readRequest(c net.Conn, r *request, limit int, idle time.Duration, deadline time.Time) (pending []byte, err error) {
 	buf := r.buf
 	n, scanned := 0, 0
 	for {
@@ -144,6 +147,15 @@ func readRequest(c net.Conn, r *request, limit int) (pending []byte, err error) 
 		}
 		// The blank line may straddle two reads: look again from 3 back.
 		scanned = max(n-3, 0)
+		if rerr == nil && idle > 0 {
+			// A request must make progress, not only finish in time: a
+			// client that stops sending gives its slot back soon.
+			if next := time.Now().Add(idle); next.Before(deadline) {
+				c.SetReadDeadline(next)
+			} else {
+				c.SetReadDeadline(deadline)
+			}
+		}
 		if rerr != nil {
 			if rerr == io.EOF && n > 0 {
 				rerr = io.ErrUnexpectedEOF

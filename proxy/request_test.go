@@ -29,7 +29,7 @@ func readFrom(t *testing.T, raw string, step, limit int) (*request, []byte, erro
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	r := getRequest()
 	t.Cleanup(func() { putRequest(r) })
-	pending, err := readRequest(c, r, limit)
+	pending, err := readRequest(c, r, limit, 0, time.Time{})
 	return r, bytes.Clone(pending), err
 }
 
