@@ -245,6 +245,10 @@ type Config struct {
 	// LogFormat is json (for machines) or console (for humans at a
 	// terminal).
 	LogFormat string `env:"LOG_FORMAT" envDefault:"json" want:"json or console"`
+	// LogQuery logs the values of clients' query strings. Off by default:
+	// browsers cannot set headers on a WebSocket, so apps put tokens in
+	// the query, and log lines keep only its keys (?token=REDACTED).
+	LogQuery bool `env:"LOG_QUERY" envDefault:"false" want:"true or false"`
 }
 
 // Log formats accepted in Config.LogFormat.

@@ -46,6 +46,7 @@ func (cfg Config) ProxyOptions(log zerolog.Logger, reg prometheus.Registerer) (p
 		Upstream:             cfg.UpstreamURL,
 		Logger:               log,
 		Registerer:           reg,
+		LogQuery:             cfg.LogQuery,
 		DialTimeout:          cfg.UpstreamDialTimeout,
 		HandshakeTimeout:     cfg.HandshakeTimeout,
 		HandshakeIdleTimeout: min(cfg.HandshakeIdleTimeout, cfg.HandshakeTimeout),

@@ -315,7 +315,7 @@ func (s *Server) dialFailed(c net.Conn, target string, err error, rej *rejection
 	// A dead upstream fails every upgrade at once: one line a second says
 	// so, with the count, rather than one per client.
 	if n, ok := s.dialFailLog.note(time.Since(s.adm.began)); ok {
-		s.log.Warn().Err(err).Str("upstream", target).Str("reason", reason).Uint64("failures", n).Msg("upstream dial failed")
+		s.log.Warn().Err(err).Str("upstream", s.logURL(target)).Str("reason", reason).Uint64("failures", n).Msg("upstream dial failed")
 	}
 	s.reject(c, status, "upstream_"+reason, "upstream "+reason, 0)
 }

@@ -26,6 +26,10 @@ type Options struct {
 	Logger zerolog.Logger
 	// Registerer receives the proxy's metrics; nil keeps them private.
 	Registerer prometheus.Registerer
+	// LogQuery logs the query values of clients' URLs; by default log
+	// lines keep the path and the query's keys only (LogURL), since apps
+	// put tokens there.
+	LogQuery bool
 
 	DialTimeout      time.Duration // upstream connect and handshake; default 5s
 	HandshakeTimeout time.Duration // client request headers; default 10s

@@ -242,7 +242,7 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	s.mu.Unlock()
 	s.metrics.connectionsActive.Inc()
 	s.settle.setUp()
-	ss.event(s.log.Info()).Str("upstream", target).Str("protocol", protocol).Msg("session open")
+	ss.event(s.log.Info()).Str("upstream", s.logURL(target)).Str("protocol", protocol).Msg("session open")
 	if s.closing.Load() {
 		// Shutdown may have listed the sessions before this one joined.
 		ss.goAway()

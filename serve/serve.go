@@ -82,7 +82,7 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info().Str("addr", ln.Addr().String()).Str("admin_addr", adminAddr).
-		Str("upstream", opts.Upstream.String()).Str("policy", opts.Queue.Policy.String()).
+		Str("upstream", proxy.LogURL(opts.Upstream.String(), opts.LogQuery)).Str("policy", opts.Queue.Policy.String()).
 		Int64("global_queue_max_bytes", opts.Budget.Ceiling).Msg("listening")
 	if ready != nil {
 		ready(Listening{Addr: ln.Addr().String(), AdminAddr: adminAddr, Server: srv})
