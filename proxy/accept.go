@@ -14,11 +14,11 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"runtime/debug"
 	"syscall"
 	"time"
 
 	"github.com/gobwas/ws"
+	"github.com/rs/zerolog"
 
 	"sluice/frame"
 )
@@ -85,10 +85,11 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 	defer s.handshakeDone(c)
 	defer func() {
 		if p := recover(); p != nil {
-			// net/http recovered a handler's panic; so does sluice, with
-			// the stack, and the connection is dropped.
-			s.log.Error().Str("client", c.RemoteAddr().String()).Interface("panic", p).
-				Bytes("stack", debug.Stack()).Msg("panic in client handshake")
+			// net/http recovered a handler's panic; so does sluice, and
+			// the connection is dropped.
+			s.notePanic("handshake", p, func(e *zerolog.Event) *zerolog.Event {
+				return e.Str("client", c.RemoteAddr().String())
+			})
 		}
 		if ss == nil {
 			c.Close()
@@ -141,6 +142,9 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 			s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("client request not read")
 		}
 		return nil
+	}
+	if h := s.opts.panicHook; h != nil {
+		h("handshake", r.remoteAddr)
 	}
 	return s.upgrade(c, r, pending, began, &slot)
 }

@@ -118,6 +118,11 @@ type Options struct {
 	// Keepalive pings clients; UpstreamKeepalive pings the upstream.
 	Keepalive         keepalive.Config
 	UpstreamKeepalive keepalive.Config
+
+	// panicHook, set by tests only, is called with where ("handshake",
+	// "reader", "timer") and the client's address at points where a
+	// panic must end one session only: tests panic in it.
+	panicHook func(where, client string)
 }
 
 func (o *Options) setDefaults() error {

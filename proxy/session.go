@@ -140,6 +140,10 @@ func (l *leg) finished() bool {
 
 // SendPing implements keepalive.Peer: the ping goes on the priority lane.
 func (l *leg) SendPing(payload []byte) {
+	defer l.s.recoverTimer()
+	if l.s.srv.opts.panicHook != nil {
+		l.s.testPanic("timer")
+	}
 	seg := limiter.NewSegment(frame.MaxControlFrame)
 	*seg.Buf = frame.AppendControl(*seg.Buf, ws.OpPing, payload, l.upstream)
 	if !l.queue().PushPing(seg) {
@@ -159,6 +163,7 @@ func (l *leg) SendPing(payload []byte) {
 
 // Stale implements keepalive.Peer: the peer missed its pong deadline.
 func (l *leg) Stale() {
+	defer l.s.recoverTimer()
 	if l.upstream {
 		l.s.srv.metrics.upstreamPongMissed.Inc()
 		l.s.end(causeUpstreamPongTimeout, nil)
