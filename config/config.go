@@ -45,6 +45,11 @@ type Config struct {
 	// line, code paths, memory contents by type) and a CPU profile costs
 	// CPU while it runs.
 	Pprof bool `env:"PPROF" envDefault:"false" want:"true or false"`
+	// AdminToken lets peers other than loopback see the status page (it
+	// lists every client's address) and the profiles, sent as
+	// Authorization: Bearer. Empty: loopback peers only (kubectl
+	// port-forward). Health and metrics never need it.
+	AdminToken string `env:"ADMIN_TOKEN" want:"empty, or a secret of 16 characters or more"`
 	// HandshakeTimeout bounds the time a client has to send its whole
 	// upgrade request, so idle half-open connections cannot pile up.
 	HandshakeTimeout time.Duration `env:"HANDSHAKE_TIMEOUT" envDefault:"10s" want:"a positive duration such as 500ms, 10s or 1m"`
@@ -353,6 +358,9 @@ func (cfg Config) Warnings() []string {
 	var w []string
 	if cfg.PingInterval == 0 {
 		w = append(w, Prefix+"PING_INTERVAL=0 turns keepalive off: a client that vanishes without closing is only noticed when a write to it fails or times out")
+	}
+	if cfg.AdminToken != "" && len(cfg.AdminToken) < 16 {
+		w = append(w, Prefix+"ADMIN_TOKEN is shorter than 16 characters: easy to guess")
 	}
 	if cfg.Policy == PolicyPause && cfg.PauseMax == 0 {
 		w = append(w, Prefix+"POLICY=pause with "+Prefix+"PAUSE_MAX=0: a client that stops reading can stall its upstream forever")

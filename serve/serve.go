@@ -75,7 +75,7 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 		status := admin.NewStatusPage(statusCtx, srv, reg, opts.Queue.Policy.String())
 		defer status.Wait()
 		defer stopStatus()
-		adminSrv = &http.Server{Handler: admin.Handler(srv, reg, opts.Upstream, status, cfg.Pprof), ReadHeaderTimeout: 5 * time.Second}
+		adminSrv = &http.Server{Handler: admin.Handler(srv, reg, opts.Upstream, status, cfg.Pprof, cfg.AdminToken), ReadHeaderTimeout: 5 * time.Second}
 		go adminSrv.Serve(aln)
 	}
 	serving = true
