@@ -14,7 +14,7 @@ const queryRedacted = "REDACTED"
 // is returned as it is, without allocating.
 func LogURL(u string, withQuery bool) string {
 	authority := 0
-	if i := strings.Index(u, "://"); i >= 0 {
+	if i := strings.Index(u, "://"); i >= 0 && !strings.ContainsAny(u[:i], "/?#") {
 		authority = i + 3
 	}
 	hostEnd := len(u)
@@ -22,9 +22,12 @@ func LogURL(u string, withQuery bool) string {
 		hostEnd = authority + i
 	}
 	at := strings.LastIndexByte(u[authority:hostEnd], '@')
-	q := strings.IndexByte(u, '?')
-	if q >= 0 && q < hostEnd {
-		q = -1 // cannot be: the host ends at the first '?'
+	q := strings.IndexByte(u[hostEnd:], '?')
+	if q >= 0 {
+		q += hostEnd
+	}
+	if f := strings.IndexByte(u[hostEnd:], '#'); f >= 0 && q > hostEnd+f {
+		q = -1 // in the fragment
 	}
 	if at < 0 && (q < 0 || withQuery) {
 		return u

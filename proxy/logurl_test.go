@@ -75,3 +75,40 @@ func mustUpgrade2(t *testing.T, p *testProxy, path string) *wsClient {
 	}
 	return &wsClient{Conn: c.Conn, br: c.BR}
 }
+
+// FuzzLogURL: whatever the client's URL, its redacted form carries no
+// query value and no password.
+func FuzzLogURL(f *testing.F) {
+	for _, s := range []string{"ws://h/p?token=abc&room=1", "ws://u:pw@h/?x", "ws://h/p?k=v#f", "ws://h", "?a=b", "ws://h/?=&=x&&"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, u string) {
+		got := LogURL(u, false)
+		if LogURL(u, true) != u && !strings.Contains(u, "@") {
+			t.Fatalf("with the query, %q became %q", u, LogURL(u, true))
+		}
+		authority := 0
+		if i := strings.Index(got, "://"); i >= 0 && !strings.ContainsAny(got[:i], "/?#") {
+			authority = i + 3
+		}
+		hostEnd := len(got)
+		if i := strings.IndexAny(got[authority:], "/?#"); i >= 0 {
+			hostEnd = authority + i
+		}
+		if at := strings.LastIndexByte(got[authority:hostEnd], '@'); at >= 0 {
+			if _, pw, ok := strings.Cut(got[authority:authority+at], ":"); ok && pw != "xxxxx" {
+				t.Fatalf("%q logged as %q: a password", u, got)
+			}
+		}
+		q := strings.IndexByte(got[hostEnd:], '?')
+		if f := strings.IndexByte(got[hostEnd:], '#'); q < 0 || f >= 0 && f < q {
+			return
+		}
+		query, _, _ := strings.Cut(got[hostEnd+q+1:], "#")
+		for item := range strings.SplitSeq(query, "&") {
+			if _, v, ok := strings.Cut(item, "="); (ok && v != queryRedacted) || (!ok && item != "" && item != queryRedacted) {
+				t.Fatalf("%q logged as %q: item %q", u, got, item)
+			}
+		}
+	})
+}
