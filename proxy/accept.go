@@ -117,6 +117,8 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 			return nil
 		}
 		r.tls = true
+		// The request's first bytes get an idle timeout of their own.
+		c.SetReadDeadline(minTime(deadline, time.Now().Add(s.opts.HandshakeIdleTimeout)))
 	}
 	pending, err := readRequest(c, r, s.opts.MaxHeaderBytes+headReadSize, s.opts.HandshakeIdleTimeout, deadline)
 	// The answers' deadline is the handshake's, however late the

@@ -68,10 +68,12 @@ type Options struct {
 	// IPv6), from the accept for a peer that is not a trusted proxy:
 	// past it, 429 with Retry-After.
 	MaxConnectionsPerIP int
-	// TrustedProxies are the peers believed when their X-Forwarded-For
-	// (or, without one, Forwarded) header names the client. The client so
-	// found is the one the limits count, the logs name, and the last entry
-	// of the X-Forwarded-For sent upstream.
+	// TrustedProxies are the peers believed when their X-Forwarded-For or
+	// Forwarded header names the client (when both name one and they
+	// differ, neither: resolveClient). The client so found is the one the
+	// limits count, the logs name, and the last entry of the
+	// X-Forwarded-For sent upstream. Forwarded and X-Real-IP go upstream
+	// from these peers only.
 	TrustedProxies []netip.Prefix
 	// AllowedOrigins lists the origins browsers may connect from
 	// (https://app.example.com, or https://*.example.com for every

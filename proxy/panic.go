@@ -42,6 +42,11 @@ func panicText(p any) string {
 // if the panic left a writer unable to send them.
 func (s *session) recovered(where string, p any) {
 	s.srv.notePanic(where, p, s.event)
+	defer func() {
+		if recover() != nil {
+			s.abort("internal error") // ending it cleanly panicked too
+		}
+	}()
 	s.end(causeInternalError, nil)
 }
 
