@@ -7,10 +7,14 @@ package admin
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/subtle"
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
@@ -27,15 +31,26 @@ const readyWindow = 10 * time.Second
 // Handler serves the operator's endpoints: /metrics from reg, /healthz,
 // /readyz (not draining, and the upstream accepted a TCP connection
 // recently); status, if not nil, adds the live status page, and withPprof
-// Go's profiles (SLUICE_PPROF).
-func Handler(srv *proxy.Server, reg *prometheus.Registry, upstream *url.URL, status *StatusPage, withPprof bool) http.Handler {
+// Go's profiles (SLUICE_PPROF). The status page lists every client's
+// address and the profiles expose internals: both answer loopback peers
+// only (kubectl port-forward, a shell in the pod), and others that send
+// token, when not empty, as a bearer token (SLUICE_ADMIN_TOKEN). Health
+// and metrics stay open: kubelet probes and Prometheus come from other
+// addresses.
+func Handler(srv *proxy.Server, reg *prometheus.Registry, upstream *url.URL, status *StatusPage, withPprof bool, token string) http.Handler {
 	mux := http.NewServeMux()
+	gate := privateGate{token: token}
+	if token != "" {
+		gate.sum = sha256.Sum256([]byte(token))
+	}
 	if status != nil {
-		mux.HandleFunc("GET /status", status.servePage)
-		mux.HandleFunc("GET /status.json", status.serveJSON)
+		mux.Handle("GET /status", gate.wrap(http.HandlerFunc(status.servePage)))
+		mux.Handle("GET /status.json", gate.wrap(http.HandlerFunc(status.serveJSON)))
 	}
 	if withPprof {
-		registerPprof(mux)
+		pm := http.NewServeMux()
+		registerPprof(pm)
+		mux.Handle("/debug/pprof/", gate.wrap(pm))
 	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -68,6 +83,43 @@ func registerPprof(mux *http.ServeMux) {
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+}
+
+// privateGate lets through loopback peers, and others with the admin
+// token as a bearer token.
+type privateGate struct {
+	token string
+	sum   [sha256.Size]byte // of token: compared in constant time, whatever the length sent
+}
+
+func (g privateGate) wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if g.allows(r) {
+			h.ServeHTTP(w, r)
+			return
+		}
+		if g.token == "" {
+			http.Error(w, "this page answers loopback peers only (kubectl port-forward), unless SLUICE_ADMIN_TOKEN is set", http.StatusForbidden)
+			return
+		}
+		w.Header().Set("WWW-Authenticate", `Bearer realm="sluice admin"`)
+		http.Error(w, "send SLUICE_ADMIN_TOKEN as Authorization: Bearer <token>", http.StatusUnauthorized)
+	})
+}
+
+func (g privateGate) allows(r *http.Request) bool {
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil && ap.Addr().Unmap().IsLoopback() {
+		return true
+	}
+	if g.token == "" {
+		return false
+	}
+	scheme, sent, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return false
+	}
+	sum := sha256.Sum256([]byte(strings.TrimSpace(sent)))
+	return subtle.ConstantTimeCompare(sum[:], g.sum[:]) == 1
 }
 
 // upstreamProbe answers "did the upstream accept a TCP connection

@@ -45,9 +45,19 @@ type Config struct {
 	// line, code paths, memory contents by type) and a CPU profile costs
 	// CPU while it runs.
 	Pprof bool `env:"PPROF" envDefault:"false" want:"true or false"`
+	// AdminToken lets peers other than loopback see the status page (it
+	// lists every client's address) and the profiles, sent as
+	// Authorization: Bearer. Empty: loopback peers only (kubectl
+	// port-forward). Health and metrics never need it.
+	AdminToken string `env:"ADMIN_TOKEN" want:"empty, or a secret of 16 characters or more"`
 	// HandshakeTimeout bounds the time a client has to send its whole
 	// upgrade request, so idle half-open connections cannot pile up.
 	HandshakeTimeout time.Duration `env:"HANDSHAKE_TIMEOUT" envDefault:"10s" want:"a positive duration such as 500ms, 10s or 1m"`
+	// HandshakeIdleTimeout bounds each wait for more of the upgrade
+	// request, the first byte included, within HandshakeTimeout: a client
+	// that stops sending frees its place under the connection limits
+	// sooner than the whole handshake's bound.
+	HandshakeIdleTimeout time.Duration `env:"HANDSHAKE_IDLE_TIMEOUT" envDefault:"5s" want:"a positive duration such as 1s or 5s, at most SLUICE_HANDSHAKE_TIMEOUT"`
 	// MaxHeaderBytes caps the size of a client's upgrade request headers.
 	MaxHeaderBytes ByteSize `env:"MAX_HEADER_BYTES" envDefault:"32KiB" want:"a size from 1KiB to 1MiB, such as 8192, 32KiB or 1MiB"`
 	// TLSCertFile and TLSKeyFile, set together, make the WebSocket
@@ -137,8 +147,8 @@ type Config struct {
 
 	// --- admission (checked before the upstream is dialled) ---
 
-	// MaxConnections bounds the client connections open at once, upgrades
-	// in progress included; past it, new upgrades get 503 with a
+	// MaxConnections bounds the client connections open at once, from
+	// their accept: requests still arriving count; past it, new upgrades get 503 with a
 	// Retry-After. Each costs two file descriptors and some memory: the
 	// default protects a process with the usual 1Mi descriptors and a few
 	// GiB of memory. 0 means no limit.
@@ -149,9 +159,10 @@ type Config struct {
 	// balancer's address. 0 means no limit.
 	MaxConnectionsPerIP int `env:"MAX_CONNECTIONS_PER_IP" envDefault:"0" want:"0 (no limit) or a whole number up to 10000000, such as 100"`
 	// TrustedProxies lists the peers (load balancers) whose
-	// X-Forwarded-For, or Forwarded when there is no X-Forwarded-For,
-	// names the client. Empty trusts nobody: the client is the socket's
-	// peer.
+	// X-Forwarded-For or Forwarded names the client (when both name one
+	// and they differ, neither is believed), and whose Forwarded and
+	// X-Real-IP go upstream; from other peers those are removed. Empty
+	// trusts nobody: the client is the socket's peer.
 	TrustedProxies []string `env:"TRUSTED_PROXIES" want:"a comma-separated list of CIDRs or IP addresses, such as 10.0.0.0/8,192.168.1.7,fd00::/8"`
 	// AllowedOrigins lists the web origins whose pages may open
 	// WebSockets through sluice; another Origin gets 403 (cross-site
@@ -261,6 +272,10 @@ type Config struct {
 	// LogFormat is json (for machines) or console (for humans at a
 	// terminal).
 	LogFormat string `env:"LOG_FORMAT" envDefault:"json" want:"json or console"`
+	// LogQuery logs the values of clients' query strings. Off by default:
+	// browsers cannot set headers on a WebSocket, so apps put tokens in
+	// the query, and log lines keep only its keys (?token=REDACTED).
+	LogQuery bool `env:"LOG_QUERY" envDefault:"false" want:"true or false"`
 }
 
 // Log formats accepted in Config.LogFormat.
@@ -366,6 +381,9 @@ func (cfg Config) Warnings() []string {
 	if cfg.PingInterval == 0 {
 		w = append(w, Prefix+"PING_INTERVAL=0 turns keepalive off: a client that vanishes without closing is only noticed when a write to it fails or times out")
 	}
+	if cfg.AdminToken != "" && len(cfg.AdminToken) < 16 {
+		w = append(w, Prefix+"ADMIN_TOKEN is shorter than 16 characters: easy to guess")
+	}
 	if cfg.Policy == PolicyPause && cfg.PauseMax == 0 {
 		w = append(w, Prefix+"POLICY=pause with "+Prefix+"PAUSE_MAX=0: a client that stops reading can stall its upstream forever")
 	}
@@ -382,6 +400,7 @@ func (cfg Config) check(c *checker) {
 	c.field("AdminAddr", cfg.AdminAddr == "" || ValidHostPort(cfg.AdminAddr), cfg.AdminAddr)
 	c.field("HandshakeTimeout", cfg.HandshakeTimeout > 0, cfg.HandshakeTimeout)
 	c.field("HTTPResponseTimeout", cfg.HTTPResponseTimeout > 0, cfg.HTTPResponseTimeout)
+	c.field("HandshakeIdleTimeout", cfg.HandshakeIdleTimeout > 0, cfg.HandshakeIdleTimeout)
 	c.field("MaxHeaderBytes", cfg.MaxHeaderBytes >= KiB && cfg.MaxHeaderBytes <= MiB, cfg.MaxHeaderBytes)
 
 	if cfg.UpstreamURL != nil {

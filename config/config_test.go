@@ -84,6 +84,7 @@ func defaultConfig(t *testing.T) Config {
 		AdminAddr:            ":9090",
 		Pprof:                false,
 		HandshakeTimeout:     10 * time.Second,
+		HandshakeIdleTimeout: 5 * time.Second,
 		MaxHeaderBytes:       32 * KiB,
 		HTTPPassThrough:      true,
 		HTTPResponseTimeout:  60 * time.Second,

@@ -8,18 +8,17 @@ package proxy
 // ends. No bufio, no header map, no context, no background reader.
 
 import (
-	"context"
 	"crypto/tls"
 	"errors"
 	"io"
 	"net"
 	"net/http"
 	"os"
-	"runtime/debug"
 	"syscall"
 	"time"
 
 	"github.com/gobwas/ws"
+	"github.com/rs/zerolog"
 
 	"sluice/frame"
 )
@@ -87,23 +86,33 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 	handedOff := false // to the pass-through server, which closes c
 	defer func() {
 		if p := recover(); p != nil {
-			// net/http recovered a handler's panic; so does sluice, with
-			// the stack, and the connection is dropped.
-			s.log.Error().Str("client", c.RemoteAddr().String()).Interface("panic", p).
-				Bytes("stack", debug.Stack()).Msg("panic in client handshake")
+			// net/http recovered a handler's panic; so does sluice, and
+			// the connection is dropped.
+			s.notePanic("handshake", p, func(e *zerolog.Event) *zerolog.Event {
+				return e.Str("client", c.RemoteAddr().String())
+			})
 		}
 		if ss == nil && !handedOff {
 			c.Close()
 		}
 	}()
 	began := time.Now()
-	c.SetDeadline(began.Add(s.opts.HandshakeTimeout))
+	deadline := began.Add(s.opts.HandshakeTimeout)
+	// The first bytes, as every later read, must come within the idle
+	// timeout; the whole request within the handshake timeout.
+	c.SetDeadline(minTime(deadline, began.Add(s.opts.HandshakeIdleTimeout)))
 	r := getRequest()
 	defer putRequest(r)
 	if s.opts.ProxyProtocol && !s.proxyHeaderOK(c) {
 		return nil
 	}
 	r.remoteAddr = c.RemoteAddr().String()
+	// Counted from here, while the request is still arriving.
+	slot, ok := s.arrive(c, r)
+	if !ok {
+		return nil
+	}
+	defer slot.release() // a no-op once the session has the slot
 	if tc, ok := c.(*tls.Conn); ok {
 		if err := tc.Handshake(); err != nil {
 			// Scanners and wrong ports: a debug line, as net/http's
@@ -112,8 +121,13 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 			return nil
 		}
 		r.tls = true
+		// The request's first bytes get an idle timeout of their own.
+		c.SetReadDeadline(minTime(deadline, time.Now().Add(s.opts.HandshakeIdleTimeout)))
 	}
-	pending, err := readRequest(c, r, s.opts.MaxHeaderBytes+headReadSize)
+	pending, err := readRequest(c, r, s.opts.MaxHeaderBytes+headReadSize, s.opts.HandshakeIdleTimeout, deadline)
+	// The answers' deadline is the handshake's, however late the
+	// request came within it.
+	c.SetWriteDeadline(deadline)
 	switch {
 	case errors.Is(err, errHeadTooLarge):
 		s.metrics.rejected.WithLabelValues("header_too_large").Inc()
@@ -124,6 +138,10 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 		s.metrics.rejected.WithLabelValues("malformed").Inc()
 		writeBadRequest(c, http.StatusBadRequest)
 		return nil
+	case errors.Is(err, errVersion):
+		s.metrics.rejected.WithLabelValues("malformed").Inc()
+		writeBadRequest(c, http.StatusHTTPVersionNotSupported)
+		return nil
 	case err != nil:
 		// Timeout, or gone before a whole request: nothing to answer.
 		if !errors.Is(err, io.EOF) {
@@ -131,11 +149,21 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 		}
 		return nil
 	}
+	if h := s.opts.panicHook; h != nil {
+		h("handshake", r.remoteAddr)
+	}
 	if s.pass != nil && !r.hasToken("Upgrade", "websocket") {
-		handedOff = s.pass.handOff(c, r, pending)
+		handedOff = s.pass.handOff(c, r, pending, &slot)
 		return nil
 	}
-	return s.upgrade(c, r, pending, began)
+	return s.upgrade(c, r, pending, began, &slot)
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }
 
 // closeWriteAndWait ends a refusal sent before the client's request was
@@ -154,8 +182,9 @@ func closeWriteAndWait(c net.Conn) {
 // followed it: dial the upstream first, then answer the client from the
 // upstream's answer, then hand both connections to a session. It returns
 // the session, whose client reader the caller starts, or nil, and then the
-// caller closes c.
-func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time) *session {
+// caller closes c. slot is c's place under the limits (arrive): upgrade
+// hands it to the session, or frees it early for a client that may retry.
+func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time, slot *slot) *session {
 	if status, msg := checkUpgrade(r); status != 0 {
 		s.reject(c, status, "bad_request", msg, 0)
 		return nil
@@ -164,18 +193,16 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
 		return nil
 	}
-	// Admission control (admission.go): origin, connection limits and
-	// handshake rate, all before anything is dialled.
+	// Admission control (admission.go): origin, the per-IP limit of a
+	// forwarded client and handshake rate, all before anything is dialled.
 	cl := s.adm.clientOf(r)
-	slot, ok := s.admit(c, r, cl)
-	if !ok {
+	if !s.admit(c, r, cl, slot) {
 		return nil
 	}
-	defer slot.release() // a no-op once the session has the slot
 	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
 	u := getDialState(s)
 	defer putDialState(u)
-	u.header.forwardTo(r, clientIP, cl.xff)
+	u.header.forwardTo(r, clientIP, cl)
 	protocols, exts := offers(r, s.opts.Queue.Policy)
 	dialer := ws.Dialer{
 		Timeout:       s.opts.DialTimeout,
@@ -189,10 +216,10 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 		OnHeader:      u.onHeader,
 	}
 	target := upstreamURL(s.opts.Upstream, r.url)
-	// A context that never ends: the Dialer then bounds the dial with
-	// Timeout alone, instead of starting a goroutine per dial to watch it.
-	// A client gone meanwhile is noticed when its 101 cannot be written.
-	upConn, upBuf, hs, err := dialer.Dial(context.Background(), target)
+	// Bounded by the dial timeout alone, with no goroutine per dial to
+	// watch a context: a client gone meanwhile is noticed when its 101
+	// cannot be written.
+	upConn, upBuf, hs, err := u.dialUpstream(&dialer, target)
 	// The answer gets a handshake timeout of its own from here, as the
 	// upgrader gave it.
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
@@ -273,7 +300,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 		pending, _ = rw.Reader.Peek(n)
 	}
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
-	if ss := s.upgrade(c, r, pending, began); ss != nil {
+	slot, ok := s.arrive(c, r)
+	if !ok {
+		c.Close()
+		return
+	}
+	defer slot.release()
+	if ss := s.upgrade(c, r, pending, began, &slot); ss != nil {
 		ss.client.startReading() // net/http's goroutine is not ours to keep
 	} else {
 		c.Close()
@@ -289,6 +322,11 @@ func (s *Server) reject(c net.Conn, status int, reason, msg string, retry int) {
 
 func (s *Server) dialFailed(c net.Conn, target string, err error, rej *rejection) {
 	status, reason := dialFailure(err)
+	if rej != nil && rej.bad {
+		// An answer sluice will not relay: too large or malformed.
+		status, reason, rej = http.StatusBadGateway, "handshake", nil
+		err = errUpstreamBadHeader
+	}
 	s.metrics.dialFailures.WithLabelValues(reason).Inc()
 	if reason == "client_gone" {
 		return
@@ -303,7 +341,7 @@ func (s *Server) dialFailed(c net.Conn, target string, err error, rej *rejection
 	// A dead upstream fails every upgrade at once: one line a second says
 	// so, with the count, rather than one per client.
 	if n, ok := s.dialFailLog.note(time.Since(s.adm.began)); ok {
-		s.log.Warn().Err(err).Str("upstream", target).Str("reason", reason).Uint64("failures", n).Msg("upstream dial failed")
+		s.log.Warn().Err(err).Str("upstream", s.logURL(target)).Str("reason", reason).Uint64("failures", n).Msg("upstream dial failed")
 	}
 	s.reject(c, status, "upstream_"+reason, "upstream "+reason, 0)
 }

@@ -1,26 +1,37 @@
 package proxy
 
 // Admission control: who may open a session, how many at once and how
-// fast, decided in Server.upgrade before anything is dialled. Who the client is
-// comes from clientaddr.go, which origins may connect from origin.go.
+// fast, decided before anything is dialled. Who the client is comes from
+// clientaddr.go, which origins may connect from origin.go.
 //
-// upgrade checks, in this order, after the request has been found to be
-// a WebSocket upgrade and sluice is not draining:
+// A connection counts from its accept, while its request is still
+// arriving, to the end of its session: a flood of partial requests holds
+// no more goroutines and buffers than the limits allow. So, in this order:
 //
-//  1. Origin: with Options.AllowedOrigins set, a request whose Origin
+//  1. At accept (Server.arrive), Options.MaxConnections: 503 with
+//     Retry-After; then Options.MaxConnectionsPerIP by the socket peer,
+//     unless it is a trusted proxy: 429 with Retry-After. Over TLS the
+//     connection is closed without a word (an answer would cost a TLS
+//     handshake).
+//
+// Then, once the request has been read and found to be a WebSocket
+// upgrade, and sluice is not draining (Server.admit):
+//
+//  2. Origin: with Options.AllowedOrigins set, a request whose Origin
 //     header matches no entry gets 403. A request without Origin (not a
 //     browser) passes: cross-site WebSocket hijacking needs a browser, and
 //     browsers always send Origin with a WebSocket handshake.
-//  2. Options.MaxConnections: 503 with Retry-After.
-//  3. Options.MaxConnectionsPerIP: 429 with Retry-After.
+//  3. Options.MaxConnectionsPerIP by the client a trusted proxy names:
+//     429 with Retry-After.
 //  4. Options.MaxHandshakesPerSecond: 503 with Retry-After.
 //
-// A request refused by one check does not count against the later ones: a
-// 403 takes no slot and no token, and a request refused for want of a slot
-// takes no token. Retry-After is 1 to 5 seconds, at random, so that
-// clients refused together do not come back together.
+// A request refused by one check frees what the earlier ones counted, and
+// does not count against the later ones: a 403 takes no token. Retry-After
+// is 1 to 5 seconds, at random, so that clients refused together do not
+// come back together.
 
 import (
+	"crypto/tls"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -99,12 +110,13 @@ func newAdmission(o *Options) (*admission, error) {
 	return a, nil
 }
 
-// slot is an admitted connection's place under the limits. upgrade owns
-// it until handOff passes it to the session, whose end frees it
-// (Server.forget calls admission.leave with the same client address).
+// slot is a connection's place under the limits, from its accept.
+// handshake owns it until handOff passes it to the session, whose end
+// frees it (Server.forget calls admission.leave with the same client
+// address).
 type slot struct {
 	a    *admission
-	key  netip.Addr
+	key  netip.Addr // counted per IP under this key; invalid: not (yet) counted per IP
 	held bool
 }
 
@@ -119,58 +131,86 @@ func (t *slot) release() {
 // handOff gives the slot to the session about to start.
 func (t *slot) handOff() { t.held = false }
 
-// admit runs the admission checks for r from cl. When one refuses, it has
-// answered the request on c and ok is false.
-func (s *Server) admit(c net.Conn, r *request, cl client) (t slot, ok bool) {
+// arrive counts the connection c from remoteAddr, just accepted, against
+// MaxConnections, and against MaxConnectionsPerIP unless its peer is a
+// trusted proxy (admit counts the client it names). When a limit refuses,
+// it has answered c (plain connections only) and ok is false.
+func (s *Server) arrive(c net.Conn, r *request) (t slot, ok bool) {
 	a := s.adm
-	if len(a.origins) > 0 && r.has("Origin") {
-		if o, one := r.one("Origin"); !one || !a.originAllowed(o) {
-			s.refuse(c, r, refuseOrigin, cl)
-			return slot{}, false
+	if a.maxConns > 0 && a.conns.Add(1) > a.maxConns {
+		a.conns.Add(-1)
+		s.refuseArrival(c, r, refuseMaxConns)
+		return slot{}, false
+	}
+	t = slot{a: a, held: true}
+	if a.perIP > 0 {
+		key := clientKey(r.remoteAddr)
+		peer, _ := netip.ParseAddrPort(r.remoteAddr)
+		if key.IsValid() && !trustedAddr(a.trusted, peer.Addr().Unmap()) {
+			if !a.countIP(key) {
+				if a.maxConns > 0 {
+					a.conns.Add(-1)
+				}
+				s.refuseArrival(c, r, refusePerIP)
+				return slot{}, false
+			}
+			t.key = key
 		}
-	}
-	t, ok = s.take(c, r, cl)
-	if !ok {
-		return slot{}, false
-	}
-	if a.bucket != nil && !a.bucket.allow() {
-		t.release()
-		s.refuse(c, r, refuseRate, cl)
-		return slot{}, false
 	}
 	return t, true
 }
 
-// take counts a connection from cl against MaxConnections and
-// MaxConnectionsPerIP: the checks an upgrade and a pass-through connection
-// share. When one refuses, it has answered r on c and ok is false.
-func (s *Server) take(c net.Conn, r *request, cl client) (t slot, ok bool) {
+// refuseArrival answers a connection refused before its request is read:
+// half-closed after the answer, so that the client reads it rather than a
+// reset, as net/http ends a refusal sent before the request was read.
+func (s *Server) refuseArrival(c net.Conn, r *request, i int) {
+	if _, isTLS := c.(*tls.Conn); isTLS {
+		s.refuseSilently(r, i)
+		return
+	}
+	s.refuse(c, r, i, client{addr: r.remoteAddr})
+	closeWriteAndWait(c)
+}
+
+// countIP counts one more connection for key, unless it is at the bound.
+func (a *admission) countIP(key netip.Addr) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := a.byIP[key]
+	if n >= a.perIP {
+		return false
+	}
+	a.byIP[key] = n + 1
+	return true
+}
+
+// admit runs the checks that need the request r from cl, on the slot t
+// that arrive gave its connection. When one refuses, it has answered the
+// request on c and ok is false; the caller still releases t.
+func (s *Server) admit(c net.Conn, r *request, cl client, t *slot) (ok bool) {
 	a := s.adm
-	var key netip.Addr // counted by only with a per-IP bound: no parse without
-	if a.perIP > 0 {
-		key = clientKey(cl.addr)
-	}
-	if a.maxConns > 0 && a.conns.Add(1) > a.maxConns {
-		a.conns.Add(-1)
-		s.refuse(c, r, refuseMaxConns, cl)
-		return slot{}, false
-	}
-	if a.perIP > 0 && key.IsValid() {
-		a.mu.Lock()
-		n := a.byIP[key]
-		if n < a.perIP {
-			a.byIP[key] = n + 1
+	if len(a.origins) > 0 && r.has("Origin") {
+		if o, one := r.one("Origin"); !one || !a.originAllowed(o) {
+			s.refuse(c, r, refuseOrigin, cl)
+			return false
 		}
-		a.mu.Unlock()
-		if n >= a.perIP {
-			if a.maxConns > 0 {
-				a.conns.Add(-1)
+	}
+	if a.perIP > 0 && !t.key.IsValid() {
+		// The peer is a trusted proxy (or has no IP): count the client it
+		// forwards for, as the session's end will free it.
+		if key := clientKey(cl.addr); key.IsValid() {
+			if !a.countIP(key) {
+				s.refuse(c, r, refusePerIP, cl)
+				return false
 			}
-			s.refuse(c, r, refusePerIP, cl)
-			return slot{}, false
+			t.key = key
 		}
 	}
-	return slot{a: a, key: key, held: true}, true
+	if a.bucket != nil && !a.bucket.allow() {
+		s.refuse(c, r, refuseRate, cl)
+		return false
+	}
+	return true
 }
 
 // free gives back what admit counted for key.
@@ -210,7 +250,19 @@ func (s *Server) refuse(c net.Conn, r *request, i int, cl client) {
 	if rf.retry {
 		retry = retryAfter()
 	}
-	defer s.reject(c, rf.status, rf.reason, rf.msg, retry)
+	defer writeError(c, rf.status, rf.msg, retry)
+	s.noteRefusal(r, i, cl)
+}
+
+// refuseSilently counts and logs refusal i, answered by closing.
+func (s *Server) refuseSilently(r *request, i int) {
+	s.noteRefusal(r, i, client{addr: r.remoteAddr})
+}
+
+// noteRefusal counts refusal i and logs it, at most once a second.
+func (s *Server) noteRefusal(r *request, i int, cl client) {
+	rf := &refusals[i]
+	s.metrics.rejected.WithLabelValues(rf.reason).Inc()
 	n, ok := s.adm.logs[i].note(time.Since(s.adm.began))
 	if !ok {
 		return

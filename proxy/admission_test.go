@@ -236,7 +236,13 @@ var resolveTests = []struct {
 	{"Forwarded duplicate for", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{"for=6.6.6.6;for=198.51.100.7"}, "10.0.0.1:5000", ""},
 	{"Forwarded space around =", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{"for = 198.51.100.7"}, "10.0.0.1:5000", ""},
 	{"Forwarded escaped quote", "10.0.0.0/8", "10.0.0.1:5000", nil, []string{`for="198.51.100.7\"", for=10.1.1.1`}, "10.1.1.1", "10.1.1.1"},
-	{"X-Forwarded-For wins over Forwarded", "10.0.0.0/8", "10.0.0.1:5000", []string{"198.51.100.7"}, []string{"for=6.6.6.6"}, "198.51.100.7", "198.51.100.7"},
+	// A proxy that appends to one header passes the other on as the
+	// client wrote it: when they disagree, neither is believed.
+	{"X-Forwarded-For and Forwarded disagree: the peer", "10.0.0.0/8", "10.0.0.1:5000", []string{"198.51.100.7"}, []string{"for=6.6.6.6"}, "10.0.0.1:5000", ""},
+	{"Forwarded and X-Forwarded-For disagree: the peer", "10.0.0.0/8", "10.0.0.1:5000", []string{"6.6.6.6"}, []string{"for=198.51.100.7"}, "10.0.0.1:5000", ""},
+	{"X-Forwarded-For and Forwarded agree", "10.0.0.0/8", "10.0.0.1:5000", []string{"6.6.6.6, 198.51.100.7"}, []string{"for=198.51.100.7"}, "198.51.100.7", "6.6.6.6, 198.51.100.7"},
+	{"unreadable X-Forwarded-For: Forwarded", "10.0.0.0/8", "10.0.0.1:5000", []string{"garbage"}, []string{"for=198.51.100.7"}, "198.51.100.7", "198.51.100.7"},
+	{"unreadable Forwarded: X-Forwarded-For", "10.0.0.0/8", "10.0.0.1:5000", []string{"198.51.100.7"}, []string{"for=unknown"}, "198.51.100.7", "198.51.100.7"},
 	{"several trusted ranges", "10.0.0.0/8,192.168.0.0/16,fd00::/8", "10.0.0.1:5000", []string{"198.51.100.7, fd00::9, 192.168.4.4"}, nil, "198.51.100.7", "198.51.100.7"},
 }
 
@@ -265,9 +271,14 @@ func TestResolveClient(t *testing.T) {
 			for _, v := range tt.fwd {
 				h.Add("Forwarded", v)
 			}
-			got := resolveClient(parsePrefixes(t, tt.trusted), tt.remote, h)
+			trusted := parsePrefixes(t, tt.trusted)
+			got := resolveClient(trusted, tt.remote, h)
 			if got.addr != tt.wantAddr || got.xff != tt.wantXFF {
 				t.Errorf("got addr %q, xff %q; want %q, %q", got.addr, got.xff, tt.wantAddr, tt.wantXFF)
+			}
+			peer, err := netip.ParseAddrPort(tt.remote)
+			if want := err == nil && trustedAddr(trusted, peer.Addr().Unmap()); got.trustedPeer != want {
+				t.Errorf("trustedPeer = %v, want %v", got.trustedPeer, want)
 			}
 		})
 	}

@@ -34,6 +34,7 @@ const (
 	causePauseTimeout               // eviction: the upstream was paused for this client too long
 	causeReadTimeout                // eviction: the client stalled in the middle of a frame
 	causeRateLimit                  // eviction: the client sent past its inbound limit
+	causeInternalError              // a goroutine of the session panicked (panic.go)
 	numCauses
 )
 
@@ -105,6 +106,11 @@ var endings = [numCauses]ending{
 	causePauseTimeout:  {"pause_timeout", true, legEnd{aheadOfData, frame.StatusTryAgainLater, "slow client", true}, evicted},
 	causeReadTimeout:   {"read_timeout", true, legEnd{afterUpstream, frame.StatusTryAgainLater, "frame read timeout", true}, evicted},
 	causeRateLimit:     {"rate_limit", true, legEnd{afterUpstream, ws.StatusPolicyViolation, "rate limit", true}, evicted},
+	// Nothing of the session's state is trusted after a panic: neither
+	// side's close reply is awaited.
+	causeInternalError: {"internal error", false,
+		legEnd{aheadOfData, ws.StatusInternalServerError, "internal error", true},
+		legEnd{afterData, ws.StatusGoingAway, "proxy internal error", true}},
 }
 
 // evictionReasons lists the labels of sluice_evictions_total.
@@ -254,6 +260,8 @@ func (s *session) violation(src *leg, fe *frame.Error) {
 // guardEvict is the Budget's way to evict this session, or to take back
 // the kernel memory of one it evicted already.
 func (s *session) guardEvict(r limiter.Reason) {
+	// The Budget's guard is one goroutine for the whole server.
+	defer s.recoverTimer()
 	switch r {
 	case limiter.ReasonGlobalCeiling:
 		s.end(causeGlobalCeiling, nil)

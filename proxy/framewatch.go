@@ -139,6 +139,7 @@ func (w *frameWatch) stop() {
 
 // frameTimerFired is the frame watch's timer callback.
 func (s *session) frameTimerFired() {
+	defer s.recoverTimer()
 	held := s.upstream.queuedBytes() > 0 || s.frames.throttled.Load()
 	if !s.frames.check(s.age(), s.srv.opts.FrameReadTimeout, held) {
 		return

@@ -2,13 +2,17 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"io"
 	"net"
 	"net/http"
+	"net/textproto"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"syscall"
@@ -24,6 +28,19 @@ import (
 // maxRelayedBody bounds the body of an upstream rejection relayed to the
 // client.
 const maxRelayedBody = 64 << 10
+
+// maxUpstreamHead bounds what sluice reads of the upstream's answer before
+// its body or its first frames: status lines (interim answers included)
+// and header lines. Past it the client gets 502. gobwas/ws reads a header
+// line whole, however long (an 8 MiB line was relayed), so the bound is
+// on the socket reads themselves (headLimit).
+const maxUpstreamHead = 64 << 10
+
+// Errors of the upstream's answer, each a 502 to the client.
+var (
+	errUpstreamHeadTooLarge = errors.New("proxy: upstream answer header too large")
+	errUpstreamBadHeader    = errors.New("proxy: upstream answer header malformed")
+)
 
 // hopHeaders are meaningful for one connection only and never forwarded
 // (RFC 9110 §7.6.1), with the WebSocket handshake headers that the dialer
@@ -162,30 +179,122 @@ func extensionKind(exts []httphead.Option) frame.Extension {
 }
 
 // rejection is an upstream's non-101 answer, copied while the dialer's
-// reader is still valid.
+// reader is still valid. bad says the answer could not be relayed (too
+// large, malformed, or a 101 after an interim answer): the client gets 502.
 type rejection struct {
 	status int
 	header http.Header
 	body   []byte
+	bad    bool
 }
 
 // droppedRejectionHeaders are the upstream answer's headers not passed on.
 var droppedRejectionHeaders = append([]string{"Date", "Server"}, hopHeaders...)
 
-func readRejection(status int, resp io.Reader) *rejection {
-	rej := &rejection{status: status, header: http.Header{}}
-	res, err := http.ReadResponse(bufio.NewReader(resp), nil)
-	if err != nil {
-		return rej
+// readRejection reads the upstream's answer from resp, which starts at
+// its status line: interim 1xx answers (100 Continue, 103 Early Hints)
+// are skipped, as net/http's client skips them, and the final answer is
+// kept with its header cleaned (hop-by-hop fields, those its Connection
+// lists, and any field net/http would refuse to write) and its body
+// bounded. more lets the body past the head bound.
+func readRejection(resp io.Reader, more func(int64)) *rejection {
+	bad := &rejection{status: http.StatusBadGateway, bad: true}
+	br := bufio.NewReader(resp)
+	var res *http.Response
+	var listed []string
+	for {
+		// The head is read first for its Connection field, which
+		// http.ReadResponse removes when it says close.
+		head, err := readHead(br)
+		if err != nil {
+			return bad
+		}
+		tp := textproto.NewReader(bufio.NewReader(bytes.NewReader(head)))
+		tp.ReadLine()
+		mh, err := tp.ReadMIMEHeader()
+		if err != nil {
+			return bad
+		}
+		listed = mh["Connection"]
+		if res, err = http.ReadResponse(bufio.NewReader(io.MultiReader(bytes.NewReader(head), br)), nil); err != nil {
+			return bad
+		}
+		if res.StatusCode >= 200 {
+			break
+		}
+		if res.StatusCode == http.StatusSwitchingProtocols {
+			// Too late: the dialer has given up on this connection.
+			return bad
+		}
 	}
 	defer res.Body.Close()
-	rej.header = res.Header
+	rej := &rejection{status: res.StatusCode, header: res.Header}
+	for name, vs := range rej.header {
+		if !isToken(name, false) {
+			return bad
+		}
+		for _, v := range vs {
+			if !validFieldValue(v) {
+				return bad
+			}
+		}
+	}
+	for _, v := range listed {
+		for name := range strings.SplitSeq(v, ",") {
+			if name = textproto.TrimString(name); name != "" {
+				rej.header.Del(name)
+			}
+		}
+	}
 	for _, name := range droppedRejectionHeaders {
 		rej.header.Del(name)
 	}
+	more(maxRelayedBody)
 	rej.body, _ = io.ReadAll(io.LimitReader(res.Body, maxRelayedBody))
 	return rej
 }
+
+// readHead reads a status line and header lines, through the blank line.
+func readHead(br *bufio.Reader) ([]byte, error) {
+	var head []byte
+	whole := true // the slice read starts a line
+	for {
+		line, err := br.ReadSlice('\n')
+		head = append(head, line...)
+		switch {
+		case err == bufio.ErrBufferFull:
+			whole = false
+			continue
+		case err != nil:
+			return nil, err
+		case whole && len(head) > len(line) && (string(line) == "\n" || string(line) == "\r\n"):
+			return head, nil
+		}
+		whole = true
+	}
+}
+
+// headLimit is the upstream connection as the dialer reads the answer
+// through it: reads end with errUpstreamHeadTooLarge past left bytes.
+// Once the handshake is done the session reads the connection itself.
+type headLimit struct {
+	conn net.Conn
+	left int64
+}
+
+func (h *headLimit) Read(p []byte) (int, error) {
+	if h.left <= 0 {
+		return 0, errUpstreamHeadTooLarge
+	}
+	if int64(len(p)) > h.left {
+		p = p[:h.left]
+	}
+	n, err := h.conn.Read(p)
+	h.left -= int64(n)
+	return n, err
+}
+
+func (h *headLimit) Write(p []byte) (int, error) { return h.conn.Write(p) }
 
 // dialFailure classifies an upstream dial error for the status it earns
 // and the metric label.
@@ -218,6 +327,7 @@ type dialState struct {
 	header  forwardedHeader
 	rej     *rejection // the upstream's answer when it was not 101
 	cookies []string   // the upstream's Set-Cookie values, for the 101
+	head    headLimit  // the upstream connection, as the dialer reads it
 
 	netDial       func(ctx context.Context, network, addr string) (net.Conn, error)
 	onStatusError func(status int, reason []byte, resp io.Reader)
@@ -238,8 +348,65 @@ func getDialState(s *Server) *dialState {
 
 func putDialState(u *dialState) {
 	clear(u.cookies)
-	u.s, u.header, u.rej, u.cookies = nil, forwardedHeader{}, nil, u.cookies[:0]
+	u.s, u.header, u.rej, u.cookies, u.head = nil, forwardedHeader{}, nil, u.cookies[:0], headLimit{}
 	dialStatePool.Put(u)
+}
+
+// dialUpstream connects to target and upgrades the connection as
+// ws.Dialer.Dial does, but reads the answer through u.head, so that it is
+// bounded. Within d.Timeout.
+func (u *dialState) dialUpstream(d *ws.Dialer, target string) (net.Conn, *bufio.Reader, ws.Handshake, error) {
+	var hs ws.Handshake
+	tu, err := url.ParseRequestURI(target)
+	if err != nil {
+		return nil, nil, hs, err
+	}
+	deadline := time.Now().Add(d.Timeout)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	var conn net.Conn
+	switch tu.Scheme {
+	case "ws":
+		conn, err = u.dial(ctx, "tcp", hostPort(tu, "80"))
+	case "wss":
+		if conn, err = u.dial(ctx, "tcp", hostPort(tu, "443")); err == nil {
+			cfg := d.TLSConfig
+			if cfg == nil {
+				cfg = &tls.Config{}
+			}
+			if cfg.ServerName == "" {
+				cfg = cfg.Clone()
+				cfg.ServerName = tu.Hostname()
+			}
+			conn = tls.Client(conn, cfg)
+		}
+	default:
+		err = errors.New("proxy: upstream scheme must be ws or wss")
+	}
+	if err != nil {
+		return nil, nil, hs, err
+	}
+	conn.SetDeadline(deadline)
+	u.head = headLimit{conn: conn, left: maxUpstreamHead + ws.DefaultClientReadBufferSize}
+	br, hs, err := d.Upgrade(&u.head, tu)
+	u.head.conn = nil
+	if err != nil {
+		conn.Close()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = context.DeadlineExceeded
+		}
+		return nil, nil, hs, err
+	}
+	conn.SetDeadline(time.Time{})
+	return conn, br, hs, nil
+}
+
+// hostPort is u's host:port, with the scheme's port when it has none.
+func hostPort(u *url.URL, port string) string {
+	if p := u.Port(); p != "" {
+		port = p
+	}
+	return net.JoinHostPort(u.Hostname(), port)
 }
 
 func (u *dialState) dial(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -250,11 +417,19 @@ func (u *dialState) dial(ctx context.Context, network, addr string) (net.Conn, e
 	return c, err
 }
 
-func (u *dialState) statusError(status int, _ []byte, resp io.Reader) {
-	u.rej = readRejection(status, resp)
+func (u *dialState) statusError(_ int, _ []byte, resp io.Reader) {
+	u.rej = readRejection(resp, u.moreHead)
 }
 
+func (u *dialState) moreHead(n int64) { u.head.left += n }
+
+// headerLine sees the 101's header lines but the handshake's own: a
+// value with a control byte (a bare CR, a NUL) fails the upgrade, with
+// 502, rather than reach the client.
 func (u *dialState) headerLine(k, v []byte) error {
+	if !isToken(string(k), false) || !validFieldValue(string(v)) {
+		return errUpstreamBadHeader
+	}
 	if string(k) == "Set-Cookie" {
 		u.cookies = append(u.cookies, string(v))
 	}

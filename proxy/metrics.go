@@ -33,6 +33,9 @@ type Metrics struct {
 	// not close TCP first after the close handshake: sluice did, and the
 	// TIME_WAIT is on its side.
 	upstreamClosedFirst prometheus.Counter
+	// panics counts panics recovered, by the goroutine's role
+	// (panicRoles).
+	panics *prometheus.CounterVec
 	// Inbound limits, by limit (limitNames): frames held back, and for how
 	// long in all.
 	delayed         [2]prometheus.Counter
@@ -145,6 +148,13 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 	for _, c := range statusClasses[1:] {
 		m.httpRequests.WithLabelValues(c)
 	}
+	m.panics = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_panics_total",
+		Help: "Panics recovered, by where: the session (or handshake) ended, the process and every other session did not.",
+	}, []string{"where"})
+	for _, r := range panicRoles {
+		m.panics.WithLabelValues(r)
+	}
 	for _, leg := range []string{"client", "upstream"} {
 		for _, code := range violationCodes {
 			m.protocolErrors.WithLabelValues(leg, closeCodeLabel(code))
@@ -154,7 +164,7 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 		reg.MustRegister(m.connectionsActive, m.connectionsTotal, m.rejected, m.handshakeSeconds,
 			m.dialFailures, msgs, byts, m.closeCodes, m.evictions, m.protocolErrors, m.pingsSent,
 			m.upstreamPingsSent, m.upstreamPongMissed, m.upstreamClosedFirst, m.queueWaitSeconds, m.sessionSeconds,
-			delayed, throttle, m.httpRequests, m.httpSeconds)
+			delayed, throttle, m.httpRequests, m.httpSeconds, m.panics)
 	}
 	return m
 }

@@ -26,12 +26,20 @@ type Options struct {
 	Logger zerolog.Logger
 	// Registerer receives the proxy's metrics; nil keeps them private.
 	Registerer prometheus.Registerer
+	// LogQuery logs the query values of clients' URLs; by default log
+	// lines keep the path and the query's keys only (LogURL), since apps
+	// put tokens there.
+	LogQuery bool
 
 	DialTimeout      time.Duration // upstream connect and handshake; default 5s
 	HandshakeTimeout time.Duration // client request headers; default 10s
-	WriteTimeout     time.Duration // one write to either socket; default 10s
-	CloseTimeout     time.Duration // a close handshake, both legs; default 5s
-	DrainSpread      time.Duration // Shutdown's 1001s are spread over this; 0: all at once
+	// HandshakeIdleTimeout bounds each wait for more of the request,
+	// the first bytes included, within HandshakeTimeout: a client that
+	// stops sending frees its slot sooner. Default 5s.
+	HandshakeIdleTimeout time.Duration
+	WriteTimeout         time.Duration // one write to either socket; default 10s
+	CloseTimeout         time.Duration // a close handshake, both legs; default 5s
+	DrainSpread          time.Duration // Shutdown's 1001s are spread over this; 0: all at once
 	// NoIdlePoll makes the reader of a quiet socket wait in its own
 	// goroutine for good instead of leaving the socket in the shared epoll
 	// set after a second (Linux): about 4 KiB of stack more per idle socket.
@@ -52,16 +60,20 @@ type Options struct {
 	// Admission control, checked before the upstream is dialled (see
 	// admission.go). 0 or empty means no check, for each.
 	//
-	// MaxConnections bounds the connections admitted at once, handshakes
-	// in progress included: past it, 503 with Retry-After.
+	// MaxConnections bounds the connections admitted at once, from their
+	// accept: requests still arriving and handshakes in progress count.
+	// Past it, 503 with Retry-After.
 	MaxConnections int
 	// MaxConnectionsPerIP bounds them per client address (per /64 for
-	// IPv6): past it, 429 with Retry-After.
+	// IPv6), from the accept for a peer that is not a trusted proxy:
+	// past it, 429 with Retry-After.
 	MaxConnectionsPerIP int
-	// TrustedProxies are the peers believed when their X-Forwarded-For
-	// (or, without one, Forwarded) header names the client. The client so
-	// found is the one the limits count, the logs name, and the last entry
-	// of the X-Forwarded-For sent upstream.
+	// TrustedProxies are the peers believed when their X-Forwarded-For or
+	// Forwarded header names the client (when both name one and they
+	// differ, neither: resolveClient). The client so found is the one the
+	// limits count, the logs name, and the last entry of the
+	// X-Forwarded-For sent upstream. Forwarded and X-Real-IP go upstream
+	// from these peers only.
 	TrustedProxies []netip.Prefix
 	// AllowedOrigins lists the origins browsers may connect from
 	// (https://app.example.com, or https://*.example.com for every
@@ -125,6 +137,11 @@ type Options struct {
 	// Keepalive pings clients; UpstreamKeepalive pings the upstream.
 	Keepalive         keepalive.Config
 	UpstreamKeepalive keepalive.Config
+
+	// panicHook, set by tests only, is called with where ("handshake",
+	// "reader", "timer") and the client's address at points where a
+	// panic must end one session only: tests panic in it.
+	panicHook func(where, client string)
 }
 
 func (o *Options) setDefaults() error {
@@ -143,6 +160,7 @@ func (o *Options) setDefaults() error {
 	}
 	def(&o.DialTimeout, 5*time.Second)
 	def(&o.HandshakeTimeout, 10*time.Second)
+	def(&o.HandshakeIdleTimeout, 5*time.Second)
 	def(&o.WriteTimeout, 10*time.Second)
 	def(&o.CloseTimeout, 5*time.Second)
 	def(&o.HTTPResponseTimeout, 60*time.Second)

@@ -102,20 +102,16 @@ func newPassThrough(s *Server) *passThrough {
 // handOff gives c, whose first request r (followed by pending) is not an
 // upgrade, to the pass-through server. It reports false when c was
 // refused (answered) or could not be handed over; the caller then closes
-// c. The connection counts toward the limits until it closes or turns
-// into an upgrade.
-func (p *passThrough) handOff(c net.Conn, r *request, pending []byte) bool {
+// c. The connection keeps t, its place under the limits since its accept
+// (Server.arrive), until it closes or turns into an upgrade.
+func (p *passThrough) handOff(c net.Conn, r *request, pending []byte, t *slot) bool {
 	s := p.s
 	if s.closing.Load() {
 		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
 		return false
 	}
-	cl := s.adm.clientOf(r)
-	slot, ok := s.take(c, r, cl)
-	if !ok {
-		return false
-	}
-	pc := &passConn{Conn: c, slot: slot}
+	pc := &passConn{Conn: c, slot: *t}
+	t.handOff() // the connection's now: released when it closes
 	pc.replay = append(append(make([]byte, 0, len(r.head)+len(pending)), r.head...), pending...)
 	if tc, ok := c.(*tls.Conn); ok {
 		cs := tc.ConnectionState()
@@ -159,7 +155,7 @@ func (p *passThrough) rewrite(pr *httputil.ProxyRequest) {
 	cl := p.s.adm.clientOf(r)
 	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
 	var h forwardedHeader
-	h.forwardTo(r, clientIP, cl.xff)
+	h.forwardTo(r, clientIP, cl)
 	for name := range pr.Out.Header {
 		// Te: trailers stays, as ReverseProxy keeps it for gRPC.
 		if name != "Te" && !h.forwarded(name) {

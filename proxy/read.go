@@ -77,6 +77,18 @@ const firstGrace = 50 * time.Millisecond
 // next one; one whose peer has finished reads the socket to its end.
 // grace is the first wait's idleGrace.
 func (s *session) read(src, dst *leg, grace time.Duration) {
+	pumping := true
+	defer func() {
+		if p := recover(); p != nil {
+			// The reader ends as if its socket had: it never reads
+			// again, and the session ends with 1011 to the client.
+			s.recovered("reader", p)
+			if pumping {
+				s.readerEnded(src, false)
+				s.exit()
+			}
+		}
+	}()
 	clean := false
 	switch s.pump(src, dst, grace) {
 	case readerParked:
@@ -84,6 +96,7 @@ func (s *session) read(src, dst *leg, grace time.Duration) {
 	case readerDraining:
 		clean = s.drain(src)
 	}
+	pumping = false
 	s.readerEnded(src, clean)
 	s.exit()
 }
@@ -184,6 +197,9 @@ func (s *session) pump(src, dst *leg, grace time.Duration) int {
 		if err := src.check.Check(h); err != nil {
 			s.violation(src, err.(*frame.Error))
 			return readerDraining
+		}
+		if s.srv.opts.panicHook != nil {
+			s.testPanic("reader")
 		}
 		if !src.upstream && s.rate != nil {
 			// Inbound limits (ratelimit.go): may wait, or end the session.

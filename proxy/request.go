@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"time"
 )
 
 // headReadSize bounds one read of the request head. Whatever follows the
@@ -20,11 +21,12 @@ import (
 // which must fit the frame reader's buffer (frame: 32 KiB).
 const headReadSize = 4096
 
-// Errors of readRequest. The first two are answered; the others close the
-// connection without a word, as net/http does.
+// Errors of readRequest. The first three are answered; the others close
+// the connection without a word, as net/http does.
 var (
 	errHeadTooLarge = errors.New("proxy: request header too large")
 	errMalformed    = errors.New("proxy: malformed request")
+	errVersion      = errors.New("proxy: unsupported HTTP version")
 )
 
 // field is one header line, its name canonical as net/http writes it.
@@ -113,8 +115,10 @@ func putRequest(r *request) {
 // readRequest reads the request head from c into r, at most limit bytes
 // of it, and returns the bytes read after it (the client's first frames,
 // at most headReadSize), valid until putRequest. A read error (timeout,
-// EOF before the blank line) is returned as is.
-func readRequest(c net.Conn, r *request, limit int) (pending []byte, err error) {
+// EOF before the blank line) is returned as is. With idle > 0 each read
+// that leaves the head unfinished gives the next one idle at most, and
+// never past deadline: the caller set the first read's deadline.
+func readRequest(c net.Conn, r *request, limit int, idle time.Duration, deadline time.Time) (pending []byte, err error) {
 	buf := r.buf
 	n, scanned := 0, 0
 	for {
@@ -143,6 +147,15 @@ func readRequest(c net.Conn, r *request, limit int) (pending []byte, err error) 
 		}
 		// The blank line may straddle two reads: look again from 3 back.
 		scanned = max(n-3, 0)
+		if rerr == nil && idle > 0 {
+			// A request must make progress, not only finish in time: a
+			// client that stops sending gives its slot back soon.
+			if next := time.Now().Add(idle); next.Before(deadline) {
+				c.SetReadDeadline(next)
+			} else {
+				c.SetReadDeadline(deadline)
+			}
+		}
 		if rerr != nil {
 			if rerr == io.EOF && n > 0 {
 				rerr = io.ErrUnexpectedEOF
@@ -172,8 +185,11 @@ func headEnd(b []byte, from int) int {
 // parseRequest reads the head b (request line, header lines, blank line)
 // into r, with net/http's checks: a method token, HTTP/x.y, header names
 // that are tokens, values without control bytes, no line folding, one
-// Host (required from HTTP/1.1), Content-Length a number, all copies
-// equal. Header names are made canonical in b first.
+// Host (required from HTTP/1.1) of bytes a host may hold, Content-Length
+// a number, all copies equal; a major version other than 1 is errVersion
+// (net/http's 505). An absolute-form target's host is the request's host,
+// whatever Host says (RFC 9112 §3.2.2). Header names are made canonical
+// in b first.
 func parseRequest(b []byte, r *request) error {
 	// Canonical names in place, before the one copy to a string.
 	for i, start := 0, 0; i < len(b); i++ {
@@ -200,9 +216,12 @@ func parseRequest(b []byte, r *request) error {
 	if !ok {
 		return errMalformed
 	}
+	if major != 1 {
+		return errVersion
+	}
 	r.method, r.uri, r.major, r.minor = method, uri, major, minor
 	var contentLength string
-	hosts := 0
+	hosts, lengths := 0, 0
 	for {
 		line, rest, _ = strings.Cut(rest, "\n")
 		line = strings.TrimSuffix(line, "\r")
@@ -225,19 +244,23 @@ func parseRequest(b []byte, r *request) error {
 			hosts++
 			r.host = value
 		case "Content-Length":
-			if contentLength != "" && contentLength != value {
+			if lengths > 0 && contentLength != value {
 				return errMalformed
 			}
 			contentLength = value
+			lengths++
 		case "Transfer-Encoding":
 			r.hasBody = true
 		}
 		r.fields = append(r.fields, field{name, value})
 	}
-	if hosts > 1 || (hosts == 0 && r.minor >= 1 && r.major == 1) {
+	if hosts > 1 || (hosts == 0 && r.minor >= 1) || !validHost(r.host) {
 		return errMalformed
 	}
-	if contentLength != "" {
+	if lengths > 0 {
+		if contentLength == "" {
+			return errMalformed
+		}
 		for i := range len(contentLength) {
 			if c := contentLength[i]; c < '0' || c > '9' {
 				return errMalformed
@@ -250,10 +273,25 @@ func parseRequest(b []byte, r *request) error {
 		return errMalformed
 	}
 	r.url = u
-	if r.host == "" && u.Host != "" {
-		r.host = u.Host // absolute form, as net/http reads it
+	if u.Host != "" {
+		r.host = u.Host // absolute form wins over Host, as net/http reads it
 	}
 	return nil
+}
+
+// validHost is httpguts.ValidHostHeader, which net/http's server checks
+// Host with: only bytes that a host, an IPv6 literal, a zone or a port
+// may hold. It is lenient (it does not parse), but a Host such as
+// "evil.com/x y<script>" never reaches the upstream's X-Forwarded-Host.
+func validHost(h string) bool {
+	for i := range len(h) {
+		c := h[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
+			strings.IndexByte("!$%&'()*+,-.:;=[]_~", c) >= 0) {
+			return false
+		}
+	}
+	return true
 }
 
 func indexByte(b []byte, c byte) int {

@@ -29,7 +29,7 @@ func readFrom(t *testing.T, raw string, step, limit int) (*request, []byte, erro
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	r := getRequest()
 	t.Cleanup(func() { putRequest(r) })
-	pending, err := readRequest(c, r, limit)
+	pending, err := readRequest(c, r, limit, 0, time.Time{})
 	return r, bytes.Clone(pending), err
 }
 
@@ -49,10 +49,10 @@ func TestRequestAsNetHTTP(t *testing.T) {
 			r.remoteAddr, r.tls = "10.0.0.9:4711", c.tls
 			var got, want strings.Builder
 			var h forwardedHeader
-			h.forwardTo(r, "10.0.0.9", c.xff)
+			h.forwardTo(r, "10.0.0.9", client{xff: c.xff, trustedPeer: c.trusted})
 			h.WriteTo(&got)
 			hr := parseForwardCase(t, i)
-			h.forwardTo(fromHTTP(hr), "10.0.0.9", c.xff)
+			h.forwardTo(fromHTTP(hr), "10.0.0.9", client{xff: c.xff, trustedPeer: c.trusted})
 			h.WriteTo(&want)
 			if got.String() != want.String() {
 				t.Errorf("%s, step %d: got\n%s\nwant\n%s", c.name, step, got.String(), want.String())
@@ -81,6 +81,10 @@ func TestReadRequestRefusals(t *testing.T) {
 		{"two Content-Lengths", ok + "Content-Length: 1\r\nContent-Length: 2\r\n\r\n", errMalformed},
 		{"Content-Length not a number", ok + "Content-Length: -1\r\n\r\n", errMalformed},
 		{"bad version", "GET / HTTP/x\r\nHost: h\r\n\r\n", errMalformed},
+		{"HTTP/2.0", "GET / HTTP/2.0\r\nHost: h\r\n\r\n", errVersion},
+		{"empty Content-Length", ok + "Content-Length:\r\n\r\n", errMalformed},
+		{"empty second Content-Length", ok + "Content-Length: 0\r\nContent-Length: \r\n\r\n", errMalformed},
+		{"Host not a host", "GET / HTTP/1.1\r\nHost: evil.com/x y<script>\r\n\r\n", errMalformed},
 		{"two-word request line", "GET /\r\nHost: h\r\n\r\n", errMalformed},
 		{"TLS hello", "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", errMalformed},
 		{"too large", ok + "X-Bomb: " + strings.Repeat("b", 40<<10) + "\r\n\r\n", errHeadTooLarge},

@@ -140,6 +140,10 @@ func (l *leg) finished() bool {
 
 // SendPing implements keepalive.Peer: the ping goes on the priority lane.
 func (l *leg) SendPing(payload []byte) {
+	defer l.s.recoverTimer()
+	if l.s.srv.opts.panicHook != nil {
+		l.s.testPanic("timer")
+	}
 	seg := limiter.NewSegment(frame.MaxControlFrame)
 	*seg.Buf = frame.AppendControl(*seg.Buf, ws.OpPing, payload, l.upstream)
 	if !l.queue().PushPing(seg) {
@@ -172,6 +176,7 @@ func (l *leg) Held() bool {
 
 // Stale implements keepalive.Peer: the peer missed its pong deadline.
 func (l *leg) Stale() {
+	defer l.s.recoverTimer()
 	if l.upstream {
 		l.s.srv.metrics.upstreamPongMissed.Inc()
 		l.s.end(causeUpstreamPongTimeout, nil)
@@ -255,7 +260,7 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	s.mu.Unlock()
 	s.metrics.connectionsActive.Inc()
 	s.settle.setUp()
-	ss.event(s.log.Info()).Str("upstream", target).Str("protocol", protocol).Msg("session open")
+	ss.event(s.log.Info()).Str("upstream", s.logURL(target)).Str("protocol", protocol).Msg("session open")
 	if s.closing.Load() {
 		// Shutdown may have listed the sessions before this one joined.
 		ss.goAway()

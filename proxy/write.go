@@ -15,8 +15,17 @@ import (
 // batchBytes bounds one writev.
 const batchBytes = 256 << 10
 
-func (s *session) clientWriter()   { defer s.exit(); s.write(&s.client, &s.upstream, nil) }
-func (s *session) upstreamWriter() { defer s.exit(); s.write(&s.upstream, &s.client, nil) }
+func (s *session) clientWriter() {
+	defer s.exit()
+	defer s.recoverWriter()
+	s.write(&s.client, &s.upstream, nil)
+}
+
+func (s *session) upstreamWriter() {
+	defer s.exit()
+	defer s.recoverWriter()
+	s.write(&s.upstream, &s.client, nil)
+}
 
 // flush is how a reader that has just queued a frame for dst gets it
 // written. When no writer runs it writes dst's queue itself, without
@@ -229,6 +238,7 @@ func putBatch(b *outBatch) {
 func (b *outBatch) carryOn() {
 	s, dst, src := b.s, b.dst, b.src
 	defer s.exit()
+	defer s.recoverWriter()
 	s.write(dst, src, b)
 }
 

@@ -79,7 +79,7 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 		status := admin.NewStatusPage(statusCtx, srv, reg, opts.Queue.Policy.String())
 		defer status.Wait()
 		defer stopStatus()
-		adminSrv = &http.Server{Handler: admin.Handler(srv, reg, opts.Upstream, status, cfg.Pprof), ReadHeaderTimeout: 5 * time.Second}
+		adminSrv = &http.Server{Handler: admin.Handler(srv, reg, opts.Upstream, status, cfg.Pprof, cfg.AdminToken), ReadHeaderTimeout: 5 * time.Second}
 		go adminSrv.Serve(aln)
 	}
 	serving = true
@@ -87,7 +87,7 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info().Str("version", build.Version).Str("commit", build.Commit).
 		Str("addr", ln.Addr().String()).Str("admin_addr", adminAddr).
-		Str("upstream", opts.Upstream.String()).Str("policy", opts.Queue.Policy.String()).
+		Str("upstream", proxy.LogURL(opts.Upstream.String(), opts.LogQuery)).Str("policy", opts.Queue.Policy.String()).
 		Int64("global_queue_max_bytes", opts.Budget.Ceiling).Msg("listening")
 	if ready != nil {
 		ready(Listening{Addr: ln.Addr().String(), AdminAddr: adminAddr, Server: srv})
