@@ -214,6 +214,19 @@ func busyClient(ctx context.Context, url string, id int, specs []busySpec) error
 	stop := context.AfterFunc(ctx, func() { c.NetConn().Close() })
 	defer stop()
 
+	// gorilla's own ping handler gives up on a pong it cannot write within
+	// a second and breaks the connection for good (its write error is
+	// sticky): a client held back by TCP backpressure for longer, as
+	// sluice (or any proxy, or the backend) may hold it while its echoes
+	// wait, would end itself. Answer sluice's keepalive pings as patiently
+	// as the data.
+	c.SetPingHandler(func(data string) error {
+		err := c.WriteControl(gorilla.PongMessage, []byte(data), time.Now().Add(time.Minute))
+		if errors.Is(err, gorilla.ErrCloseSent) {
+			return nil
+		}
+		return err
+	})
 	var pongs atomic.Int64 // the last ping counter answered
 	var pongErr atomic.Value
 	c.SetPongHandler(func(data string) error {
