@@ -115,16 +115,19 @@ type Status struct {
 
 // Totals are the process-wide counts of a Status.
 type Totals struct {
-	Connections int     `json:"connections"`
-	Slow        int     `json:"slow"`         // at or past SLUICE_SLOW_CLIENT_DEPTH
-	AllowedSlow int     `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
-	Paused      int     `json:"paused"`
-	Throttled   int     `json:"throttled"`     // clients an inbound limit held back within the last second
-	QueuedBytes int64   `json:"queued_bytes"`  // unsent_bytes included
-	UnsentBytes int64   `json:"unsent_bytes"`  // held by the kernel, unacknowledged by the clients
-	Ceiling     int64   `json:"ceiling_bytes"` // 0: no global ceiling
-	Share       float64 `json:"share"`         // queued_bytes / ceiling_bytes; 0 without a ceiling
-	Dropped     uint64  `json:"dropped"`       // messages discarded by the drop policy
+	Connections int   `json:"connections"`
+	Slow        int   `json:"slow"`         // at or past SLUICE_SLOW_CLIENT_DEPTH
+	AllowedSlow int   `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
+	Paused      int   `json:"paused"`
+	Throttled   int   `json:"throttled"`    // clients an inbound limit held back within the last second
+	QueuedBytes int64 `json:"queued_bytes"` // unsent_bytes included
+	UnsentBytes int64 `json:"unsent_bytes"` // held by the kernel, unacknowledged by the clients
+	// UpstreamUnsentBytes is held by the kernel, unacknowledged by the
+	// backend; queued_bytes includes it too.
+	UpstreamUnsentBytes int64   `json:"upstream_unsent_bytes"`
+	Ceiling             int64   `json:"ceiling_bytes"` // 0: no global ceiling
+	Share               float64 `json:"share"`         // queued_bytes / ceiling_bytes; 0 without a ceiling
+	Dropped             uint64  `json:"dropped"`       // messages discarded by the drop policy
 	// Evictions counts every eviction since start; ByReason splits it
 	// (slow, global_ceiling, slow_ratio, write_timeout, pong_timeout,
 	// pause_timeout). Both are absent without a gatherer.
@@ -180,16 +183,17 @@ func (p *StatusPage) snapshot() Status {
 	recent := p.srv.RecentEvictions()
 	st := p.srv.Budget().Stats()
 	t := Totals{
-		Connections: p.srv.Sessions(),
-		Slow:        st.Slow,
-		AllowedSlow: st.AllowedSlow,
-		Paused:      st.Paused,
-		Throttled:   p.srv.ThrottledClients(),
-		QueuedBytes: st.QueuedBytes,
-		UnsentBytes: st.UnsentBytes,
-		Ceiling:     st.Ceiling,
-		Dropped:     st.DroppedTotal,
-		Draining:    p.srv.Draining(),
+		Connections:         p.srv.Sessions(),
+		Slow:                st.Slow,
+		AllowedSlow:         st.AllowedSlow,
+		Paused:              st.Paused,
+		Throttled:           p.srv.ThrottledClients(),
+		QueuedBytes:         st.QueuedBytes,
+		UnsentBytes:         st.UnsentBytes,
+		UpstreamUnsentBytes: st.UpstreamUnsentBytes,
+		Ceiling:             st.Ceiling,
+		Dropped:             st.DroppedTotal,
+		Draining:            p.srv.Draining(),
 	}
 	if st.Ceiling > 0 {
 		t.Share = float64(st.QueuedBytes) / float64(st.Ceiling)

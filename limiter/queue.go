@@ -31,6 +31,9 @@ type Config struct {
 	// SlowDepth is the depth at which the queue's connection counts as slow
 	// for the Budget; 0 means it never does (the upstream direction).
 	SlowDepth int
+	// ToUpstream says the queue feeds a backend: what the kernel holds
+	// unsent for it counts as Stats.UpstreamUnsentBytes, not UnsentBytes.
+	ToUpstream bool
 }
 
 func (c *Config) lowMessages() int { return int(float64(c.MaxMessages) * c.LowWater) }
@@ -101,6 +104,10 @@ type Queue struct {
 	due        atomic.Bool  // on the Budget's list to sample (markDue)
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
+
+	// tied is the queue toward the same connection's backend (Tie): the
+	// ceiling guard weighs the connection by both.
+	tied atomic.Pointer[Queue]
 }
 
 // Pending reports whether the queue holds anything for a writer to take.

@@ -209,8 +209,9 @@ func (s *session) writeFailed(dst *leg, err error) {
 	dst.dead = true
 	dst.queue().Close()
 	// A client that stopped reading would keep what the kernel holds for
-	// it in an orphaned socket for minutes: reset it instead.
-	s.doom(dst, !dst.upstream)
+	// it in an orphaned socket for minutes: reset it instead; so too a
+	// backend that stopped reading.
+	s.doom(dst, !dst.upstream || timeout)
 	s.noteEnd(dst.name() + " write failed: " + errString(err))
 	s.unlock()
 	s.endLost(dst)
@@ -237,8 +238,11 @@ func (s *session) abortLocked() {
 		if l.ka != nil {
 			l.ka.Stop()
 		}
+		// An upstream socket still holding bytes its backend has not
+		// taken is reset too: an orphan would keep them.
+		unsent := l.queue().Unsent() > 0
 		l.queue().Close()
-		s.doom(l, !l.upstream && !l.readDone)
+		s.doom(l, (!l.upstream && !l.readDone) || (l.upstream && unsent))
 	}
 }
 

@@ -34,6 +34,7 @@ const (
 	causePauseTimeout               // eviction: the upstream was paused for this client too long
 	causeReadTimeout                // eviction: the client stalled in the middle of a frame
 	causeRateLimit                  // eviction: the client sent past its inbound limit
+	causeUpstreamCeiling            // eviction: all queues passed the ceiling, this session's mostly toward a backend not reading
 	numCauses
 )
 
@@ -105,6 +106,11 @@ var endings = [numCauses]ending{
 	causePauseTimeout:  {"pause_timeout", true, legEnd{aheadOfData, frame.StatusTryAgainLater, "slow client", true}, evicted},
 	causeReadTimeout:   {"read_timeout", true, legEnd{afterUpstream, frame.StatusTryAgainLater, "frame read timeout", true}, evicted},
 	causeRateLimit:     {"rate_limit", true, legEnd{afterUpstream, ws.StatusPolicyViolation, "rate limit", true}, evicted},
+	// The client reads: it gets what its backend sent, then 1013. The
+	// backend does not: its close goes ahead of what it has not taken.
+	causeUpstreamCeiling: {"upstream_ceiling", true,
+		legEnd{afterData, frame.StatusTryAgainLater, "upstream not reading", false},
+		legEnd{aheadOfData, ws.StatusGoingAway, "not reading", true}},
 }
 
 // evictionReasons lists the labels of sluice_evictions_total.
@@ -139,10 +145,14 @@ func (s *session) end(c cause, fe *frame.Error) {
 	}
 	if e.eviction && s.endReason != "" {
 		// Ending already for another reason, whose close stands; but the
-		// client cannot take what is left, so its close overtakes it: the
-		// stream it gets ends early and never has a gap.
-		s.client.noReply = true
-		s.closeLeg(&s.client, e.client.code, e.client.text, true)
+		// leg that does not read cannot take what is left, so its close
+		// overtakes it: the stream it gets ends early and never has a gap.
+		l, le := &s.client, e.client
+		if c == causeUpstreamCeiling {
+			l, le = &s.upstream, e.upstream
+		}
+		l.noReply = true
+		s.closeLeg(l, le.code, le.text, true)
 		s.checkDoneLocked()
 		s.unlock()
 		return
@@ -257,6 +267,8 @@ func (s *session) guardEvict(r limiter.Reason) {
 	switch r {
 	case limiter.ReasonGlobalCeiling:
 		s.end(causeGlobalCeiling, nil)
+	case limiter.ReasonUpstreamCeiling:
+		s.end(causeUpstreamCeiling, nil)
 	case limiter.ReasonReclaim:
 		s.reclaim()
 	default:

@@ -29,9 +29,16 @@ type Options struct {
 
 	DialTimeout      time.Duration // upstream connect and handshake; default 5s
 	HandshakeTimeout time.Duration // client request headers; default 10s
-	WriteTimeout     time.Duration // one write to either socket; default 10s
-	CloseTimeout     time.Duration // a close handshake, both legs; default 5s
-	DrainSpread      time.Duration // Shutdown's 1001s are spread over this; 0: all at once
+	WriteTimeout     time.Duration // one write to a client's socket; default 10s
+	// UpstreamWriteTimeout bounds one write to an upstream socket: a
+	// backend that takes no bytes for that long has stopped reading, and
+	// its sessions end with UpstreamFailureCode (1014). Default 30s: a
+	// wedged backend costs all of its clients at once, so a GC pause or a
+	// brief overload must not end them, and with UpstreamWriteBuffer the
+	// wait holds little memory, counted under the ceiling.
+	UpstreamWriteTimeout time.Duration
+	CloseTimeout         time.Duration // a close handshake, both legs; default 5s
+	DrainSpread          time.Duration // Shutdown's 1001s are spread over this; 0: all at once
 	// NoIdlePoll makes the reader of a quiet socket wait in its own
 	// goroutine for good instead of leaving the socket in the shared epoll
 	// set after a second (Linux): about 4 KiB of stack more per idle socket.
@@ -85,6 +92,19 @@ type Options struct {
 	// paused reader pushes back on the backend quickly; 0 keeps the
 	// kernel's default.
 	UpstreamReadBuffer int
+	// UpstreamWriteBuffer is SO_SNDBUF for upstream sockets, set before
+	// they connect. The kernel's autotuned send buffer grows to megabytes
+	// per connection toward a backend that stops reading, outside every
+	// bound of sluice's; a fixed one bounds it, and what it holds is
+	// counted (SIOCOUTQ) as queued. 0 keeps the kernel's default.
+	UpstreamWriteBuffer int
+	// ClientReadBuffer is SO_RCVBUF for client sockets, set once they are
+	// upgraded: it bounds what the kernel holds of what a client sent
+	// while its upstream is not draining (the client's reader waits, the
+	// client's window closes). Set after the handshake, it stops the
+	// window from growing rather than shrinking it. 0 keeps the kernel's
+	// default.
+	ClientReadBuffer int
 	// ClientWriteBuffer is SO_SNDBUF for client sockets. The kernel's
 	// autotuned send buffer can hold megabytes for a stalled client
 	// before its queue in sluice even starts to grow; a fixed buffer makes
@@ -127,6 +147,7 @@ func (o *Options) setDefaults() error {
 	def(&o.DialTimeout, 5*time.Second)
 	def(&o.HandshakeTimeout, 10*time.Second)
 	def(&o.WriteTimeout, 10*time.Second)
+	def(&o.UpstreamWriteTimeout, 30*time.Second)
 	def(&o.CloseTimeout, 5*time.Second)
 	if o.FrameReadTimeout < 0 || o.MaxConnections < 0 || o.MaxConnectionsPerIP < 0 || o.MaxHandshakesPerSecond < 0 {
 		return errors.New("proxy: FrameReadTimeout, MaxConnections, MaxConnectionsPerIP and MaxHandshakesPerSecond must not be negative")

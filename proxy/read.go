@@ -325,7 +325,12 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 	case limiter.ErrOverflow:
 		s.end(causeSlow, nil)
 	case limiter.ErrPauseTimeout:
-		s.end(causePauseTimeout, nil)
+		if dst.upstream {
+			// The client waited that long for its backend to take bytes.
+			s.end(causeUpstreamWriteTimeout, nil)
+		} else {
+			s.end(causePauseTimeout, nil)
+		}
 	}
 	// The frame has nowhere to go: dst is closing. Keep reading src until
 	// its close frame answers ours.

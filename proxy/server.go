@@ -26,11 +26,22 @@ func setSocketBuffer(c syscall.RawConn, opt, n int) error {
 	return serr
 }
 
-// receiveBuffer is a net.Dialer Control that sets SO_RCVBUF to n before
-// the socket connects, so the window it advertises is small from the
-// start.
-func receiveBuffer(n int) func(network, address string, c syscall.RawConn) error {
-	return func(_, _ string, c syscall.RawConn) error { return setSocketBuffer(c, syscall.SO_RCVBUF, n) }
+// upstreamBuffers is a net.Dialer Control that sets SO_RCVBUF to rcv and
+// SO_SNDBUF to snd (each unless 0) before the socket connects, so the
+// window it advertises is small from the start and its send buffer never
+// autotunes.
+func upstreamBuffers(rcv, snd int) func(network, address string, c syscall.RawConn) error {
+	return func(_, _ string, c syscall.RawConn) error {
+		if rcv > 0 {
+			if err := setSocketBuffer(c, syscall.SO_RCVBUF, rcv); err != nil {
+				return err
+			}
+		}
+		if snd > 0 {
+			return setSocketBuffer(c, syscall.SO_SNDBUF, snd)
+		}
+		return nil
+	}
 }
 
 // setConnBuffer sets opt (SO_RCVBUF or SO_SNDBUF) of the socket under
@@ -60,6 +71,9 @@ type Server struct {
 	idle    *idlePoller   // parked readers of idle sockets; nil: readers wait in goroutines
 	fair    *limiter.Fair // Options.UpstreamMaxMessagesPerSecond; nil: no cap
 	settle  *setupGC      // collects once a burst of setups is over (settle.go)
+	// upstreamQueue bounds every upstream leg's queue (session.go's
+	// upstreamQueue, PauseMax from Options.UpstreamWriteTimeout).
+	upstreamQueue limiter.Config
 
 	nextID   atomic.Uint64
 	draining atomic.Bool // readiness fails: BeginDrain or Shutdown was called
@@ -104,6 +118,8 @@ func New(opts Options) (*Server, error) {
 		sessionGone: make(chan struct{}, 1),
 	}
 	s.settle = newSetupGC(s.Sessions)
+	s.upstreamQueue = upstreamQueue
+	s.upstreamQueue.PauseMax = opts.UpstreamWriteTimeout
 	bc := opts.Budget
 	if bc.ObserveWait == nil {
 		bc.ObserveWait = func(d time.Duration) { s.metrics.queueWaitSeconds.Observe(d.Seconds()) }
@@ -123,8 +139,8 @@ func New(opts Options) (*Server, error) {
 	// No TCP keepalive: sluice pings at the WebSocket layer, and the
 	// kernel's probes cost four setsockopt calls per connection.
 	d := net.Dialer{KeepAlive: -1}
-	if opts.UpstreamReadBuffer > 0 {
-		d.Control = receiveBuffer(opts.UpstreamReadBuffer)
+	if opts.UpstreamReadBuffer > 0 || opts.UpstreamWriteBuffer > 0 {
+		d.Control = upstreamBuffers(opts.UpstreamReadBuffer, opts.UpstreamWriteBuffer)
 	}
 	s.netDial = d.DialContext
 	ctx, cancel := context.WithCancel(context.Background())

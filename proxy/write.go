@@ -123,7 +123,7 @@ func (b *outBatch) take(dst *leg) bool {
 func (s *session) writeBatch(dst, src *leg, b *outBatch) bool {
 	segs := b.segs[:b.n]
 	last := segs[len(segs)-1]
-	deadline := s.srv.opts.WriteTimeout
+	deadline := s.writeTimeout(dst)
 	if last.Close && onlyControl(segs) {
 		// A close with no data before it is best effort: a slow client's
 		// window may be shut for good.
@@ -160,6 +160,16 @@ func (s *session) closeSent(dst *leg) {
 	s.closeWritten(dst)
 }
 
+// writeTimeout bounds one write to dst: a client that takes nothing for
+// WriteTimeout is evicted, a backend for UpstreamWriteTimeout has stopped
+// reading.
+func (s *session) writeTimeout(dst *leg) time.Duration {
+	if dst.upstream {
+		return s.srv.opts.UpstreamWriteTimeout
+	}
+	return s.srv.opts.WriteTimeout
+}
+
 // streamChunk is how much of a streamed payload one write deadline
 // covers: the deadline bounds a stall, not the time a large frame takes.
 const streamChunk = 1 << 20
@@ -169,7 +179,7 @@ const streamChunk = 1 << 20
 func (s *session) stream(dst, src *leg, n int64) error {
 	for n > 0 {
 		chunk := min(n, streamChunk)
-		dst.conn.SetWriteDeadline(time.Now().Add(s.srv.opts.WriteTimeout))
+		dst.conn.SetWriteDeadline(time.Now().Add(s.writeTimeout(dst)))
 		m, err := src.rd.CopyN(dst.conn, chunk)
 		n -= m
 		if err != nil {
