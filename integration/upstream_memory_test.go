@@ -412,6 +412,11 @@ func TestDeafBackendEndsSessionsWith1014(t *testing.T) {
 		t.Errorf("closed %v after the flood began, before SLUICE_UPSTREAM_WRITE_TIMEOUT %v", after, writeTimeout)
 	}
 	waitFor(t, 10*time.Second, "the sessions to end", func() bool { return s.srv.Sessions() == 0 })
+	// The upstream sockets were reset, not left to the kernel as orphans
+	// holding what the backend never took.
+	if _, _, left := sluiceSockets(t, -1, hostPort(t, b.Addr)); left != 0 {
+		t.Errorf("%d sockets toward the backend outlive their sessions", left)
+	}
 	t.Logf("closed with 1014 %v after the flood began", after.Round(time.Millisecond))
 }
 
