@@ -126,6 +126,13 @@ type Config struct {
 	// while its frame is open. It is evicted (1013). Idle between frames
 	// is fine. 0 turns the bound off.
 	FrameReadTimeout time.Duration `env:"FRAME_READ_TIMEOUT" envDefault:"30s" want:"0 (off) or a positive duration such as 30s"`
+	// UpstreamFrameReadTimeout bounds how long the backend may stop in the
+	// middle of a frame: keepalive cannot see it (its pongs would queue
+	// behind the open frame) and the client would wait for nothing. The
+	// session ends, 1014 to the client after the messages that did
+	// arrive. 30s as for clients: a backend's frames come from a process
+	// next door, so a stall that long is a wedged backend. 0 turns it off.
+	UpstreamFrameReadTimeout time.Duration `env:"UPSTREAM_FRAME_READ_TIMEOUT" envDefault:"30s" want:"0 (off) or a positive duration such as 30s"`
 	// WriteTimeout bounds each write batch to a socket; a peer that does not
 	// drain its socket within it is closed.
 	WriteTimeout time.Duration `env:"WRITE_TIMEOUT" envDefault:"10s" want:"a positive duration such as 500ms, 10s or 1m"`
@@ -396,6 +403,7 @@ func (cfg Config) check(c *checker) {
 	c.field("MaxFrameBytes", cfg.MaxFrameBytes >= 125, cfg.MaxFrameBytes)
 	c.field("MaxMessageBytes", cfg.MaxMessageBytes >= 125, cfg.MaxMessageBytes)
 	c.field("FrameReadTimeout", cfg.FrameReadTimeout >= 0, cfg.FrameReadTimeout)
+	c.field("UpstreamFrameReadTimeout", cfg.UpstreamFrameReadTimeout >= 0, cfg.UpstreamFrameReadTimeout)
 	c.field("WriteTimeout", cfg.WriteTimeout > 0, cfg.WriteTimeout)
 	c.field("UpstreamWriteTimeout", cfg.UpstreamWriteTimeout > 0, cfg.UpstreamWriteTimeout)
 

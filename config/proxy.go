@@ -63,12 +63,13 @@ func (cfg Config) ProxyOptions(log zerolog.Logger, reg prometheus.Registerer) (p
 		UpstreamWriteTimeout: cfg.UpstreamWriteTimeout,
 		NoIdlePoll:           !cfg.IdlePoll,
 
-		FrameReadTimeout:       cfg.FrameReadTimeout,
-		MaxConnections:         cfg.MaxConnections,
-		MaxConnectionsPerIP:    cfg.MaxConnectionsPerIP,
-		TrustedProxies:         trustedProxies(cfg.TrustedProxies),
-		AllowedOrigins:         listEntries(cfg.AllowedOrigins),
-		MaxHandshakesPerSecond: cfg.MaxHandshakesPerSecond,
+		FrameReadTimeout:         cfg.FrameReadTimeout,
+		UpstreamFrameReadTimeout: cfg.UpstreamFrameReadTimeout,
+		MaxConnections:           cfg.MaxConnections,
+		MaxConnectionsPerIP:      cfg.MaxConnectionsPerIP,
+		TrustedProxies:           trustedProxies(cfg.TrustedProxies),
+		AllowedOrigins:           listEntries(cfg.AllowedOrigins),
+		MaxHandshakesPerSecond:   cfg.MaxHandshakesPerSecond,
 
 		ClientRate: proxy.RateLimit{
 			MessagesPerSecond: cfg.ClientMaxMessagesPerSecond,

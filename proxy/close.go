@@ -160,8 +160,13 @@ func (s *session) noteEnd(reason string) {
 	}
 }
 
-// lost: src's socket failed or ended without a close frame.
+// lost: src's socket failed or ended without a close frame. Called by
+// src's reader.
 func (s *session) lost(src *leg, err error) {
+	if src.frameDeadline && errors.Is(err, os.ErrDeadlineExceeded) {
+		// The upstream stopped in the middle of a frame.
+		s.end(causeUpstreamFrameTimeout, nil)
+	}
 	s.mu.Lock()
 	if s.aborted {
 		s.unlock()
@@ -196,6 +201,16 @@ func (s *session) endLost(l *leg) {
 func (s *session) writeFailed(dst *leg, err error) {
 	timeout := errors.Is(err, os.ErrDeadlineExceeded)
 	switch {
+	case errors.Is(err, errUpstreamStalled):
+		// The client's frame is torn: it can have no close frame. Nor
+		// can the upstream, whose stream has no frame boundary left:
+		// its socket goes too, reset, as its backend is wedged.
+		s.mu.Lock()
+		dst.dead = true // no close is queued for it
+		s.upstream.dead = true
+		s.doom(&s.upstream, true)
+		s.unlock()
+		s.end(causeUpstreamFrameTimeout, nil)
 	case timeout && dst.upstream:
 		s.end(causeUpstreamWriteTimeout, nil)
 	case timeout:

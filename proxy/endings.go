@@ -35,6 +35,7 @@ const (
 	causeReadTimeout                // eviction: the client stalled in the middle of a frame
 	causeRateLimit                  // eviction: the client sent past its inbound limit
 	causeUpstreamCeiling            // eviction: all queues passed the ceiling, this session's mostly toward a backend not reading
+	causeUpstreamFrameTimeout       // the upstream stopped in the middle of a frame
 	numCauses
 )
 
@@ -95,6 +96,12 @@ var endings = [numCauses]ending{
 	causeUpstreamWriteTimeout: {"upstream write timeout", false,
 		legEnd{afterData, codeUpstreamFailure, "upstream stopped reading", false},
 		legEnd{aheadOfData, ws.StatusGoingAway, "write timeout", true}},
+	// The upstream's stream has no frame boundary left to close at: its
+	// socket is closed. A frame already being spliced to the client is
+	// torn too, and its socket cut (writeFailed).
+	causeUpstreamFrameTimeout: {"upstream frame read timeout", false,
+		legEnd{afterData, codeUpstreamFailure, "upstream stalled mid-frame", false},
+		legEnd{noClose, 0, "", false}},
 	causeShutdown: {"shutdown", false,
 		legEnd{afterUpstream, ws.StatusGoingAway, "server shutting down", false},
 		legEnd{afterData, ws.StatusGoingAway, "proxy shutting down", false}},

@@ -55,6 +55,12 @@ type Options struct {
 	// stalls mid-frame is evicted (read_timeout, 1013). Between frames a
 	// client may idle. 0 means no bound.
 	FrameReadTimeout time.Duration
+	// UpstreamFrameReadTimeout bounds a stall of the upstream in the
+	// middle of a frame: once a frame's header has come, the rest of it
+	// must keep arriving (a read deadline, set only while a payload is
+	// awaited). A backend that stops mid-frame ends the session, 1014 to
+	// the client after the messages that did arrive. 0 means no bound.
+	UpstreamFrameReadTimeout time.Duration
 
 	// Admission control, checked before the upstream is dialled (see
 	// admission.go). 0 or empty means no check, for each.
@@ -149,8 +155,8 @@ func (o *Options) setDefaults() error {
 	def(&o.WriteTimeout, 10*time.Second)
 	def(&o.UpstreamWriteTimeout, 30*time.Second)
 	def(&o.CloseTimeout, 5*time.Second)
-	if o.FrameReadTimeout < 0 || o.MaxConnections < 0 || o.MaxConnectionsPerIP < 0 || o.MaxHandshakesPerSecond < 0 {
-		return errors.New("proxy: FrameReadTimeout, MaxConnections, MaxConnectionsPerIP and MaxHandshakesPerSecond must not be negative")
+	if o.FrameReadTimeout < 0 || o.UpstreamFrameReadTimeout < 0 || o.MaxConnections < 0 || o.MaxConnectionsPerIP < 0 || o.MaxHandshakesPerSecond < 0 {
+		return errors.New("proxy: FrameReadTimeout, UpstreamFrameReadTimeout, MaxConnections, MaxConnectionsPerIP and MaxHandshakesPerSecond must not be negative")
 	}
 	if r := &o.ClientRate; r.MessagesPerSecond < 0 || r.BytesPerSecond < 0 || r.ThrottleMax < 0 || r.Burst < 0 || o.UpstreamMaxMessagesPerSecond < 0 {
 		return errors.New("proxy: ClientRate and UpstreamMaxMessagesPerSecond must not be negative")

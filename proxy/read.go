@@ -160,6 +160,7 @@ func (s *session) pump(src, dst *leg, grace time.Duration) int {
 	ponged := false
 	for {
 		src.frameEnd() // frame read timeout (framewatch.go): idle between frames is fine
+		src.upstreamFrameEnd()
 		if src.raw != nil {
 			parked, err := s.quiet(src, ponged, grace)
 			grace = idleGrace
@@ -192,6 +193,9 @@ func (s *session) pump(src, dst *leg, grace time.Duration) int {
 			}
 		}
 		src.frameStart(h) // the frame must now arrive whole within FrameReadTimeout
+		if src.upstream {
+			src.upstreamFrameStart(h) // ... or keep arriving within UpstreamFrameReadTimeout
+		}
 		if src.ka != nil {
 			src.ka.Heard()
 		}

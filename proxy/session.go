@@ -71,6 +71,8 @@ type leg struct {
 	upstream bool        // the leg toward the backend: frames sluice makes are masked
 	armOp    int8        // EPOLL_CTL_ADD or _MOD; reader-owned
 	skipRest bool        // dropping the frames left of a refused message; reader-owned
+	// frameDeadline: upstreamFrameStart set a read deadline; reader-owned.
+	frameDeadline bool
 
 	// Close state (close.go), guarded by s.mu.
 	closeQueued  bool // a close frame toward this leg is queued or written

@@ -174,17 +174,38 @@ func (s *session) writeTimeout(dst *leg) time.Duration {
 // covers: the deadline bounds a stall, not the time a large frame takes.
 const streamChunk = 1 << 20
 
+// errUpstreamStalled: a payload spliced from the upstream stopped
+// arriving for UpstreamFrameReadTimeout.
+var errUpstreamStalled = errors.New("proxy: upstream stalled in the middle of a frame")
+
 // stream copies n payload bytes from src's socket to dst's (splice), with
-// a fresh write deadline per chunk.
+// a fresh write deadline per chunk, and from an upstream a fresh read
+// deadline (UpstreamFrameReadTimeout; not over TLS, whose failures cannot
+// tell one side from the other).
 func (s *session) stream(dst, src *leg, n int64) error {
+	var readTimeout time.Duration
+	if src.upstream && src.rd.RawConn() != nil {
+		readTimeout = s.srv.opts.UpstreamFrameReadTimeout
+	}
 	for n > 0 {
 		chunk := min(n, streamChunk)
-		dst.conn.SetWriteDeadline(time.Now().Add(s.writeTimeout(dst)))
+		now := time.Now()
+		dst.conn.SetWriteDeadline(now.Add(s.writeTimeout(dst)))
+		if readTimeout > 0 {
+			src.conn.SetReadDeadline(now.Add(readTimeout))
+		}
 		m, err := src.rd.CopyN(dst.conn, chunk)
 		n -= m
 		if err != nil {
+			if readTimeout > 0 && errors.Is(err, os.ErrDeadlineExceeded) && src.readDeadlinePassed() {
+				return errUpstreamStalled
+			}
 			return err
 		}
+	}
+	if readTimeout > 0 {
+		// src's reader, waiting on streamDone, owns the socket again.
+		src.conn.SetReadDeadline(time.Time{})
 	}
 	return nil
 }
