@@ -136,8 +136,10 @@ type Config struct {
 	// WriteTimeout bounds each write batch to a socket; a peer that does not
 	// drain its socket within it is closed.
 	WriteTimeout time.Duration `env:"WRITE_TIMEOUT" envDefault:"10s" want:"a positive duration such as 500ms, 10s or 1m"`
-	// UpstreamWriteTimeout bounds each write batch to an upstream socket:
-	// a backend that takes nothing for that long has stopped reading, and
+	// UpstreamWriteTimeout bounds each write batch to an upstream socket,
+	// and a client's wait for its backend to take what sluice holds for it
+	// (down to half the upstream queue's mark, the kernel's share
+	// included): a backend that does not within it has stopped reading, and
 	// its sessions end with SLUICE_UPSTREAM_CLOSE_CODE (1014). Longer than
 	// WriteTimeout: a wedged backend costs all its clients at once, so a GC
 	// pause or a brief overload must not; while it waits, what it holds is

@@ -30,8 +30,10 @@ type Options struct {
 	DialTimeout      time.Duration // upstream connect and handshake; default 5s
 	HandshakeTimeout time.Duration // client request headers; default 10s
 	WriteTimeout     time.Duration // one write to a client's socket; default 10s
-	// UpstreamWriteTimeout bounds one write to an upstream socket: a
-	// backend that takes no bytes for that long has stopped reading, and
+	// UpstreamWriteTimeout bounds one write to an upstream socket, and a
+	// client's wait for room in its upstream queue (whose bytes include
+	// what the kernel holds unsent): a backend that takes too little for
+	// that long has stopped reading, and
 	// its sessions end with UpstreamFailureCode (1014). Default 30s: a
 	// wedged backend costs all of its clients at once, so a GC pause or a
 	// brief overload must not end them, and with UpstreamWriteBuffer the
