@@ -11,8 +11,12 @@ package integration
 
 import (
 	"bufio"
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http/httptest"
+	"net/url"
 	"os"
 	"os/exec"
 	"slices"
@@ -235,8 +239,18 @@ func TestDeafBackendMemoryBounded(t *testing.T) {
 	if queued < float64(held)/2 {
 		t.Errorf("sluice_queued_bytes = %.0f KiB, less than half of the %d KiB sluice's sockets hold", queued/1024, held>>10)
 	}
-	if st := s.srv.Budget().Stats(); st.UpstreamUnsentBytes != int64(upUnsent) {
-		t.Errorf("Stats().UpstreamUnsentBytes = %d, the metric says %v", st.UpstreamUnsentBytes, upUnsent)
+	// /status shows it too.
+	ctx, cancel := context.WithCancel(context.Background())
+	page := admin.NewStatusPage(ctx, s.srv, s.reg, "evict")
+	defer func() { cancel(); page.Wait() }()
+	rec := httptest.NewRecorder()
+	admin.Handler(s.srv, s.reg, &url.URL{Scheme: "ws", Host: b.Addr}, page, false).ServeHTTP(rec, httptest.NewRequest("GET", "/status.json", nil))
+	var doc admin.Status
+	if err := json.Unmarshal(rec.Body.Bytes(), &doc); err != nil {
+		t.Fatalf("/status.json: %v: %s", err, rec.Body.String())
+	}
+	if tot := doc.Totals; tot.UpstreamUnsentBytes <= 0 || tot.QueuedBytes < tot.UpstreamUnsentBytes {
+		t.Errorf("/status.json totals: upstream_unsent_bytes %d, queued_bytes %d; want the first > 0 and part of the second", tot.UpstreamUnsentBytes, tot.QueuedBytes)
 	}
 }
 
