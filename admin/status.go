@@ -144,7 +144,9 @@ type Session struct {
 	QueueMessages int     `json:"queue_messages"`
 	QueueBytes    int64   `json:"queue_bytes"`  // unsent_bytes included
 	UnsentBytes   int64   `json:"unsent_bytes"` // held by the kernel, unacknowledged by the client
-	State         string  `json:"state"`        // ok, slow or paused
+	// UpstreamBytes waits for the backend, in sluice and in the kernel.
+	UpstreamBytes int64  `json:"upstream_bytes"`
+	State         string `json:"state"` // ok, slow or paused
 }
 
 // Eviction is one recent eviction of a Status.
@@ -219,7 +221,7 @@ func (p *StatusPage) snapshot() Status {
 		}
 		doc.Top = append(doc.Top, Session{
 			ID: s.ID, Client: s.Client, AgeSeconds: s.Age.Round(100 * time.Millisecond).Seconds(),
-			QueueMessages: s.QueueMessages, QueueBytes: s.QueueBytes, UnsentBytes: s.UnsentBytes, State: state,
+			QueueMessages: s.QueueMessages, QueueBytes: s.QueueBytes, UnsentBytes: s.UnsentBytes, UpstreamBytes: s.UpstreamBytes, State: state,
 		})
 	}
 	for _, e := range recent {
@@ -262,8 +264,8 @@ func evictionCounts(g prometheus.Gatherer) (map[string]uint64, bool) {
 	return out, true
 }
 
-// topSessions returns the k sessions with the deepest queues (bytes, then
-// messages, then oldest id first), deepest first; those that are slow,
+// topSessions returns the k sessions with the deepest queues (bytes of
+// both directions, then messages, then oldest id first), deepest first; those that are slow,
 // paused or throttled come before those that are ok, whatever their
 // queues (an ok client's queue may hold a message or two in flight).
 // It keeps a sorted window of k instead of sorting all sessions: O(n) for
@@ -275,8 +277,9 @@ func topSessions(all []proxy.SessionInfo, k int) []proxy.SessionInfo {
 		if an, bn := notOK(a), notOK(b); an != bn {
 			return an
 		}
-		if a.QueueBytes != b.QueueBytes {
-			return a.QueueBytes > b.QueueBytes
+		// What a session holds, both directions, as the ceiling weighs it.
+		if ab, bb := a.QueueBytes+a.UpstreamBytes, b.QueueBytes+b.UpstreamBytes; ab != bb {
+			return ab > bb
 		}
 		if a.QueueMessages != b.QueueMessages {
 			return a.QueueMessages > b.QueueMessages

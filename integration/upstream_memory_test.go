@@ -252,6 +252,9 @@ func TestDeafBackendMemoryBounded(t *testing.T) {
 	if tot := doc.Totals; tot.UpstreamUnsentBytes <= 0 || tot.QueuedBytes < tot.UpstreamUnsentBytes {
 		t.Errorf("/status.json totals: upstream_unsent_bytes %d, queued_bytes %d; want the first > 0 and part of the second", tot.UpstreamUnsentBytes, tot.QueuedBytes)
 	}
+	if len(doc.Top) == 0 || doc.Top[0].UpstreamBytes <= 0 {
+		t.Errorf("/status.json top %+v: want the sessions holding bytes toward the backend", doc.Top)
+	}
 }
 
 // gaugeValue is the value of the unlabelled gauge name in s's registry.

@@ -341,6 +341,9 @@ type SessionInfo struct {
 	QueueMessages int
 	QueueBytes    int64 // UnsentBytes included
 	UnsentBytes   int64 // what the kernel holds unacknowledged for the client
+	// UpstreamBytes waits for the backend: in sluice and unacknowledged in
+	// the kernel.
+	UpstreamBytes int64
 	Paused        bool
 	Slow          bool
 	Throttled     bool // held back by an inbound limit within the last second
@@ -392,7 +395,7 @@ func (s *Server) Snapshot() []SessionInfo {
 		paused, _ := q.Paused()
 		out = append(out, SessionInfo{
 			ID: ss.id, Client: ss.clientAddr, Age: max(0, time.Duration(now-ss.began)),
-			QueueMessages: q.Messages(), QueueBytes: q.Bytes(), UnsentBytes: q.Unsent(), Paused: paused,
+			QueueMessages: q.Messages(), QueueBytes: q.Bytes(), UnsentBytes: q.Unsent(), UpstreamBytes: ss.upstream.queuedBytes(), Paused: paused,
 			Slow: q.IsSlow(), Throttled: ss.rate != nil && ss.rate.throttledNow(now),
 		})
 	}
