@@ -156,8 +156,9 @@ type Eviction struct {
 	Client        string    `json:"client"`
 	Reason        string    `json:"reason"`
 	QueueMessages int       `json:"queue_messages"`
-	QueueBytes    int64     `json:"queue_bytes"`  // unsent_bytes included
-	UnsentBytes   int64     `json:"unsent_bytes"` // held by the kernel, unacknowledged by the client
+	QueueBytes    int64     `json:"queue_bytes"`    // unsent_bytes included
+	UnsentBytes   int64     `json:"unsent_bytes"`   // held by the kernel, unacknowledged by the client
+	UpstreamBytes int64     `json:"upstream_bytes"` // waiting for the backend, in sluice and in the kernel
 }
 
 // Sample is one second of a Status's history.
@@ -227,7 +228,7 @@ func (p *StatusPage) snapshot() Status {
 	for _, e := range recent {
 		doc.Evictions = append(doc.Evictions, Eviction{
 			Time: e.Time, ID: e.ID, Client: e.Client, Reason: e.Reason,
-			QueueMessages: e.QueueMessages, QueueBytes: e.QueueBytes, UnsentBytes: e.UnsentBytes,
+			QueueMessages: e.QueueMessages, QueueBytes: e.QueueBytes, UnsentBytes: e.UnsentBytes, UpstreamBytes: e.UpstreamBytes,
 		})
 	}
 	// Empty lists, not null, so the page can iterate without checks.

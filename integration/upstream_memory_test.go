@@ -475,8 +475,8 @@ func TestDeafBackendOverCeiling(t *testing.T) {
 		t.Errorf("sluice_evictions_total{reason=\"upstream_ceiling\"} = %v, want at least 1", v)
 	}
 	for _, e := range s.srv.RecentEvictions() {
-		if e.Reason != "upstream_ceiling" {
-			t.Errorf("eviction %+v, want upstream_ceiling", e)
+		if e.Reason != "upstream_ceiling" || e.UpstreamBytes <= e.QueueBytes {
+			t.Errorf("eviction %+v, want upstream_ceiling, most of its bytes toward the backend", e)
 		}
 	}
 }

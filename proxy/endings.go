@@ -138,11 +138,11 @@ func evictionReasons() []string {
 func (s *session) end(c cause, fe *frame.Error) {
 	e := &endings[c]
 	var msgs int
-	var byts, unsent int64
+	var byts, unsent, up int64
 	if e.eviction {
 		// Read the queue before a close frame's priority discards it.
 		q := s.client.queue()
-		msgs, byts, unsent = q.Messages(), q.Bytes(), q.Unsent()
+		msgs, byts, unsent, up = q.Messages(), q.Bytes(), q.Unsent(), s.upstream.queuedBytes()
 		q.MarkEvicted()
 	}
 	s.mu.Lock()
@@ -179,9 +179,9 @@ func (s *session) end(c cause, fe *frame.Error) {
 		// there by the time the client or the backend sees the close.
 		s.srv.metrics.evictions.WithLabelValues(e.label).Inc()
 		s.srv.mu.Lock()
-		s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: e.label, QueueMessages: msgs, QueueBytes: byts, UnsentBytes: unsent})
+		s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: e.label, QueueMessages: msgs, QueueBytes: byts, UnsentBytes: unsent, UpstreamBytes: up})
 		s.srv.mu.Unlock()
-		s.event(s.srv.log.Warn()).Str("reason", e.label).Int("queue_messages", msgs).Int64("queue_bytes", byts).Int64("unsent_bytes", unsent).Msg("client evicted")
+		s.event(s.srv.log.Warn()).Str("reason", e.label).Int("queue_messages", msgs).Int64("queue_bytes", byts).Int64("unsent_bytes", unsent).Int64("upstream_bytes", up).Msg("client evicted")
 	}
 
 	s.mu.Lock()

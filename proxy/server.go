@@ -358,6 +358,7 @@ type Eviction struct {
 	QueueMessages int
 	QueueBytes    int64 // UnsentBytes included
 	UnsentBytes   int64 // what the kernel held unacknowledged for the client
+	UpstreamBytes int64 // what waited for the backend, in sluice and in the kernel
 }
 
 // evictionLog keeps the most recent evictions, oldest overwritten first.
