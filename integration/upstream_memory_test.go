@@ -214,9 +214,9 @@ func TestDeafBackendMemoryBounded(t *testing.T) {
 	s := startSluice(t, b.URL, nil)
 	admin.RegisterBudgetMetrics(s.reg, s.srv.Budget())
 	fl := startFlooders(t, s.addr, n)
+	// Held back for ten of the guard's samples (limiter.GuardInterval):
+	// the last one saw what the kernel holds now.
 	waitBlocked(t, fl, 500*time.Millisecond)
-	// Let the guard sample what the kernel holds (every 50 ms).
-	time.Sleep(3 * 50 * time.Millisecond)
 
 	send, recv, sockets := sluiceSockets(t, hostPort(t, s.addr), hostPort(t, b.Addr))
 	held := send + recv
@@ -354,7 +354,6 @@ func measureDeaf(t *testing.T, env map[string]string, n int) (held int64, queued
 	admin.RegisterBudgetMetrics(s.reg, s.srv.Budget())
 	fl := startFlooders(t, s.addr, n)
 	waitBlocked(t, fl, 500*time.Millisecond)
-	time.Sleep(3 * 50 * time.Millisecond)
 	send, recv, _ := sluiceSockets(t, hostPort(t, s.addr), hostPort(t, b.Addr))
 	held = send + recv
 	if mem, ok := ssMemory(hostPort(t, s.addr), hostPort(t, b.Addr)); ok {
