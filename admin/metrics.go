@@ -33,9 +33,16 @@ func RegisterBudgetMetrics(reg prometheus.Registerer, b *limiter.Budget) {
 	gauge := func(name, help string, f func(limiter.Stats) float64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 { return f(b.Stats()) })
 	}
+	// One series per direction, the same help for both, as one metric.
+	const unsentHelp = "Bytes the kernel holds unacknowledged (Linux SIOCOUTQ, sampled every 50 ms) toward the clients or toward the backend, part of sluice_queued_bytes."
+	unsent := func(direction string, f func(limiter.Stats) int64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sluice_unsent_bytes", Help: unsentHelp, ConstLabels: prometheus.Labels{"direction": direction}},
+			func() float64 { return float64(f(b.Stats())) })
+	}
 	reg.MustRegister(
-		gauge("sluice_queued_bytes", "Bytes waiting in all client queues, what the kernel holds unacknowledged for the clients included.", func(s limiter.Stats) float64 { return float64(s.QueuedBytes) }),
-		gauge("sluice_unsent_bytes", "Bytes the kernel holds unacknowledged for the clients (Linux SIOCOUTQ, sampled every 50 ms), part of sluice_queued_bytes.", func(s limiter.Stats) float64 { return float64(s.UnsentBytes) }),
+		gauge("sluice_queued_bytes", "Bytes waiting in all queues, both directions, what the kernel holds unacknowledged for the clients and the backend included.", func(s limiter.Stats) float64 { return float64(s.QueuedBytes) }),
+		unsent("client", func(s limiter.Stats) int64 { return s.UnsentBytes }),
+		unsent("upstream", func(s limiter.Stats) int64 { return s.UpstreamUnsentBytes }),
 		gauge("sluice_queue_ceiling_bytes", "The global ceiling on queued bytes (0: none).", func(s limiter.Stats) float64 { return float64(s.Ceiling) }),
 		gauge("sluice_queued_bytes_ratio", "Queued bytes as a share of the ceiling.", func(s limiter.Stats) float64 {
 			if s.Ceiling == 0 {

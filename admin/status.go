@@ -115,16 +115,19 @@ type Status struct {
 
 // Totals are the process-wide counts of a Status.
 type Totals struct {
-	Connections int     `json:"connections"`
-	Slow        int     `json:"slow"`         // stalled for SLUICE_SLOW_CLIENT_AGE (limiter/progress.go)
-	AllowedSlow int     `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
-	Paused      int     `json:"paused"`
-	Throttled   int     `json:"throttled"`     // clients an inbound limit held back within the last second
-	QueuedBytes int64   `json:"queued_bytes"`  // unsent_bytes included
-	UnsentBytes int64   `json:"unsent_bytes"`  // held by the kernel, unacknowledged by the clients
-	Ceiling     int64   `json:"ceiling_bytes"` // 0: no global ceiling
-	Share       float64 `json:"share"`         // queued_bytes / ceiling_bytes; 0 without a ceiling
-	Dropped     uint64  `json:"dropped"`       // messages discarded by the drop policy
+	Connections int   `json:"connections"`
+	Slow        int   `json:"slow"`         // took nothing for SLUICE_SLOW_CLIENT_AGE (limiter/progress.go)
+	AllowedSlow int   `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
+	Paused      int   `json:"paused"`
+	Throttled   int   `json:"throttled"`    // clients an inbound limit held back within the last second
+	QueuedBytes int64 `json:"queued_bytes"` // unsent_bytes included
+	UnsentBytes int64 `json:"unsent_bytes"` // held by the kernel, unacknowledged by the clients
+	// UpstreamUnsentBytes is held by the kernel, unacknowledged by the
+	// backend; queued_bytes includes it too.
+	UpstreamUnsentBytes int64   `json:"upstream_unsent_bytes"`
+	Ceiling             int64   `json:"ceiling_bytes"` // 0: no global ceiling
+	Share               float64 `json:"share"`         // queued_bytes / ceiling_bytes; 0 without a ceiling
+	Dropped             uint64  `json:"dropped"`       // messages discarded by the drop policy
 	// Evictions counts every eviction since start; ByReason splits it
 	// (slow, global_ceiling, slow_ratio, write_timeout, pong_timeout,
 	// pause_timeout). Both are absent without a gatherer.
@@ -141,7 +144,9 @@ type Session struct {
 	QueueMessages int     `json:"queue_messages"`
 	QueueBytes    int64   `json:"queue_bytes"`  // unsent_bytes included
 	UnsentBytes   int64   `json:"unsent_bytes"` // held by the kernel, unacknowledged by the client
-	State         string  `json:"state"`        // ok, slow or paused
+	// UpstreamBytes waits for the backend, in sluice and in the kernel.
+	UpstreamBytes int64  `json:"upstream_bytes"`
+	State         string `json:"state"` // ok, slow or paused
 }
 
 // Eviction is one recent eviction of a Status.
@@ -151,8 +156,9 @@ type Eviction struct {
 	Client        string    `json:"client"`
 	Reason        string    `json:"reason"`
 	QueueMessages int       `json:"queue_messages"`
-	QueueBytes    int64     `json:"queue_bytes"`  // unsent_bytes included
-	UnsentBytes   int64     `json:"unsent_bytes"` // held by the kernel, unacknowledged by the client
+	QueueBytes    int64     `json:"queue_bytes"`    // unsent_bytes included
+	UnsentBytes   int64     `json:"unsent_bytes"`   // held by the kernel, unacknowledged by the client
+	UpstreamBytes int64     `json:"upstream_bytes"` // waiting for the backend, in sluice and in the kernel
 }
 
 // Sample is one second of a Status's history.
@@ -180,16 +186,17 @@ func (p *StatusPage) snapshot() Status {
 	recent := p.srv.RecentEvictions()
 	st := p.srv.Budget().Stats()
 	t := Totals{
-		Connections: p.srv.Sessions(),
-		Slow:        st.Slow,
-		AllowedSlow: st.AllowedSlow,
-		Paused:      st.Paused,
-		Throttled:   p.srv.ThrottledClients(),
-		QueuedBytes: st.QueuedBytes,
-		UnsentBytes: st.UnsentBytes,
-		Ceiling:     st.Ceiling,
-		Dropped:     st.DroppedTotal,
-		Draining:    p.srv.Draining(),
+		Connections:         p.srv.Sessions(),
+		Slow:                st.Slow,
+		AllowedSlow:         st.AllowedSlow,
+		Paused:              st.Paused,
+		Throttled:           p.srv.ThrottledClients(),
+		QueuedBytes:         st.QueuedBytes,
+		UnsentBytes:         st.UnsentBytes,
+		UpstreamUnsentBytes: st.UpstreamUnsentBytes,
+		Ceiling:             st.Ceiling,
+		Dropped:             st.DroppedTotal,
+		Draining:            p.srv.Draining(),
 	}
 	if st.Ceiling > 0 {
 		t.Share = float64(st.QueuedBytes) / float64(st.Ceiling)
@@ -215,13 +222,13 @@ func (p *StatusPage) snapshot() Status {
 		}
 		doc.Top = append(doc.Top, Session{
 			ID: s.ID, Client: s.Client, AgeSeconds: s.Age.Round(100 * time.Millisecond).Seconds(),
-			QueueMessages: s.QueueMessages, QueueBytes: s.QueueBytes, UnsentBytes: s.UnsentBytes, State: state,
+			QueueMessages: s.QueueMessages, QueueBytes: s.QueueBytes, UnsentBytes: s.UnsentBytes, UpstreamBytes: s.UpstreamBytes, State: state,
 		})
 	}
 	for _, e := range recent {
 		doc.Evictions = append(doc.Evictions, Eviction{
 			Time: e.Time, ID: e.ID, Client: e.Client, Reason: e.Reason,
-			QueueMessages: e.QueueMessages, QueueBytes: e.QueueBytes, UnsentBytes: e.UnsentBytes,
+			QueueMessages: e.QueueMessages, QueueBytes: e.QueueBytes, UnsentBytes: e.UnsentBytes, UpstreamBytes: e.UpstreamBytes,
 		})
 	}
 	// Empty lists, not null, so the page can iterate without checks.
@@ -258,8 +265,8 @@ func evictionCounts(g prometheus.Gatherer) (map[string]uint64, bool) {
 	return out, true
 }
 
-// topSessions returns the k sessions with the deepest queues (bytes, then
-// messages, then oldest id first), deepest first; those that are slow,
+// topSessions returns the k sessions with the deepest queues (bytes of
+// both directions, then messages, then oldest id first), deepest first; those that are slow,
 // paused or throttled come before those that are ok, whatever their
 // queues (an ok client's queue may hold a message or two in flight).
 // It keeps a sorted window of k instead of sorting all sessions: O(n) for
@@ -271,8 +278,9 @@ func topSessions(all []proxy.SessionInfo, k int) []proxy.SessionInfo {
 		if an, bn := notOK(a), notOK(b); an != bn {
 			return an
 		}
-		if a.QueueBytes != b.QueueBytes {
-			return a.QueueBytes > b.QueueBytes
+		// What a session holds, both directions, as the ceiling weighs it.
+		if ab, bb := a.QueueBytes+a.UpstreamBytes, b.QueueBytes+b.UpstreamBytes; ab != bb {
+			return ab > bb
 		}
 		if a.QueueMessages != b.QueueMessages {
 			return a.QueueMessages > b.QueueMessages

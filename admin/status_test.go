@@ -29,6 +29,7 @@ func TestTopSessions(t *testing.T) {
 		{"keeps the deepest", []proxy.SessionInfo{s(1, 10, 1), s(2, 50, 5), s(3, 0, 0), s(4, 40, 4), s(5, 20, 2)}, 3, []uint64{2, 4, 5}},
 		{"ties: messages, then id", []proxy.SessionInfo{s(3, 10, 1), s(1, 10, 1), s(2, 10, 2)}, 2, []uint64{2, 1}},
 		{"k zero", []proxy.SessionInfo{s(1, 10, 1)}, 0, nil},
+		{"toward the backend counts", []proxy.SessionInfo{s(1, 10, 1), {ID: 2, UpstreamBytes: 30}, s(3, 20, 2)}, 2, []uint64{2, 3}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := ids(topSessions(tc.in, tc.k))

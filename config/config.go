@@ -102,6 +102,20 @@ type Config struct {
 	// buffer that absorbs a burst from the backend while clients are slow.
 	// 0 keeps the kernel default.
 	UpstreamReadBuffer ByteSize `env:"UPSTREAM_READ_BUFFER" envDefault:"64KiB" want:"0 (kernel default) or a size from 4KiB to 64MiB, such as 64KiB"`
+	// UpstreamWriteBuffer sets SO_SNDBUF on upstream sockets, before they
+	// connect. The kernel's autotuning grew it to ~4 MB per connection
+	// toward a backend that stopped reading, outside every bound; at
+	// 128KiB one fast client's throughput to a reading backend stayed
+	// within noise of autotuning on loopback, and below 64KiB it
+	// collapsed to 3 MB/s (PERFORMANCE.md, "Kernel memory toward a backend
+	// that stops reading"). 0 keeps the kernel's autotuning.
+	UpstreamWriteBuffer ByteSize `env:"UPSTREAM_WRITE_BUFFER" envDefault:"128KiB" want:"0 (kernel default) or a size from 64KiB to 64MiB, such as 128KiB (smaller starves loopback's 64 KiB segments)"`
+	// ClientReadBuffer sets SO_RCVBUF on client sockets once upgraded: it
+	// bounds what the kernel holds of what a client sent while its
+	// backend is not reading (~1.3 MB per client with autotuning); 16KiB
+	// halved one client's throughput, 64KiB did not. 0 keeps the
+	// kernel's autotuning.
+	ClientReadBuffer ByteSize `env:"CLIENT_READ_BUFFER" envDefault:"64KiB" want:"0 (kernel default) or a size from 4KiB to 64MiB, such as 64KiB"`
 	// ClientWriteBuffer is SO_SNDBUF of client sockets. The default bounds
 	// the kernel memory a stalled client holds outside the queue ceiling
 	// (autotuning lets it grow to tcp_wmem's maximum, 4 MiB by default)
@@ -141,9 +155,25 @@ type Config struct {
 	// while its frame is open. It is evicted (1013). Idle between frames
 	// is fine. 0 turns the bound off.
 	FrameReadTimeout time.Duration `env:"FRAME_READ_TIMEOUT" envDefault:"30s" want:"0 (off) or a positive duration such as 30s"`
+	// UpstreamFrameReadTimeout bounds how long the backend may stop in the
+	// middle of a frame: keepalive cannot see it (its pongs would queue
+	// behind the open frame) and the client would wait for nothing. The
+	// session ends, 1014 to the client after the messages that did
+	// arrive. 30s as for clients: a backend's frames come from a process
+	// next door, so a stall that long is a wedged backend. 0 turns it off.
+	UpstreamFrameReadTimeout time.Duration `env:"UPSTREAM_FRAME_READ_TIMEOUT" envDefault:"30s" want:"0 (off) or a positive duration such as 30s"`
 	// WriteTimeout bounds each write batch to a socket; a peer that does not
 	// drain its socket within it is closed.
 	WriteTimeout time.Duration `env:"WRITE_TIMEOUT" envDefault:"10s" want:"a positive duration such as 500ms, 10s or 1m"`
+	// UpstreamWriteTimeout bounds each write batch to an upstream socket,
+	// and a client's wait for its backend to take what sluice holds for it
+	// (down to half the upstream queue's mark, the kernel's share
+	// included): a backend that does not within it has stopped reading, and
+	// its sessions end with SLUICE_UPSTREAM_CLOSE_CODE (1014). Longer than
+	// WriteTimeout: a wedged backend costs all its clients at once, so a GC
+	// pause or a brief overload must not; while it waits, what it holds is
+	// bounded (SLUICE_UPSTREAM_WRITE_BUFFER) and counted under the ceiling.
+	UpstreamWriteTimeout time.Duration `env:"UPSTREAM_WRITE_TIMEOUT" envDefault:"30s" want:"a positive duration such as 5s, 30s or 1m"`
 
 	// --- admission (checked before the upstream is dialled) ---
 
@@ -409,6 +439,10 @@ func (cfg Config) check(c *checker) {
 	c.field("UpstreamDialTimeout", cfg.UpstreamDialTimeout > 0, cfg.UpstreamDialTimeout)
 	c.field("UpstreamReadBuffer", cfg.UpstreamReadBuffer == 0 ||
 		(cfg.UpstreamReadBuffer >= 4*KiB && cfg.UpstreamReadBuffer <= 64*MiB), cfg.UpstreamReadBuffer)
+	c.field("UpstreamWriteBuffer", cfg.UpstreamWriteBuffer == 0 ||
+		(cfg.UpstreamWriteBuffer >= 64*KiB && cfg.UpstreamWriteBuffer <= 64*MiB), cfg.UpstreamWriteBuffer)
+	c.field("ClientReadBuffer", cfg.ClientReadBuffer == 0 ||
+		(cfg.ClientReadBuffer >= 4*KiB && cfg.ClientReadBuffer <= 64*MiB), cfg.ClientReadBuffer)
 	c.field("ClientWriteBuffer", cfg.ClientWriteBuffer == 0 ||
 		(cfg.ClientWriteBuffer >= 4*KiB && cfg.ClientWriteBuffer <= 64*MiB), cfg.ClientWriteBuffer)
 	c.field("UpstreamCloseCode", slices.Contains([]int{1011, 1012, 1014}, cfg.UpstreamCloseCode), cfg.UpstreamCloseCode)
@@ -416,7 +450,9 @@ func (cfg Config) check(c *checker) {
 	c.field("MaxFrameBytes", cfg.MaxFrameBytes >= 125, cfg.MaxFrameBytes)
 	c.field("MaxMessageBytes", cfg.MaxMessageBytes >= 125, cfg.MaxMessageBytes)
 	c.field("FrameReadTimeout", cfg.FrameReadTimeout >= 0, cfg.FrameReadTimeout)
+	c.field("UpstreamFrameReadTimeout", cfg.UpstreamFrameReadTimeout >= 0, cfg.UpstreamFrameReadTimeout)
 	c.field("WriteTimeout", cfg.WriteTimeout > 0, cfg.WriteTimeout)
+	c.field("UpstreamWriteTimeout", cfg.UpstreamWriteTimeout > 0, cfg.UpstreamWriteTimeout)
 
 	c.field("MaxConnections", cfg.MaxConnections >= 0 && cfg.MaxConnections <= 10_000_000, cfg.MaxConnections)
 	c.field("MaxConnectionsPerIP", cfg.MaxConnectionsPerIP >= 0 && cfg.MaxConnectionsPerIP <= 10_000_000, cfg.MaxConnectionsPerIP)

@@ -23,6 +23,10 @@ const (
 	// holds (the kernel's share, while the client does not read its close)
 	// is needed back: the queues are over the ceiling.
 	ReasonReclaim
+	// ReasonUpstreamCeiling: the queues passed the ceiling and this
+	// connection was among the largest, mostly toward its backend (Tie):
+	// the backend, not the client, is not reading.
+	ReasonUpstreamCeiling
 )
 
 func (r Reason) String() string {
@@ -33,6 +37,8 @@ func (r Reason) String() string {
 		return "slow_ratio"
 	case ReasonReclaim:
 		return "reclaim"
+	case ReasonUpstreamCeiling:
+		return "upstream_ceiling"
 	}
 	return "unknown"
 }
@@ -57,12 +63,15 @@ type BudgetConfig struct {
 type Budget struct {
 	cfg BudgetConfig
 
-	queued     atomic.Int64
-	unsent     atomic.Int64 // part of queued: in kernel send buffers
-	slow       atomic.Int64
-	paused     atomic.Int64
-	pauseNanos atomic.Int64
-	dropped    atomic.Uint64
+	queued atomic.Int64
+	unsent atomic.Int64 // part of queued: in kernel send buffers toward clients
+	// upstreamUnsent is part of queued: in kernel send buffers toward
+	// backends (Config.ToUpstream).
+	upstreamUnsent atomic.Int64
+	slow           atomic.Int64
+	paused         atomic.Int64
+	pauseNanos     atomic.Int64
+	dropped        atomic.Uint64
 
 	mu     sync.Mutex
 	queues map[*Queue]struct{} // guarded by mu
@@ -87,16 +96,19 @@ func NewBudget(cfg BudgetConfig) *Budget {
 
 // Stats is a snapshot of the Budget's counters.
 type Stats struct {
-	Connections   int           // queues counted for the slow ratio
-	QueuedBytes   int64         // bytes in all queues, UnsentBytes included
-	UnsentBytes   int64         // bytes the kernel holds unacknowledged for the counted connections
-	Ceiling       int64         // BudgetConfig.Ceiling
-	Slow          int           // connections stalled or SlowAge behind (progress.go)
-	Paused        int           // producers waiting for room
-	PausedTime    time.Duration // total time producers have waited, ended pauses
-	DroppedTotal  uint64        // messages discarded by the Drop policy
-	AllowedSlow   int           // how many slow connections the ratio allows now
-	SlowThreshold float64       // BudgetConfig.SlowRatio
+	Connections int   // queues counted for the slow ratio
+	QueuedBytes int64 // bytes in all queues, UnsentBytes included
+	UnsentBytes int64 // bytes the kernel holds unacknowledged for the counted connections' clients
+	// UpstreamUnsentBytes is what the kernel holds unacknowledged for
+	// their backends; QueuedBytes includes it.
+	UpstreamUnsentBytes int64
+	Ceiling             int64         // BudgetConfig.Ceiling
+	Slow                int           // connections that took nothing for SlowAge (progress.go)
+	Paused              int           // producers waiting for room
+	PausedTime          time.Duration // total time producers have waited, ended pauses
+	DroppedTotal        uint64        // messages discarded by the Drop policy
+	AllowedSlow         int           // how many slow connections the ratio allows now
+	SlowThreshold       float64       // BudgetConfig.SlowRatio
 }
 
 // Stats returns the current counters.
@@ -105,16 +117,17 @@ func (b *Budget) Stats() Stats {
 	n := len(b.queues)
 	b.mu.Unlock()
 	return Stats{
-		Connections:   n,
-		QueuedBytes:   b.queued.Load(),
-		UnsentBytes:   b.unsent.Load(),
-		Ceiling:       b.cfg.Ceiling,
-		Slow:          int(b.slow.Load()),
-		Paused:        int(b.paused.Load()),
-		PausedTime:    time.Duration(b.pauseNanos.Load()),
-		DroppedTotal:  b.dropped.Load(),
-		AllowedSlow:   b.allowedSlow(n),
-		SlowThreshold: b.cfg.SlowRatio,
+		Connections:         n,
+		QueuedBytes:         b.queued.Load(),
+		UnsentBytes:         b.unsent.Load(),
+		UpstreamUnsentBytes: b.upstreamUnsent.Load(),
+		Ceiling:             b.cfg.Ceiling,
+		Slow:                int(b.slow.Load()),
+		Paused:              int(b.paused.Load()),
+		PausedTime:          time.Duration(b.pauseNanos.Load()),
+		DroppedTotal:        b.dropped.Load(),
+		AllowedSlow:         b.allowedSlow(n),
+		SlowThreshold:       b.cfg.SlowRatio,
 	}
 }
 
@@ -241,9 +254,10 @@ func (b *Budget) Check() {
 
 // candidate is a queue the guards may pick.
 type candidate struct {
-	q      *Queue
-	bytes  int64
-	reason Reason // 0: stays
+	q       *Queue
+	bytes   int64  // the queue's and its tied queue's (upBytes)
+	upBytes int64  // the tied queue's, toward the backend
+	reason  Reason // 0: stays
 }
 
 // candidates lists the live queues, and the evicted ones whose kernel
@@ -254,10 +268,17 @@ func (b *Budget) candidates() (live, evicted []candidate, freeing int64, conns i
 	defer b.mu.Unlock()
 	for q := range b.queues {
 		c := candidate{q: q, bytes: q.Bytes()}
+		up := q.tiedBytes()
 		if !q.evicted.Load() {
+			c.upBytes = up
+			c.bytes += up
 			live = append(live, c)
 			continue
 		}
+		// Its backend's share leaves with the session: sluice closes the
+		// upstream leg behind it, or, for ReasonUpstreamCeiling, ahead
+		// of it within a second.
+		freeing += up
 		// On its way out, and no longer counted slow (MarkEvicted). Its
 		// queue is discarded as it is evicted; what the kernel holds for
 		// it stays until its client reads or the socket is reset
@@ -299,6 +320,9 @@ func (b *Budget) overCeiling(live, evicted []candidate, freeing int64) {
 		}
 		total -= c.bytes
 		c.reason = ReasonGlobalCeiling
+		if 2*c.upBytes > c.bytes {
+			c.reason = ReasonUpstreamCeiling
+		}
 	}
 }
 

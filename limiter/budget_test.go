@@ -526,7 +526,7 @@ func TestGuard(t *testing.T) {
 }
 
 func TestReasonString(t *testing.T) {
-	for r, want := range map[Reason]string{ReasonGlobalCeiling: "global_ceiling", ReasonSlowRatio: "slow_ratio", 0: "unknown"} {
+	for r, want := range map[Reason]string{ReasonGlobalCeiling: "global_ceiling", ReasonSlowRatio: "slow_ratio", ReasonUpstreamCeiling: "upstream_ceiling", 0: "unknown"} {
 		if got := r.String(); got != want {
 			t.Errorf("Reason(%d).String() = %q, want %q", r, got, want)
 		}
@@ -714,5 +714,57 @@ func TestBudgetReclaimsEvictedFirst(t *testing.T) {
 	b.Check()
 	if got, want := ev.snapshot(), []string{"gone30:reclaim", "gone60:reclaim", "live40:global_ceiling"}; !slices.Equal(got, want) {
 		t.Fatalf("far over: evicted %v, want %v", got, want)
+	}
+}
+
+// What the kernel holds toward a backend counts apart from what it holds
+// toward clients (ToUpstream), and over the ceiling a connection is
+// weighed by both its queues (Tie): the one whose backend holds most goes
+// first, as ReasonUpstreamCeiling; one whose own queue holds most stays
+// ReasonGlobalCeiling.
+func TestUpstreamUnsentAndTie(t *testing.T) {
+	b := NewBudget(BudgetConfig{Ceiling: 300 * kb})
+	upCfg := &Config{Policy: Pause, MaxMessages: 8, MaxBytes: 256 * kb, LowWater: 0.5, ToUpstream: true}
+	var ev evictions
+	mk := func(name string, own int, towardBackend int64) (client, up *Queue) {
+		client = NewQueue(clientCfg(), b, ev.hook(name))
+		up = NewQueue(upCfg, b, nil)
+		t.Cleanup(client.Close)
+		t.Cleanup(up.Close)
+		up.OnUnsent(func() int64 { return towardBackend })
+		mustPush(t, up, msg(1, 16))
+		take(t, up, 1, 1<<20) // a write, so that it is sampled
+		client.Tie(up)
+		if own > 0 {
+			fillBytes(t, client, own)
+		}
+		return client, up
+	}
+	_, deaf := mk("deaf", 0, 200*kb)
+	mk("slow", 150*kb, 0)
+	mk("small", 0, 10*kb)
+	b.SampleUnsent(nil)
+	st := b.Stats()
+	if st.UpstreamUnsentBytes != 210*kb || st.UnsentBytes != 0 || st.QueuedBytes != 360*kb {
+		t.Fatalf("Stats: upstream unsent %d, unsent %d, queued %d; want %d, 0, %d", st.UpstreamUnsentBytes, st.UnsentBytes, st.QueuedBytes, 210*kb, 360*kb)
+	}
+	if deaf.Bytes() != 200*kb {
+		t.Fatalf("the deaf backend's queue holds %d, want its kernel share %d", deaf.Bytes(), 200*kb)
+	}
+	// 360 KiB over a 300 KiB ceiling: the deaf backend's session, the
+	// largest, is enough.
+	b.Check()
+	if got, want := ev.snapshot(), []string{"deaf:upstream_ceiling"}; !slices.Equal(got, want) {
+		t.Fatalf("evicted %v, want %v", got, want)
+	}
+	// Its backend's share is on its way out: not picked again, and no
+	// other session goes for it.
+	b.Check()
+	if got, want := ev.snapshot(), []string{"deaf:upstream_ceiling"}; !slices.Equal(got, want) {
+		t.Fatalf("after a second check: evicted %v, want %v", got, want)
+	}
+	deaf.Close()
+	if st := b.Stats(); st.UpstreamUnsentBytes != 10*kb {
+		t.Fatalf("after the deaf backend's queue closed: upstream unsent %d, want %d", st.UpstreamUnsentBytes, 10*kb)
 	}
 }

@@ -35,6 +35,9 @@ type Config struct {
 	// flow is not slow. 0 means the queue is never slow and not counted by
 	// the Budget's guards (the upstream direction).
 	SlowAge time.Duration
+	// ToUpstream says the queue feeds a backend: what the kernel holds
+	// unsent for it counts as Stats.UpstreamUnsentBytes, not UnsentBytes.
+	ToUpstream bool
 }
 
 func (c *Config) lowMessages() int { return int(float64(c.MaxMessages) * c.LowWater) }
@@ -111,6 +114,10 @@ type Queue struct {
 	due        atomic.Bool  // on the Budget's list to sample (markDue)
 
 	onEvict func(Reason) // called by the Budget's guard, outside any lock
+
+	// tied is the queue toward the same connection's backend (Tie): the
+	// ceiling guard weighs the connection by both.
+	tied atomic.Pointer[Queue]
 }
 
 // Pending reports whether the queue holds anything for a writer to take.

@@ -63,8 +63,27 @@ func (q *Queue) sample(t int64) (again bool) {
 func (q *Queue) setUnsentLocked(n int64) {
 	if d := n - q.unsent.Swap(n); d != 0 {
 		q.addBytes(d)
-		if q.budget != nil {
+		switch {
+		case q.budget == nil:
+		case q.cfg.ToUpstream:
+			q.budget.upstreamUnsent.Add(d)
+		default:
 			q.budget.unsent.Add(d)
 		}
 	}
+}
+
+// Tie records that up, a queue toward the backend (not counted by the
+// guards on its own: SlowAge 0), carries the other direction of q's
+// connection. Over the ceiling the guard weighs the connection by both
+// queues, so that one whose backend stopped reading is picked as surely
+// as one whose client did (ReasonUpstreamCeiling).
+func (q *Queue) Tie(up *Queue) { q.tied.Store(up) }
+
+// tiedBytes is what the queue tied to q holds.
+func (q *Queue) tiedBytes() int64 {
+	if t := q.tied.Load(); t != nil {
+		return t.Bytes()
+	}
+	return 0
 }

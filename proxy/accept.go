@@ -245,6 +245,9 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 	if s.opts.ClientWriteBuffer > 0 {
 		setConnBuffer(c, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
 	}
+	if s.opts.ClientReadBuffer > 0 {
+		setConnBuffer(c, syscall.SO_RCVBUF, s.opts.ClientReadBuffer)
+	}
 	var upstreamPending []byte
 	if upBuf != nil {
 		upstreamPending, _ = upBuf.Peek(upBuf.Buffered())

@@ -160,8 +160,13 @@ func (s *session) noteEnd(reason string) {
 	}
 }
 
-// lost: src's socket failed or ended without a close frame.
+// lost: src's socket failed or ended without a close frame. Called by
+// src's reader.
 func (s *session) lost(src *leg, err error) {
+	if src.frameDeadline && errors.Is(err, os.ErrDeadlineExceeded) {
+		// The upstream stopped in the middle of a frame.
+		s.end(causeUpstreamFrameTimeout, nil)
+	}
 	s.mu.Lock()
 	if s.aborted {
 		s.unlock()
@@ -196,6 +201,16 @@ func (s *session) endLost(l *leg) {
 func (s *session) writeFailed(dst *leg, err error) {
 	timeout := errors.Is(err, os.ErrDeadlineExceeded)
 	switch {
+	case errors.Is(err, errUpstreamStalled):
+		// The client's frame is torn: it can have no close frame. Nor
+		// can the upstream, whose stream has no frame boundary left:
+		// its socket goes too, reset, as its backend is wedged.
+		s.mu.Lock()
+		dst.dead = true // no close is queued for it
+		s.upstream.dead = true
+		s.doom(&s.upstream, true)
+		s.unlock()
+		s.end(causeUpstreamFrameTimeout, nil)
 	case timeout && dst.upstream:
 		s.end(causeUpstreamWriteTimeout, nil)
 	case timeout:
@@ -209,8 +224,9 @@ func (s *session) writeFailed(dst *leg, err error) {
 	dst.dead = true
 	dst.queue().Close()
 	// A client that stopped reading would keep what the kernel holds for
-	// it in an orphaned socket for minutes: reset it instead.
-	s.doom(dst, !dst.upstream)
+	// it in an orphaned socket for minutes: reset it instead; so too a
+	// backend that stopped reading.
+	s.doom(dst, !dst.upstream || timeout)
 	s.noteEnd(dst.name() + " write failed: " + errString(err))
 	s.unlock()
 	s.endLost(dst)
@@ -237,8 +253,11 @@ func (s *session) abortLocked() {
 		if l.ka != nil {
 			l.ka.Stop()
 		}
+		// An upstream socket still holding bytes its backend has not
+		// taken is reset too: an orphan would keep them.
+		unsent := l.queue().Unsent() > 0
 		l.queue().Close()
-		s.doom(l, !l.upstream && !l.readDone)
+		s.doom(l, (!l.upstream && !l.readDone) || (l.upstream && unsent))
 	}
 }
 

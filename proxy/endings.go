@@ -35,6 +35,8 @@ const (
 	causeReadTimeout                // eviction: the client stalled in the middle of a frame
 	causeRateLimit                  // eviction: the client sent past its inbound limit
 	causeInternalError              // a goroutine of the session panicked (panic.go)
+	causeUpstreamCeiling            // eviction: all queues passed the ceiling, this session's mostly toward a backend not reading
+	causeUpstreamFrameTimeout       // the upstream stopped in the middle of a frame
 	numCauses
 )
 
@@ -95,6 +97,12 @@ var endings = [numCauses]ending{
 	causeUpstreamWriteTimeout: {"upstream write timeout", false,
 		legEnd{afterData, codeUpstreamFailure, "upstream stopped reading", false},
 		legEnd{aheadOfData, ws.StatusGoingAway, "write timeout", true}},
+	// The upstream's stream has no frame boundary left to close at: its
+	// socket is closed. A frame already being spliced to the client is
+	// torn too, and its socket cut (writeFailed).
+	causeUpstreamFrameTimeout: {"upstream frame read timeout", false,
+		legEnd{afterData, codeUpstreamFailure, "upstream stalled mid-frame", false},
+		legEnd{noClose, 0, "", false}},
 	causeShutdown: {"shutdown", false,
 		legEnd{afterUpstream, ws.StatusGoingAway, "server shutting down", false},
 		legEnd{afterData, ws.StatusGoingAway, "proxy shutting down", false}},
@@ -111,6 +119,11 @@ var endings = [numCauses]ending{
 	causeInternalError: {"internal error", false,
 		legEnd{aheadOfData, ws.StatusInternalServerError, "internal error", true},
 		legEnd{afterData, ws.StatusGoingAway, "proxy internal error", true}},
+	// The client reads: it gets what its backend sent, then 1013. The
+	// backend does not: its close goes ahead of what it has not taken.
+	causeUpstreamCeiling: {"upstream_ceiling", true,
+		legEnd{afterData, frame.StatusTryAgainLater, "upstream not reading", false},
+		legEnd{aheadOfData, ws.StatusGoingAway, "not reading", true}},
 }
 
 // evictionReasons lists the labels of sluice_evictions_total.
@@ -131,11 +144,11 @@ func evictionReasons() []string {
 func (s *session) end(c cause, fe *frame.Error) {
 	e := &endings[c]
 	var msgs int
-	var byts, unsent int64
+	var byts, unsent, up int64
 	if e.eviction {
 		// Read the queue before a close frame's priority discards it.
 		q := s.client.queue()
-		msgs, byts, unsent = q.Messages(), q.Bytes(), q.Unsent()
+		msgs, byts, unsent, up = q.Messages(), q.Bytes(), q.Unsent(), s.upstream.queuedBytes()
 		q.MarkEvicted()
 	}
 	s.mu.Lock()
@@ -145,10 +158,14 @@ func (s *session) end(c cause, fe *frame.Error) {
 	}
 	if e.eviction && s.endReason != "" {
 		// Ending already for another reason, whose close stands; but the
-		// client cannot take what is left, so its close overtakes it: the
-		// stream it gets ends early and never has a gap.
-		s.client.noReply = true
-		s.closeLeg(&s.client, e.client.code, e.client.text, true)
+		// leg that does not read cannot take what is left, so its close
+		// overtakes it: the stream it gets ends early and never has a gap.
+		l, le := &s.client, e.client
+		if c == causeUpstreamCeiling {
+			l, le = &s.upstream, e.upstream
+		}
+		l.noReply = true
+		s.closeLeg(l, le.code, le.text, true)
 		s.checkDoneLocked()
 		s.unlock()
 		return
@@ -168,9 +185,9 @@ func (s *session) end(c cause, fe *frame.Error) {
 		// there by the time the client or the backend sees the close.
 		s.srv.metrics.evictions.WithLabelValues(e.label).Inc()
 		s.srv.mu.Lock()
-		s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: e.label, QueueMessages: msgs, QueueBytes: byts, UnsentBytes: unsent})
+		s.srv.evictions.add(Eviction{Time: time.Now(), ID: s.id, Client: s.clientAddr, Reason: e.label, QueueMessages: msgs, QueueBytes: byts, UnsentBytes: unsent, UpstreamBytes: up})
 		s.srv.mu.Unlock()
-		s.event(s.srv.log.Warn()).Str("reason", e.label).Int("queue_messages", msgs).Int64("queue_bytes", byts).Int64("unsent_bytes", unsent).Msg("client evicted")
+		s.event(s.srv.log.Warn()).Str("reason", e.label).Int("queue_messages", msgs).Int64("queue_bytes", byts).Int64("unsent_bytes", unsent).Int64("upstream_bytes", up).Msg("client evicted")
 	}
 
 	s.mu.Lock()
@@ -265,6 +282,8 @@ func (s *session) guardEvict(r limiter.Reason) {
 	switch r {
 	case limiter.ReasonGlobalCeiling:
 		s.end(causeGlobalCeiling, nil)
+	case limiter.ReasonUpstreamCeiling:
+		s.end(causeUpstreamCeiling, nil)
 	case limiter.ReasonReclaim:
 		s.reclaim()
 	default:

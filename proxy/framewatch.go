@@ -1,7 +1,9 @@
 package proxy
 
 import (
+	"errors"
 	"math"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -135,6 +137,37 @@ func (w *frameWatch) stop() {
 	if t := w.timer.Load(); t != nil {
 		t.Stop()
 	}
+}
+
+// upstreamFrameStart: the upstream's reader has read header h. A payload
+// not here whole must keep arriving within UpstreamFrameReadTimeout: a
+// read deadline, set only then (a frame read whole costs nothing), and
+// only for a payload the reader reads itself; a spliced one gets its own
+// deadline per chunk from the writer (stream), once its turn has come.
+func (l *leg) upstreamFrameStart(h ws.Header) {
+	d := l.s.srv.opts.UpstreamFrameReadTimeout
+	if d <= 0 || h.Length <= int64(l.rd.Buffered()) || (!h.OpCode.IsControl() && h.Length > inlineMax) {
+		return
+	}
+	l.conn.SetReadDeadline(time.Now().Add(d))
+	l.frameDeadline = true
+}
+
+// upstreamFrameEnd lifts upstreamFrameStart's deadline: between frames
+// the backend may idle.
+func (l *leg) upstreamFrameEnd() {
+	if l.frameDeadline {
+		l.frameDeadline = false
+		l.conn.SetReadDeadline(time.Time{})
+	}
+}
+
+// readDeadlinePassed reports whether l's read deadline has passed, so
+// that a failed splice from l can tell its cause from the writing side's.
+// RawConn.Read checks the deadline before it calls f.
+func (l *leg) readDeadlinePassed() bool {
+	raw := l.rd.RawConn()
+	return raw != nil && errors.Is(raw.Read(func(uintptr) bool { return true }), os.ErrDeadlineExceeded)
 }
 
 // frameTimerFired is the frame watch's timer callback.

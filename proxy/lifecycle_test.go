@@ -268,7 +268,7 @@ func TestMetricsAcrossASession(t *testing.T) {
 	d := websocket.Dialer{
 		HandshakeTimeout: 5 * time.Second,
 		NetDial: func(network, addr string) (net.Conn, error) {
-			nd := net.Dialer{Control: receiveBuffer(4096)}
+			nd := net.Dialer{Control: wstest.SmallWindow(4096)}
 			return nd.Dial(network, addr)
 		},
 	}
@@ -458,7 +458,7 @@ func TestUpstreamStopsReading(t *testing.T) {
 		<-release // never reads
 	}).URL
 	t.Cleanup(func() { close(release) }) // runs before rawBackend's cleanup
-	p := startLifecycleProxy(t, up, Options{WriteTimeout: 500 * time.Millisecond, CloseTimeout: 2 * time.Second})
+	p := startLifecycleProxy(t, up, Options{UpstreamWriteTimeout: 500 * time.Millisecond, CloseTimeout: 2 * time.Second})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
@@ -539,7 +539,7 @@ func TestRefusedMessageNotTorn(t *testing.T) {
 		CloseTimeout:      3 * time.Second,
 		ClientWriteBuffer: 4096,
 	})
-	d := ws.Dialer{NetDial: (&net.Dialer{Control: receiveBuffer(4096)}).DialContext}
+	d := ws.Dialer{NetDial: (&net.Dialer{Control: wstest.SmallWindow(4096)}).DialContext}
 	c, br, _, err := d.Dial(context.Background(), "ws://"+p.addr+"/")
 	if err != nil {
 		t.Fatal(err)

@@ -37,7 +37,16 @@ type Options struct {
 	// the first bytes included, within HandshakeTimeout: a client that
 	// stops sending frees its slot sooner. Default 5s.
 	HandshakeIdleTimeout time.Duration
-	WriteTimeout         time.Duration // one write to either socket; default 10s
+	WriteTimeout         time.Duration // one write to a client's socket; default 10s
+	// UpstreamWriteTimeout bounds one write to an upstream socket, and a
+	// client's wait for room in its upstream queue (whose bytes include
+	// what the kernel holds unsent): a backend that takes too little for
+	// that long has stopped reading, and
+	// its sessions end with UpstreamFailureCode (1014). Default 30s: a
+	// wedged backend costs all of its clients at once, so a GC pause or a
+	// brief overload must not end them, and with UpstreamWriteBuffer the
+	// wait holds little memory, counted under the ceiling.
+	UpstreamWriteTimeout time.Duration
 	CloseTimeout         time.Duration // a close handshake, both legs; default 5s
 	DrainSpread          time.Duration // Shutdown's 1001s are spread over this; 0: all at once
 	// NoIdlePoll makes the reader of a quiet socket wait in its own
@@ -56,6 +65,12 @@ type Options struct {
 	// stalls mid-frame is evicted (read_timeout, 1013). Between frames a
 	// client may idle. 0 means no bound.
 	FrameReadTimeout time.Duration
+	// UpstreamFrameReadTimeout bounds a stall of the upstream in the
+	// middle of a frame: once a frame's header has come, the rest of it
+	// must keep arriving (a read deadline, set only while a payload is
+	// awaited). A backend that stops mid-frame ends the session, 1014 to
+	// the client after the messages that did arrive. 0 means no bound.
+	UpstreamFrameReadTimeout time.Duration
 
 	// Admission control, checked before the upstream is dialled (see
 	// admission.go). 0 or empty means no check, for each.
@@ -114,6 +129,19 @@ type Options struct {
 	// paused reader pushes back on the backend quickly; 0 keeps the
 	// kernel's default.
 	UpstreamReadBuffer int
+	// UpstreamWriteBuffer is SO_SNDBUF for upstream sockets, set before
+	// they connect. The kernel's autotuned send buffer grows to megabytes
+	// per connection toward a backend that stops reading, outside every
+	// bound of sluice's; a fixed one bounds it, and what it holds is
+	// counted (SIOCOUTQ) as queued. 0 keeps the kernel's default.
+	UpstreamWriteBuffer int
+	// ClientReadBuffer is SO_RCVBUF for client sockets, set once they are
+	// upgraded: it bounds what the kernel holds of what a client sent
+	// while its upstream is not draining (the client's reader waits, the
+	// client's window closes). Set after the handshake, it stops the
+	// window from growing rather than shrinking it. 0 keeps the kernel's
+	// default.
+	ClientReadBuffer int
 	// ClientWriteBuffer is SO_SNDBUF for client sockets. The kernel's
 	// autotuned send buffer can hold megabytes for a stalled client
 	// before its queue in sluice even starts to grow; a fixed buffer makes
@@ -162,10 +190,11 @@ func (o *Options) setDefaults() error {
 	def(&o.HandshakeTimeout, 10*time.Second)
 	def(&o.HandshakeIdleTimeout, 5*time.Second)
 	def(&o.WriteTimeout, 10*time.Second)
+	def(&o.UpstreamWriteTimeout, 30*time.Second)
 	def(&o.CloseTimeout, 5*time.Second)
 	def(&o.HTTPResponseTimeout, 60*time.Second)
-	if o.FrameReadTimeout < 0 || o.MaxConnections < 0 || o.MaxConnectionsPerIP < 0 || o.MaxHandshakesPerSecond < 0 {
-		return errors.New("proxy: FrameReadTimeout, MaxConnections, MaxConnectionsPerIP and MaxHandshakesPerSecond must not be negative")
+	if o.FrameReadTimeout < 0 || o.UpstreamFrameReadTimeout < 0 || o.MaxConnections < 0 || o.MaxConnectionsPerIP < 0 || o.MaxHandshakesPerSecond < 0 {
+		return errors.New("proxy: FrameReadTimeout, UpstreamFrameReadTimeout, MaxConnections, MaxConnectionsPerIP and MaxHandshakesPerSecond must not be negative")
 	}
 	if r := &o.ClientRate; r.MessagesPerSecond < 0 || r.BytesPerSecond < 0 || r.ThrottleMax < 0 || r.Burst < 0 || o.UpstreamMaxMessagesPerSecond < 0 {
 		return errors.New("proxy: ClientRate and UpstreamMaxMessagesPerSecond must not be negative")

@@ -173,6 +173,7 @@ func (s *session) pump(src, dst *leg, grace time.Duration) int {
 	ponged := false
 	for {
 		src.frameEnd() // frame read timeout (framewatch.go): idle between frames is fine
+		src.upstreamFrameEnd()
 		if src.raw != nil {
 			parked, err := s.quiet(src, ponged, grace)
 			grace = idleGrace
@@ -208,6 +209,9 @@ func (s *session) pump(src, dst *leg, grace time.Duration) int {
 			}
 		}
 		src.frameStart(h) // the frame must now arrive whole within FrameReadTimeout
+		if src.upstream {
+			src.upstreamFrameStart(h) // ... or keep arriving within UpstreamFrameReadTimeout
+		}
 		if src.ka != nil {
 			src.ka.Heard()
 		}
@@ -341,7 +345,12 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 	case limiter.ErrOverflow:
 		s.end(causeSlow, nil)
 	case limiter.ErrPauseTimeout:
-		s.end(causePauseTimeout, nil)
+		if dst.upstream {
+			// The client waited that long for its backend to take bytes.
+			s.end(causeUpstreamWriteTimeout, nil)
+		} else {
+			s.end(causePauseTimeout, nil)
+		}
 	}
 	// The frame has nowhere to go: dst is closing. Keep reading src until
 	// its close frame answers ours.

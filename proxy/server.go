@@ -26,11 +26,22 @@ func setSocketBuffer(c syscall.RawConn, opt, n int) error {
 	return serr
 }
 
-// receiveBuffer is a net.Dialer Control that sets SO_RCVBUF to n before
-// the socket connects, so the window it advertises is small from the
-// start.
-func receiveBuffer(n int) func(network, address string, c syscall.RawConn) error {
-	return func(_, _ string, c syscall.RawConn) error { return setSocketBuffer(c, syscall.SO_RCVBUF, n) }
+// upstreamBuffers is a net.Dialer Control that sets SO_RCVBUF to rcv and
+// SO_SNDBUF to snd (each unless 0) before the socket connects, so the
+// window it advertises is small from the start and its send buffer never
+// autotunes.
+func upstreamBuffers(rcv, snd int) func(network, address string, c syscall.RawConn) error {
+	return func(_, _ string, c syscall.RawConn) error {
+		if rcv > 0 {
+			if err := setSocketBuffer(c, syscall.SO_RCVBUF, rcv); err != nil {
+				return err
+			}
+		}
+		if snd > 0 {
+			return setSocketBuffer(c, syscall.SO_SNDBUF, snd)
+		}
+		return nil
+	}
 }
 
 // setConnBuffer sets opt (SO_RCVBUF or SO_SNDBUF) of the socket under
@@ -61,6 +72,9 @@ type Server struct {
 	fair    *limiter.Fair // Options.UpstreamMaxMessagesPerSecond; nil: no cap
 	settle  *setupGC      // collects once a burst of setups is over (settle.go)
 	pass    *passThrough  // Options.HTTPPassThrough; nil: plain requests get 426
+	// upstreamQueue bounds every upstream leg's queue (session.go's
+	// upstreamQueue, PauseMax from Options.UpstreamWriteTimeout).
+	upstreamQueue limiter.Config
 
 	nextID   atomic.Uint64
 	draining atomic.Bool // readiness fails: BeginDrain or Shutdown was called
@@ -106,6 +120,8 @@ func New(opts Options) (*Server, error) {
 		sessionGone: make(chan struct{}, 1),
 	}
 	s.settle = newSetupGC(s.Sessions)
+	s.upstreamQueue = upstreamQueue
+	s.upstreamQueue.PauseMax = opts.UpstreamWriteTimeout
 	bc := opts.Budget
 	if bc.ObserveWait == nil {
 		bc.ObserveWait = func(d time.Duration) { s.metrics.queueWaitSeconds.Observe(d.Seconds()) }
@@ -125,8 +141,8 @@ func New(opts Options) (*Server, error) {
 	// No TCP keepalive: sluice pings at the WebSocket layer, and the
 	// kernel's probes cost four setsockopt calls per connection.
 	d := net.Dialer{KeepAlive: -1}
-	if opts.UpstreamReadBuffer > 0 {
-		d.Control = receiveBuffer(opts.UpstreamReadBuffer)
+	if opts.UpstreamReadBuffer > 0 || opts.UpstreamWriteBuffer > 0 {
+		d.Control = upstreamBuffers(opts.UpstreamReadBuffer, opts.UpstreamWriteBuffer)
 	}
 	s.netDial = d.DialContext
 	if opts.HTTPPassThrough {
@@ -340,6 +356,9 @@ type SessionInfo struct {
 	QueueMessages int
 	QueueBytes    int64 // UnsentBytes included
 	UnsentBytes   int64 // what the kernel holds unacknowledged for the client
+	// UpstreamBytes waits for the backend: in sluice and unacknowledged in
+	// the kernel.
+	UpstreamBytes int64
 	Paused        bool
 	Slow          bool
 	Throttled     bool // held back by an inbound limit within the last second
@@ -354,6 +373,7 @@ type Eviction struct {
 	QueueMessages int
 	QueueBytes    int64 // UnsentBytes included
 	UnsentBytes   int64 // what the kernel held unacknowledged for the client
+	UpstreamBytes int64 // what waited for the backend, in sluice and in the kernel
 }
 
 // evictionLog keeps the most recent evictions, oldest overwritten first.
@@ -391,7 +411,7 @@ func (s *Server) Snapshot() []SessionInfo {
 		paused, _ := q.Paused()
 		out = append(out, SessionInfo{
 			ID: ss.id, Client: ss.clientAddr, Age: max(0, time.Duration(now-ss.began)),
-			QueueMessages: q.Messages(), QueueBytes: q.Bytes(), UnsentBytes: q.Unsent(), Paused: paused,
+			QueueMessages: q.Messages(), QueueBytes: q.Bytes(), UnsentBytes: q.Unsent(), UpstreamBytes: ss.upstream.queuedBytes(), Paused: paused,
 			Slow: q.IsSlow(), Throttled: ss.rate != nil && ss.rate.throttledNow(now),
 		})
 	}

@@ -19,13 +19,16 @@ import (
 
 // upstreamQueue bounds what waits for the upstream's socket: little, since
 // the client's reader simply waits (and so pushes back on the client) while
-// the upstream is slow to read.
+// the upstream is slow to read. The Server's copy bounds a pause by
+// UpstreamWriteTimeout: with what the kernel holds counted, a client may
+// wait for a deaf backend with no write pending that could time out.
 var upstreamQueue = limiter.Config{
 	Policy:      limiter.Pause,
 	MaxMessages: 8,
 	MaxBytes:    256 << 10,
 	LowWater:    0.5,
 	KeepNewest:  1,
+	ToUpstream:  true,
 }
 
 // leg is one side of a session: a socket, its reader state, and the queue
@@ -68,6 +71,8 @@ type leg struct {
 	upstream bool        // the leg toward the backend: frames sluice makes are masked
 	armOp    int8        // EPOLL_CTL_ADD or _MOD; reader-owned
 	skipRest bool        // dropping the frames left of a refused message; reader-owned
+	// frameDeadline: upstreamFrameStart set a read deadline; reader-owned.
+	frameDeadline bool
 
 	// Close state (close.go), guarded by s.mu.
 	closeQueued  bool // a close frame toward this leg is queued or written
@@ -101,12 +106,20 @@ func (l *leg) queue() *limiter.Queue {
 	if q := l.out.Load(); q != nil {
 		return q
 	}
-	// Not counted by the Budget's guard (SlowDepth 0): a queue that
+	// Not counted by the Budget's guard (SlowAge 0): a queue that
 	// loses the race below is simply dropped.
-	q := limiter.NewQueue(&upstreamQueue, l.s.srv.budget, nil)
+	q := limiter.NewQueue(&l.s.srv.upstreamQueue, l.s.srv.budget, nil)
+	if f := unsentCounter(l.conn); f != nil {
+		// What the kernel holds unsent for the backend counts as queued,
+		// as for the client (the guard samples it, never per frame), and
+		// in the pause mark too: a client waits while its backend does
+		// not read.
+		q.OnUnsent(f)
+	}
 	if !l.out.CompareAndSwap(nil, q) {
 		return l.out.Load()
 	}
+	l.peer().queue().Tie(q) // the ceiling weighs the session by both
 	return q
 }
 

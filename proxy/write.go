@@ -132,7 +132,7 @@ func (b *outBatch) take(dst *leg) bool {
 func (s *session) writeBatch(dst, src *leg, b *outBatch) bool {
 	segs := b.segs[:b.n]
 	last := segs[len(segs)-1]
-	deadline := s.srv.opts.WriteTimeout
+	deadline := s.writeTimeout(dst)
 	if last.Close && onlyControl(segs) {
 		// A close with no data before it is best effort: a slow client's
 		// window may be shut for good.
@@ -169,21 +169,52 @@ func (s *session) closeSent(dst *leg) {
 	s.closeWritten(dst)
 }
 
+// writeTimeout bounds one write to dst: a client that takes nothing for
+// WriteTimeout is evicted, a backend for UpstreamWriteTimeout has stopped
+// reading.
+func (s *session) writeTimeout(dst *leg) time.Duration {
+	if dst.upstream {
+		return s.srv.opts.UpstreamWriteTimeout
+	}
+	return s.srv.opts.WriteTimeout
+}
+
 // streamChunk is how much of a streamed payload one write deadline
 // covers: the deadline bounds a stall, not the time a large frame takes.
 const streamChunk = 1 << 20
 
+// errUpstreamStalled: a payload spliced from the upstream stopped
+// arriving for UpstreamFrameReadTimeout.
+var errUpstreamStalled = errors.New("proxy: upstream stalled in the middle of a frame")
+
 // stream copies n payload bytes from src's socket to dst's (splice), with
-// a fresh write deadline per chunk.
+// a fresh write deadline per chunk, and from an upstream a fresh read
+// deadline (UpstreamFrameReadTimeout; not over TLS, whose failures cannot
+// tell one side from the other).
 func (s *session) stream(dst, src *leg, n int64) error {
+	var readTimeout time.Duration
+	if src.upstream && src.rd.RawConn() != nil {
+		readTimeout = s.srv.opts.UpstreamFrameReadTimeout
+	}
 	for n > 0 {
 		chunk := min(n, streamChunk)
-		dst.conn.SetWriteDeadline(time.Now().Add(s.srv.opts.WriteTimeout))
+		now := time.Now()
+		dst.conn.SetWriteDeadline(now.Add(s.writeTimeout(dst)))
+		if readTimeout > 0 {
+			src.conn.SetReadDeadline(now.Add(readTimeout))
+		}
 		m, err := src.rd.CopyN(dst.conn, chunk)
 		n -= m
 		if err != nil {
+			if readTimeout > 0 && errors.Is(err, os.ErrDeadlineExceeded) && src.readDeadlinePassed() {
+				return errUpstreamStalled
+			}
 			return err
 		}
+	}
+	if readTimeout > 0 {
+		// src's reader, waiting on streamDone, owns the socket again.
+		src.conn.SetReadDeadline(time.Time{})
 	}
 	return nil
 }
