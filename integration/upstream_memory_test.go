@@ -244,7 +244,9 @@ func TestDeafBackendMemoryBounded(t *testing.T) {
 	page := admin.NewStatusPage(ctx, s.srv, s.reg, "evict")
 	defer func() { cancel(); page.Wait() }()
 	rec := httptest.NewRecorder()
-	admin.Handler(s.srv, s.reg, &url.URL{Scheme: "ws", Host: b.Addr}, page, false, "").ServeHTTP(rec, httptest.NewRequest("GET", "/status.json", nil))
+	req := httptest.NewRequest("GET", "/status.json", nil)
+	req.RemoteAddr = "127.0.0.1:40000" // the status page answers loopback peers
+	admin.Handler(s.srv, s.reg, &url.URL{Scheme: "ws", Host: b.Addr}, page, false, "").ServeHTTP(rec, req)
 	var doc admin.Status
 	if err := json.Unmarshal(rec.Body.Bytes(), &doc); err != nil {
 		t.Fatalf("/status.json: %v: %s", err, rec.Body.String())
