@@ -13,7 +13,7 @@ import (
 
 	"github.com/caarlos0/env/v11"
 
-	"sluice/config"
+	"github.com/sluice-proxy/sluice/config"
 )
 
 // perfLink is a link from the README into PERFORMANCE.md. When its text

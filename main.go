@@ -20,10 +20,10 @@ import (
 	"github.com/caarlos0/env/v11"
 	"github.com/rs/zerolog"
 
-	"sluice/config"
-	"sluice/demo"
-	"sluice/serve"
-	"sluice/version"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/demo"
+	"github.com/sluice-proxy/sluice/serve"
+	"github.com/sluice-proxy/sluice/version"
 )
 
 func main() {

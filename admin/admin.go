@@ -21,7 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // readyWindow is how recent a successful upstream connect must be for

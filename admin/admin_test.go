@@ -10,7 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // adminHandler is Handler over a proxy that serves nobody, with the

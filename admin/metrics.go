@@ -5,8 +5,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"sluice/limiter"
-	"sluice/version"
+	"github.com/sluice-proxy/sluice/limiter"
+	"github.com/sluice-proxy/sluice/version"
 )
 
 // RegisterBuildInfo exports sluice_build_info, 1 with the build's

@@ -10,7 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // statusHTML is the live status page: one self-contained file (CSS, JS and

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"testing"
 
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 func TestTopSessions(t *testing.T) {

@@ -14,8 +14,8 @@ import (
 	"github.com/rs/zerolog"
 	"go.uber.org/goleak"
 
-	"sluice/certs/certstest"
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/certs/certstest"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // handshakeListener serves TLS handshakes with r's configuration on

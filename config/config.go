@@ -17,7 +17,7 @@ import (
 	"github.com/caarlos0/env/v11"
 	"github.com/rs/zerolog"
 
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // Prefix is prepended to every variable name of Config.

@@ -11,9 +11,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
-	"sluice/keepalive"
-	"sluice/limiter"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/keepalive"
+	"github.com/sluice-proxy/sluice/limiter"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // ProxyOptions is the one mapping from the configuration to the proxy's

@@ -10,9 +10,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
-	"sluice/keepalive"
-	"sluice/limiter"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/keepalive"
+	"github.com/sluice-proxy/sluice/limiter"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // TestProxyOptions: every setting reaches the proxy's options through the

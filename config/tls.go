@@ -4,7 +4,7 @@ import (
 	"crypto/tls"
 	"fmt"
 
-	"sluice/certs"
+	"github.com/sluice-proxy/sluice/certs"
 )
 
 // upstreamTLSConfig is the TLS configuration for a wss:// upstream, or nil

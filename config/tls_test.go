@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"sluice/certs/certstest"
+	"github.com/sluice-proxy/sluice/certs/certstest"
 )
 
 // TestTLSErrors: Load names the variables of a half-set pair,

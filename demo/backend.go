@@ -6,7 +6,7 @@ import (
 	"net"
 	"syscall"
 
-	"sluice/internal/naive"
+	"github.com/sluice-proxy/sluice/internal/naive"
 )
 
 // startBackend starts a fresh naive broadcast backend for p (the failure

@@ -35,10 +35,10 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/rs/zerolog"
 
-	"sluice/admin"
-	"sluice/config"
-	"sluice/proxy"
-	"sluice/serve"
+	"github.com/sluice-proxy/sluice/admin"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/proxy"
+	"github.com/sluice-proxy/sluice/serve"
 )
 
 // A slow client takes its first message, then stops reading entirely for

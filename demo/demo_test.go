@@ -11,7 +11,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	"sluice/config"
+	"github.com/sluice-proxy/sluice/config"
 )
 
 // TestDemoRuns runs the demo once per policy, the way a newcomer would but

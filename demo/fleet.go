@@ -20,7 +20,7 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsutil"
 
-	"sluice/internal/latency"
+	"github.com/sluice-proxy/sluice/internal/latency"
 )
 
 // --- the clients ---

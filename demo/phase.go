@@ -6,8 +6,8 @@ import (
 	"runtime/metrics"
 	"time"
 
-	"sluice/admin"
-	"sluice/internal/naive"
+	"github.com/sluice-proxy/sluice/admin"
+	"github.com/sluice-proxy/sluice/internal/naive"
 )
 
 // phase is one run of the same clients against a fresh naive backend:

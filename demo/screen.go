@@ -9,10 +9,10 @@ import (
 	"strings"
 	"time"
 
-	"sluice/admin"
-	"sluice/config"
-	"sluice/internal/latency"
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/admin"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/latency"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // floodLastSecond is the flooder's messages at the backend since the last

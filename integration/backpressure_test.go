@@ -26,8 +26,8 @@ import (
 	gorilla "github.com/gorilla/websocket"
 	"github.com/rs/zerolog"
 
-	"sluice/limiter"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/limiter"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 const (

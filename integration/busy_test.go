@@ -19,8 +19,8 @@ import (
 
 	gorilla "github.com/gorilla/websocket"
 
-	"sluice/config"
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // Slow means stalled: clients that read every echo as fast as they can are

@@ -42,8 +42,8 @@ import (
 	gorilla "github.com/gorilla/websocket"
 	"github.com/rs/zerolog"
 
-	"sluice/internal/wstest"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 var catSockets = flag.Int("catalogue.sockets", 0,

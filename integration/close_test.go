@@ -12,9 +12,9 @@ import (
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
 
-	"sluice/config"
-	"sluice/internal/wstest"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // TestCloseCodesRelayed: a close frame passes through sluice with its code

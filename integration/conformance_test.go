@@ -49,8 +49,8 @@ import (
 
 	"github.com/gobwas/ws"
 
-	"sluice/internal/wstest"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // confLimit is the limit of the 9-lite cases: sluice's MaxFrameBytes and

@@ -20,7 +20,7 @@ import (
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
 
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // serveConformanceEcho is the reference the conformance suite holds sluice

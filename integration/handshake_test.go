@@ -18,8 +18,8 @@ import (
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
 
-	"sluice/config"
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // TestSubprotocolRelayed: the client offers "a, b", the backend knows only

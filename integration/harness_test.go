@@ -24,9 +24,9 @@ import (
 	"github.com/rs/zerolog"
 	"go.uber.org/goleak"
 
-	"sluice/config"
-	"sluice/internal/wstest"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // TestMain fails the run if any goroutine outlives the tests: every session,

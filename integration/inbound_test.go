@@ -14,7 +14,7 @@ import (
 
 	"github.com/gobwas/ws"
 
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // arrivals is what a recording echo backend saw: each data message's

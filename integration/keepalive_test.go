@@ -16,9 +16,9 @@ import (
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
 
-	"sluice/internal/wstest"
-	"sluice/keepalive"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/keepalive"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // kaInterval and kaTimeout are the client keepalive of these tests: short,

@@ -20,8 +20,8 @@ import (
 
 	"github.com/gobwas/ws"
 
-	"sluice/internal/wstest"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // pingBurst is n pings with distinct payloads, as one byte string.

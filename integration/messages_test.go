@@ -12,8 +12,8 @@ import (
 	"github.com/gobwas/ws"
 	gorilla "github.com/gorilla/websocket"
 
-	"sluice/internal/wstest"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // largeLimits lets clients send up to 64 MiB messages through sluice. The

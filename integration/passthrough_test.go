@@ -25,9 +25,9 @@ import (
 	gorilla "github.com/gorilla/websocket"
 	dto "github.com/prometheus/client_model/go"
 
-	"sluice/config"
-	"sluice/internal/wstest"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // downloadSize is the app's /download: large enough that holding it whole

@@ -23,7 +23,7 @@ import (
 	"github.com/gobwas/ws/wsutil"
 	gorilla "github.com/gorilla/websocket"
 
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 var (

@@ -18,9 +18,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
-	"sluice/config"
-	"sluice/internal/wstest"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // startSluiceProxyProtocol is startSluiceEnv with SLUICE_PROXY_PROTOCOL on

@@ -40,9 +40,9 @@ import (
 	gorilla "github.com/gorilla/websocket"
 	"github.com/rs/zerolog"
 
-	"sluice/keepalive"
-	"sluice/limiter"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/keepalive"
+	"github.com/sluice-proxy/sluice/limiter"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // The soak's shape.

@@ -21,7 +21,7 @@ import (
 	"testing"
 	"time"
 
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 const socketioDir = "testdata/socketio"

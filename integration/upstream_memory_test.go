@@ -29,9 +29,9 @@ import (
 
 	"github.com/gobwas/ws"
 
-	"sluice/admin"
-	"sluice/config"
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/admin"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // deafBackend answers every upgrade and then never reads. Its handlers

@@ -13,8 +13,8 @@ import (
 
 	"github.com/gobwas/ws"
 
-	"sluice/config"
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // stallingBackend sends one whole text message, then the header and the

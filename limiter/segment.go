@@ -3,7 +3,7 @@ package limiter
 import (
 	"sync"
 
-	"sluice/frame"
+	"github.com/sluice-proxy/sluice/frame"
 )
 
 // Segment is one unit of bytes to write to a socket: a whole frame, or the

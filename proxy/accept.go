@@ -20,7 +20,7 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/rs/zerolog"
 
-	"sluice/frame"
+	"github.com/sluice-proxy/sluice/frame"
 )
 
 // Serve accepts connections on ln until Shutdown, and upgrades each in a

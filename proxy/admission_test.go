@@ -29,7 +29,7 @@ import (
 	"github.com/rs/zerolog"
 	"go.uber.org/goleak"
 
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // --- token bucket -------------------------------------------------------

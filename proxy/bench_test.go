@@ -17,7 +17,7 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/rs/zerolog"
 
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // benchBackend is a raw gobwas/ws backend that hands each upgraded

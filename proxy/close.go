@@ -33,8 +33,8 @@ import (
 
 	"github.com/gobwas/ws"
 
-	"sluice/frame"
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/frame"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // closeReceived handles a valid or invalid close frame from src.

@@ -10,8 +10,8 @@ import (
 
 	"github.com/gobwas/ws"
 
-	"sluice/frame"
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/frame"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // cause is why sluice ends a session on its own.

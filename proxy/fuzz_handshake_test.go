@@ -20,7 +20,7 @@ import (
 	"github.com/gobwas/ws/wsutil"
 	"github.com/rs/zerolog"
 
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // fuzzAnswerWait bounds one exchange: sluice must answer or close by then.

@@ -21,8 +21,8 @@ import (
 	"github.com/gobwas/httphead"
 	"github.com/gobwas/ws"
 
-	"sluice/frame"
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/frame"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // maxRelayedBody bounds the body of an upstream rejection relayed to the

@@ -16,7 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
-	"sluice/keepalive"
+	"github.com/sluice-proxy/sluice/keepalive"
 )
 
 // handshakeRequest is what the load harness's gorilla client sends.

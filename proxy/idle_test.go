@@ -14,7 +14,7 @@ import (
 	"github.com/gorilla/websocket"
 	"go.uber.org/goleak"
 
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // readersRunning counts goroutines inside a session's pump, from a
@@ -22,7 +22,7 @@ import (
 func readersRunning() int {
 	buf := make([]byte, 1<<20)
 	n := runtime.Stack(buf, true)
-	return strings.Count(string(buf[:n]), "sluice/proxy.(*session).pump(")
+	return strings.Count(string(buf[:n]), "github.com/sluice-proxy/sluice/proxy.(*session).pump(")
 }
 
 // waitReaders waits until exactly want readers run.

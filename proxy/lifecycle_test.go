@@ -22,8 +22,8 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/rs/zerolog"
 
-	"sluice/internal/wstest"
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // --- lifecycle helpers ------------------------------------------------------

@@ -11,9 +11,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
-	"sluice/frame"
-	"sluice/keepalive"
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/frame"
+	"github.com/sluice-proxy/sluice/keepalive"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // Options configure a Server. The zero value of a field means its default,

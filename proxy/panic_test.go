@@ -10,7 +10,7 @@ import (
 
 	"github.com/gobwas/ws"
 
-	"sluice/keepalive"
+	"github.com/sluice-proxy/sluice/keepalive"
 )
 
 // TestPanicEndsOneSession: a panic in one session's reader, timer or

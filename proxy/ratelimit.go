@@ -15,7 +15,7 @@ import (
 
 	"github.com/gobwas/ws"
 
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // RateLimit bounds what one client may send.

@@ -32,8 +32,8 @@ import (
 
 	"github.com/gobwas/ws"
 
-	"sluice/frame"
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/frame"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // startReading parks the new leg at once when nothing of it is buffered

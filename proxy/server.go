@@ -13,7 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // setSocketBuffer sets opt (SO_RCVBUF or SO_SNDBUF) of the socket c to n

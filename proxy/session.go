@@ -12,9 +12,9 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/rs/zerolog"
 
-	"sluice/frame"
-	"sluice/keepalive"
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/frame"
+	"github.com/sluice-proxy/sluice/keepalive"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // upstreamQueue bounds what waits for the upstream's socket: little, since

@@ -11,7 +11,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // probeUpgrade is a valid upgrade request but for its first lines: the

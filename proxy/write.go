@@ -9,7 +9,7 @@ import (
 	"time"
 	"unsafe"
 
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // batchBytes bounds one writev.

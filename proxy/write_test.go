@@ -13,7 +13,7 @@ import (
 	"github.com/gobwas/ws"
 	"go.uber.org/goleak"
 
-	"sluice/limiter"
+	"github.com/sluice-proxy/sluice/limiter"
 )
 
 // TestFlushCarriesPartialWrites fills a client's socket so that the

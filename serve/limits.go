@@ -7,7 +7,7 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"sluice/config"
+	"github.com/sluice-proxy/sluice/config"
 )
 
 // fdHeadroom is the descriptors sluice holds beside its two per proxied

@@ -8,8 +8,8 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"sluice/config"
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // TestLimitWarnings: SLUICE_MAX_CONNECTIONS is checked against the

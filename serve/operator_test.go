@@ -17,8 +17,8 @@ import (
 	"github.com/prometheus/common/model"
 	"github.com/rs/zerolog"
 
-	"sluice/config"
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // scrape reads http://adminAddr/metrics as Prometheus does, parsed by

@@ -17,11 +17,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/rs/zerolog"
 
-	"sluice/admin"
-	"sluice/certs"
-	"sluice/config"
-	"sluice/proxy"
-	"sluice/version"
+	"github.com/sluice-proxy/sluice/admin"
+	"github.com/sluice-proxy/sluice/certs"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/proxy"
+	"github.com/sluice-proxy/sluice/version"
 )
 
 // Listening is what Run reports once both listeners listen.

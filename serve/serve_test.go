@@ -24,9 +24,9 @@ import (
 	"github.com/rs/zerolog"
 	"go.uber.org/goleak"
 
-	"sluice/certs/certstest"
-	"sluice/config"
-	"sluice/proxy"
+	"github.com/sluice-proxy/sluice/certs/certstest"
+	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/proxy"
 )
 
 // TestMain fails the run if a goroutine Run started outlives the tests.

@@ -16,8 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"sluice/admin"
-	"sluice/config"
+	"github.com/sluice-proxy/sluice/admin"
+	"github.com/sluice-proxy/sluice/config"
 
 	"go.uber.org/goleak"
 )

@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"sluice/admin"
-	"sluice/config"
+	"github.com/sluice-proxy/sluice/admin"
+	"github.com/sluice-proxy/sluice/config"
 
 	"github.com/gorilla/websocket"
 	"go.uber.org/goleak"

@@ -18,7 +18,7 @@ import (
 	"syscall"
 	"time"
 
-	"sluice/internal/naive"
+	"github.com/sluice-proxy/sluice/internal/naive"
 )
 
 // The backend: the naive broadcast server sluice is meant to protect

@@ -9,7 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"sluice/internal/latency"
+	"github.com/sluice-proxy/sluice/internal/latency"
 )
 
 // broadcastResult is one broadcast run.

@@ -18,7 +18,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"sluice/internal/latency"
+	"github.com/sluice-proxy/sluice/internal/latency"
 )
 
 // Clients, all gorilla/websocket, independent of sluice.

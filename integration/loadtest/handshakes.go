@@ -11,7 +11,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"sluice/internal/latency"
+	"github.com/sluice-proxy/sluice/internal/latency"
 )
 
 // handshakeResult is one handshakes run.

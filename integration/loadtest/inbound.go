@@ -14,8 +14,8 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"sluice/internal/latency"
-	"sluice/internal/naive"
+	"github.com/sluice-proxy/sluice/internal/latency"
+	"github.com/sluice-proxy/sluice/internal/naive"
 )
 
 // Inbound mode: clients that send too much. Normal clients send numbered,

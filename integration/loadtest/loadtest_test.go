@@ -18,7 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"sluice/internal/latency"
+	"github.com/sluice-proxy/sluice/internal/latency"
 )
 
 // TestMain lets the test binary serve as the backend process, which the

@@ -12,7 +12,7 @@ import (
 	"github.com/gobwas/ws/wsutil"
 	"go.uber.org/goleak"
 
-	"sluice/internal/wstest"
+	"github.com/sluice-proxy/sluice/internal/wstest"
 )
 
 // TestMain fails the run if a reader, writer or broadcaster outlives Close.
