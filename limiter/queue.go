@@ -95,7 +95,6 @@ type Queue struct {
 	took       bool        // Take handed the writer something since the last sample
 	sampledAt  int64       // monotonic ns of the guard's last sample of this queue; 0 before it
 	progressAt int64       // monotonic ns of the last sample that saw progress, or nothing waiting
-	openMsgAt  int64       // queuedAt of the message the writer has started (writerInMsg)
 	slow       atomic.Bool // counted slow by the Budget; written under mu
 
 	// room tells the producer waiting on the data lane that it is below
