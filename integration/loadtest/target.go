@@ -423,7 +423,7 @@ func moduleRoot(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if !bytes.HasPrefix(b, []byte("module sluice\n")) && !bytes.HasPrefix(b, []byte("module sluice\r\n")) {
+	if !bytes.HasPrefix(b, []byte("module github.com/sluice-proxy/sluice\n")) && !bytes.HasPrefix(b, []byte("module github.com/sluice-proxy/sluice\r\n")) {
 		return "", fmt.Errorf("%s is not the sluice module: run from the sluice repository, or pass -sluice-bin", gomod)
 	}
 	return filepath.Dir(gomod), nil
