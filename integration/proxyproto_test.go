@@ -100,7 +100,12 @@ func checkProxyProtocolClient(t *testing.T, s *sluiceUnderTest, header func() []
 	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("upgrade after the PROXY header: %v %v", resp, err)
 	}
-	snap := s.srv.Snapshot()
+	// The 101 is written before the session is listed: wait for it.
+	var snap []proxy.SessionInfo
+	waitFor(t, wstest.IOTimeout, "the session to be listed", func() bool {
+		snap = s.srv.Snapshot()
+		return len(snap) > 0
+	})
 	if len(snap) != 1 || snap[0].Client != clientAddr {
 		t.Errorf("sessions = %+v, want one whose client is %s", snap, clientAddr)
 	}

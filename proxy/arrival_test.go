@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"runtime"
 	"testing"
 	"time"
@@ -55,6 +56,9 @@ func TestPartialRequestsCount(t *testing.T) {
 			held = append(held, partialRequest(t, p.addr, "127.0.0.1"))
 		}
 		waitHandshakes(t, p.Server, 5)
+		// Under way is not yet counted: wait for all five to hold a slot,
+		// or an excess request could take one a held request was to take.
+		waitCounted(t, func() bool { return p.Server.adm.conns.Load() == 5 })
 		const excess = 100
 		for i := range excess {
 			c := partialRequest(t, p.addr, "127.0.0.1")
@@ -87,6 +91,12 @@ func TestPartialRequestsCount(t *testing.T) {
 		p := startTestProxy(t, b, Options{MaxConnectionsPerIP: 1})
 		partialRequest(t, p.addr, "127.0.0.1")
 		waitHandshakes(t, p.Server, 1)
+		waitCounted(t, func() bool {
+			a := p.Server.adm
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			return a.byIP[netip.MustParseAddr("127.0.0.1")] == 1
+		})
 		if got := answerOf(partialRequest(t, p.addr, "127.0.0.1"), wstest.IOTimeout); got != http.StatusTooManyRequests {
 			t.Errorf("second partial request from one address: status %d, want 429", got)
 		}
@@ -116,6 +126,19 @@ func TestRequestMustProgress(t *testing.T) {
 
 // waitHandshakes waits until srv has n connections accepted and not yet
 // sessions.
+// waitCounted waits until counted reports that the admission counts are
+// as the test set them up.
+func waitCounted(t *testing.T, counted func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(wstest.IOTimeout)
+	for !counted() {
+		if time.Now().After(deadline) {
+			t.Fatal("the held connections were not counted")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func waitHandshakes(t *testing.T, srv *Server, n int) {
 	t.Helper()
 	deadline := time.Now().Add(wstest.IOTimeout)
