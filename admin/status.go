@@ -115,16 +115,21 @@ type Status struct {
 
 // Totals are the process-wide counts of a Status.
 type Totals struct {
-	Connections int     `json:"connections"`
-	Slow        int     `json:"slow"`         // stalled for SLUICE_SLOW_CLIENT_AGE (limiter/progress.go)
-	AllowedSlow int     `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
-	Paused      int     `json:"paused"`
-	Throttled   int     `json:"throttled"`     // clients an inbound limit held back within the last second
-	QueuedBytes int64   `json:"queued_bytes"`  // unsent_bytes included
-	UnsentBytes int64   `json:"unsent_bytes"`  // held by the kernel, unacknowledged by the clients
-	Ceiling     int64   `json:"ceiling_bytes"` // 0: no global ceiling
-	Share       float64 `json:"share"`         // queued_bytes / ceiling_bytes; 0 without a ceiling
-	Dropped     uint64  `json:"dropped"`       // messages discarded by the drop policy
+	Connections int `json:"connections"`
+	Slow        int `json:"slow"`         // stalled for SLUICE_SLOW_CLIENT_AGE (limiter/progress.go)
+	AllowedSlow int `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
+	Paused      int `json:"paused"`
+	Throttled   int `json:"throttled"` // clients an inbound limit held back within the last second
+	// UpgradesInFlight and UpgradesQueued are the upgrades under way
+	// toward the backend and those waiting for their turn (upgrade
+	// pacing, SLUICE_UPSTREAM_MAX_HANDSHAKES); 0 without pacing.
+	UpgradesInFlight int     `json:"upgrades_in_flight"`
+	UpgradesQueued   int     `json:"upgrades_queued"`
+	QueuedBytes      int64   `json:"queued_bytes"`  // unsent_bytes included
+	UnsentBytes      int64   `json:"unsent_bytes"`  // held by the kernel, unacknowledged by the clients
+	Ceiling          int64   `json:"ceiling_bytes"` // 0: no global ceiling
+	Share            float64 `json:"share"`         // queued_bytes / ceiling_bytes; 0 without a ceiling
+	Dropped          uint64  `json:"dropped"`       // messages discarded by the drop policy
 	// Evictions counts every eviction since start; ByReason splits it
 	// (slow, global_ceiling, slow_ratio, write_timeout, pong_timeout,
 	// pause_timeout). Both are absent without a gatherer.
@@ -191,6 +196,7 @@ func (p *StatusPage) snapshot() Status {
 		Dropped:     st.DroppedTotal,
 		Draining:    p.srv.Draining(),
 	}
+	t.UpgradesInFlight, t.UpgradesQueued = p.srv.UpstreamHandshakes()
 	if st.Ceiling > 0 {
 		t.Share = float64(st.QueuedBytes) / float64(st.Ceiling)
 	}

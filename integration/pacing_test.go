@@ -10,18 +10,23 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	gorilla "github.com/gorilla/websocket"
 
+	"sluice/admin"
 	"sluice/config"
 	"sluice/internal/wstest"
 )
@@ -202,6 +207,36 @@ func waitQueued(t *testing.T, s *sluiceUnderTest, n int) {
 	})
 }
 
+// operatorView reads s's /status.json and /metrics through the admin
+// handler, as from loopback.
+func operatorView(t *testing.T, s *sluiceUnderTest, upstream string) (admin.Status, string) {
+	t.Helper()
+	up, err := url.Parse(upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	page := admin.NewStatusPage(ctx, s.srv, s.reg, "evict")
+	defer page.Wait()
+	defer cancel()
+	h := admin.Handler(s.srv, s.reg, up, page, false, "")
+	get := func(path string) *httptest.ResponseRecorder {
+		r := httptest.NewRequest(http.MethodGet, path, nil)
+		r.RemoteAddr = "127.0.0.1:1"
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != http.StatusOK {
+			t.Fatalf("GET %s: %d", path, w.Code)
+		}
+		return w
+	}
+	var st admin.Status
+	if err := json.Unmarshal(get("/status.json").Body.Bytes(), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st, get("/metrics").Body.String()
+}
+
 // TestPacingBoundsUpgradesInFlight: forty clients at once toward a
 // backend whose upgrades take 20 ms, with SLUICE_UPSTREAM_MAX_HANDSHAKES=4:
 // every client gets its 101 (none is refused), and the backend never has
@@ -259,6 +294,16 @@ func TestPacingFIFOWithinAnAddress(t *testing.T) {
 	for i := range 6 {
 		go func() { results <- rawUpgrade(s.addr, strconv.Itoa(i), "") }()
 		waitQueued(t, s, i+1) // each behind the one before
+	}
+	// What an operator sees meanwhile: the status page and the metrics.
+	st, metrics := operatorView(t, s, b.url)
+	if st.Totals.UpgradesQueued != 6 || st.Totals.UpgradesInFlight != 1 {
+		t.Errorf("status totals: %d upgrades queued, %d in flight; want 6 and 1", st.Totals.UpgradesQueued, st.Totals.UpgradesInFlight)
+	}
+	for _, line := range []string{"sluice_upstream_handshake_queue_length 6", "sluice_upstream_handshakes_in_flight 1", "sluice_upstream_handshake_wait_seconds_count 1"} {
+		if !strings.Contains(metrics, "\n"+line+"\n") {
+			t.Errorf("/metrics lacks %q", line)
+		}
 	}
 	for range 7 {
 		b.gate <- struct{}{}
