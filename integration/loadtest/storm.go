@@ -155,6 +155,7 @@ type stormFleet struct {
 
 	mu       sync.Mutex
 	conns    map[*websocket.Conn]struct{} // open connections, for stop; guarded by mu
+	stopped  bool                         // closeAll was called; guarded by mu
 	refusals map[string]int               // after the stop; guarded by mu
 	wg       sync.WaitGroup
 }
@@ -190,6 +191,12 @@ func (f *stormFleet) stormClient(ctx context.Context, i int) {
 			f.lastBack.Store(time.Now().UnixNano())
 		}
 		f.mu.Lock()
+		if f.stopped {
+			// Connected after closeAll: nobody else will close it.
+			f.mu.Unlock()
+			c.Close()
+			return
+		}
 		f.conns[c] = struct{}{}
 		f.mu.Unlock()
 		f.connected.Add(1)
@@ -211,6 +218,7 @@ func (f *stormFleet) stormClient(ctx context.Context, i int) {
 func (f *stormFleet) closeAll() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.stopped = true
 	for c := range f.conns {
 		c.Close()
 	}
@@ -253,8 +261,10 @@ func runStorm(ctx context.Context, r *runner, spec targetSpec) (res stormResult,
 	defer func() {
 		stopClients()
 		f.closeAll()
-		if !waitGroup(&f.wg, 10*time.Second) {
-			err = errors.Join(err, errors.New("storm: clients did not stop within 10s"))
+		// A client waiting in a proxy's queue ends at its handshake
+		// timeout: gorilla's handshake does not watch the context.
+		if !waitGroup(&f.wg, dialTimeout+5*time.Second) {
+			err = errors.Join(err, fmt.Errorf("storm: clients did not stop within %v", dialTimeout+5*time.Second))
 		}
 	}()
 	for i := range cfg.clients {
