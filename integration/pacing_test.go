@@ -29,6 +29,7 @@ import (
 	"sluice/admin"
 	"sluice/config"
 	"sluice/internal/wstest"
+	"sluice/proxy"
 )
 
 // slowUpgrader is a gorilla backend whose upgrades take delay, or, with a
@@ -413,5 +414,38 @@ func TestPacingDrainRefusesQueued(t *testing.T) {
 	}
 	if _, order, _ := b.seen(); !slices.Equal(order, []string{"held"}) {
 		t.Errorf("the backend saw %v, want only the held upgrade", order)
+	}
+}
+
+// TestPacingQueueFull: with the queue at its bound, the next upgrade is
+// refused at once with 503 and a Retry-After, not queued.
+func TestPacingQueueFull(t *testing.T) {
+	b := newSlowUpgrader(t, 0, true)
+	s := startSluiceEnv(t, b.url, pacingEnv("UPSTREAM_MAX_HANDSHAKES", "1"), func(o *proxy.Options) { o.UpstreamHandshakeQueue = 2 })
+	results := make(chan upgradeResult, 3)
+	go func() { results <- rawUpgrade(s.addr, "held", "") }()
+	b.waitArrivals(t, 1)
+	for i := range 2 {
+		go func() { results <- rawUpgrade(s.addr, strconv.Itoa(i), "") }()
+	}
+	waitQueued(t, s, 2)
+	began := time.Now()
+	r := rawUpgrade(s.addr, "over", "")
+	if r.err != nil || r.status != http.StatusServiceUnavailable || r.retry == "" {
+		t.Fatalf("upgrade over the queue's bound: %d (Retry-After %q) %q %v, want 503 with Retry-After", r.status, r.retry, r.body, r.err)
+	}
+	if waited := r.at.Sub(began); waited > 2*time.Second {
+		t.Errorf("refused after %v, want at once (the queue timeout is 10s)", waited)
+	}
+	if got := metricValue(t, s, "sluice_connections_rejected_total", "reason", "upstream_queue_full"); got != 1 {
+		t.Errorf("rejected{reason=upstream_queue_full} = %v, want 1", got)
+	}
+	for range 3 {
+		b.gate <- struct{}{}
+	}
+	for range 3 {
+		if r := recv(t, results, "an upgrade's answer"); r.status != http.StatusSwitchingProtocols {
+			t.Fatalf("upgrade %s: %d %q %v, want 101", r.id, r.status, r.body, r.err)
+		}
 	}
 }
