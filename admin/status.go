@@ -115,13 +115,18 @@ type Status struct {
 
 // Totals are the process-wide counts of a Status.
 type Totals struct {
-	Connections int   `json:"connections"`
-	Slow        int   `json:"slow"`         // took nothing for SLUICE_SLOW_CLIENT_AGE (limiter/progress.go)
-	AllowedSlow int   `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
-	Paused      int   `json:"paused"`
-	Throttled   int   `json:"throttled"`    // clients an inbound limit held back within the last second
-	QueuedBytes int64 `json:"queued_bytes"` // unsent_bytes included
-	UnsentBytes int64 `json:"unsent_bytes"` // held by the kernel, unacknowledged by the clients
+	Connections int `json:"connections"`
+	Slow        int `json:"slow"`         // took nothing for SLUICE_SLOW_CLIENT_AGE (limiter/progress.go)
+	AllowedSlow int `json:"allowed_slow"` // what SLUICE_SLOW_CLIENT_MAX_RATIO allows now
+	Paused      int `json:"paused"`
+	Throttled   int `json:"throttled"` // clients an inbound limit held back within the last second
+	// UpgradesInFlight and UpgradesQueued are the upgrades under way
+	// toward the backend and those waiting for their turn (upgrade
+	// pacing, SLUICE_UPSTREAM_MAX_HANDSHAKES); 0 without pacing.
+	UpgradesInFlight int   `json:"upgrades_in_flight"`
+	UpgradesQueued   int   `json:"upgrades_queued"`
+	QueuedBytes      int64 `json:"queued_bytes"` // unsent_bytes included
+	UnsentBytes      int64 `json:"unsent_bytes"` // held by the kernel, unacknowledged by the clients
 	// UpstreamUnsentBytes is held by the kernel, unacknowledged by the
 	// backend; queued_bytes includes it too.
 	UpstreamUnsentBytes int64   `json:"upstream_unsent_bytes"`
@@ -198,6 +203,7 @@ func (p *StatusPage) snapshot() Status {
 		Dropped:             st.DroppedTotal,
 		Draining:            p.srv.Draining(),
 	}
+	t.UpgradesInFlight, t.UpgradesQueued = p.srv.UpstreamHandshakes()
 	if st.Ceiling > 0 {
 		t.Share = float64(st.QueuedBytes) / float64(st.Ceiling)
 	}

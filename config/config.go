@@ -204,6 +204,23 @@ type Config struct {
 	// cannot overload the upstream; past it, 503 with a Retry-After.
 	// 0 means no limit.
 	MaxHandshakesPerSecond int `env:"MAX_HANDSHAKES_PER_SECOND" envDefault:"0" want:"0 (no limit) or a whole number up to 1000000, such as 500"`
+	// UpstreamMaxHandshakes bounds the upgrades under way toward the
+	// backend at once, from the dial to its answer (sessions hold none);
+	// an upgrade over it waits its turn, fairly across client addresses,
+	// rather than being refused. The default bounds a reconnect storm at
+	// 64 concurrent upgrades while a healthy backend, answering in a
+	// millisecond, could still take 64,000 a second: more than sluice
+	// upgrades. 0 turns it off.
+	UpstreamMaxHandshakes int `env:"UPSTREAM_MAX_HANDSHAKES" envDefault:"64" want:"0 (off) or a whole number up to 1000000, such as 64"`
+	// UpstreamHandshakesPerSecond spaces the upgrades toward the backend
+	// evenly (a burst of one); an upgrade waits its turn like one over
+	// UpstreamMaxHandshakes. 0 turns it off: the rate a backend takes is
+	// its own, unlike the bound on concurrency.
+	UpstreamHandshakesPerSecond int `env:"UPSTREAM_HANDSHAKES_PER_SECOND" envDefault:"0" want:"0 (off) or a whole number up to 1000000, such as 500"`
+	// QueueTimeout is the longest an upgrade waits for its turn toward
+	// the backend; past it, 503 with a Retry-After. The queue holds at
+	// most SLUICE_MAX_CONNECTIONS upgrades (10000 without that limit).
+	QueueTimeout time.Duration `env:"QUEUE_TIMEOUT" envDefault:"10s" want:"a positive duration up to 10m, such as 10s"`
 
 	// --- inbound protection (what clients send) ---
 
@@ -459,6 +476,9 @@ func (cfg Config) check(c *checker) {
 	c.list("TrustedProxies", cfg.TrustedProxies, func(s string) error { _, err := proxy.ParseTrustedProxy(s); return err })
 	c.list("AllowedOrigins", cfg.AllowedOrigins, proxy.CheckOriginPattern)
 	c.field("MaxHandshakesPerSecond", cfg.MaxHandshakesPerSecond >= 0 && cfg.MaxHandshakesPerSecond <= 1_000_000, cfg.MaxHandshakesPerSecond)
+	c.field("UpstreamMaxHandshakes", cfg.UpstreamMaxHandshakes >= 0 && cfg.UpstreamMaxHandshakes <= 1_000_000, cfg.UpstreamMaxHandshakes)
+	c.field("UpstreamHandshakesPerSecond", cfg.UpstreamHandshakesPerSecond >= 0 && cfg.UpstreamHandshakesPerSecond <= 1_000_000, cfg.UpstreamHandshakesPerSecond)
+	c.field("QueueTimeout", cfg.QueueTimeout > 0 && cfg.QueueTimeout <= 10*time.Minute, cfg.QueueTimeout)
 
 	c.field("ClientMaxMessagesPerSecond", cfg.ClientMaxMessagesPerSecond >= 0 && cfg.ClientMaxMessagesPerSecond <= 1_000_000_000, cfg.ClientMaxMessagesPerSecond)
 	c.field("ClientMaxBytesPerSecond", cfg.ClientMaxBytesPerSecond >= 0, cfg.ClientMaxBytesPerSecond)

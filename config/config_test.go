@@ -103,6 +103,8 @@ func defaultConfig(t *testing.T) Config {
 		WriteTimeout:             10 * time.Second,
 		UpstreamWriteTimeout:     30 * time.Second,
 		MaxConnections:           50000,
+		UpstreamMaxHandshakes:    64,
+		QueueTimeout:             10 * time.Second,
 		ClientRateBurst:          time.Second,
 		ClientRatePolicy:         RateThrottle,
 		Policy:                   PolicyEvict,
@@ -223,6 +225,9 @@ func TestLoadValues(t *testing.T) {
 		{"SLUICE_MAX_CONNECTIONS", "10000000", func(c Config) any { return c.MaxConnections }, 10_000_000},
 		{"SLUICE_MAX_CONNECTIONS_PER_IP", "100", func(c Config) any { return c.MaxConnectionsPerIP }, 100},
 		{"SLUICE_MAX_HANDSHAKES_PER_SECOND", "1000000", func(c Config) any { return c.MaxHandshakesPerSecond }, 1_000_000},
+		{"SLUICE_UPSTREAM_MAX_HANDSHAKES", "0", func(c Config) any { return c.UpstreamMaxHandshakes }, 0},
+		{"SLUICE_UPSTREAM_HANDSHAKES_PER_SECOND", "500", func(c Config) any { return c.UpstreamHandshakesPerSecond }, 500},
+		{"SLUICE_QUEUE_TIMEOUT", "250ms", func(c Config) any { return c.QueueTimeout }, 250 * time.Millisecond},
 		{"SLUICE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7 ,fd00::/8,", func(c Config) any {
 			return fmt.Sprint(mustProxyOptions(c).TrustedProxies)
 		}, "[10.0.0.0/8 192.168.1.7/32 fd00::/8]"},
@@ -344,6 +349,12 @@ func TestLoadInvalid(t *testing.T) {
 		{"SLUICE_MAX_HANDSHAKES_PER_SECOND", "-5"},
 		{"SLUICE_MAX_HANDSHAKES_PER_SECOND", "1000001"},
 		{"SLUICE_MAX_HANDSHAKES_PER_SECOND", "0.5"},
+		{"SLUICE_UPSTREAM_MAX_HANDSHAKES", "-1"},
+		{"SLUICE_UPSTREAM_MAX_HANDSHAKES", "1000001"},
+		{"SLUICE_UPSTREAM_HANDSHAKES_PER_SECOND", "-1"},
+		{"SLUICE_UPSTREAM_HANDSHAKES_PER_SECOND", "1000001"},
+		{"SLUICE_QUEUE_TIMEOUT", "0"},
+		{"SLUICE_QUEUE_TIMEOUT", "11m"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.key+"="+tt.value, func(t *testing.T) {

@@ -76,6 +76,10 @@ func (cfg Config) ProxyOptions(log zerolog.Logger, reg prometheus.Registerer) (p
 		AllowedOrigins:           listEntries(cfg.AllowedOrigins),
 		MaxHandshakesPerSecond:   cfg.MaxHandshakesPerSecond,
 
+		UpstreamMaxHandshakes:       cfg.UpstreamMaxHandshakes,
+		UpstreamHandshakesPerSecond: cfg.UpstreamHandshakesPerSecond,
+		UpstreamQueueTimeout:        cfg.QueueTimeout,
+
 		ClientRate: proxy.RateLimit{
 			MessagesPerSecond: cfg.ClientMaxMessagesPerSecond,
 			BytesPerSecond:    int64(cfg.ClientMaxBytesPerSecond),

@@ -199,6 +199,13 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 	if !s.admit(c, r, cl, slot) {
 		return nil
 	}
+	// Upgrade pacing (pacing.go): wait for a turn toward the backend,
+	// held until the upstream has answered.
+	turn, ok := s.takeTurn(c, cl)
+	if !ok {
+		return nil
+	}
+	defer turn.end() // after a panic; a no-op once ended below
 	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
 	u := getDialState(s)
 	defer putDialState(u)
@@ -220,6 +227,7 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 	// watch a context: a client gone meanwhile is noticed when its 101
 	// cannot be written.
 	upConn, upBuf, hs, err := u.dialUpstream(&dialer, target)
+	turn.end()
 	// The answer gets a handshake timeout of its own from here, as the
 	// upgrader gave it.
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))

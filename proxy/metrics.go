@@ -192,7 +192,8 @@ var violationCodes = []ws.StatusCode{ws.StatusProtocolError, ws.StatusInvalidFra
 // admission control's refusals, malformed or late upgrades, and each way
 // the upstream can fail a handshake (Server.dialFailed).
 func rejectionReasons() []string {
-	out := []string{"bad_request", "malformed", "header_too_large", "draining", "client_handshake", "upstream_status", "proxy_protocol"}
+	out := []string{"bad_request", "malformed", "header_too_large", "draining", "client_handshake", "upstream_status", "proxy_protocol",
+		"upstream_queue_timeout", "upstream_queue_full"}
 	for _, r := range refusals {
 		out = append(out, r.reason)
 	}

@@ -100,6 +100,24 @@ type Options struct {
 	// storm cannot overload the upstream.
 	MaxHandshakesPerSecond int
 
+	// Upgrade pacing toward the backend (pacing.go): an upgrade over
+	// these limits waits its turn, fairly across client addresses, rather
+	// than being refused. 0 turns each limit off; both 0, no pacing.
+	//
+	// UpstreamMaxHandshakes bounds the upgrades under way toward the
+	// backend at once, from the dial to its 101 or failure; sessions hold
+	// none.
+	UpstreamMaxHandshakes int
+	// UpstreamHandshakesPerSecond spaces upgrades' starts evenly (a burst
+	// of one).
+	UpstreamHandshakesPerSecond int
+	// UpstreamQueueTimeout is the longest an upgrade waits for its turn;
+	// past it, 503 with Retry-After. Default 10s.
+	UpstreamQueueTimeout time.Duration
+	// UpstreamHandshakeQueue bounds the upgrades waiting; past it, 503
+	// with Retry-After. Default MaxConnections, or 10,000 without one.
+	UpstreamHandshakeQueue int
+
 	// HTTPPassThrough sends every request that is not a WebSocket upgrade
 	// to the upstream's origin (ws:// as http://, wss:// as https:// with
 	// UpstreamTLS), streamed both ways, so one port serves an app's pages,
@@ -193,6 +211,10 @@ func (o *Options) setDefaults() error {
 	def(&o.UpstreamWriteTimeout, 30*time.Second)
 	def(&o.CloseTimeout, 5*time.Second)
 	def(&o.HTTPResponseTimeout, 60*time.Second)
+	def(&o.UpstreamQueueTimeout, 10*time.Second)
+	if o.UpstreamMaxHandshakes < 0 || o.UpstreamHandshakesPerSecond < 0 || o.UpstreamHandshakeQueue < 0 {
+		return errors.New("proxy: UpstreamMaxHandshakes, UpstreamHandshakesPerSecond and UpstreamHandshakeQueue must not be negative")
+	}
 	if o.FrameReadTimeout < 0 || o.UpstreamFrameReadTimeout < 0 || o.MaxConnections < 0 || o.MaxConnectionsPerIP < 0 || o.MaxHandshakesPerSecond < 0 {
 		return errors.New("proxy: FrameReadTimeout, UpstreamFrameReadTimeout, MaxConnections, MaxConnectionsPerIP and MaxHandshakesPerSecond must not be negative")
 	}

@@ -68,10 +68,11 @@ type Server struct {
 	budget  *limiter.Budget
 	adm     *admission // connection limits, origins, handshake rate (admission.go)
 	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
-	idle    *idlePoller   // parked readers of idle sockets; nil: readers wait in goroutines
-	fair    *limiter.Fair // Options.UpstreamMaxMessagesPerSecond; nil: no cap
-	settle  *setupGC      // collects once a burst of setups is over (settle.go)
-	pass    *passThrough  // Options.HTTPPassThrough; nil: plain requests get 426
+	idle    *idlePoller    // parked readers of idle sockets; nil: readers wait in goroutines
+	fair    *limiter.Fair  // Options.UpstreamMaxMessagesPerSecond; nil: no cap
+	settle  *setupGC       // collects once a burst of setups is over (settle.go)
+	pass    *passThrough   // Options.HTTPPassThrough; nil: plain requests get 426
+	pacer   *upstreamPacer // upgrade pacing toward the backend (pacing.go); nil: off
 	// upstreamQueue bounds every upstream leg's queue (session.go's
 	// upstreamQueue, PauseMax from Options.UpstreamWriteTimeout).
 	upstreamQueue limiter.Config
@@ -122,6 +123,7 @@ func New(opts Options) (*Server, error) {
 	s.settle = newSetupGC(s.Sessions)
 	s.upstreamQueue = upstreamQueue
 	s.upstreamQueue.PauseMax = opts.UpstreamWriteTimeout
+	s.pacer = newUpstreamPacer(&opts, newPacingMetrics(opts.Registerer))
 	bc := opts.Budget
 	if bc.ObserveWait == nil {
 		bc.ObserveWait = func(d time.Duration) { s.metrics.queueWaitSeconds.Observe(d.Seconds()) }
@@ -199,6 +201,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		ln.Close()
 	}
 	s.mu.Unlock()
+	if s.pacer != nil {
+		s.pacer.close() // queued upgrades hear 503 now, not at their timeout
+	}
 	// Pass-through connections: idle ones close now, requests under way
 	// may finish while the sessions drain, until ctx ends.
 	passDone := make(chan struct{})
@@ -256,6 +261,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.idle.close()
 	return err
 }
+
+// UpstreamHandshakes are the upgrades under way toward the backend and
+// those waiting for their turn, with upgrade pacing on (0, 0 without).
+func (s *Server) UpstreamHandshakes() (inFlight, queued int) { return s.pacer.counts() }
 
 // ThrottledClients counts the clients held back by an inbound limit
 // within the last second, for gauges and status pages.

@@ -59,11 +59,12 @@ func backendMain(args []string) int {
 	echo := fs.Bool("echo", false, "echo every message back after -work of busy CPU time (needs -rate 0)")
 	work := fs.Duration("work", 0, "echo: busy CPU time per message, a calibrated loop")
 	lifetime := fs.Duration("lifetime", 10*time.Minute, "exit after this long whatever happens")
+	upgradeDelay := fs.Duration("upgrade-delay", 0, "storm: each upgrade waits this long before its 101, counted on /upgrades")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	if *size < headerLen || *rate < 0 || *lifetime <= 0 || *work < 0 || *echo && *rate != 0 {
-		fmt.Fprintln(os.Stderr, "backend: want -size >= 16, -rate >= 0 (0 with -echo), -work >= 0, -lifetime > 0")
+	if *size < headerLen || *rate < 0 || *lifetime <= 0 || *work < 0 || *echo && *rate != 0 || *upgradeDelay < 0 {
+		fmt.Fprintln(os.Stderr, "backend: want -size >= 16, -rate >= 0 (0 with -echo), -work >= 0, -lifetime > 0, -upgrade-delay >= 0")
 		return 2
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -71,16 +72,17 @@ func backendMain(args []string) int {
 	ctx, cancel := context.WithTimeout(ctx, *lifetime)
 	defer cancel()
 	cfg := naive.Config{Size: *size, Rate: *rate, Serialise: *serialise, Shared: *shared, Echo: *echo, Work: *work}
-	if err := serveBackend(ctx, *listen, cfg, os.Stdout); err != nil {
+	if err := serveBackend(ctx, *listen, cfg, *upgradeDelay, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "backend:", err)
 		return 1
 	}
 	return 0
 }
 
-// serveBackend runs the backend until ctx ends. It writes one JSON line
-// {"addr": "host:port"} to ready once it listens.
-func serveBackend(ctx context.Context, listen string, cfg naive.Config, ready io.Writer) error {
+// serveBackend runs the backend until ctx ends, each upgrade delayed by
+// upgradeDelay. It writes one JSON line {"addr": "host:port"} to ready
+// once it listens.
+func serveBackend(ctx context.Context, listen string, cfg naive.Config, upgradeDelay time.Duration, ready io.Writer) error {
 	b, err := naive.New(cfg)
 	if err != nil {
 		return err
@@ -94,7 +96,9 @@ func serveBackend(ctx context.Context, listen string, cfg naive.Config, ready io
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(b.Stats())
 	})
-	mux.Handle("/", b)
+	up := newUpgradeCounter(b, upgradeDelay)
+	mux.HandleFunc("/upgrades", up.serveStats)
+	mux.Handle("/", up)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go srv.Serve(ln)
 	if err := json.NewEncoder(ready).Encode(map[string]string{"addr": ln.Addr().String()}); err != nil {
@@ -120,11 +124,17 @@ type backendProc struct {
 // startBackend re-executes this binary as the backend and waits for its
 // address. rate 0 gives an idle backend; in inbound mode, an echoing one.
 func startBackend(ctx context.Context, r *runner, rate float64, lifetime time.Duration) (*backendProc, error) {
+	return startBackendOn(ctx, r, "127.0.0.1:0", rate, lifetime)
+}
+
+// startBackendOn is startBackend listening on listen: storm mode restarts
+// the backend on the address the target forwards to.
+func startBackendOn(ctx context.Context, r *runner, listen string, rate float64, lifetime time.Duration) (*backendProc, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("find the harness binary to start the backend: %w", err)
 	}
-	args := []string{backendCommand, "-listen", "127.0.0.1:0", "-size", strconv.Itoa(r.cfg.size),
+	args := []string{backendCommand, "-listen", listen, "-size", strconv.Itoa(r.cfg.size),
 		"-rate", strconv.FormatFloat(rate, 'g', -1, 64), "-lifetime", lifetime.String()}
 	if r.cfg.serialise {
 		args = append(args, "-serialise")
@@ -134,6 +144,9 @@ func startBackend(ctx context.Context, r *runner, rate float64, lifetime time.Du
 	}
 	if r.cfg.mode == modeInbound {
 		args = append(args, "-echo", "-work", r.cfg.work.String())
+	}
+	if r.cfg.mode == modeStorm {
+		args = append(args, "-upgrade-delay", r.cfg.upgradeDelay.String())
 	}
 	addrc := make(chan string, 1)
 	cmd := exec.Command(self, args...)

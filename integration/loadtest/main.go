@@ -16,6 +16,8 @@
 //	go run ./integration/loadtest -mode handshakes -compare direct,sluice -duration 5s
 //	go run ./integration/loadtest -mode inbound -work 200us -duration 15s \
 //	    -compare 'sluice:flooders=0,sluice,sluice:SLUICE_CLIENT_MAX_MESSAGES_PER_SECOND=50'
+//	go run ./integration/loadtest -mode storm -clients 2000 -upgrade-delay 20ms \
+//	    -compare 'sluice,sluice:SLUICE_UPSTREAM_MAX_HANDSHAKES=0'
 //
 // Run with -help for every flag.
 package main
@@ -57,6 +59,7 @@ const (
 	modeIdle       = "idle"
 	modeHandshakes = "handshakes"
 	modeInbound    = "inbound"
+	modeStorm      = "storm"
 )
 
 // config is the parsed command line.
@@ -79,6 +82,9 @@ type config struct {
 	flooders  int           // inbound: default flooding clients per target
 	window    int           // inbound: a flooder's most messages awaiting their echo
 	work      time.Duration // inbound: the backend's busy CPU time per message
+
+	upgradeDelay time.Duration // storm: the restarted backend's time per upgrade
+
 	closeWait time.Duration
 	sluiceEnv []string // K=V for every sluice target
 	sluiceBin string
@@ -105,6 +111,13 @@ Modes (-mode):
               what reaches the backend (total, flooders, each normal
               client's share), normal clients' echo latency, lost and
               reordered echoes, and the target's memory and CPU
+  storm       -clients (default 2000) connect and idle; the backend is stopped
+              and a new one started on its address, taking -upgrade-delay
+              per upgrade; every client reconnects at once with jittered
+              exponential backoff (100 ms doubling to 5 s). Reports the time
+              until every client is back (within -duration), the backend's
+              peak upgrades in progress and upgrade rate, the clients'
+              refusals, and the target's CPU meanwhile
 
 Targets (-target, or a comma-separated list in -compare):
   direct                  clients connect to the backend itself
@@ -151,10 +164,11 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	var target, compare, sluiceEnv string
 	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&c.mode, "mode", modeBroadcast, "broadcast, idle, handshakes or inbound")
+	fs.StringVar(&c.mode, "mode", modeBroadcast, "broadcast, idle, handshakes, inbound or storm")
 	fs.StringVar(&target, "target", "sluice", "the target of a single run (see above)")
 	fs.StringVar(&compare, "compare", "", "targets to run one after another, comma-separated; overrides -target")
-	fs.IntVar(&c.clients, "clients", 0, "clients: default 100 in broadcast, 1000 in idle, 200 normal ones in inbound (up to 100000)")
+	fs.IntVar(&c.clients, "clients", 0, "clients: default 100 in broadcast, 1000 in idle, 200 normal ones in inbound, 2000 in storm (up to 100000)")
+	fs.DurationVar(&c.upgradeDelay, "upgrade-delay", 20*time.Millisecond, "storm: the restarted backend's time per upgrade, up to 10s")
 	fs.Float64Var(&c.slow, "slow", 0.1, "broadcast: share of the clients that stop reading, 0 to 1")
 	fs.DurationVar(&c.slowAfter, "slow-after", 2*time.Second, "broadcast: slow clients read this long after all are connected, then stop")
 	fs.IntVar(&c.slowRcv, "slow-rcvbuf", 4096, "broadcast: SO_RCVBUF of slow clients, set before connect (0 = kernel default)")
@@ -166,7 +180,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.work, "work", 200*time.Microsecond, "inbound: the backend's busy CPU time per message (a calibrated loop), up to 1s")
 	fs.BoolVar(&c.serialise, "serialise", false, "broadcast: the backend writes to every connection in turn from one goroutine instead of per-connection queues and writers")
 	fs.BoolVar(&c.shared, "shared", false, "broadcast: the backend queues one shared buffer per message instead of a copy per connection")
-	fs.DurationVar(&c.duration, "duration", 20*time.Second, "measured time of each run (broadcast run, idle hold, handshake loop), up to 1h")
+	fs.DurationVar(&c.duration, "duration", 20*time.Second, "measured time of each run (broadcast run, idle hold, handshake loop; in storm, the longest wait for the clients to connect, and again to be back), up to 1h")
 	fs.DurationVar(&c.timeout, "timeout", 0, "hard cap on the whole invocation (0 = computed from the runs: setup, connect and teardown allowances plus -duration each)")
 	fs.IntVar(&c.repeat, "repeat", 1, "run the whole comparison this many times and report medians, 1 to 20")
 	fs.IntVar(&c.workers, "workers", 16, "handshakes: concurrent workers; other modes: concurrent dials while connecting")
@@ -215,8 +229,15 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		if c.size < echoHeaderLen {
 			bad("-size %d: inbound messages carry a %d-byte header; want at least that", c.size, echoHeaderLen)
 		}
+	case modeStorm:
+		if c.clients == 0 {
+			c.clients = 2000
+		}
+		if c.upgradeDelay < 0 || c.upgradeDelay > 10*time.Second {
+			bad("-upgrade-delay %v: want 0 to 10s", c.upgradeDelay)
+		}
 	default:
-		bad("-mode %q: want broadcast, idle, handshakes or inbound", c.mode)
+		bad("-mode %q: want broadcast, idle, handshakes, inbound or storm", c.mode)
 	}
 	list := target
 	if compare != "" {
@@ -494,6 +515,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case modeInbound:
 		res, err := runAll(ctx, r, runInbound)
 		return finish(r, host, res, err, writeInboundReport)
+	case modeStorm:
+		res, err := runAll(ctx, r, runStorm)
+		return finish(r, host, res, err, writeStormReport)
 	default:
 		res, err := runAll(ctx, r, runHandshakes)
 		return finish(r, host, res, err, writeHandshakeReport)
@@ -521,6 +545,8 @@ func (r *runner) runBudget() time.Duration {
 		b += time.Duration(r.cfg.clients) * 5 * time.Millisecond
 	case modeInbound:
 		b += inboundWarmup + drainMax + time.Duration(r.cfg.clients+r.maxFlooders())*5*time.Millisecond
+	case modeStorm:
+		b += r.cfg.duration + readyTimeout + stopGrace // connecting, then the storm, with a restart between
 	}
 	if r.cfg.profile != "" {
 		b += profileSlack
