@@ -96,9 +96,13 @@ func demoDefaults(o demoOptions) map[string]string {
 		config.Prefix + "SLOW_CLIENT_MAX_RATIO":  "0.25", // above -slow 0.05, so the policy acts, not the guard
 		config.Prefix + "GLOBAL_QUEUE_MAX_BYTES": "4MiB",
 		config.Prefix + "UPSTREAM_READ_BUFFER":   "4KiB", // pause reaches the backend within a second
-		config.Prefix + "SHUTDOWN_TIMEOUT":       "5s",
-		config.Prefix + "DRAIN_DELAY":            "0", // no load balancer sends clients to the demo
-		config.Prefix + "LOG_LEVEL":              "warn",
+		// A frozen client's kernel buffers fill in under a second at the
+		// demo's rate (kernelBuffered), as on a real path; the default
+		// 256KiB would hide the stall for ten.
+		config.Prefix + "CLIENT_WRITE_BUFFER": "32KiB",
+		config.Prefix + "SHUTDOWN_TIMEOUT":    "5s",
+		config.Prefix + "DRAIN_DELAY":         "0", // no load balancer sends clients to the demo
+		config.Prefix + "LOG_LEVEL":           "warn",
 	}
 	if o.flood != 0 {
 		env[config.Prefix+"CLIENT_MAX_MESSAGES_PER_SECOND"] = fmt.Sprint(demoClientLimit)

@@ -1031,39 +1031,44 @@ func TestBackpressureGlobalCeiling(t *testing.T) {
 	t.Logf("evictions %+v; queued bytes peaked at %d, %d after the eviction", order, peak.get(), peakAfter.get())
 }
 
-// TestBackpressureSlowRatio: 22 clients, 6 of them stalled, with a slow
-// ratio of 0.05 (the floor of 4 slow clients allowed) and a per-client
-// bound that never fires: the two that stalled first are evicted for
-// slow_ratio, the other four stay although they are slow, and the fast
-// clients, never slow, lose nothing.
+// TestBackpressureSlowRatio: 22 clients, 6 of them stalled one after
+// another, with a slow ratio of 0.05 (the floor of 4 slow clients allowed)
+// and a per-client bound that never fires: the two that stalled first are
+// evicted for slow_ratio, first the first, the other four stay although
+// they are slow, and the fast clients, never slow, lose nothing.
 func TestBackpressureSlowRatio(t *testing.T) {
 	const (
 		fastN   = 16
 		size    = 512
 		slowAge = time.Second
 	)
-	// Bigger messages fill the kernel's buffers in fewer messages, so the
-	// client with the bigger messages stalls first. One message per 80 ms.
-	sizes := []int{64 << 10, 48 << 10, 32 << 10, 16 << 10, 8 << 10, 4 << 10}
+	// Six clients read at first and stop one after another, 300 ms apart:
+	// slow[0] stalls first. One message per 80 ms.
+	const nSlow = 6
 	b := bpNewBackend(t, bpBackendConfig{Size: size, Interval: 80 * time.Millisecond})
 	s := bpStartSluice(t, b.url, func(o *proxy.Options) {
 		o.Queue = limiter.Config{Policy: limiter.Evict, MaxMessages: 100000, MaxBytes: 256 << 20, SlowAge: slowAge}
 		o.Budget = limiter.BudgetConfig{SlowRatio: 0.05}
 		o.WriteTimeout = time.Minute
 	})
-	slow := make([]*bpRawClient, len(sizes))
-	for i, sz := range sizes {
-		slow[i] = bpDialSlow(t, s.url, fmt.Sprintf("slow%dk", sz>>10), sz)
+	slow := make([]*bpRawClient, nSlow)
+	for i := range slow {
+		slow[i] = bpDialSlow(t, s.url, fmt.Sprintf("slow%d", i), size)
+		slow[i].Resume()
 	}
 	fast := bpDialFastClients(t, s.url, "fast", fastN, size)
-	waitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+len(sizes) })
+	waitFor(t, bpWaitTimeout, "the backend to accept every connection", func() bool { return b.Conns() == fastN+nSlow })
 	if st := s.srv.Budget().Stats(); st.AllowedSlow != limiter.MinAllowedSlow {
 		t.Errorf("Stats().AllowedSlow = %d with %d connections and ratio 0.05, want the floor %d", st.AllowedSlow, st.Connections, limiter.MinAllowedSlow)
 	}
 	b.StartPublishing()
+	for _, c := range slow {
+		time.Sleep(300 * time.Millisecond) // the stalls' order is the test's subject
+		c.Stop()
+	}
 
-	// Stalling takes up to a few seconds for the smallest messages, then
-	// SlowAge; more on a machine busy with the rest of the suite.
+	// The kernel's buffers fill, then SlowAge; more on a machine busy with
+	// the rest of the suite.
 	waitFor(t, 4*bpWaitTimeout, "two evictions", func() bool {
 		_, order := bpEvictions(s.srv)
 		return len(order) >= 2
@@ -1089,14 +1094,9 @@ func TestBackpressureSlowRatio(t *testing.T) {
 			t.Errorf("eviction %+v: reason %q, want slow_ratio", e, e.Reason)
 		}
 	}
-	// The two that stalled first (their kernel buffers hold the fewest of
-	// their messages); which of them the guard takes first depends on a
-	// sample or two, so only the pair is checked.
 	want := []string{slow[0].addr, slow[1].addr}
-	slices.Sort(got)
-	slices.Sort(want)
 	if !slices.Equal(got, want) {
-		t.Errorf("evicted %v, want the two longest stalled: %v (%s, %s)", got, want, slow[0].id, slow[1].id)
+		t.Errorf("evicted %v, want the longest stalled first: %v (%s, %s)", got, want, slow[0].id, slow[1].id)
 	}
 	for _, c := range stayed {
 		si, ok := bpSession(s.srv, c.addr)

@@ -227,6 +227,26 @@ func TestSlowMeansStalled(t *testing.T) {
 		clock.run(testSlowAge + GuardInterval) // kernel bytes still to the byte
 		slow(t, b, 1, "kernel bytes still: the client stopped reading")
 	})
+	t.Run("a kernel buffer filling is no progress", func(t *testing.T) {
+		b := NewBudget(BudgetConfig{SlowRatio: 0.5})
+		q := NewQueue(clientCfg(), b, nil)
+		defer q.Close()
+		var kernel int64
+		q.OnUnsent(func() int64 { return kernel })
+		clock := newGuardClock(b)
+		// The client stopped reading, but the kernel's send buffer still
+		// has room: every message is taken and lands there, unacknowledged.
+		// Taken alone, that looked like a client keeping up.
+		clock.run(testSlowAge+2*GuardInterval, func() {
+			fillMessages(t, q, 1)
+			take(t, q, 1, 1<<20)
+			kernel += 16
+		})
+		slow(t, b, 1, "every batch taken into a kernel buffer nobody reads")
+		// The client reads: the kernel holds less than before.
+		clock.run(GuardInterval, func() { kernel -= 64 })
+		slow(t, b, 0, "the client acknowledged bytes")
+	})
 	t.Run("falling behind while taking is not slow", func(t *testing.T) {
 		b := NewBudget(BudgetConfig{SlowRatio: 0.5})
 		cfg := clientCfg()

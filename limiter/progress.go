@@ -17,11 +17,13 @@ import "time"
 //
 // Progress is seen by the Budget's guard, every GuardInterval, for the
 // queues on its due list (written since the last sample, or with anything
-// waiting): the writer took a batch since the last sample (Take sets
-// took), or the bytes the kernel holds unacknowledged changed (the client
-// read, so the writer blocked on its socket could go on). A stalled
-// client's unsent bytes sit still to the byte. Nothing is timed on the
-// frame path.
+// waiting): the client acknowledged bytes since the last sample, that is,
+// more was handed to the writer than the kernel now holds in addition
+// (SIOCOUTQ). A Take alone is not enough: a client that stopped reading
+// still takes batch after batch while the kernel's send buffer fills
+// (hundreds of KiB, seconds of a feed), and a stalled client's unsent bytes
+// then sit still to the byte. Where the kernel cannot be asked, a batch
+// taken since the last sample counts. Nothing is timed on the frame path.
 
 // waitingLocked: something waits for the client, in the queue or in the
 // kernel. Callers hold mu.
@@ -51,7 +53,7 @@ func (q *Queue) observeLocked(t int64, progressed bool) (waiting bool) {
 // machine) does not make every client look stalled. 0 while the writer has
 // taken something since the last sample. Callers hold mu.
 func (q *Queue) stillFor() time.Duration {
-	if q.took || q.sampledAt == 0 {
+	if q.sampledAt == 0 || (q.took && q.unsentFn == nil) {
 		return 0
 	}
 	return time.Duration(q.sampledAt - q.progressAt)

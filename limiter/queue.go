@@ -93,6 +93,8 @@ type Queue struct {
 
 	// Progress (progress.go): whether the client is taking what waits.
 	took       bool        // Take handed the writer something since the last sample
+	taken      int64       // bytes handed to the writer or streamed, ever (Take, Streamed)
+	takenSeen  int64       // taken as of the last sample of the kernel's share
 	sampledAt  int64       // monotonic ns of the guard's last sample of this queue; 0 before it
 	progressAt int64       // monotonic ns of the last sample that saw progress, or nothing waiting
 	slow       atomic.Bool // counted slow by the Budget; written under mu
@@ -522,6 +524,7 @@ func (q *Queue) Take(dst []*Segment, maxBytes int64) ([]*Segment, error) {
 	// The counters are settled once per batch: the budget's are shared by
 	// every connection, so an atomic add per segment would contend.
 	if taken != 0 {
+		q.taken += taken
 		q.addBytes(-taken)
 	}
 	if ended != 0 {

@@ -1616,10 +1616,10 @@ func TestEvictWaitBoundedByPauseMax(t *testing.T) {
 		take(t, q, 1, 1<<20)
 		fillMessages(t, q, 4)
 		done := asyncPush(q, msg(5, 16))
-		// The guard sees progress every tick (the kernel's bytes move),
-		// yet the queue stays full.
-		var kernel atomic.Int64
-		q.OnUnsent(func() int64 { return kernel.Add(1) })
+		// The guard sees progress every tick (the client acknowledges a
+		// byte), yet the queue stays full.
+		var acked atomic.Int64
+		q.OnUnsent(func() int64 { return 1<<20 - acked.Add(1) })
 		for range int(3*time.Second/GuardInterval) - 1 {
 			time.Sleep(GuardInterval)
 			b.SampleUnsent(nil)

@@ -46,7 +46,13 @@ func (q *Queue) sample(t int64) (again bool) {
 	progressed := q.took
 	q.took = false
 	if asked {
-		progressed = progressed || n != q.unsent.Load()
+		// What the client acknowledged since the last sample: what was
+		// handed to the writer since, less what the kernel holds more of.
+		// A Take alone is no progress here: while the kernel's buffer has
+		// room, a client that stopped reading still takes every batch.
+		acked := (q.taken - q.takenSeen) - (n - q.unsent.Load())
+		progressed = acked > 0
+		q.takenSeen = q.taken
 		q.setUnsentLocked(n)
 		if q.roomWanted && q.hasRoomLocked() {
 			q.signalRoom()
@@ -86,4 +92,13 @@ func (q *Queue) tiedBytes() int64 {
 		return t.Bytes()
 	}
 	return 0
+}
+
+// Streamed counts n bytes the writer copied to the socket straight from
+// the other one (a spliced payload): they were never queued, yet the
+// client acknowledging them is progress all the same.
+func (q *Queue) Streamed(n int64) {
+	q.mu.Lock()
+	q.taken += n
+	q.mu.Unlock()
 }

@@ -205,6 +205,7 @@ func (s *session) stream(dst, src *leg, n int64) error {
 		}
 		m, err := src.rd.CopyN(dst.conn, chunk)
 		n -= m
+		dst.queue().Streamed(m) // what the client acknowledges of it is progress
 		if err != nil {
 			if readTimeout > 0 && errors.Is(err, os.ErrDeadlineExceeded) && src.readDeadlinePassed() {
 				return errUpstreamStalled
