@@ -465,3 +465,71 @@ func TestPassThroughTLSUpstream(t *testing.T) {
 		t.Errorf("through sluice to an https origin: %d %q", resp.StatusCode, b)
 	}
 }
+
+// TestPassThroughFullDuplex: an app that answers while the request body
+// still arrives (a streaming echo, as Node's req.pipe(res)) gets the whole
+// body through sluice. net/http's server stops reading a request body once
+// the answer has begun, unless full duplex is asked for; CI saw a 1 MiB
+// echo through sluice come back as its first 32 KiB.
+func TestPassThroughFullDuplex(t *testing.T) {
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		if err := rc.EnableFullDuplex(); err != nil {
+			t.Errorf("app: %v", err)
+		}
+		w.WriteHeader(http.StatusOK)
+		rc.Flush() // the answer begins before the body is read
+		buf := make([]byte, 8<<10)
+		for {
+			n, err := r.Body.Read(buf)
+			w.Write(buf[:n])
+			rc.Flush()
+			if err != nil {
+				return
+			}
+		}
+	}))
+	t.Cleanup(app.Close)
+	s := startSluice(t, "ws://"+app.Listener.Addr().String(), nil)
+	c := plainClient(t)
+	body := bytes.Repeat([]byte("full duplex "), 100_000) // 1.2 MB
+	// The body arrives in pieces, each after the echo of the one before:
+	// the answer has long begun when the rest comes.
+	pr, pw := io.Pipe()
+	echoed := make(chan int, 1)
+	go func() {
+		for off := 0; off < len(body); off += 64 << 10 {
+			if _, err := pw.Write(body[off:min(off+64<<10, len(body))]); err != nil {
+				return
+			}
+			select {
+			case <-echoed:
+			case <-time.After(time.Second):
+			}
+		}
+		pw.Close()
+	}()
+	resp, err := c.Post("http://"+s.addr+"/echo", "application/octet-stream", pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []byte
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := resp.Body.Read(buf)
+		got = append(got, buf[:n]...)
+		if len(got)%(64<<10) == 0 && n > 0 {
+			select {
+			case echoed <- len(got):
+			default:
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	resp.Body.Close()
+	if !bytes.Equal(got, body) {
+		t.Errorf("streamed echo through sluice: %d bytes back, want the %d sent", len(got), len(body))
+	}
+}

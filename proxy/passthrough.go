@@ -131,6 +131,11 @@ func (p *passThrough) serve(w http.ResponseWriter, hr *http.Request) {
 	if pc, ok := hr.Context().Value(passConnKey{}).(*passConn); ok && pc.tls != nil && hr.TLS == nil {
 		hr.TLS = pc.tls
 	}
+	// An app may answer while the request's body still arrives (a
+	// streaming echo, an upload with progress): net/http's server would
+	// otherwise stop reading the body once the answer begins, and swallow
+	// or cut the rest. ServeHTTP embedded in a server without it: as before.
+	http.NewResponseController(w).EnableFullDuplex()
 	rec := &statusRecorder{ResponseWriter: w}
 	p.proxy.ServeHTTP(rec, hr)
 	code := rec.code
