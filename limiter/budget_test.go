@@ -190,7 +190,8 @@ func TestSlowMeansStalled(t *testing.T) {
 		take(t, q, 1, 1<<20) // the writer took it; the socket took no more
 		clock.run(GuardInterval)
 		fillMessages(t, q, 3)
-		clock.run(testSlowAge - GuardInterval)
+		// Timed from the first sample that sees the messages waiting.
+		clock.run(testSlowAge)
 		slow(t, b, 0, "stalled just under SlowAge")
 		clock.run(GuardInterval)
 		slow(t, b, 1, "stalled for SlowAge")

@@ -28,7 +28,10 @@ import "time"
 // waitingLocked: something waits for the client, in the queue or in the
 // kernel. Callers hold mu.
 func (q *Queue) waitingLocked() bool {
-	return q.msgs.Load() > 0 || q.head != nil || q.unsent.Load() > 0
+	// Not the message count: the writer may have written all of a message
+	// whose rest the backend has yet to send, and nothing then waits for
+	// the client.
+	return q.head != nil || q.nctl > 0 || q.unsent.Load() > 0
 }
 
 // observeLocked records one sample's verdict at t: progressed says the
@@ -37,10 +40,13 @@ func (q *Queue) waitingLocked() bool {
 // guard samples it again. Callers hold mu.
 func (q *Queue) observeLocked(t int64, progressed bool) (waiting bool) {
 	waiting = !q.closed && q.waitingLocked()
-	if progressed || !waiting || q.progressAt == 0 {
+	if progressed || !waiting || !q.waitedAtSample {
+		// A wait is timed from the first sample that sees it: data that
+		// came after an idle spell, the queue off the guard's list, has
+		// waited one interval at most, not since the sample before it.
 		q.progressAt = t
 	}
-	q.sampledAt = t
+	q.sampledAt, q.waitedAtSample = t, waiting
 	q.setSlowLocked(waiting && q.stillFor() >= q.cfg.SlowAge)
 	if q.roomWanted && q.cfg.Policy == Evict {
 		q.signalRoom() // the producer at the high-water mark looks again

@@ -92,12 +92,13 @@ type Queue struct {
 	dropped      uint64
 
 	// Progress (progress.go): whether the client is taking what waits.
-	took       bool        // Take handed the writer something since the last sample
-	taken      int64       // bytes handed to the writer or streamed, ever (Take, Streamed)
-	takenSeen  int64       // taken as of the last sample of the kernel's share
-	sampledAt  int64       // monotonic ns of the guard's last sample of this queue; 0 before it
-	progressAt int64       // monotonic ns of the last sample that saw progress, or nothing waiting
-	slow       atomic.Bool // counted slow by the Budget; written under mu
+	took           bool        // Take handed the writer something since the last sample
+	taken          int64       // bytes handed to the writer or streamed, ever (Take, Streamed)
+	takenSeen      int64       // taken as of the last sample of the kernel's share
+	sampledAt      int64       // monotonic ns of the guard's last sample of this queue; 0 before it
+	progressAt     int64       // monotonic ns of the last sample that saw progress, or nothing waiting
+	waitedAtSample bool        // the last sample saw something waiting for the client
+	slow           atomic.Bool // counted slow by the Budget; written under mu
 
 	// room tells the producer waiting on the data lane that it is below
 	// low water, or closed; ctlRoom tells a forwarder waiting on a full
