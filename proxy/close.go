@@ -27,7 +27,6 @@ package proxy
 
 import (
 	"errors"
-	"net"
 	"os"
 	"time"
 
@@ -301,26 +300,6 @@ func (s *session) unlock() {
 		if l != nil {
 			s.flush(l, l.peer())
 		}
-	}
-}
-
-// setLingerZero makes conn's close a reset, which frees what the kernel
-// holds for it at once.
-func setLingerZero(conn net.Conn) {
-	if tc, ok := conn.(interface{ NetConn() net.Conn }); ok {
-		conn = tc.NetConn()
-	}
-	if tcp, ok := conn.(*net.TCPConn); ok {
-		tcp.SetLinger(0)
-	}
-}
-
-// halfClose sends FIN after sluice's last bytes to conn (its close frame):
-// the peer then sees the end of the stream and closes its side, which
-// sluice reads to the end before closing (no reset).
-func halfClose(conn net.Conn) {
-	if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
 	}
 }
 

@@ -225,22 +225,33 @@ type session struct {
 	cause   cause        // why sluice ended the session, if it did; guarded by mu
 }
 
+// upgraded is what the front door (accept.go) hands the pair once both
+// handshakes are done: the two sockets, the bytes each sent after its
+// handshake, and what the session logs and checks frames against. The
+// pair owns the sockets from then on.
+type upgraded struct {
+	client, upstream               net.Conn
+	clientPending, upstreamPending []byte // copied by the frame readers
+	clientAddr, target, protocol   string
+	ext                            frame.Extension
+}
+
 // startSession makes the session of an upgraded pair and starts its
 // upstream reader; the caller runs or starts the client's (clientReader,
 // startReading).
-func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn net.Conn, upPending []byte, clientAddr, target, protocol string, ext frame.Extension) *session {
+func (s *Server) startSession(u *upgraded) *session {
 	ss := &session{
 		srv:        s,
 		id:         s.nextID.Add(1),
 		began:      limiter.Now(),
-		clientAddr: clientAddr,
+		clientAddr: u.clientAddr,
 	}
-	ss.client = leg{s: ss, conn: clientConn, rd: frame.NewReader(clientConn, clientPending)}
-	ss.upstream = leg{s: ss, upstream: true, conn: upConn, rd: frame.NewReader(upConn, upPending)}
-	ss.client.check = frame.Checker{FromClient: true, Extension: ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
-	ss.upstream.check = frame.Checker{FromClient: false, Extension: ext}
+	ss.client = leg{s: ss, conn: u.client, rd: frame.NewReader(u.client, u.clientPending)}
+	ss.upstream = leg{s: ss, upstream: true, conn: u.upstream, rd: frame.NewReader(u.upstream, u.upstreamPending)}
+	ss.client.check = frame.Checker{FromClient: true, Extension: u.ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
+	ss.upstream.check = frame.Checker{FromClient: false, Extension: u.ext}
 	cq := limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
-	if f := unsentCounter(clientConn); f != nil {
+	if f := unsentCounter(u.client); f != nil {
 		// What the kernel holds unsent for the client counts as queued:
 		// sampled by the Budget's guard, never per frame.
 		cq.OnUnsent(f)
@@ -273,7 +284,7 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	s.mu.Unlock()
 	s.metrics.connectionsActive.Inc()
 	s.settle.setUp()
-	ss.event(s.log.Info()).Str("upstream", s.logURL(target)).Str("protocol", protocol).Msg("session open")
+	ss.event(s.log.Info()).Str("upstream", s.logURL(u.target)).Str("protocol", u.protocol).Msg("session open")
 	if s.closing.Load() {
 		// Shutdown may have listed the sessions before this one joined.
 		ss.goAway()
