@@ -46,7 +46,7 @@ func procBinary(t *testing.T) string {
 			procBuildErr = err
 			return
 		}
-		if mod, err := os.ReadFile(filepath.Join(root, "go.mod")); err != nil || !bytes.HasPrefix(mod, []byte("module sluice\n")) {
+		if mod, err := os.ReadFile(filepath.Join(root, "go.mod")); err != nil || !bytes.HasPrefix(mod, []byte("module github.com/sluice-proxy/sluice\n")) {
 			procBuildErr = fmt.Errorf("%s is not the sluice module root (go.mod: %v)", root, err)
 			return
 		}
