@@ -137,7 +137,7 @@ func (s *session) closeWritten(dst *leg) {
 	s.srv.metrics.closeCode(dst.upstream, true, dst.sentCode).Inc()
 	if dst.draining && dst.closeRcvd {
 		// The handshake is done: wake the client's reader from its drain.
-		dst.conn.SetReadDeadline(time.Now())
+		dst.setReadDeadline(time.Now())
 	}
 	s.checkDoneLocked()
 }
@@ -290,15 +290,12 @@ func (s *session) unlock() {
 		if l == nil {
 			continue
 		}
-		if reset[i] {
-			setLingerZero(l.conn)
-		}
-		l.conn.Close()
+		l.w.closeSocket(reset[i])
 		l.wake()
 	}
 	for _, l := range flush {
 		if l != nil {
-			s.flush(l, l.peer())
+			l.w.flush()
 		}
 	}
 }
@@ -331,7 +328,7 @@ func (s *session) drain(src *leg) (clean bool) {
 		if done {
 			return true
 		}
-		src.conn.SetReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
+		src.setReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
 		err := src.rd.Drain()
 		if err == nil {
 			return true // the client's FIN
@@ -354,7 +351,7 @@ func (s *session) drain(src *leg) (clean bool) {
 // first and waits on.
 func (s *session) drainUpstream(src *leg) (clean bool) {
 	for {
-		src.conn.SetReadDeadline(time.Now().Add(upstreamFinGrace))
+		src.setReadDeadline(time.Now().Add(upstreamFinGrace))
 		err := src.rd.Drain()
 		if err == nil {
 			return true
@@ -370,8 +367,8 @@ func (s *session) drainUpstream(src *leg) (clean bool) {
 		}
 		if done {
 			s.srv.metrics.upstreamClosedFirst.Inc()
-			halfClose(src.conn)
-			src.conn.SetReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
+			src.w.halfClose()
+			src.setReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
 			return src.rd.Drain() == nil
 		}
 	}

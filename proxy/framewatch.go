@@ -149,7 +149,7 @@ func (l *leg) upstreamFrameStart(h ws.Header) {
 	if d <= 0 || h.Length <= int64(l.rd.Buffered()) || (!h.OpCode.IsControl() && h.Length > inlineMax) {
 		return
 	}
-	l.conn.SetReadDeadline(time.Now().Add(d))
+	l.setReadDeadline(time.Now().Add(d))
 	l.frameDeadline = true
 }
 
@@ -158,7 +158,7 @@ func (l *leg) upstreamFrameStart(h ws.Header) {
 func (l *leg) upstreamFrameEnd() {
 	if l.frameDeadline {
 		l.frameDeadline = false
-		l.conn.SetReadDeadline(time.Time{})
+		l.setReadDeadline(time.Time{})
 	}
 }
 
@@ -190,6 +190,6 @@ func (s *session) frameTimerFired() {
 	// connection is cut.
 	s.end(causeReadTimeout, nil)
 	if s.frames.streaming.Load() {
-		s.client.conn.SetReadDeadline(time.Now())
+		s.client.setReadDeadline(time.Now())
 	}
 }

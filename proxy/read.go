@@ -144,9 +144,9 @@ func (s *session) quiet(src *leg, now bool, grace time.Duration) (parked bool, e
 	// No look first (Idle): Wait's own first read finds bytes already
 	// there, and a socket is nearly always empty between frames, so a
 	// look costs a read that fails, a tenth of the reader's syscalls.
-	src.conn.SetReadDeadline(time.Now().Add(grace))
+	src.setReadDeadline(time.Now().Add(grace))
 	err = src.rd.Wait()
-	src.conn.SetReadDeadline(time.Time{})
+	src.setReadDeadline(time.Time{})
 	if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
 		return false, err
 	}
@@ -281,7 +281,7 @@ func (s *session) forwardControl(src, dst *leg, h ws.Header, raw []byte, sc *con
 		seg.Free()
 		return readerNext
 	}
-	s.flush(dst, src)
+	dst.w.flush()
 	return readerNext
 }
 
@@ -305,12 +305,12 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 		seg = limiter.NewSegment(len(raw))
 		*seg.Buf = append(*seg.Buf, raw...)
 		seg.Follow = h.Length
-		if dst.streamDone == nil {
+		if dst.w.streamDone == nil {
 			// Made for the first streamed frame only: most sessions never
 			// stream.
-			dst.streamDone = make(chan error, 1)
+			dst.w.streamDone = make(chan error, 1)
 		}
-		seg.Discarded = dst.streamDone
+		seg.Discarded = dst.w.streamDone
 	}
 	seg.Start = h.OpCode != ws.OpContinuation
 	seg.End = h.Fin
@@ -322,13 +322,13 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 	err := dst.queue().Push(seg)
 	switch err {
 	case nil:
-		s.flush(dst, src)
+		dst.w.flush()
 		if follow == 0 {
 			return readerNext
 		}
 		// dst's writer copies the payload straight from src's socket; src
 		// is not read until it is done.
-		switch err := <-dst.streamDone; err {
+		switch err := <-dst.w.streamDone; err {
 		case nil:
 			return readerNext
 		case limiter.ErrClosed:

@@ -1,6 +1,7 @@
 // Package proxy splices WebSocket connections: each client connection is
 // paired with one upstream connection, and frames flow both ways through
-// bounded queues, one writer goroutine per socket.
+// bounded queues; each socket is written only through its leg's writer
+// (legWriter, write.go), by whoever holds its write token.
 package proxy
 
 import (

@@ -31,11 +31,11 @@ var upstreamQueue = limiter.Config{
 	ToUpstream:  true,
 }
 
-// leg is one side of a session: a socket, its reader state, and the queue
-// its single writer goroutine drains.
+// leg is one side of a session: a socket, read through rd and written
+// through w, its reader's state, and the queue w drains.
 type leg struct {
 	s     *session
-	conn  net.Conn
+	w     legWriter
 	rd    *frame.Reader
 	check frame.Checker      // owned by this leg's reader goroutine
 	ka    *keepalive.Monitor // nil when keepalive is off for this leg
@@ -44,14 +44,6 @@ type leg struct {
 	// needed, since an idle client sends nothing for the upstream: a
 	// queue (192 B) less per idle session.
 	out atomic.Pointer[limiter.Queue]
-	// writer is this leg's writer goroutine, made once; writing says one
-	// runs or is being started (kick).
-	writer func()
-	// streamDone carries the result of a streamed payload from this leg's
-	// writer to the other leg's reader, which waits for it. Made by that
-	// reader before the first streamed frame (most sessions never stream:
-	// 128 B saved per leg), and only then given to the queue.
-	streamDone chan error
 
 	// Parking (idle_linux.go): a reader whose socket stays quiet between
 	// frames for idleGrace ends, leaving the socket in the server's epoll
@@ -66,7 +58,6 @@ type leg struct {
 
 	// The small fields last and together: a session is 512 bytes, a
 	// size class, only while they share words (it was 640).
-	writing  atomic.Bool
 	parked   atomic.Bool // no reader runs; the next is started by wake
 	upstream bool        // the leg toward the backend: frames sluice makes are masked
 	armOp    int8        // EPOLL_CTL_ADD or _MOD; reader-owned
@@ -109,7 +100,7 @@ func (l *leg) queue() *limiter.Queue {
 	// Not counted by the Budget's guard (SlowAge 0): a queue that
 	// loses the race below is simply dropped.
 	q := limiter.NewQueue(&l.s.srv.upstreamQueue, l.s.srv.budget, nil)
-	if f := unsentCounter(l.conn); f != nil {
+	if f := unsentCounter(l.w.conn); f != nil {
 		// What the kernel holds unsent for the backend counts as queued,
 		// as for the client (the guard samples it, never per frame), and
 		// in the pause mark too: a client waits while its backend does
@@ -166,7 +157,7 @@ func (l *leg) SendPing(payload []byte) {
 	// Written from the keepalive's timer goroutine, as a reader writes
 	// what it queues: a writer goroutine per ping was one goroutine start
 	// per connection per interval.
-	l.s.flush(l, l.peer())
+	l.w.flush()
 	if l.upstream {
 		l.s.srv.metrics.upstreamPingsSent.Inc()
 	} else {
@@ -246,8 +237,10 @@ func (s *Server) startSession(u *upgraded) *session {
 		began:      limiter.Now(),
 		clientAddr: u.clientAddr,
 	}
-	ss.client = leg{s: ss, conn: u.client, rd: frame.NewReader(u.client, u.clientPending)}
-	ss.upstream = leg{s: ss, upstream: true, conn: u.upstream, rd: frame.NewReader(u.upstream, u.upstreamPending)}
+	ss.client = leg{s: ss, rd: frame.NewReader(u.client, u.clientPending)}
+	ss.upstream = leg{s: ss, upstream: true, rd: frame.NewReader(u.upstream, u.upstreamPending)}
+	ss.client.w.l, ss.client.w.conn = &ss.client, u.client
+	ss.upstream.w.l, ss.upstream.w.conn = &ss.upstream, u.upstream
 	ss.client.check = frame.Checker{FromClient: true, Extension: u.ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
 	ss.upstream.check = frame.Checker{FromClient: false, Extension: u.ext}
 	cq := limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
@@ -263,11 +256,9 @@ func (s *Server) startSession(u *upgraded) *session {
 	if s.idle != nil {
 		ss.client.raw, ss.upstream.raw = ss.client.rd.RawConn(), ss.upstream.rd.RawConn()
 	}
-	// Writers run only while their queue has work (leg.kick), readers
-	// only while their socket has bytes: an idle session is no goroutine
-	// at all. Func values made once: `go ss.clientWriter()` would
-	// allocate a closure per start.
-	ss.client.writer, ss.upstream.writer = ss.clientWriter, ss.upstreamWriter
+	// Writers run only while their queue has work (legWriter.kick,
+	// flush), readers only while their socket has bytes: an idle session
+	// is no goroutine at all.
 	// The readers count as running from here, so that a keepalive ping or
 	// a drain can start a writer before they do.
 	ss.running.Store(2)
@@ -302,14 +293,8 @@ func (s *session) event(e *zerolog.Event) *zerolog.Event {
 	return e.Uint64("conn", s.id).Str("client", s.clientAddr)
 }
 
-// kick starts l's writer unless one runs: callers have just queued
-// something for it. A writer that finds the queue empty says it stopped,
-// then looks once more (write), so nothing queued meanwhile waits.
-func (l *leg) kick() {
-	if l.writing.CompareAndSwap(false, true) && l.s.enter() {
-		go l.writer()
-	}
-}
+// setReadDeadline bounds the reader's next wait on l's socket.
+func (l *leg) setReadDeadline(t time.Time) { l.w.conn.SetReadDeadline(t) }
 
 // enter counts a new writer goroutine in, unless the session has already
 // finished.

@@ -62,12 +62,3 @@ func setLingerZero(conn net.Conn) {
 		tcp.SetLinger(0)
 	}
 }
-
-// halfClose sends FIN after sluice's last bytes to conn (its close frame):
-// the peer then sees the end of the stream and closes its side, which
-// sluice reads to the end before closing (no reset).
-func halfClose(conn net.Conn) {
-	if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-	}
-}
