@@ -46,7 +46,7 @@ func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
 	s.srv.metrics.closeCode(src.upstream, false, code).Inc()
 	s.mu.Lock()
 	defer s.unlock()
-	src.closeRcvd = true
+	src.end.step(evCloseReceived)
 	src.rcvdCode = code
 	if src.ka != nil {
 		// It said goodbye: silence from now on is not staleness.
@@ -58,13 +58,13 @@ func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
 		// The upstream answered the close sluice sent it: the client's
 		// own close may go now, behind everything before it.
 		s.closeLeg(dst, s.hold.code, s.hold.text, false)
-	case !dst.closeQueued && !dst.dead:
+	case dst.end.out == outNone && !dst.dead:
 		// Pass the close on as it came: same code, same reason, same mask.
 		seg := limiter.NewSegment(len(wire))
 		*seg.Buf = append(*seg.Buf, wire...)
 		s.queueClose(dst, seg, code, false)
 	}
-	if !src.closeQueued && dst.dead {
+	if src.end.out == outNone && dst.dead {
 		// Nobody can answer for the other side: echo the code.
 		echo := code
 		if echo == ws.StatusNoStatusRcvd {
@@ -90,7 +90,7 @@ func (s *session) queueClose(l *leg, seg *limiter.Segment, code ws.StatusCode, f
 		return
 	}
 	l.flushWanted = true
-	l.closeQueued = true
+	l.end.step(evCloseQueued)
 	l.sentCode = code
 	s.armCloseTimerLocked()
 }
@@ -107,7 +107,7 @@ func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool
 	if l.dead {
 		return
 	}
-	if l.closeQueued {
+	if l.end.out != outNone {
 		if first {
 			// Let the queued close overtake the data.
 			l.queue().Expedite()
@@ -133,9 +133,9 @@ func (s *session) closeWritten(dst *leg) {
 		// guard) after the session finished: nothing is left to count.
 		return
 	}
-	dst.closeSent = true
+	dst.end.step(evCloseWritten)
 	s.srv.metrics.closeCode(dst.upstream, true, dst.sentCode).Inc()
-	if dst.draining && dst.closeRcvd {
+	if dst.end.read == readDraining && dst.end.in == inReceived {
 		// The handshake is done: wake the client's reader from its drain.
 		dst.setReadDeadline(time.Now())
 	}
@@ -146,7 +146,7 @@ func (s *session) closeWritten(dst *leg) {
 // close handshakes and both sockets have been read to their end. Callers
 // hold s.mu.
 func (s *session) checkDoneLocked() {
-	if s.client.finished() && s.upstream.finished() && s.client.readDone && s.upstream.readDone {
+	if s.client.finished() && s.upstream.finished() && s.client.end.read == readDone && s.upstream.end.read == readDone {
 		s.abortLocked()
 	}
 }
@@ -176,7 +176,7 @@ func (s *session) lost(src *leg, err error) {
 	if src.ka != nil {
 		src.ka.Stop()
 	}
-	if src.closeRcvd {
+	if src.end.in == inReceived {
 		// It closed properly before: the socket ending is expected.
 		s.checkDoneLocked()
 		s.unlock()
@@ -256,7 +256,7 @@ func (s *session) abortLocked() {
 		// taken is reset too: an orphan would keep them.
 		unsent := l.queue().Unsent() > 0
 		l.queue().Close()
-		s.doom(l, (!l.upstream && !l.readDone) || (l.upstream && unsent))
+		s.doom(l, (!l.upstream && l.end.read != readDone) || (l.upstream && unsent))
 	}
 }
 
@@ -264,8 +264,11 @@ func (s *session) abortLocked() {
 // s.mu is let go (unlock): a close can write (TLS close_notify), and no
 // network I/O happens under a lock. Callers hold s.mu.
 func (s *session) doom(l *leg, reset bool) {
-	l.doomed = true
-	l.resetOnClose = l.resetOnClose || reset
+	if reset {
+		l.end.step(evDoomReset)
+	} else {
+		l.end.step(evDoom)
+	}
 }
 
 // unlock lets go of s.mu, then closes the sockets doomed meanwhile, and
@@ -276,9 +279,9 @@ func (s *session) unlock() {
 	var close, flush [2]*leg
 	var reset [2]bool
 	for i, l := range []*leg{&s.client, &s.upstream} {
-		if l.doomed && !l.connClosed {
-			l.connClosed = true
-			close[i], reset[i] = l, l.resetOnClose
+		if st := l.end.sock; st == sockDoomed || st == sockDoomedReset {
+			close[i], reset[i] = l, st == sockDoomedReset
+			l.end.step(evSocketClosed)
 		}
 		if l.flushWanted {
 			l.flushWanted = false
@@ -322,8 +325,10 @@ func (s *session) drain(src *leg) (clean bool) {
 	}
 	for {
 		s.mu.Lock()
-		done := src.closeSent && src.closeRcvd
-		src.draining = !done
+		done := src.end.closeHandshakeDone()
+		if !done {
+			src.end.step(evDrain)
+		}
 		s.mu.Unlock()
 		if done {
 			return true
@@ -337,7 +342,7 @@ func (s *session) drain(src *leg) (clean bool) {
 			return false
 		}
 		s.mu.Lock()
-		woken := src.closeSent && src.closeRcvd
+		woken := src.end.closeHandshakeDone()
 		s.mu.Unlock()
 		if !woken {
 			return false
@@ -360,7 +365,7 @@ func (s *session) drainUpstream(src *leg) (clean bool) {
 			return false
 		}
 		s.mu.Lock()
-		done, aborted := src.closeSent && src.closeRcvd, s.aborted
+		done, aborted := src.end.closeHandshakeDone(), s.aborted
 		s.mu.Unlock()
 		if aborted {
 			return false
@@ -381,7 +386,7 @@ func (s *session) drainUpstream(src *leg) (clean bool) {
 // reading does not keep what the kernel holds for it.
 func (s *session) readerEnded(src *leg, clean bool) {
 	s.mu.Lock()
-	src.readDone = true
+	src.end.step(evReaderEnded)
 	if src.finished() {
 		s.doom(src, !clean && !src.upstream)
 	}

@@ -164,7 +164,7 @@ func (s *session) end(c cause, fe *frame.Error) {
 		if c == causeUpstreamCeiling {
 			l, le = &s.upstream, e.upstream
 		}
-		l.noReply = true
+		l.end.step(evNoReply)
 		s.closeLeg(l, le.code, le.text, true)
 		s.checkDoneLocked()
 		s.unlock()
@@ -207,7 +207,7 @@ func (s *session) tell(l *leg, le legEnd, fe *frame.Error) {
 		code, text = fe.Code, fe.Reason
 	}
 	if le.noReply {
-		l.noReply = true
+		l.end.step(evNoReply)
 	}
 	switch le.order {
 	case afterData:
@@ -229,11 +229,11 @@ func (s *session) holdBound() time.Duration { return s.srv.opts.CloseTimeout / 2
 // sends meanwhile is still forwarded. Callers hold s.mu.
 func (s *session) holdClientClose(code ws.StatusCode, text string) {
 	c := &s.client
-	if c.dead || c.closeQueued || s.hold.on {
+	if c.dead || c.end.out != outNone || s.hold.on {
 		return
 	}
 	up := &s.upstream
-	if up.dead || up.closeRcvd {
+	if up.dead || up.end.in == inReceived {
 		s.closeLeg(c, code, text, false)
 		return
 	}
@@ -296,7 +296,7 @@ func (s *session) guardEvict(r limiter.Reason) {
 // needed, and the client is not reading.
 func (s *session) reclaim() {
 	s.mu.Lock()
-	if !s.client.dead && !s.client.readDone {
+	if !s.client.dead && s.client.end.read != readDone {
 		s.noteEnd("evicted client reset to free its kernel buffers")
 		s.client.dead = true
 		s.doom(&s.client, true)

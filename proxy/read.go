@@ -337,7 +337,7 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 			// The copy broke mid-frame: src's stream has no frame boundary
 			// left to read at, so its close reply cannot be awaited either.
 			s.mu.Lock()
-			src.noReply = true
+			src.end.step(evNoReply)
 			s.checkDoneLocked()
 			s.unlock()
 			return readerDraining

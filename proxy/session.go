@@ -65,20 +65,12 @@ type leg struct {
 	// frameDeadline: upstreamFrameStart set a read deadline; reader-owned.
 	frameDeadline bool
 
-	// Close state (close.go), guarded by s.mu.
-	closeQueued  bool // a close frame toward this leg is queued or written
-	flushWanted  bool // ... queued or moved ahead under s.mu: unlock writes it
-	closeSent    bool // ... and written
-	closeRcvd    bool // this leg's peer sent a close frame
-	noReply      bool // this leg broke the protocol or does not read: its close is not awaited
-	dead         bool // the socket failed: nothing more goes either way
-	readDone     bool // no reader will read the socket again
-	draining     bool // the reader reads only to find the socket's end (close.go drain)
-	doomed       bool // the socket is to be closed when s.mu is let go
-	resetOnClose bool // ... with a reset (SO_LINGER 0)
-	connClosed   bool // ... and has been
-	sentCode     ws.StatusCode
-	rcvdCode     ws.StatusCode
+	// The leg's ending (legstate.go, close.go), guarded by s.mu.
+	end         legState
+	flushWanted bool // a close was queued or moved ahead under s.mu: unlock writes it
+	dead        bool // the socket failed: nothing more goes either way
+	sentCode    ws.StatusCode
+	rcvdCode    ws.StatusCode
 }
 
 // pollKey is the leg's key in the epoll set: the session's id and the
@@ -139,7 +131,7 @@ func (l *leg) peer() *leg {
 
 // finished: nothing more is expected on this leg. Callers hold s.mu.
 func (l *leg) finished() bool {
-	return l.dead || (l.closeSent && (l.closeRcvd || l.noReply))
+	return l.dead || (l.end.out == outWritten && l.end.in != inAwaited)
 }
 
 // SendPing implements keepalive.Peer: the ping goes on the priority lane.
