@@ -16,10 +16,11 @@ package proxy
 //     one queues only its header, with Follow set to its payload length.
 //  5. The segment goes on the other leg's queue (limiter.Queue.Push):
 //     the queue's policy may refuse it (evict), drop older messages, or
-//     make the reader wait (pause). Unless a writer runs, the reader then
-//     writes the other leg's queue itself with one non-blocking writev
-//     (flush, write.go), and starts a writer goroutine only for what the
-//     socket does not take at once or a streamed payload.
+//     make the reader wait (pause). Unless another holds the other leg's
+//     write token, the reader then writes that queue itself with one
+//     non-blocking writev (legWriter.flush, write.go), and starts a writer
+//     goroutine only for what the socket does not take at once or a
+//     streamed payload.
 //  6. A writer takes a batch, control frames first, and writes it with
 //     one writev under a deadline; a Follow segment's payload is then
 //     spliced from the reader's socket (stream), and the reader, which
@@ -59,10 +60,8 @@ func (s *session) upstreamReader() { s.read(&s.upstream, &s.client, idleGrace) }
 // firstClientReader is the client's reader in the handshake's goroutine
 // (serveConn). Its first wait is shorter: the goroutine holds the stack
 // the handshake grew (about 10 KiB), and in a burst of new connections
-// (2,600 a second, 9,500 in all) each such wait holds one stack: with a
-// second's wait RSS was 7.2 KiB per connection once all were connected,
-// 4.8 with 250 ms and 4.4 with 50 ms (HAProxy 4.6), against 3.9 once
-// they had parked.
+// every waiting reader holds one such stack, so the wait is what the
+// burst costs in RSS per connection (PERFORMANCE.md).
 func (s *session) firstClientReader() { s.read(&s.client, &s.upstream, firstGrace) }
 
 // firstGrace is how long the handshake's goroutine waits for the client's
@@ -112,24 +111,22 @@ const (
 
 // idleGrace is how long a reader whose socket has gone quiet keeps
 // waiting in its goroutine before it parks. A socket with bytes at least
-// this often (a live feed) never pays for parking and waking again — an
-// epoll_ctl and a goroutine start per message, which cost sluice a
-// quarter more CPU in the broadcast load — while one quiet for longer (an
-// idle client between keepalive pings) gives its goroutine up.
+// this often (a live feed) never pays for parking and waking again (an
+// epoll_ctl and a goroutine start per message), while one quiet for
+// longer (an idle client between keepalive pings) gives its goroutine up.
 const idleGrace = time.Second
 
 // quiet is called between frames by the reader of a leg that may park
-// (src.raw is set only with the epoll set). It reports whether
-// the reader parked, after its socket stayed empty for grace (idleGrace,
-// or firstGrace for a session's first wait), or at once when now is set; when it returns false, bytes are buffered or the
-// caller waits in ReadHeader.
+// (src.raw is set only with the epoll set). It reports whether the
+// reader parked, after its socket stayed empty for grace (idleGrace, or
+// firstGrace for a session's first wait), or at once when now is set;
+// when it returns false, bytes are buffered or the caller waits in
+// ReadHeader.
 //
 // now is set after a pong answering sluice's own ping: that is how an idle
 // peer speaks, once per keepalive interval, and waiting out the grace
-// after it kept a goroutine, its stack and a deadline timer busy for a
-// second per ping (at 9,500 idle connections, 400 readers awake at any
-// moment and 0.5 KiB of stack per connection), for a socket that would
-// almost always park anyway.
+// after it would keep a goroutine, its stack and a deadline timer busy
+// for a second per ping, for a socket that almost always parks anyway.
 func (s *session) quiet(src *leg, now bool, grace time.Duration) (parked bool, err error) {
 	if src.rd.Buffered() > 0 {
 		return false, nil

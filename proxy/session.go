@@ -57,7 +57,7 @@ type leg struct {
 	msgsIn, bytesIn uint64
 
 	// The small fields last and together: a session is 512 bytes, a
-	// size class, only while they share words (it was 640).
+	// size class, only while they share words.
 	parked   atomic.Bool // no reader runs; the next is started by wake
 	upstream bool        // the leg toward the backend: frames sluice makes are masked
 	armOp    int8        // EPOLL_CTL_ADD or _MOD; reader-owned
@@ -146,9 +146,9 @@ func (l *leg) SendPing(payload []byte) {
 		seg.Free() // closing, or the last ping is still unwritten
 		return
 	}
-	// Written from the keepalive's timer goroutine, as a reader writes
-	// what it queues: a writer goroutine per ping was one goroutine start
-	// per connection per interval.
+	// Written from the keepalive's timer goroutine through the leg's
+	// writer, as a reader writes what it queues: no goroutine start per
+	// connection per interval.
 	l.w.flush()
 	if l.upstream {
 		l.s.srv.metrics.upstreamPingsSent.Inc()
@@ -182,8 +182,9 @@ func (l *leg) Stale() {
 }
 
 // session is one proxied pair. Up to four goroutines serve it: a reader
-// per socket while it has bytes to read, and a writer per socket while
-// that socket's queue has work. A reader parked in the epoll set counts as
+// per socket while it has bytes to read, and a writer goroutine per socket
+// while what its queue holds waits for the socket (legWriter); a reader or
+// timer writes what the socket takes at once itself. A reader parked in the epoll set counts as
 // running. The last of them to end finishes the session.
 type session struct {
 	srv        *Server
@@ -192,7 +193,7 @@ type session struct {
 	clientAddr string
 
 	client, upstream leg
-	frames           frameWatch // client frame read timeout (admission.go)
+	frames           frameWatch // client frame read timeout (framewatch.go)
 	// rate is the client's inbound limit state (ratelimit.go); nil
 	// without limits. Owned by the client leg's reader.
 	rate *clientRate

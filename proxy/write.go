@@ -19,7 +19,7 @@ const batchBytes = 256 << 10
 // legWriter is the one way sluice writes a leg's socket. The right to
 // write is a token (writing): whoever takes it (a reader or a timer that
 // has just queued a frame, through flush) writes what the socket takes at
-// once and hands the rest to a writer goroutine of its own (run, carry),
+// once and hands the rest to a writer goroutine of its own (kick, carry),
 // which keeps the token until the queue is empty or the close frame is
 // out. The socket is held here and nowhere else: a data frame, a ping, a
 // pong, a close frame, a spliced payload, TLS records, the FIN and the
