@@ -52,7 +52,7 @@ func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
 		// It said goodbye: silence from now on is not staleness.
 		src.ka.Stop()
 	}
-	s.noteEnd(src.name() + " closed")
+	s.noteEnd(src.note(noteClientClosed, noteUpstreamClosed), "")
 	switch {
 	case !dst.upstream && s.hold.on:
 		// The upstream answered the close sluice sent it: the client's
@@ -120,7 +120,7 @@ func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool
 
 func (s *session) armCloseTimerLocked() {
 	if s.closeTimer == nil && !s.aborted {
-		s.closeTimer = time.AfterFunc(s.srv.opts.CloseTimeout, func() { s.abort("close handshake timed out") })
+		s.closeTimer = time.AfterFunc(s.srv.opts.CloseTimeout, func() { s.abort(noteCloseTimeout) })
 	}
 }
 
@@ -151,11 +151,11 @@ func (s *session) checkDoneLocked() {
 	}
 }
 
-// noteEnd records the first reason the session began to end.
-// Callers hold s.mu.
-func (s *session) noteEnd(reason string) {
-	if s.endReason == "" {
-		s.endReason = reason
+// noteEnd records what first began the session's end, with its error or
+// violation if any. Callers hold s.mu.
+func (s *session) noteEnd(n endNote, detail string) {
+	if s.endNote == noteNone {
+		s.endNote, s.endDetail = n, detail
 	}
 }
 
@@ -182,7 +182,7 @@ func (s *session) lost(src *leg, err error) {
 		s.unlock()
 		return
 	}
-	s.noteEnd(src.name() + " lost: " + errString(err))
+	s.noteEnd(src.note(noteClientLost, noteUpstreamLost), errString(err))
 	s.unlock()
 	s.endLost(src)
 }
@@ -226,7 +226,7 @@ func (s *session) writeFailed(dst *leg, err error) {
 	// it in an orphaned socket for minutes: reset it instead; so too a
 	// backend that stopped reading.
 	s.doom(dst, !dst.upstream || timeout)
-	s.noteEnd(dst.name() + " write failed: " + errString(err))
+	s.noteEnd(dst.note(noteClientWriteFailed, noteUpstreamWriteFailed), errString(err))
 	s.unlock()
 	s.endLost(dst)
 }

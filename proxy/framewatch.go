@@ -178,7 +178,7 @@ func (s *session) frameTimerFired() {
 		return
 	}
 	s.mu.Lock()
-	ending := s.endReason != "" || s.aborted
+	ending := s.endNote != noteNone || s.aborted
 	s.mu.Unlock()
 	if ending {
 		return // closing for another reason already (client gone mid-frame, ...)

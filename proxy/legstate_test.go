@@ -82,3 +82,27 @@ func TestLegFinished(t *testing.T) {
 		}
 	}
 }
+
+// TestEndNoteText: the "session closed" line's reason, as operators have
+// read it, from the typed note.
+func TestEndNoteText(t *testing.T) {
+	tests := []struct {
+		n      endNote
+		c      cause
+		detail string
+		want   string
+	}{
+		{noteNone, causeNone, "", ""},
+		{noteClientClosed, causeNone, "", "client closed"},
+		{noteUpstreamLost, causeUpstreamLost, "EOF", "upstream lost: EOF"},
+		{noteClientWriteFailed, causeWriteTimeout, "i/o timeout", "client write failed: i/o timeout"},
+		{noteCause, causeSlow, "", "slow"},
+		{noteCause, causeClientProtocol, "invalid UTF-8", "client protocol error: invalid UTF-8"},
+		{noteCloseTimeout, causeShutdown, "", "close handshake timed out"},
+	}
+	for _, tt := range tests {
+		if got := tt.n.text(tt.c, tt.detail); got != tt.want {
+			t.Errorf("note %d, cause %d, %q: %q, want %q", tt.n, tt.c, tt.detail, got, tt.want)
+		}
+	}
+}

@@ -202,7 +202,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if werr := s.waitSessions(ctx); werr != nil {
 		// Aborting closes sockets: not under the server's lock.
 		for _, ss := range s.liveSessions() {
-			ss.abort("shutdown timeout")
+			ss.abort(noteShutdownTimeout)
 		}
 		s.waitSessions(context.Background())
 		if err == nil {

@@ -202,11 +202,12 @@ type session struct {
 	closeTimer *time.Timer   // bounds the close handshake; guarded by mu
 	hold       heldClose     // the client's close, waiting for the upstream's; guarded by mu
 	ended      chan struct{} // closed at abort, for throttled readers; made on first use; guarded by mu
-	endReason  string        // first reason the session began to end; guarded by mu
+	endDetail  string        // the error or violation of endNote, if any; guarded by mu
 
 	running atomic.Int32 // goroutines serving the session; 0 once finished
 	aborted bool         // guarded by mu
 	cause   cause        // why sluice ended the session, if it did; guarded by mu
+	endNote endNote      // what first began the session's end; guarded by mu
 }
 
 // upgraded is what the front door (accept.go) hands the pair once both
@@ -308,7 +309,7 @@ func (s *session) exit() {
 	if s.running.Add(-1) != 0 {
 		return
 	}
-	s.abort("")
+	s.abort(noteNone)
 	s.srv.idle.forget(&s.client)
 	s.srv.idle.forget(&s.upstream)
 	s.client.rd.Release()
@@ -318,7 +319,7 @@ func (s *session) exit() {
 	d := s.age()
 	m.sessionSeconds.Observe(d.Seconds())
 	s.mu.Lock()
-	reason, c := s.endReason, s.cause
+	reason, c := s.endNote.text(s.cause, s.endDetail), s.cause
 	s.mu.Unlock()
 	ev := s.event(s.srv.log.Info())
 	if endings[c].eviction {
