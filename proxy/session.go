@@ -65,7 +65,7 @@ type leg struct {
 	// frameDeadline: upstreamFrameStart set a read deadline; reader-owned.
 	frameDeadline bool
 
-	// The leg's ending (legstate.go, close.go), guarded by s.mu.
+	// The leg's ending (close.go), guarded by s.mu.
 	end         legState
 	flushWanted bool // a close was queued or moved ahead under s.mu: unlock writes it
 	dead        bool // the socket failed: nothing more goes either way
@@ -80,38 +80,6 @@ func (l *leg) pollKey() uint64 {
 		return l.s.id<<1 | 1
 	}
 	return l.s.id << 1
-}
-
-// queue returns the queue of frames to write to l's socket, making the
-// upstream leg's on first use. A queue is made even to be closed (abort),
-// so that nothing pushed afterwards is taken.
-func (l *leg) queue() *limiter.Queue {
-	if q := l.out.Load(); q != nil {
-		return q
-	}
-	// Not counted by the Budget's guard (SlowAge 0): a queue that
-	// loses the race below is simply dropped.
-	q := limiter.NewQueue(&l.s.srv.upstreamQueue, l.s.srv.budget, nil)
-	if f := unsentCounter(l.w.conn); f != nil {
-		// What the kernel holds unsent for the backend counts as queued,
-		// as for the client (the guard samples it, never per frame), and
-		// in the pause mark too: a client waits while its backend does
-		// not read.
-		q.OnUnsent(f)
-	}
-	if !l.out.CompareAndSwap(nil, q) {
-		return l.out.Load()
-	}
-	l.peer().queue().Tie(q) // the ceiling weighs the session by both
-	return q
-}
-
-// queuedBytes is what waits in l's queue, without making one.
-func (l *leg) queuedBytes() int64 {
-	if q := l.out.Load(); q != nil {
-		return q.Bytes()
-	}
-	return 0
 }
 
 func (l *leg) name() string {
@@ -193,7 +161,7 @@ type session struct {
 	clientAddr string
 
 	client, upstream leg
-	frames           frameWatch // client frame read timeout (framewatch.go)
+	frames           frameWatch // client frame read timeout (read.go)
 	// rate is the client's inbound limit state (ratelimit.go); nil
 	// without limits. Owned by the client leg's reader.
 	rate *clientRate

@@ -35,6 +35,38 @@ type legWriter struct {
 	writing    atomic.Bool // the token: someone writes, or is about to
 }
 
+// queue returns the queue of frames to write to l's socket, making the
+// upstream leg's on first use. A queue is made even to be closed (abort),
+// so that nothing pushed afterwards is taken.
+func (l *leg) queue() *limiter.Queue {
+	if q := l.out.Load(); q != nil {
+		return q
+	}
+	// Not counted by the Budget's guard (SlowAge 0): a queue that
+	// loses the race below is simply dropped.
+	q := limiter.NewQueue(&l.s.srv.upstreamQueue, l.s.srv.budget, nil)
+	if f := unsentCounter(l.w.conn); f != nil {
+		// What the kernel holds unsent for the backend counts as queued,
+		// as for the client (the guard samples it, never per frame), and
+		// in the pause mark too: a client waits while its backend does
+		// not read.
+		q.OnUnsent(f)
+	}
+	if !l.out.CompareAndSwap(nil, q) {
+		return l.out.Load()
+	}
+	l.peer().queue().Tie(q) // the ceiling weighs the session by both
+	return q
+}
+
+// queuedBytes is what waits in l's queue, without making one.
+func (l *leg) queuedBytes() int64 {
+	if q := l.out.Load(); q != nil {
+		return q.Bytes()
+	}
+	return 0
+}
+
 // kick starts the writer goroutine unless the token is taken: callers
 // have just queued something. A writer that finds the queue empty gives
 // the token back, then looks once more (take), so nothing queued
