@@ -47,31 +47,16 @@ type sluiceUnderTest struct {
 	reg      *prometheus.Registry // its metrics, unless configure replaced the Registerer
 }
 
-// metricValue is the value of the counter or gauge name{label="value"} in
-// s's registry; the test fails when there is no such series.
-func metricValue(t testing.TB, s *sluiceUnderTest, name, label, value string) float64 {
+// metricValue is the sum of the series name whose labels include the
+// given pairs (wstest.Metric) in s's registry; the test fails when there
+// is no such series.
+func metricValue(t testing.TB, s *sluiceUnderTest, name string, labels ...string) float64 {
 	t.Helper()
-	families, err := s.reg.Gather()
-	if err != nil {
-		t.Fatal(err)
+	v, ok := wstest.Metric(t, s.reg, name, labels...)
+	if !ok {
+		t.Fatalf("no series %s%q", name, labels)
 	}
-	for _, f := range families {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					if c := m.GetCounter(); c != nil {
-						return c.GetValue()
-					}
-					return m.GetGauge().GetValue()
-				}
-			}
-		}
-	}
-	t.Fatalf("no series %s{%s=%q}", name, label, value)
-	return 0
+	return v
 }
 
 // harnessEnv is the configuration every sluice under test starts from,

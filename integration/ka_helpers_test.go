@@ -20,7 +20,6 @@ import (
 
 	gorilla "github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/sluice-proxy/sluice/internal/wstest"
 	"github.com/sluice-proxy/sluice/proxy"
@@ -187,28 +186,12 @@ func kaStartSluice(t testing.TB, upstream string, configure func(*proxy.Options)
 // every pair of labels.
 func (s *kaSluice) Metric(t testing.TB, name string, labels map[string]string) float64 {
 	t.Helper()
-	fams, err := s.Reg.Gather()
-	if err != nil {
-		t.Fatalf("gather metrics: %v", err)
+	var pairs []string
+	for k, v := range labels {
+		pairs = append(pairs, k, v)
 	}
-	var sum float64
-	for _, f := range fams {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			if !kaLabelsMatch(m, labels) {
-				continue
-			}
-			switch {
-			case m.Counter != nil:
-				sum += m.GetCounter().GetValue()
-			case m.Gauge != nil:
-				sum += m.GetGauge().GetValue()
-			}
-		}
-	}
-	return sum
+	v, _ := wstest.Metric(t, s.Reg, name, pairs...)
+	return v
 }
 
 // MetricSoon polls Metric for up to a second until it reaches want, and
@@ -223,19 +206,6 @@ func (s *kaSluice) MetricSoon(t testing.TB, name string, labels map[string]strin
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-}
-
-func kaLabelsMatch(m *dto.Metric, want map[string]string) bool {
-	n := 0
-	for _, lp := range m.GetLabel() {
-		if v, ok := want[lp.GetName()]; ok {
-			if v != lp.GetValue() {
-				return false
-			}
-			n++
-		}
-	}
-	return n == len(want)
 }
 
 // --- idle-timeout middlebox -------------------------------------------------------

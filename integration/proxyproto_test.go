@@ -100,13 +100,9 @@ func checkProxyProtocolClient(t *testing.T, s *sluiceUnderTest, header func() []
 	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("upgrade after the PROXY header: %v %v", resp, err)
 	}
-	// The 101 is written before the session is listed: wait for it.
-	var snap []proxy.SessionInfo
-	waitFor(t, wstest.IOTimeout, "the session to be listed", func() bool {
-		snap = s.srv.Snapshot()
-		return len(snap) > 0
-	})
-	if len(snap) != 1 || snap[0].Client != clientAddr {
+	// The session joins the list just after its 101 is written.
+	waitFor(t, wstest.IOTimeout, "the upgraded session in Snapshot()", func() bool { return len(s.srv.Snapshot()) == 1 })
+	if snap := s.srv.Snapshot(); len(snap) != 1 || snap[0].Client != clientAddr {
 		t.Errorf("sessions = %+v, want one whose client is %s", snap, clientAddr)
 	}
 }

@@ -220,7 +220,7 @@ func TestDeafBackendMemoryBounded(t *testing.T) {
 
 	send, recv, sockets := sluiceSockets(t, hostPort(t, s.addr), hostPort(t, b.Addr))
 	held := send + recv
-	queued := gaugeValue(t, s, "sluice_queued_bytes")
+	queued := metricValue(t, s, "sluice_queued_bytes")
 	upUnsent := metricValue(t, s, "sluice_unsent_bytes", "direction", "upstream")
 	clientUnsent := metricValue(t, s, "sluice_unsent_bytes", "direction", "client")
 	t.Logf("%d sockets hold %d KiB (send queues %d KiB, receive queues %d KiB); queued %.0f KiB, unsent toward the backend %.0f KiB, toward clients %.0f KiB",
@@ -257,22 +257,6 @@ func TestDeafBackendMemoryBounded(t *testing.T) {
 	if len(doc.Top) == 0 || doc.Top[0].UpstreamBytes <= 0 {
 		t.Errorf("/status.json top %+v: want the sessions holding bytes toward the backend", doc.Top)
 	}
-}
-
-// gaugeValue is the value of the unlabelled gauge name in s's registry.
-func gaugeValue(t testing.TB, s *sluiceUnderTest, name string) float64 {
-	t.Helper()
-	families, err := s.reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range families {
-		if f.GetName() == name && len(f.GetMetric()) == 1 {
-			return f.GetMetric()[0].GetGauge().GetValue()
-		}
-	}
-	t.Fatalf("no gauge %s", name)
-	return 0
 }
 
 // TestMeasureUpstreamBuffers prints what chose the defaults of
@@ -361,7 +345,7 @@ func measureDeaf(t *testing.T, env map[string]string, n int) (held int64, queued
 	if mem, ok := ssMemory(hostPort(t, s.addr), hostPort(t, b.Addr)); ok {
 		held = mem
 	}
-	queued = gaugeValue(t, s, "sluice_queued_bytes")
+	queued = metricValue(t, s, "sluice_queued_bytes")
 	for _, f := range fl {
 		f.stop()
 	}

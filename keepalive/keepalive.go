@@ -6,9 +6,10 @@
 // see traffic, and it declares a peer stale when the peer shows no sign of
 // life within Timeout after a ping. The same type may watch the upstream leg.
 //
-// A Monitor never writes to a socket. It asks the connection's single writer to
-// send a ping through Peer.SendPing and reports a dead peer through Peer.Stale;
-// the connection decides how to close.
+// A Monitor never touches a socket. It hands the connection a ping through
+// Peer.SendPing, which queues it and writes it from the Monitor's timer through
+// the leg's writer (proxy's legWriter), and reports a dead peer through
+// Peer.Stale; the connection decides how to close.
 //
 // Any frame from the peer is proof of life, not only a pong. A client busy
 // uploading a large message cannot answer a ping until the frame it is sending

@@ -266,7 +266,11 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 	slot.handOff() // released by forget, from the session's client address
 	// The frame readers copy both pendings: the buffers they are in may be
 	// recycled once startSession returns.
-	ss := s.startSession(c, pending, upConn, upstreamPending, cl.addr, target, hs.Protocol, ext)
+	ss := s.startSession(&upgraded{
+		client: c, clientPending: pending,
+		upstream: upConn, upstreamPending: upstreamPending,
+		clientAddr: cl.addr, target: target, protocol: hs.Protocol, ext: ext,
+	})
 	if upBuf != nil {
 		ws.PutReader(upBuf)
 	}

@@ -27,7 +27,6 @@ package proxy
 
 import (
 	"errors"
-	"net"
 	"os"
 	"time"
 
@@ -47,25 +46,25 @@ func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
 	s.srv.metrics.closeCode(src.upstream, false, code).Inc()
 	s.mu.Lock()
 	defer s.unlock()
-	src.closeRcvd = true
+	src.end.step(evCloseReceived)
 	src.rcvdCode = code
 	if src.ka != nil {
 		// It said goodbye: silence from now on is not staleness.
 		src.ka.Stop()
 	}
-	s.noteEnd(src.name() + " closed")
+	s.noteEnd(src.note(noteClientClosed, noteUpstreamClosed), "")
 	switch {
 	case !dst.upstream && s.hold.on:
 		// The upstream answered the close sluice sent it: the client's
 		// own close may go now, behind everything before it.
 		s.closeLeg(dst, s.hold.code, s.hold.text, false)
-	case !dst.closeQueued && !dst.dead:
+	case dst.end.out == outNone && !dst.dead:
 		// Pass the close on as it came: same code, same reason, same mask.
 		seg := limiter.NewSegment(len(wire))
 		*seg.Buf = append(*seg.Buf, wire...)
 		s.queueClose(dst, seg, code, false)
 	}
-	if !src.closeQueued && dst.dead {
+	if src.end.out == outNone && dst.dead {
 		// Nobody can answer for the other side: echo the code.
 		echo := code
 		if echo == ws.StatusNoStatusRcvd {
@@ -91,7 +90,7 @@ func (s *session) queueClose(l *leg, seg *limiter.Segment, code ws.StatusCode, f
 		return
 	}
 	l.flushWanted = true
-	l.closeQueued = true
+	l.end.step(evCloseQueued)
 	l.sentCode = code
 	s.armCloseTimerLocked()
 }
@@ -108,7 +107,7 @@ func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool
 	if l.dead {
 		return
 	}
-	if l.closeQueued {
+	if l.end.out != outNone {
 		if first {
 			// Let the queued close overtake the data.
 			l.queue().Expedite()
@@ -121,7 +120,7 @@ func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool
 
 func (s *session) armCloseTimerLocked() {
 	if s.closeTimer == nil && !s.aborted {
-		s.closeTimer = time.AfterFunc(s.srv.opts.CloseTimeout, func() { s.abort("close handshake timed out") })
+		s.closeTimer = time.AfterFunc(s.srv.opts.CloseTimeout, func() { s.abort(noteCloseTimeout) })
 	}
 }
 
@@ -134,11 +133,11 @@ func (s *session) closeWritten(dst *leg) {
 		// guard) after the session finished: nothing is left to count.
 		return
 	}
-	dst.closeSent = true
+	dst.end.step(evCloseWritten)
 	s.srv.metrics.closeCode(dst.upstream, true, dst.sentCode).Inc()
-	if dst.draining && dst.closeRcvd {
+	if dst.end.read == readDraining && dst.end.in == inReceived {
 		// The handshake is done: wake the client's reader from its drain.
-		dst.conn.SetReadDeadline(time.Now())
+		dst.setReadDeadline(time.Now())
 	}
 	s.checkDoneLocked()
 }
@@ -147,16 +146,16 @@ func (s *session) closeWritten(dst *leg) {
 // close handshakes and both sockets have been read to their end. Callers
 // hold s.mu.
 func (s *session) checkDoneLocked() {
-	if s.client.finished() && s.upstream.finished() && s.client.readDone && s.upstream.readDone {
+	if s.client.finished() && s.upstream.finished() && s.client.end.read == readDone && s.upstream.end.read == readDone {
 		s.abortLocked()
 	}
 }
 
-// noteEnd records the first reason the session began to end.
-// Callers hold s.mu.
-func (s *session) noteEnd(reason string) {
-	if s.endReason == "" {
-		s.endReason = reason
+// noteEnd records what first began the session's end, with its error or
+// violation if any. Callers hold s.mu.
+func (s *session) noteEnd(n endNote, detail string) {
+	if s.endNote == noteNone {
+		s.endNote, s.endDetail = n, detail
 	}
 }
 
@@ -177,13 +176,13 @@ func (s *session) lost(src *leg, err error) {
 	if src.ka != nil {
 		src.ka.Stop()
 	}
-	if src.closeRcvd {
+	if src.end.in == inReceived {
 		// It closed properly before: the socket ending is expected.
 		s.checkDoneLocked()
 		s.unlock()
 		return
 	}
-	s.noteEnd(src.name() + " lost: " + errString(err))
+	s.noteEnd(src.note(noteClientLost, noteUpstreamLost), errString(err))
 	s.unlock()
 	s.endLost(src)
 }
@@ -227,7 +226,7 @@ func (s *session) writeFailed(dst *leg, err error) {
 	// it in an orphaned socket for minutes: reset it instead; so too a
 	// backend that stopped reading.
 	s.doom(dst, !dst.upstream || timeout)
-	s.noteEnd(dst.name() + " write failed: " + errString(err))
+	s.noteEnd(dst.note(noteClientWriteFailed, noteUpstreamWriteFailed), errString(err))
 	s.unlock()
 	s.endLost(dst)
 }
@@ -257,7 +256,7 @@ func (s *session) abortLocked() {
 		// taken is reset too: an orphan would keep them.
 		unsent := l.queue().Unsent() > 0
 		l.queue().Close()
-		s.doom(l, (!l.upstream && !l.readDone) || (l.upstream && unsent))
+		s.doom(l, (!l.upstream && l.end.read != readDone) || (l.upstream && unsent))
 	}
 }
 
@@ -265,8 +264,11 @@ func (s *session) abortLocked() {
 // s.mu is let go (unlock): a close can write (TLS close_notify), and no
 // network I/O happens under a lock. Callers hold s.mu.
 func (s *session) doom(l *leg, reset bool) {
-	l.doomed = true
-	l.resetOnClose = l.resetOnClose || reset
+	if reset {
+		l.end.step(evDoomReset)
+	} else {
+		l.end.step(evDoom)
+	}
 }
 
 // unlock lets go of s.mu, then closes the sockets doomed meanwhile, and
@@ -277,9 +279,9 @@ func (s *session) unlock() {
 	var close, flush [2]*leg
 	var reset [2]bool
 	for i, l := range []*leg{&s.client, &s.upstream} {
-		if l.doomed && !l.connClosed {
-			l.connClosed = true
-			close[i], reset[i] = l, l.resetOnClose
+		if st := l.end.sock; st == sockDoomed || st == sockDoomedReset {
+			close[i], reset[i] = l, st == sockDoomedReset
+			l.end.step(evSocketClosed)
 		}
 		if l.flushWanted {
 			l.flushWanted = false
@@ -291,36 +293,13 @@ func (s *session) unlock() {
 		if l == nil {
 			continue
 		}
-		if reset[i] {
-			setLingerZero(l.conn)
-		}
-		l.conn.Close()
+		l.w.closeSocket(reset[i])
 		l.wake()
 	}
 	for _, l := range flush {
 		if l != nil {
-			s.flush(l, l.peer())
+			l.w.flush()
 		}
-	}
-}
-
-// setLingerZero makes conn's close a reset, which frees what the kernel
-// holds for it at once.
-func setLingerZero(conn net.Conn) {
-	if tc, ok := conn.(interface{ NetConn() net.Conn }); ok {
-		conn = tc.NetConn()
-	}
-	if tcp, ok := conn.(*net.TCPConn); ok {
-		tcp.SetLinger(0)
-	}
-}
-
-// halfClose sends FIN after sluice's last bytes to conn (its close frame):
-// the peer then sees the end of the stream and closes its side, which
-// sluice reads to the end before closing (no reset).
-func halfClose(conn net.Conn) {
-	if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
 	}
 }
 
@@ -346,13 +325,15 @@ func (s *session) drain(src *leg) (clean bool) {
 	}
 	for {
 		s.mu.Lock()
-		done := src.closeSent && src.closeRcvd
-		src.draining = !done
+		done := src.end.closeHandshakeDone()
+		if !done {
+			src.end.step(evDrain)
+		}
 		s.mu.Unlock()
 		if done {
 			return true
 		}
-		src.conn.SetReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
+		src.setReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
 		err := src.rd.Drain()
 		if err == nil {
 			return true // the client's FIN
@@ -361,7 +342,7 @@ func (s *session) drain(src *leg) (clean bool) {
 			return false
 		}
 		s.mu.Lock()
-		woken := src.closeSent && src.closeRcvd
+		woken := src.end.closeHandshakeDone()
 		s.mu.Unlock()
 		if !woken {
 			return false
@@ -375,7 +356,7 @@ func (s *session) drain(src *leg) (clean bool) {
 // first and waits on.
 func (s *session) drainUpstream(src *leg) (clean bool) {
 	for {
-		src.conn.SetReadDeadline(time.Now().Add(upstreamFinGrace))
+		src.setReadDeadline(time.Now().Add(upstreamFinGrace))
 		err := src.rd.Drain()
 		if err == nil {
 			return true
@@ -384,15 +365,15 @@ func (s *session) drainUpstream(src *leg) (clean bool) {
 			return false
 		}
 		s.mu.Lock()
-		done, aborted := src.closeSent && src.closeRcvd, s.aborted
+		done, aborted := src.end.closeHandshakeDone(), s.aborted
 		s.mu.Unlock()
 		if aborted {
 			return false
 		}
 		if done {
 			s.srv.metrics.upstreamClosedFirst.Inc()
-			halfClose(src.conn)
-			src.conn.SetReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
+			src.w.halfClose()
+			src.setReadDeadline(time.Now().Add(s.srv.opts.CloseTimeout))
 			return src.rd.Drain() == nil
 		}
 	}
@@ -405,10 +386,119 @@ func (s *session) drainUpstream(src *leg) (clean bool) {
 // reading does not keep what the kernel holds for it.
 func (s *session) readerEnded(src *leg, clean bool) {
 	s.mu.Lock()
-	src.readDone = true
+	src.end.step(evReaderEnded)
 	if src.finished() {
 		s.doom(src, !clean && !src.upstream)
 	}
 	s.checkDoneLocked()
 	s.unlock()
 }
+
+// A leg's ending, as named states: how far sluice's close toward the leg
+// has gone (closeOut), what the leg's peer has said (closeIn), how far its
+// reader is (readState) and its socket (sockState). Each moves only by the
+// events below, through one table (legSteps); the code above and
+// endings.go decide which event happens, from the session's cause.
+// All of it is guarded by s.mu.
+
+// closeOut is how far the close frame toward a leg has gone.
+type closeOut uint8
+
+const (
+	outNone    closeOut = iota // no close queued toward the leg
+	outQueued                  // queued (or moved ahead of the data)
+	outWritten                 // on the wire
+)
+
+// closeIn is what the leg's peer has said of the end.
+type closeIn uint8
+
+const (
+	inAwaited    closeIn = iota // its close frame is awaited
+	inNotAwaited                // it broke the protocol or does not read: its close is not awaited
+	inReceived                  // it sent its close frame
+)
+
+// readState is how far the leg's reader is.
+type readState uint8
+
+const (
+	reading      readState = iota // frames are read and forwarded
+	readDraining                  // read only to find the socket's end (close.go drain)
+	readDone                      // no reader will read the socket again
+)
+
+// sockState is how far the leg's socket is in its ending.
+type sockState uint8
+
+const (
+	sockOpen        sockState = iota
+	sockDoomed                // to be closed when s.mu is let go (unlock)
+	sockDoomedReset           // ... with a reset (SO_LINGER 0)
+	sockClosed                // closed
+)
+
+// legEvent is what happens to a leg as its session ends.
+type legEvent uint8
+
+const (
+	evCloseQueued   legEvent = iota // sluice queued its close toward the leg
+	evCloseWritten                  // ... and wrote it
+	evCloseReceived                 // the peer's close frame arrived
+	evNoReply                       // the peer's close is not to be awaited
+	evDrain                         // the reader forwards nothing more, reads to the end
+	evReaderEnded                   // no reader will read the socket again
+	evDoom                          // close the socket at unlock
+	evDoomReset                     // ... with a reset
+	evSocketClosed                  // unlock closed it
+	numLegEvents
+)
+
+// legState is a leg's ending: one state per part.
+type legState struct {
+	out  closeOut
+	in   closeIn
+	read readState
+	sock sockState
+}
+
+// legStep is one row of legSteps: the part an event moves and, per state
+// of that part, the next. A state an event does not move maps to itself.
+type legStep struct {
+	out  [3]closeOut
+	in   [3]closeIn
+	read [3]readState
+	sock [4]sockState
+}
+
+// same is the row of an event that moves nothing in a part.
+var (
+	sameOut  = [3]closeOut{outNone, outQueued, outWritten}
+	sameIn   = [3]closeIn{inAwaited, inNotAwaited, inReceived}
+	sameRead = [3]readState{reading, readDraining, readDone}
+	sameSock = [4]sockState{sockOpen, sockDoomed, sockDoomedReset, sockClosed}
+)
+
+// legSteps is every transition of a leg's ending.
+var legSteps = [numLegEvents]legStep{
+	evCloseQueued:  {out: [3]closeOut{outQueued, outQueued, outWritten}, in: sameIn, read: sameRead, sock: sameSock},
+	evCloseWritten: {out: [3]closeOut{outNone, outWritten, outWritten}, in: sameIn, read: sameRead, sock: sameSock},
+	// A close received stands: the peer has said its last word either way.
+	evCloseReceived: {out: sameOut, in: [3]closeIn{inReceived, inReceived, inReceived}, read: sameRead, sock: sameSock},
+	evNoReply:       {out: sameOut, in: [3]closeIn{inNotAwaited, inNotAwaited, inReceived}, read: sameRead, sock: sameSock},
+	evDrain:         {out: sameOut, in: sameIn, read: [3]readState{readDraining, readDraining, readDone}, sock: sameSock},
+	evReaderEnded:   {out: sameOut, in: sameIn, read: [3]readState{readDone, readDone, readDone}, sock: sameSock},
+	evDoom:          {out: sameOut, in: sameIn, read: sameRead, sock: [4]sockState{sockDoomed, sockDoomed, sockDoomedReset, sockClosed}},
+	evDoomReset:     {out: sameOut, in: sameIn, read: sameRead, sock: [4]sockState{sockDoomedReset, sockDoomedReset, sockDoomedReset, sockClosed}},
+	// Only a doomed socket is closed (unlock).
+	evSocketClosed: {out: sameOut, in: sameIn, read: sameRead, sock: [4]sockState{sockOpen, sockClosed, sockClosed, sockClosed}},
+}
+
+// step moves the leg's ending by ev. Callers hold s.mu.
+func (st *legState) step(ev legEvent) {
+	t := &legSteps[ev]
+	st.out, st.in, st.read, st.sock = t.out[st.out], t.in[st.in], t.read[st.read], t.sock[st.sock]
+}
+
+// closeHandshakeDone: sluice's close is written and the peer's arrived.
+func (st legState) closeHandshakeDone() bool { return st.out == outWritten && st.in == inReceived }

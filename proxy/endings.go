@@ -156,7 +156,7 @@ func (s *session) end(c cause, fe *frame.Error) {
 		s.mu.Unlock()
 		return
 	}
-	if e.eviction && s.endReason != "" {
+	if e.eviction && s.endNote != noteNone {
 		// Ending already for another reason, whose close stands; but the
 		// leg that does not read cannot take what is left, so its close
 		// overtakes it: the stream it gets ends early and never has a gap.
@@ -164,7 +164,7 @@ func (s *session) end(c cause, fe *frame.Error) {
 		if c == causeUpstreamCeiling {
 			l, le = &s.upstream, e.upstream
 		}
-		l.noReply = true
+		l.end.step(evNoReply)
 		s.closeLeg(l, le.code, le.text, true)
 		s.checkDoneLocked()
 		s.unlock()
@@ -174,9 +174,9 @@ func (s *session) end(c cause, fe *frame.Error) {
 	if first {
 		s.cause = c
 		if fe != nil {
-			s.noteEnd(e.label + ": " + fe.Reason)
+			s.noteEnd(noteCause, fe.Reason)
 		} else {
-			s.noteEnd(e.label)
+			s.noteEnd(noteCause, "")
 		}
 	}
 	s.mu.Unlock()
@@ -207,7 +207,7 @@ func (s *session) tell(l *leg, le legEnd, fe *frame.Error) {
 		code, text = fe.Code, fe.Reason
 	}
 	if le.noReply {
-		l.noReply = true
+		l.end.step(evNoReply)
 	}
 	switch le.order {
 	case afterData:
@@ -229,11 +229,11 @@ func (s *session) holdBound() time.Duration { return s.srv.opts.CloseTimeout / 2
 // sends meanwhile is still forwarded. Callers hold s.mu.
 func (s *session) holdClientClose(code ws.StatusCode, text string) {
 	c := &s.client
-	if c.dead || c.closeQueued || s.hold.on {
+	if c.dead || c.end.out != outNone || s.hold.on {
 		return
 	}
 	up := &s.upstream
-	if up.dead || up.closeRcvd {
+	if up.dead || up.end.in == inReceived {
 		s.closeLeg(c, code, text, false)
 		return
 	}
@@ -296,8 +296,8 @@ func (s *session) guardEvict(r limiter.Reason) {
 // needed, and the client is not reading.
 func (s *session) reclaim() {
 	s.mu.Lock()
-	if !s.client.dead && !s.client.readDone {
-		s.noteEnd("evicted client reset to free its kernel buffers")
+	if !s.client.dead && s.client.end.read != readDone {
+		s.noteEnd(noteReclaimed, "")
 		s.client.dead = true
 		s.doom(&s.client, true)
 		s.checkDoneLocked()
@@ -311,11 +311,63 @@ func (s *session) goAway() { s.end(causeShutdown, nil) }
 
 // abort closes both sockets and queues, which ends every goroutine of the
 // session.
-func (s *session) abort(reason string) {
+func (s *session) abort(n endNote) {
 	s.mu.Lock()
-	if reason != "" {
-		s.noteEnd(reason)
-	}
+	s.noteEnd(n, "")
 	s.abortLocked()
 	s.unlock()
+}
+
+// endNote is what first began a session's end, for its "session closed"
+// line: a peer's close, a lost socket, a failed write, a cause of sluice's
+// own (endings), or one of the last resorts below.
+type endNote uint8
+
+const (
+	noteNone endNote = iota
+	noteClientClosed
+	noteUpstreamClosed
+	noteClientLost          // with the error
+	noteUpstreamLost        // with the error
+	noteClientWriteFailed   // with the error
+	noteUpstreamWriteFailed // with the error
+	noteCause               // the session's cause, with a violation's reason
+	noteReclaimed           // an evicted client reset for its kernel buffers
+	noteCloseTimeout        // the close handshake ran past CloseTimeout
+	noteShutdownTimeout     // Shutdown's context ended first
+	noteInternalError       // ending a session that panicked panicked too
+	numEndNotes
+)
+
+var endNoteText = [numEndNotes]string{
+	noteClientClosed:        "client closed",
+	noteUpstreamClosed:      "upstream closed",
+	noteClientLost:          "client lost",
+	noteUpstreamLost:        "upstream lost",
+	noteClientWriteFailed:   "client write failed",
+	noteUpstreamWriteFailed: "upstream write failed",
+	noteReclaimed:           "evicted client reset to free its kernel buffers",
+	noteCloseTimeout:        "close handshake timed out",
+	noteShutdownTimeout:     "shutdown timeout",
+	noteInternalError:       "internal error",
+}
+
+// text is the note as the log gives it; c is the session's cause.
+func (n endNote) text(c cause, detail string) string {
+	t := endNoteText[n]
+	if n == noteCause {
+		t = endings[c].label
+	}
+	if detail == "" {
+		return t
+	}
+	return t + ": " + detail
+}
+
+// note is the client's or the upstream's form of a note, as l is.
+func (l *leg) note(client, upstream endNote) endNote {
+	if l.upstream {
+		return upstream
+	}
+	return client
 }

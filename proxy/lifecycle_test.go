@@ -19,7 +19,6 @@ import (
 	"github.com/gobwas/ws"
 	"github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"github.com/rs/zerolog"
 
 	"github.com/sluice-proxy/sluice/internal/wstest"
@@ -69,49 +68,12 @@ func startLifecycleProxy(t *testing.T, upstream string, opts Options) *lifecycle
 	return &lifecycleProxy{Server: srv, addr: addr, reg: reg, shutdown: shutdown}
 }
 
-// metricValue gathers reg and returns the value of the series name with
-// exactly the given labels: a counter's or gauge's value, a histogram's
-// sample count. A series not (yet) there reads 0.
+// metricValue is the sum of the series name whose labels include the
+// given pairs (wstest.Metric); a series not (yet) there reads 0.
 func metricValue(t *testing.T, reg prometheus.Gatherer, name string, labels ...string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := map[string]string{}
-	for i := 0; i+1 < len(labels); i += 2 {
-		want[labels[i]] = labels[i+1]
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	series:
-		for _, m := range mf.GetMetric() {
-			if len(m.GetLabel()) != len(want) {
-				continue
-			}
-			for _, lp := range m.GetLabel() {
-				if v, ok := want[lp.GetName()]; !ok || v != lp.GetValue() {
-					continue series
-				}
-			}
-			return seriesValue(m)
-		}
-	}
-	return 0
-}
-
-func seriesValue(m *dto.Metric) float64 {
-	switch {
-	case m.Counter != nil:
-		return m.GetCounter().GetValue()
-	case m.Gauge != nil:
-		return m.GetGauge().GetValue()
-	case m.Histogram != nil:
-		return float64(m.GetHistogram().GetSampleCount())
-	}
-	return 0
+	v, _ := wstest.Metric(t, reg, name, labels...)
+	return v
 }
 
 // waitMetric polls a series until it reads want; metrics are updated by

@@ -44,7 +44,7 @@ func (s *session) recovered(where string, p any) {
 	s.srv.notePanic(where, p, s.event)
 	defer func() {
 		if recover() != nil {
-			s.abort("internal error") // ending it cleanly panicked too
+			s.abort(noteInternalError) // ending it cleanly panicked too
 		}
 	}()
 	s.end(causeInternalError, nil)
@@ -56,7 +56,7 @@ func (s *session) recovered(where string, p any) {
 func (s *session) recoverWriter() {
 	if p := recover(); p != nil {
 		s.srv.notePanic("writer", p, s.event)
-		s.abort("internal error")
+		s.abort(noteInternalError)
 	}
 }
 

@@ -8,7 +8,7 @@ package proxy
 //     again (wake).
 //  2. pump reads the frame's header, checks it (frame.Checker: RFC 6455
 //     rules and size limits), holds a client to its inbound limits
-//     (ratelimit.go) and starts the frame watchdog (framewatch.go).
+//     (ratelimit.go) and starts the frame watchdog (frameWatch, below).
 //  3. A control frame is read whole: a close goes to the close state
 //     machine (close.go); a ping or pong is queued on the other leg's
 //     priority lane, the reader waiting while the lane is full.
@@ -16,10 +16,11 @@ package proxy
 //     one queues only its header, with Follow set to its payload length.
 //  5. The segment goes on the other leg's queue (limiter.Queue.Push):
 //     the queue's policy may refuse it (evict), drop older messages, or
-//     make the reader wait (pause). Unless a writer runs, the reader then
-//     writes the other leg's queue itself with one non-blocking writev
-//     (flush, write.go), and starts a writer goroutine only for what the
-//     socket does not take at once or a streamed payload.
+//     make the reader wait (pause). Unless another holds the other leg's
+//     write token, the reader then writes that queue itself with one
+//     non-blocking writev (legWriter.flush, write.go), and starts a writer
+//     goroutine only for what the socket does not take at once or a
+//     streamed payload.
 //  6. A writer takes a batch, control frames first, and writes it with
 //     one writev under a deadline; a Follow segment's payload is then
 //     spliced from the reader's socket (stream), and the reader, which
@@ -27,7 +28,9 @@ package proxy
 
 import (
 	"errors"
+	"math"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/gobwas/ws"
@@ -59,10 +62,8 @@ func (s *session) upstreamReader() { s.read(&s.upstream, &s.client, idleGrace) }
 // firstClientReader is the client's reader in the handshake's goroutine
 // (serveConn). Its first wait is shorter: the goroutine holds the stack
 // the handshake grew (about 10 KiB), and in a burst of new connections
-// (2,600 a second, 9,500 in all) each such wait holds one stack: with a
-// second's wait RSS was 7.2 KiB per connection once all were connected,
-// 4.8 with 250 ms and 4.4 with 50 ms (HAProxy 4.6), against 3.9 once
-// they had parked.
+// every waiting reader holds one such stack, so the wait is what the
+// burst costs in RSS per connection (PERFORMANCE.md).
 func (s *session) firstClientReader() { s.read(&s.client, &s.upstream, firstGrace) }
 
 // firstGrace is how long the handshake's goroutine waits for the client's
@@ -112,24 +113,22 @@ const (
 
 // idleGrace is how long a reader whose socket has gone quiet keeps
 // waiting in its goroutine before it parks. A socket with bytes at least
-// this often (a live feed) never pays for parking and waking again — an
-// epoll_ctl and a goroutine start per message, which cost sluice a
-// quarter more CPU in the broadcast load — while one quiet for longer (an
-// idle client between keepalive pings) gives its goroutine up.
+// this often (a live feed) never pays for parking and waking again (an
+// epoll_ctl and a goroutine start per message), while one quiet for
+// longer (an idle client between keepalive pings) gives its goroutine up.
 const idleGrace = time.Second
 
 // quiet is called between frames by the reader of a leg that may park
-// (src.raw is set only with the epoll set). It reports whether
-// the reader parked, after its socket stayed empty for grace (idleGrace,
-// or firstGrace for a session's first wait), or at once when now is set; when it returns false, bytes are buffered or the
-// caller waits in ReadHeader.
+// (src.raw is set only with the epoll set). It reports whether the
+// reader parked, after its socket stayed empty for grace (idleGrace, or
+// firstGrace for a session's first wait), or at once when now is set;
+// when it returns false, bytes are buffered or the caller waits in
+// ReadHeader.
 //
 // now is set after a pong answering sluice's own ping: that is how an idle
 // peer speaks, once per keepalive interval, and waiting out the grace
-// after it kept a goroutine, its stack and a deadline timer busy for a
-// second per ping (at 9,500 idle connections, 400 readers awake at any
-// moment and 0.5 KiB of stack per connection), for a socket that would
-// almost always park anyway.
+// after it would keep a goroutine, its stack and a deadline timer busy
+// for a second per ping, for a socket that almost always parks anyway.
 func (s *session) quiet(src *leg, now bool, grace time.Duration) (parked bool, err error) {
 	if src.rd.Buffered() > 0 {
 		return false, nil
@@ -144,9 +143,9 @@ func (s *session) quiet(src *leg, now bool, grace time.Duration) (parked bool, e
 	// No look first (Idle): Wait's own first read finds bytes already
 	// there, and a socket is nearly always empty between frames, so a
 	// look costs a read that fails, a tenth of the reader's syscalls.
-	src.conn.SetReadDeadline(time.Now().Add(grace))
+	src.setReadDeadline(time.Now().Add(grace))
 	err = src.rd.Wait()
-	src.conn.SetReadDeadline(time.Time{})
+	src.setReadDeadline(time.Time{})
 	if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
 		return false, err
 	}
@@ -172,7 +171,7 @@ func (s *session) pump(src, dst *leg, grace time.Duration) int {
 	msgs, byts := s.srv.metrics.messages[dir], s.srv.metrics.bytes[dir]
 	ponged := false
 	for {
-		src.frameEnd() // frame read timeout (framewatch.go): idle between frames is fine
+		src.frameEnd() // frame read timeout (frameWatch): idle between frames is fine
 		src.upstreamFrameEnd()
 		if src.raw != nil {
 			parked, err := s.quiet(src, ponged, grace)
@@ -281,7 +280,7 @@ func (s *session) forwardControl(src, dst *leg, h ws.Header, raw []byte, sc *con
 		seg.Free()
 		return readerNext
 	}
-	s.flush(dst, src)
+	dst.w.flush()
 	return readerNext
 }
 
@@ -305,12 +304,12 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 		seg = limiter.NewSegment(len(raw))
 		*seg.Buf = append(*seg.Buf, raw...)
 		seg.Follow = h.Length
-		if dst.streamDone == nil {
+		if dst.w.streamDone == nil {
 			// Made for the first streamed frame only: most sessions never
 			// stream.
-			dst.streamDone = make(chan error, 1)
+			dst.w.streamDone = make(chan error, 1)
 		}
-		seg.Discarded = dst.streamDone
+		seg.Discarded = dst.w.streamDone
 	}
 	seg.Start = h.OpCode != ws.OpContinuation
 	seg.End = h.Fin
@@ -322,13 +321,13 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 	err := dst.queue().Push(seg)
 	switch err {
 	case nil:
-		s.flush(dst, src)
+		dst.w.flush()
 		if follow == 0 {
 			return readerNext
 		}
 		// dst's writer copies the payload straight from src's socket; src
 		// is not read until it is done.
-		switch err := <-dst.streamDone; err {
+		switch err := <-dst.w.streamDone; err {
 		case nil:
 			return readerNext
 		case limiter.ErrClosed:
@@ -337,7 +336,7 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 			// The copy broke mid-frame: src's stream has no frame boundary
 			// left to read at, so its close reply cannot be awaited either.
 			s.mu.Lock()
-			src.noReply = true
+			src.end.step(evNoReply)
 			s.checkDoneLocked()
 			s.unlock()
 			return readerDraining
@@ -365,4 +364,189 @@ func (s *session) forwardData(src, dst *leg, h ws.Header, raw []byte) int {
 		}
 	}
 	return readerNext
+}
+
+// --- The frame read timeouts: a frame once started must arrive whole. ---
+// frameWatch enforces Options.FrameReadTimeout on a session's client leg.
+// Between frames a client may idle (keepalive deals with idle clients);
+// once a frame has started arriving, its header and payload must arrive
+// within the timeout. The client's reader marks frames with frameStart and
+// frameEnd: an atomic store or two and, at most once per frame, a clock
+// read; the timer is re-armed only when it fires, not per frame.
+type frameWatch struct {
+	// started is when the current frame began, as ns since the session
+	// began, plus one; 0 between frames. Written by the client's reader,
+	// and moved forward by the timer while the upstream holds sluice back.
+	started   atomic.Int64
+	streaming atomic.Bool // the frame's payload is spliced by the upstream writer
+	throttled atomic.Bool // the client's reader waits out an inbound limit
+	armed     atomic.Bool // the timer is set
+	timer     atomic.Pointer[time.Timer]
+}
+
+// frameTimeout is the leg's frame read timeout; 0 when there is none
+// (always for the upstream, which is trusted).
+func (l *leg) frameTimeout() time.Duration {
+	if l.upstream {
+		return 0
+	}
+	return l.s.srv.opts.FrameReadTimeout
+}
+
+// frameStart: the reader has read header h; from here the frame must
+// arrive whole within the timeout. Only the leg's reader calls it.
+func (l *leg) frameStart(h ws.Header) {
+	d := l.frameTimeout()
+	if d <= 0 {
+		return
+	}
+	w := &l.s.frames
+	w.streaming.Store(!h.OpCode.IsControl() && h.Length > inlineMax)
+	if w.started.Load() != 0 {
+		return // it started in frameEnd, already buffered
+	}
+	if h.Length <= int64(l.rd.Buffered()) {
+		// Already here whole (a pong, a small message): nothing to wait
+		// for. An idle client's only frames are its pongs, so its session
+		// never makes the timer (a time.Timer per session) nor wakes for
+		// it FrameReadTimeout later.
+		return
+	}
+	l.watchFrom(d)
+}
+
+// frameEnd: the reader is done with a frame and about to read the next
+// header. Bytes of it already buffered mean the next frame has started;
+// otherwise the client may now idle. Only the leg's reader calls it.
+func (l *leg) frameEnd() {
+	d := l.frameTimeout()
+	if d <= 0 {
+		return
+	}
+	w := &l.s.frames
+	w.streaming.Store(false)
+	if l.rd.Buffered() > 0 {
+		l.watchFrom(d)
+	} else {
+		w.end()
+	}
+}
+
+// watchFrom starts the clock for a frame now and sets the timer if it is
+// not set already.
+func (l *leg) watchFrom(d time.Duration) {
+	w := &l.s.frames
+	if !w.begin(l.s.age()) {
+		return
+	}
+	if t := w.timer.Load(); t != nil {
+		t.Reset(d)
+		return
+	}
+	// Made stopped, stored, then set: the callback always finds it.
+	t := time.AfterFunc(math.MaxInt64, l.s.frameTimerFired)
+	w.timer.Store(t)
+	t.Reset(d)
+}
+
+// begin starts the clock of a frame at now (since the session began) and
+// reports whether the caller must set the timer.
+func (w *frameWatch) begin(now time.Duration) (arm bool) {
+	w.started.Store(int64(now) + 1)
+	return !w.armed.Load() && w.armed.CompareAndSwap(false, true)
+}
+
+// end: no frame is arriving; the client may idle.
+func (w *frameWatch) end() { w.started.Store(0) }
+
+// check runs when the timer fires, at now (since the session began), and
+// reports whether the current frame is overdue; if a frame is arriving
+// but not overdue, it re-arms the timer for its deadline. held says that
+// sluice itself is holding the client back (its frames toward the
+// upstream are queued): the time does not count then, and the frame's
+// clock restarts.
+func (w *frameWatch) check(now, timeout time.Duration, held bool) (overdue bool) {
+	w.armed.Store(false)
+	st := w.started.Load()
+	if st == 0 {
+		return false // idle: the next frame re-arms
+	}
+	if held {
+		w.started.CompareAndSwap(st, int64(now)+1)
+		w.rearm(timeout)
+		return false
+	}
+	if left := time.Duration(st-1) + timeout - now; left > 0 {
+		w.rearm(left)
+		return false
+	}
+	return true
+}
+
+func (w *frameWatch) rearm(d time.Duration) {
+	if w.armed.CompareAndSwap(false, true) {
+		w.timer.Load().Reset(d)
+	}
+}
+
+// stop ends the watch for good; Server.forget calls it.
+func (w *frameWatch) stop() {
+	if t := w.timer.Load(); t != nil {
+		t.Stop()
+	}
+}
+
+// upstreamFrameStart: the upstream's reader has read header h. A payload
+// not here whole must keep arriving within UpstreamFrameReadTimeout: a
+// read deadline, set only then (a frame read whole costs nothing), and
+// only for a payload the reader reads itself; a spliced one gets its own
+// deadline per chunk from the writer (stream), once its turn has come.
+func (l *leg) upstreamFrameStart(h ws.Header) {
+	d := l.s.srv.opts.UpstreamFrameReadTimeout
+	if d <= 0 || h.Length <= int64(l.rd.Buffered()) || (!h.OpCode.IsControl() && h.Length > inlineMax) {
+		return
+	}
+	l.setReadDeadline(time.Now().Add(d))
+	l.frameDeadline = true
+}
+
+// upstreamFrameEnd lifts upstreamFrameStart's deadline: between frames
+// the backend may idle.
+func (l *leg) upstreamFrameEnd() {
+	if l.frameDeadline {
+		l.frameDeadline = false
+		l.setReadDeadline(time.Time{})
+	}
+}
+
+// readDeadlinePassed reports whether l's read deadline has passed, so
+// that a failed splice from l can tell its cause from the writing side's.
+// RawConn.Read checks the deadline before it calls f.
+func (l *leg) readDeadlinePassed() bool {
+	raw := l.rd.RawConn()
+	return raw != nil && errors.Is(raw.Read(func(uintptr) bool { return true }), os.ErrDeadlineExceeded)
+}
+
+// frameTimerFired is the frame watch's timer callback.
+func (s *session) frameTimerFired() {
+	defer s.recoverTimer()
+	held := s.upstream.queuedBytes() > 0 || s.frames.throttled.Load()
+	if !s.frames.check(s.age(), s.srv.opts.FrameReadTimeout, held) {
+		return
+	}
+	s.mu.Lock()
+	ending := s.endNote != noteNone || s.aborted
+	s.mu.Unlock()
+	if ending {
+		return // closing for another reason already (client gone mid-frame, ...)
+	}
+	// Evicted: 1001 to the upstream, 1013 to the client after what the
+	// upstream sends until it answers (close.go). A frame being spliced to
+	// the upstream is torn and no close frame can follow it there: failing
+	// the client's socket for reads ends the splice, and the upstream
+	// connection is cut.
+	s.end(causeReadTimeout, nil)
+	if s.frames.streaming.Load() {
+		s.client.setReadDeadline(time.Now())
+	}
 }

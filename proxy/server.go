@@ -1,6 +1,7 @@
 // Package proxy splices WebSocket connections: each client connection is
 // paired with one upstream connection, and frames flow both ways through
-// bounded queues, one writer goroutine per socket.
+// bounded queues; each socket is written only through its leg's writer
+// (legWriter, write.go), by whoever holds its write token.
 package proxy
 
 import (
@@ -8,55 +9,12 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
 
 	"github.com/sluice-proxy/sluice/limiter"
 )
-
-// setSocketBuffer sets opt (SO_RCVBUF or SO_SNDBUF) of the socket c to n
-// bytes.
-func setSocketBuffer(c syscall.RawConn, opt, n int) error {
-	var serr error
-	if err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, opt, n) }); err != nil {
-		return err
-	}
-	return serr
-}
-
-// upstreamBuffers is a net.Dialer Control that sets SO_RCVBUF to rcv and
-// SO_SNDBUF to snd (each unless 0) before the socket connects, so the
-// window it advertises is small from the start and its send buffer never
-// autotunes.
-func upstreamBuffers(rcv, snd int) func(network, address string, c syscall.RawConn) error {
-	return func(_, _ string, c syscall.RawConn) error {
-		if rcv > 0 {
-			if err := setSocketBuffer(c, syscall.SO_RCVBUF, rcv); err != nil {
-				return err
-			}
-		}
-		if snd > 0 {
-			return setSocketBuffer(c, syscall.SO_SNDBUF, snd)
-		}
-		return nil
-	}
-}
-
-// setConnBuffer sets opt (SO_RCVBUF or SO_SNDBUF) of the socket under
-// conn, a TLS connection's included. A failure keeps the kernel's
-// default, which works: it is ignored.
-func setConnBuffer(conn net.Conn, opt, n int) {
-	if tc, ok := conn.(interface{ NetConn() net.Conn }); ok {
-		conn = tc.NetConn()
-	}
-	if sc, ok := conn.(syscall.Conn); ok {
-		if raw, err := sc.SyscallConn(); err == nil {
-			setSocketBuffer(raw, opt, n)
-		}
-	}
-}
 
 // Server accepts WebSocket upgrades and proxies each to the upstream. It
 // runs its own accept loop (accept.go): no net/http state lives for a
@@ -249,7 +207,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if werr := s.waitSessions(ctx); werr != nil {
 		// Aborting closes sockets: not under the server's lock.
 		for _, ss := range s.liveSessions() {
-			ss.abort("shutdown timeout")
+			ss.abort(noteShutdownTimeout)
 		}
 		s.waitSessions(context.Background())
 		if err == nil {

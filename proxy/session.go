@@ -31,11 +31,11 @@ var upstreamQueue = limiter.Config{
 	ToUpstream:  true,
 }
 
-// leg is one side of a session: a socket, its reader state, and the queue
-// its single writer goroutine drains.
+// leg is one side of a session: a socket, read through rd and written
+// through w, its reader's state, and the queue w drains.
 type leg struct {
 	s     *session
-	conn  net.Conn
+	w     legWriter
 	rd    *frame.Reader
 	check frame.Checker      // owned by this leg's reader goroutine
 	ka    *keepalive.Monitor // nil when keepalive is off for this leg
@@ -44,14 +44,6 @@ type leg struct {
 	// needed, since an idle client sends nothing for the upstream: a
 	// queue (192 B) less per idle session.
 	out atomic.Pointer[limiter.Queue]
-	// writer is this leg's writer goroutine, made once; writing says one
-	// runs or is being started (kick).
-	writer func()
-	// streamDone carries the result of a streamed payload from this leg's
-	// writer to the other leg's reader, which waits for it. Made by that
-	// reader before the first streamed frame (most sessions never stream:
-	// 128 B saved per leg), and only then given to the queue.
-	streamDone chan error
 
 	// Parking (idle_linux.go): a reader whose socket stays quiet between
 	// frames for idleGrace ends, leaving the socket in the server's epoll
@@ -65,8 +57,7 @@ type leg struct {
 	msgsIn, bytesIn uint64
 
 	// The small fields last and together: a session is 512 bytes, a
-	// size class, only while they share words (it was 640).
-	writing  atomic.Bool
+	// size class, only while they share words.
 	parked   atomic.Bool // no reader runs; the next is started by wake
 	upstream bool        // the leg toward the backend: frames sluice makes are masked
 	armOp    int8        // EPOLL_CTL_ADD or _MOD; reader-owned
@@ -74,20 +65,12 @@ type leg struct {
 	// frameDeadline: upstreamFrameStart set a read deadline; reader-owned.
 	frameDeadline bool
 
-	// Close state (close.go), guarded by s.mu.
-	closeQueued  bool // a close frame toward this leg is queued or written
-	flushWanted  bool // ... queued or moved ahead under s.mu: unlock writes it
-	closeSent    bool // ... and written
-	closeRcvd    bool // this leg's peer sent a close frame
-	noReply      bool // this leg broke the protocol or does not read: its close is not awaited
-	dead         bool // the socket failed: nothing more goes either way
-	readDone     bool // no reader will read the socket again
-	draining     bool // the reader reads only to find the socket's end (close.go drain)
-	doomed       bool // the socket is to be closed when s.mu is let go
-	resetOnClose bool // ... with a reset (SO_LINGER 0)
-	connClosed   bool // ... and has been
-	sentCode     ws.StatusCode
-	rcvdCode     ws.StatusCode
+	// The leg's ending (close.go), guarded by s.mu.
+	end         legState
+	flushWanted bool // a close was queued or moved ahead under s.mu: unlock writes it
+	dead        bool // the socket failed: nothing more goes either way
+	sentCode    ws.StatusCode
+	rcvdCode    ws.StatusCode
 }
 
 // pollKey is the leg's key in the epoll set: the session's id and the
@@ -97,38 +80,6 @@ func (l *leg) pollKey() uint64 {
 		return l.s.id<<1 | 1
 	}
 	return l.s.id << 1
-}
-
-// queue returns the queue of frames to write to l's socket, making the
-// upstream leg's on first use. A queue is made even to be closed (abort),
-// so that nothing pushed afterwards is taken.
-func (l *leg) queue() *limiter.Queue {
-	if q := l.out.Load(); q != nil {
-		return q
-	}
-	// Not counted by the Budget's guard (SlowAge 0): a queue that
-	// loses the race below is simply dropped.
-	q := limiter.NewQueue(&l.s.srv.upstreamQueue, l.s.srv.budget, nil)
-	if f := unsentCounter(l.conn); f != nil {
-		// What the kernel holds unsent for the backend counts as queued,
-		// as for the client (the guard samples it, never per frame), and
-		// in the pause mark too: a client waits while its backend does
-		// not read.
-		q.OnUnsent(f)
-	}
-	if !l.out.CompareAndSwap(nil, q) {
-		return l.out.Load()
-	}
-	l.peer().queue().Tie(q) // the ceiling weighs the session by both
-	return q
-}
-
-// queuedBytes is what waits in l's queue, without making one.
-func (l *leg) queuedBytes() int64 {
-	if q := l.out.Load(); q != nil {
-		return q.Bytes()
-	}
-	return 0
 }
 
 func (l *leg) name() string {
@@ -148,7 +99,7 @@ func (l *leg) peer() *leg {
 
 // finished: nothing more is expected on this leg. Callers hold s.mu.
 func (l *leg) finished() bool {
-	return l.dead || (l.closeSent && (l.closeRcvd || l.noReply))
+	return l.dead || (l.end.out == outWritten && l.end.in != inAwaited)
 }
 
 // SendPing implements keepalive.Peer: the ping goes on the priority lane.
@@ -163,10 +114,10 @@ func (l *leg) SendPing(payload []byte) {
 		seg.Free() // closing, or the last ping is still unwritten
 		return
 	}
-	// Written from the keepalive's timer goroutine, as a reader writes
-	// what it queues: a writer goroutine per ping was one goroutine start
-	// per connection per interval.
-	l.s.flush(l, l.peer())
+	// Written from the keepalive's timer goroutine through the leg's
+	// writer, as a reader writes what it queues: no goroutine start per
+	// connection per interval.
+	l.w.flush()
 	if l.upstream {
 		l.s.srv.metrics.upstreamPingsSent.Inc()
 	} else {
@@ -199,8 +150,9 @@ func (l *leg) Stale() {
 }
 
 // session is one proxied pair. Up to four goroutines serve it: a reader
-// per socket while it has bytes to read, and a writer per socket while
-// that socket's queue has work. A reader parked in the epoll set counts as
+// per socket while it has bytes to read, and a writer goroutine per socket
+// while what its queue holds waits for the socket (legWriter); a reader or
+// timer writes what the socket takes at once itself. A reader parked in the epoll set counts as
 // running. The last of them to end finishes the session.
 type session struct {
 	srv        *Server
@@ -209,7 +161,7 @@ type session struct {
 	clientAddr string
 
 	client, upstream leg
-	frames           frameWatch // client frame read timeout (admission.go)
+	frames           frameWatch // client frame read timeout (read.go)
 	// rate is the client's inbound limit state (ratelimit.go); nil
 	// without limits. Owned by the client leg's reader.
 	rate *clientRate
@@ -218,29 +170,43 @@ type session struct {
 	closeTimer *time.Timer   // bounds the close handshake; guarded by mu
 	hold       heldClose     // the client's close, waiting for the upstream's; guarded by mu
 	ended      chan struct{} // closed at abort, for throttled readers; made on first use; guarded by mu
-	endReason  string        // first reason the session began to end; guarded by mu
+	endDetail  string        // the error or violation of endNote, if any; guarded by mu
 
 	running atomic.Int32 // goroutines serving the session; 0 once finished
 	aborted bool         // guarded by mu
 	cause   cause        // why sluice ended the session, if it did; guarded by mu
+	endNote endNote      // what first began the session's end; guarded by mu
+}
+
+// upgraded is what the front door (accept.go) hands the pair once both
+// handshakes are done: the two sockets, the bytes each sent after its
+// handshake, and what the session logs and checks frames against. The
+// pair owns the sockets from then on.
+type upgraded struct {
+	client, upstream               net.Conn
+	clientPending, upstreamPending []byte // copied by the frame readers
+	clientAddr, target, protocol   string
+	ext                            frame.Extension
 }
 
 // startSession makes the session of an upgraded pair and starts its
 // upstream reader; the caller runs or starts the client's (clientReader,
 // startReading).
-func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn net.Conn, upPending []byte, clientAddr, target, protocol string, ext frame.Extension) *session {
+func (s *Server) startSession(u *upgraded) *session {
 	ss := &session{
 		srv:        s,
 		id:         s.nextID.Add(1),
 		began:      limiter.Now(),
-		clientAddr: clientAddr,
+		clientAddr: u.clientAddr,
 	}
-	ss.client = leg{s: ss, conn: clientConn, rd: frame.NewReader(clientConn, clientPending)}
-	ss.upstream = leg{s: ss, upstream: true, conn: upConn, rd: frame.NewReader(upConn, upPending)}
-	ss.client.check = frame.Checker{FromClient: true, Extension: ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
-	ss.upstream.check = frame.Checker{FromClient: false, Extension: ext}
+	ss.client = leg{s: ss, rd: frame.NewReader(u.client, u.clientPending)}
+	ss.upstream = leg{s: ss, upstream: true, rd: frame.NewReader(u.upstream, u.upstreamPending)}
+	ss.client.w.l, ss.client.w.conn = &ss.client, u.client
+	ss.upstream.w.l, ss.upstream.w.conn = &ss.upstream, u.upstream
+	ss.client.check = frame.Checker{FromClient: true, Extension: u.ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
+	ss.upstream.check = frame.Checker{FromClient: false, Extension: u.ext}
 	cq := limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
-	if f := unsentCounter(clientConn); f != nil {
+	if f := unsentCounter(u.client); f != nil {
 		// What the kernel holds unsent for the client counts as queued:
 		// sampled by the Budget's guard, never per frame.
 		cq.OnUnsent(f)
@@ -252,11 +218,9 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	if s.idle != nil {
 		ss.client.raw, ss.upstream.raw = ss.client.rd.RawConn(), ss.upstream.rd.RawConn()
 	}
-	// Writers run only while their queue has work (leg.kick), readers
-	// only while their socket has bytes: an idle session is no goroutine
-	// at all. Func values made once: `go ss.clientWriter()` would
-	// allocate a closure per start.
-	ss.client.writer, ss.upstream.writer = ss.clientWriter, ss.upstreamWriter
+	// Writers run only while their queue has work (legWriter.kick,
+	// flush), readers only while their socket has bytes: an idle session
+	// is no goroutine at all.
 	// The readers count as running from here, so that a keepalive ping or
 	// a drain can start a writer before they do.
 	ss.running.Store(2)
@@ -273,7 +237,7 @@ func (s *Server) startSession(clientConn net.Conn, clientPending []byte, upConn 
 	s.mu.Unlock()
 	s.metrics.connectionsActive.Inc()
 	s.settle.setUp()
-	ss.event(s.log.Info()).Str("upstream", s.logURL(target)).Str("protocol", protocol).Msg("session open")
+	ss.event(s.log.Info()).Str("upstream", s.logURL(u.target)).Str("protocol", u.protocol).Msg("session open")
 	if s.closing.Load() {
 		// Shutdown may have listed the sessions before this one joined.
 		ss.goAway()
@@ -291,14 +255,8 @@ func (s *session) event(e *zerolog.Event) *zerolog.Event {
 	return e.Uint64("conn", s.id).Str("client", s.clientAddr)
 }
 
-// kick starts l's writer unless one runs: callers have just queued
-// something for it. A writer that finds the queue empty says it stopped,
-// then looks once more (write), so nothing queued meanwhile waits.
-func (l *leg) kick() {
-	if l.writing.CompareAndSwap(false, true) && l.s.enter() {
-		go l.writer()
-	}
-}
+// setReadDeadline bounds the reader's next wait on l's socket.
+func (l *leg) setReadDeadline(t time.Time) { l.w.conn.SetReadDeadline(t) }
 
 // enter counts a new writer goroutine in, unless the session has already
 // finished.
@@ -319,7 +277,7 @@ func (s *session) exit() {
 	if s.running.Add(-1) != 0 {
 		return
 	}
-	s.abort("")
+	s.abort(noteNone)
 	s.srv.idle.forget(&s.client)
 	s.srv.idle.forget(&s.upstream)
 	s.client.rd.Release()
@@ -329,7 +287,7 @@ func (s *session) exit() {
 	d := s.age()
 	m.sessionSeconds.Observe(d.Seconds())
 	s.mu.Lock()
-	reason, c := s.endReason, s.cause
+	reason, c := s.endNote.text(s.cause, s.endDetail), s.cause
 	s.mu.Unlock()
 	ev := s.event(s.srv.log.Info())
 	if endings[c].eviction {

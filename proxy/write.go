@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -15,42 +16,92 @@ import (
 // batchBytes bounds one writev.
 const batchBytes = 256 << 10
 
-func (s *session) clientWriter() {
-	defer s.exit()
-	defer s.recoverWriter()
-	s.write(&s.client, &s.upstream, nil)
+// legWriter is the one way sluice writes a leg's socket. The right to
+// write is a token (writing): whoever takes it (a reader or a timer that
+// has just queued a frame, through flush) writes what the socket takes at
+// once and hands the rest to a writer goroutine of its own (kick, carry),
+// which keeps the token until the queue is empty or the close frame is
+// out. The socket is held here and nowhere else: a data frame, a ping, a
+// pong, a close frame, a spliced payload, TLS records, the FIN and the
+// close itself (TLS sends close_notify) all go through these methods.
+type legWriter struct {
+	l    *leg
+	conn net.Conn // the leg's socket: read through l.rd, written only here
+	// streamDone carries the result of a streamed payload from this
+	// writer to the other leg's reader, which waits for it. Made by that
+	// reader before the first streamed frame (most sessions never stream:
+	// 128 B saved per leg), and only then given to the queue.
+	streamDone chan error
+	writing    atomic.Bool // the token: someone writes, or is about to
 }
 
-func (s *session) upstreamWriter() {
-	defer s.exit()
-	defer s.recoverWriter()
-	s.write(&s.upstream, &s.client, nil)
+// queue returns the queue of frames to write to l's socket, making the
+// upstream leg's on first use. A queue is made even to be closed (abort),
+// so that nothing pushed afterwards is taken.
+func (l *leg) queue() *limiter.Queue {
+	if q := l.out.Load(); q != nil {
+		return q
+	}
+	// Not counted by the Budget's guard (SlowAge 0): a queue that
+	// loses the race below is simply dropped.
+	q := limiter.NewQueue(&l.s.srv.upstreamQueue, l.s.srv.budget, nil)
+	if f := unsentCounter(l.w.conn); f != nil {
+		// What the kernel holds unsent for the backend counts as queued,
+		// as for the client (the guard samples it, never per frame), and
+		// in the pause mark too: a client waits while its backend does
+		// not read.
+		q.OnUnsent(f)
+	}
+	if !l.out.CompareAndSwap(nil, q) {
+		return l.out.Load()
+	}
+	l.peer().queue().Tie(q) // the ceiling weighs the session by both
+	return q
 }
 
-// flush is how a reader that has just queued a frame for dst gets it
-// written. When no writer runs it writes dst's queue itself, without
-// waiting: one non-blocking writev from the goroutine that is already
-// awake, which is how a socket with room (nearly always) gets its frame.
-// Only what the socket does not take at once and a spliced payload go to a
-// writer goroutine (write), and a writer that runs already will take the
-// frame anyway. Close frames queued under s.mu are flushed by unlock.
-// Starting a goroutine per frame had cost sluice a fifth of its CPU in the
-// broadcast load, in goroutine starts, stack growth and scheduler
-// hand-offs.
-func (s *session) flush(dst, src *leg) {
-	raw := dst.rd.RawConn()
+// queuedBytes is what waits in l's queue, without making one.
+func (l *leg) queuedBytes() int64 {
+	if q := l.out.Load(); q != nil {
+		return q.Bytes()
+	}
+	return 0
+}
+
+// kick starts the writer goroutine unless the token is taken: callers
+// have just queued something. A writer that finds the queue empty gives
+// the token back, then looks once more (take), so nothing queued
+// meanwhile waits.
+func (w *legWriter) kick() {
+	if w.writing.CompareAndSwap(false, true) && w.l.s.enter() {
+		b := getBatch()
+		b.w = w
+		go b.carry()
+	}
+}
+
+// flush is how whoever has just queued a frame for the leg (a reader, a
+// keepalive timer, unlock for a close frame) gets it written. Unless the
+// token is taken, it writes the queue itself, without waiting: one
+// non-blocking writev from a goroutine that is awake anyway, which is how
+// a socket with room (nearly always) gets its frame. Only what the socket
+// does not take at once and a spliced payload go to a writer goroutine
+// (carry), as starting one per frame costs a goroutine start, stack growth
+// and a scheduler hand-off each.
+func (w *legWriter) flush() {
+	raw := w.l.rd.RawConn()
 	if raw == nil {
-		dst.kick() // TLS: the record layer needs its own writes
+		w.kick() // TLS: the record layer needs its own writes
 		return
 	}
-	if !dst.writing.CompareAndSwap(false, true) {
+	if !w.writing.CompareAndSwap(false, true) {
 		return
 	}
+	s := w.l.s
 	b := getBatch()
-	for b.take(dst) {
+	for b.take(w) {
 		last := b.segs[b.n-1]
 		if last.Follow == 0 {
-			b.off = b.writeNow(raw, dst.conn)
+			b.off = b.writeNow(raw, w.conn)
 			if b.off == b.size() {
 				closed := last.Close
 				b.free()
@@ -58,7 +109,7 @@ func (s *session) flush(dst, src *leg) {
 					continue
 				}
 				putBatch(b)
-				s.closeSent(dst) // writing stays set: nothing follows a close
+				w.closeSent() // writing stays set: nothing follows a close
 				return
 			}
 		}
@@ -77,49 +128,46 @@ func (s *session) flush(dst, src *leg) {
 			putBatch(b)
 			return
 		}
-		b.s, b.dst, b.src = s, dst, src
+		b.w = w
 		go b.carry()
 		return
 	}
 	putBatch(b)
 }
 
-// write is the only goroutine that writes to dst's socket while it runs.
-// It finishes b, a batch flush could not, if any, then takes batches from
-// dst's queue, control frames first, and writes each with one writev
-// under a deadline; it ends when the queue is empty (the next push starts
-// another writer: leg.kick, flush) and after a close frame.
-func (s *session) write(dst, src *leg, b *outBatch) {
-	if b == nil {
-		b = getBatch()
-	}
+// write runs with the token. It finishes what is left of b (a batch
+// flush could not write whole; empty from kick), then takes batches from
+// the queue, control frames first, and writes each with one writev under
+// a deadline; it ends when the queue is empty (the next push starts
+// another writer: kick, flush) and after a close frame.
+func (w *legWriter) write(b *outBatch) {
 	defer putBatch(b)
 	for {
-		if b.n == 0 && !b.take(dst) {
+		if b.n == 0 && !b.take(w) {
 			return
 		}
-		if !s.writeBatch(dst, src, b) {
+		if !w.writeBatch(b) {
 			return
 		}
 	}
 }
 
-// take fills b with a batch from dst's queue, control frames first, and
+// take fills b with a batch from w's queue, control frames first, and
 // reports whether there is one to write. When the queue is empty the
-// writer stops (writing is let go), unless something came after Take
-// looked and its pusher saw this writer still running (its kick or flush
-// found writing set): then the writer goes on. A closed queue stops the
-// writer for good, writing still set.
-func (b *outBatch) take(dst *leg) bool {
+// writer gives the token back, unless something came after Take looked
+// and its pusher saw the token still taken (its kick or flush found
+// writing set): then the writer goes on. A closed queue stops the writer
+// for good, the token kept.
+func (b *outBatch) take(w *legWriter) bool {
 	for {
-		segs, err := dst.queue().Take(b.segs[:0], batchBytes)
+		segs, err := w.l.queue().Take(b.segs[:0], batchBytes)
 		switch err {
 		case nil:
 			b.n, b.off = len(segs), 0
 			return true
 		case limiter.ErrIdle:
-			dst.writing.Store(false)
-			if dst.queue().Pending() && dst.writing.CompareAndSwap(false, true) {
+			w.writing.Store(false)
+			if w.l.queue().Pending() && w.writing.CompareAndSwap(false, true) {
 				continue
 			}
 		}
@@ -127,56 +175,73 @@ func (b *outBatch) take(dst *leg) bool {
 	}
 }
 
-// writeBatch writes what is left of b to dst under a deadline, then splices
-// a following payload, and reports whether the writer goes on.
-func (s *session) writeBatch(dst, src *leg, b *outBatch) bool {
+// writeBatch writes what is left of b under a deadline, then splices a
+// following payload, and reports whether the writer goes on.
+func (w *legWriter) writeBatch(b *outBatch) bool {
 	segs := b.segs[:b.n]
 	last := segs[len(segs)-1]
-	deadline := s.writeTimeout(dst)
+	deadline := w.timeout()
 	if last.Close && onlyControl(segs) {
 		// A close with no data before it is best effort: a slow client's
 		// window may be shut for good.
 		deadline = min(deadline, closeWriteTimeout)
 	}
-	dst.conn.SetWriteDeadline(time.Now().Add(deadline))
-	_, err := b.buffers().WriteTo(dst.conn)
+	w.conn.SetWriteDeadline(time.Now().Add(deadline))
+	_, err := b.buffers().WriteTo(w.conn)
 	if err == nil && last.Follow > 0 {
-		err = s.stream(dst, src, last.Follow)
-		dst.streamDone <- err
+		err = w.stream(last.Follow)
+		w.streamDone <- err
 	} else if last.Follow > 0 {
-		dst.streamDone <- err
+		w.streamDone <- err
 	}
 	closed := last.Close
 	b.free()
 	if err != nil {
-		s.writeFailed(dst, err)
+		w.l.s.writeFailed(w.l, err)
 		return false
 	}
 	if closed {
-		s.closeSent(dst)
+		w.closeSent()
 		return false
 	}
 	return true
 }
 
-// closeSent: dst's close frame is on the wire.
-func (s *session) closeSent(dst *leg) {
-	if !dst.upstream {
+// closeSent: the leg's close frame is on the wire.
+func (w *legWriter) closeSent() {
+	if !w.l.upstream {
 		// Nothing follows a close frame: FIN tells the client so, and it
 		// closes its side (close.go).
-		halfClose(dst.conn)
+		w.halfClose()
 	}
-	s.closeWritten(dst)
+	w.l.s.closeWritten(w.l)
 }
 
-// writeTimeout bounds one write to dst: a client that takes nothing for
-// WriteTimeout is evicted, a backend for UpstreamWriteTimeout has stopped
-// reading.
-func (s *session) writeTimeout(dst *leg) time.Duration {
-	if dst.upstream {
-		return s.srv.opts.UpstreamWriteTimeout
+// halfClose sends FIN after sluice's last bytes (its close frame): the
+// peer then sees the end of the stream and closes its side, which sluice
+// reads to the end before closing (no reset).
+func (w *legWriter) halfClose() {
+	if cw, ok := w.conn.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
 	}
-	return s.srv.opts.WriteTimeout
+}
+
+// closeSocket closes the socket, with a reset (SO_LINGER 0) that frees
+// what the kernel holds for it at once if reset is set.
+func (w *legWriter) closeSocket(reset bool) {
+	if reset {
+		setLingerZero(w.conn)
+	}
+	w.conn.Close()
+}
+
+// timeout bounds one write: a client that takes nothing for WriteTimeout
+// is evicted, a backend for UpstreamWriteTimeout has stopped reading.
+func (w *legWriter) timeout() time.Duration {
+	if w.l.upstream {
+		return w.l.s.srv.opts.UpstreamWriteTimeout
+	}
+	return w.l.s.srv.opts.WriteTimeout
 }
 
 // streamChunk is how much of a streamed payload one write deadline
@@ -187,25 +252,26 @@ const streamChunk = 1 << 20
 // arriving for UpstreamFrameReadTimeout.
 var errUpstreamStalled = errors.New("proxy: upstream stalled in the middle of a frame")
 
-// stream copies n payload bytes from src's socket to dst's (splice), with
-// a fresh write deadline per chunk, and from an upstream a fresh read
-// deadline (UpstreamFrameReadTimeout; not over TLS, whose failures cannot
-// tell one side from the other).
-func (s *session) stream(dst, src *leg, n int64) error {
+// stream copies n payload bytes from the other leg's socket to this
+// one's (splice), with a fresh write deadline per chunk, and from an
+// upstream a fresh read deadline (UpstreamFrameReadTimeout; not over TLS,
+// whose failures cannot tell one side from the other).
+func (w *legWriter) stream(n int64) error {
+	src := w.l.peer()
 	var readTimeout time.Duration
 	if src.upstream && src.rd.RawConn() != nil {
-		readTimeout = s.srv.opts.UpstreamFrameReadTimeout
+		readTimeout = w.l.s.srv.opts.UpstreamFrameReadTimeout
 	}
 	for n > 0 {
 		chunk := min(n, streamChunk)
 		now := time.Now()
-		dst.conn.SetWriteDeadline(now.Add(s.writeTimeout(dst)))
+		w.conn.SetWriteDeadline(now.Add(w.timeout()))
 		if readTimeout > 0 {
-			src.conn.SetReadDeadline(now.Add(readTimeout))
+			src.setReadDeadline(now.Add(readTimeout))
 		}
-		m, err := src.rd.CopyN(dst.conn, chunk)
+		m, err := src.rd.CopyN(w.conn, chunk)
 		n -= m
-		dst.queue().Streamed(m) // what the client acknowledges of it is progress
+		w.l.queue().Streamed(m) // what the client acknowledges of it is progress
 		if err != nil {
 			if readTimeout > 0 && errors.Is(err, os.ErrDeadlineExceeded) && src.readDeadlinePassed() {
 				return errUpstreamStalled
@@ -215,7 +281,7 @@ func (s *session) stream(dst, src *leg, n int64) error {
 	}
 	if readTimeout > 0 {
 		// src's reader, waiting on streamDone, owns the socket again.
-		src.conn.SetReadDeadline(time.Time{})
+		src.setReadDeadline(time.Time{})
 	}
 	return nil
 }
@@ -240,10 +306,9 @@ type outBatch struct {
 	wrote  int
 	writev func(fd uintptr) bool
 
-	// A batch flush hands to a writer goroutine (carry).
-	s        *session
-	dst, src *leg
-	carry    func()
+	// A batch flush hands to a writer goroutine (carry) with the token.
+	w     *legWriter
+	carry func()
 }
 
 var batchPool sync.Pool
@@ -261,17 +326,19 @@ func getBatch() *outBatch {
 func putBatch(b *outBatch) {
 	b.bufs = [maxBatch][]byte{}
 	b.nb = nil
-	b.s, b.dst, b.src = nil, nil, nil
+	b.w = nil
 	batchPool.Put(b)
 }
 
-// carryOn is the writer goroutine flush starts for a batch it could not
-// finish.
+// carryOn is the writer goroutine, started by kick with an empty batch or
+// by flush with one it could not finish. The batch carries the writer to
+// it: its carry is made once per pooled batch, where `go w.write(b)`
+// would allocate a closure per start.
 func (b *outBatch) carryOn() {
-	s, dst, src := b.s, b.dst, b.src
-	defer s.exit()
-	defer s.recoverWriter()
-	s.write(dst, src, b)
+	w := b.w
+	defer w.l.s.exit()
+	defer w.l.s.recoverWriter()
+	w.write(b)
 }
 
 func (b *outBatch) size() int {
