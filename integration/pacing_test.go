@@ -449,3 +449,40 @@ func TestPacingQueueFull(t *testing.T) {
 		}
 	}
 }
+
+// TestPacingSkipsClientsThatLeft: an upgrade whose client gives up while
+// it waits for its turn (a storm's clients retry) is not dialled: its
+// turn goes to the next, and the backend never sees it.
+func TestPacingSkipsClientsThatLeft(t *testing.T) {
+	b := newSlowUpgrader(t, 0, true)
+	s := startSluiceEnv(t, b.url, pacingEnv("UPSTREAM_MAX_HANDSHAKES", "1"), nil)
+	held := make(chan upgradeResult, 1)
+	go func() { held <- rawUpgrade(s.addr, "held", "") }()
+	b.waitArrivals(t, 1)
+	gone, err := net.Dial("tcp", s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(gone, "GET /?id=gone HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n", wstest.NewKey())
+	waitQueued(t, s, 1)
+	gone.Close() // gives up
+	next := make(chan upgradeResult, 1)
+	go func() { next <- rawUpgrade(s.addr, "next", "") }()
+	waitQueued(t, s, 2)
+	b.gate <- struct{}{} // held is answered; its turn passes on
+	if r := recv(t, held, "the held upgrade's answer"); r.status != http.StatusSwitchingProtocols {
+		t.Fatalf("held upgrade: %d %v, want 101", r.status, r.err)
+	}
+	b.waitArrivals(t, 1)
+	b.gate <- struct{}{}
+	if r := recv(t, next, "the next upgrade's answer"); r.status != http.StatusSwitchingProtocols {
+		t.Fatalf("next upgrade: %d %v, want 101", r.status, r.err)
+	}
+	if _, order, _ := b.seen(); !slices.Equal(order, []string{"held", "next"}) {
+		t.Errorf("the backend saw %v, want held then next: the client that left is not dialled", order)
+	}
+	if got := metricValue(t, s, "sluice_connections_rejected_total", "reason", "client_gone"); got != 1 {
+		t.Errorf("rejected{reason=client_gone} = %v, want 1", got)
+	}
+}

@@ -23,6 +23,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -212,24 +213,24 @@ func (p *upstreamPacer) start(now time.Time) {
 // wait blocks until the upgrade of a client whose fairness key is key has
 // its turn, and returns nil, or the reason it has none. A nil error
 // obliges the caller to call finish.
-func (p *upstreamPacer) wait(key netip.Addr) error {
+func (p *upstreamPacer) wait(key netip.Addr) (queued bool, err error) {
 	began := time.Now()
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
-		return errPacingDraining
+		return false, errPacingDraining
 	}
 	if p.q.len() == 0 && p.free(began) {
 		p.start(began)
 		p.mu.Unlock()
 		p.metrics.wait.Observe(0)
-		return nil
+		return false, nil
 	}
 	w := &waiter{key: key, granted: make(chan struct{})}
 	if !p.q.push(w) {
 		p.mu.Unlock()
 		p.metrics.wait.Observe(0)
-		return errPacingFull
+		return false, errPacingFull
 	}
 	p.metrics.queued.Set(float64(p.q.len()))
 	p.dispatch(began) // a rate-held queue needs its timer
@@ -247,10 +248,10 @@ func (p *upstreamPacer) wait(key netip.Addr) error {
 		p.q.remove(w)
 		p.metrics.queued.Set(float64(p.q.len()))
 	}
-	err := w.err
+	err = w.err
 	p.mu.Unlock()
 	p.metrics.wait.Observe(time.Since(began).Seconds())
-	return err
+	return true, err
 }
 
 // finish ends a turn: the upstream answered, or failed.
@@ -342,9 +343,17 @@ func (s *Server) takeTurn(c net.Conn, cl client) (t upstreamTurn, ok bool) {
 	if p == nil {
 		return upstreamTurn{}, true
 	}
-	err := p.wait(clientKey(cl.addr))
+	queued, err := p.wait(clientKey(cl.addr))
 	if err == nil {
-		return upstreamTurn{p: p}, true
+		t = upstreamTurn{p: p}
+		if queued && clientGone(c) {
+			// It gave up while it waited (a storm's clients retry): its
+			// turn goes to the next, and the backend never sees it.
+			t.end()
+			s.metrics.rejected.WithLabelValues("client_gone").Inc()
+			return upstreamTurn{}, false
+		}
+		return t, true
 	}
 	// The wait may have outlasted the handshake's write deadline.
 	c.SetWriteDeadline(time.Now().Add(s.opts.HandshakeTimeout))
@@ -357,4 +366,29 @@ func (s *Server) takeTurn(c net.Conn, cl client) (t upstreamTurn, ok bool) {
 		s.reject(c, http.StatusServiceUnavailable, "upstream_queue_timeout", "the backend is busy with other upgrades, retry later", retryAfter())
 	}
 	return upstreamTurn{}, false
+}
+
+// clientGone reports whether c's peer has closed or reset it, without
+// reading anything it sent: one non-blocking MSG_PEEK. A connection sluice
+// cannot ask (TLS over a wrapper without a descriptor) is taken as there.
+func clientGone(c net.Conn) bool {
+	if nc, ok := c.(interface{ NetConn() net.Conn }); ok {
+		c = nc.NetConn()
+	}
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	gone := false
+	var b [1]byte
+	raw.Read(func(fd uintptr) bool {
+		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		gone = n == 0 && err == nil || err != nil && err != syscall.EAGAIN && err != syscall.EINTR
+		return true // never wait: this is a look, not a read
+	})
+	return gone
 }

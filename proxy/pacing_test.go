@@ -130,7 +130,7 @@ func TestPacerSpacesTurns(t *testing.T) {
 		starts := make(chan time.Duration, 10)
 		for i := range 10 {
 			go func() {
-				if err := p.wait(netip.AddrFrom4([4]byte{127, 0, 0, byte(i + 1)})); err != nil {
+				if _, err := p.wait(netip.AddrFrom4([4]byte{127, 0, 0, byte(i + 1)})); err != nil {
 					t.Error(err)
 					return
 				}
@@ -156,15 +156,15 @@ func TestPacerTimeoutAndClose(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p := newUpstreamPacer(&Options{UpstreamMaxHandshakes: 1, UpstreamQueueTimeout: time.Second}, newPacingMetrics(nil))
 		key := netip.AddrFrom4([4]byte{127, 0, 0, 1})
-		if err := p.wait(key); err != nil {
-			t.Fatal(err)
+		if queued, err := p.wait(key); err != nil || queued {
+			t.Fatalf("first wait: queued %v, %v; want a turn at once", queued, err)
 		}
 		began := time.Now()
-		if err := p.wait(key); err != errPacingTimeout || time.Since(began) != time.Second {
+		if _, err := p.wait(key); err != errPacingTimeout || time.Since(began) != time.Second {
 			t.Fatalf("second wait: %v after %v, want a timeout after 1s", err, time.Since(began))
 		}
 		errs := make(chan error)
-		go func() { errs <- p.wait(key) }()
+		go func() { _, err := p.wait(key); errs <- err }()
 		synctest.Wait()
 		if _, q := p.counts(); q != 1 {
 			t.Fatalf("%d queued, want 1", q)
