@@ -89,6 +89,7 @@ type Queue struct {
 	roomWanted   bool  // the producer waits on room
 	roomForStart bool  // ... to start a message: the count must fall too
 	pausedAt     int64 // monotonic ns the current pause began; 0 if none
+	pauseEnded   int64 // monotonic ns the last pause ended; 0 if none
 	dropped      uint64
 
 	// Progress (progress.go): whether the client is taking what waits.
@@ -291,11 +292,19 @@ func (q *Queue) endPause() {
 	if q.pausedAt == 0 {
 		return
 	}
+	t := now()
 	if q.budget != nil {
 		q.budget.paused.Add(-1)
-		q.budget.pauseNanos.Add(now() - q.pausedAt)
+		q.budget.pauseNanos.Add(t - q.pausedAt)
 	}
-	q.pausedAt = 0
+	q.pausedAt, q.pauseEnded = 0, t
+}
+
+// PausedWithin reports whether the producer is paused, or was within d.
+func (q *Queue) PausedWithin(d time.Duration) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.pausedAt != 0 || q.pauseEnded != 0 && now()-q.pauseEnded < int64(d)
 }
 
 // dropOldest discards the oldest whole messages that the writer has not

@@ -1635,3 +1635,33 @@ func TestEvictWaitBoundedByPauseMax(t *testing.T) {
 		}
 	})
 }
+
+// PausedWithin is true while the producer waits for room, and for d after:
+// a pong held behind the backlog needs that long once reading resumes.
+func TestPausedWithin(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue(&Config{Policy: Pause, MaxMessages: 1, MaxBytes: 1 << 20, LowWater: 0.5}, nil, nil)
+		defer q.Close()
+		if q.PausedWithin(time.Second) {
+			t.Fatal("PausedWithin before any pause")
+		}
+		mustPush(t, q, msg(1, 16))
+		done := asyncPush(q, msg(2, 16))
+		synctest.Wait()
+		if !q.PausedWithin(time.Second) {
+			t.Fatal("not PausedWithin while the producer waits")
+		}
+		take(t, q, 1, 1<<20)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(999 * time.Millisecond)
+		if !q.PausedWithin(time.Second) {
+			t.Fatal("not PausedWithin 999ms after the pause ended")
+		}
+		time.Sleep(time.Millisecond)
+		if q.PausedWithin(time.Second) {
+			t.Fatal("PausedWithin a second after the pause ended")
+		}
+	})
+}

@@ -130,10 +130,14 @@ func (l *leg) SendPing(payload []byte) {
 // limit holds them back. The peer's pong then waits in its own send
 // buffer behind its data, and its deadline must not run out for that.
 func (l *leg) Held() bool {
-	if q := l.peer().out.Load(); q != nil {
-		if paused, _ := q.Paused(); paused {
-			return true
-		}
+	// Held a moment ago counts too: the pong behind the backlog needs a
+	// while to arrive once reading resumes.
+	timeout := l.s.srv.opts.Keepalive.Timeout
+	if l.upstream {
+		timeout = l.s.srv.opts.UpstreamKeepalive.Timeout
+	}
+	if q := l.peer().out.Load(); q != nil && q.PausedWithin(timeout) {
+		return true
 	}
 	return !l.upstream && l.s.rate != nil && l.s.rate.throttledNow(limiter.Now())
 }
