@@ -351,14 +351,14 @@ func dialStalledSender(t *testing.T, url string) string {
 // While sluice is not reading a client because its backend is not reading
 // (the client's frames wait for room toward it), the client's pongs wait
 // behind its data in its own send buffer: its pong deadline must not run
-// out for that. With pings every second and 500 ms to answer, a backend
-// deaf for 4 s, and a client sending 24 MiB at once: no pong timeout, and
-// every echo arrives.
+// out for that. With pings every 2 s and 1.5 s to answer (the issue's
+// setting), a backend deaf for 6 s, and a client sending 24 MiB at once:
+// no pong timeout, and every echo arrives.
 func TestPongDeadlineWaitsWhileHeld(t *testing.T) {
-	backend := startEchoBackendAfter(t, 4*time.Second)
+	backend := startEchoBackendAfter(t, 6*time.Second)
 	s := startSluiceEnv(t, backend, map[string]string{
-		config.Prefix + "PING_INTERVAL": "1s",
-		config.Prefix + "PONG_TIMEOUT":  "500ms",
+		config.Prefix + "PING_INTERVAL": "2s",
+		config.Prefix + "PONG_TIMEOUT":  "1500ms",
 	}, nil)
 	specs := make([]busySpec, 384)
 	for i := range specs {
