@@ -142,6 +142,9 @@ func evictionReasons() []string {
 // what the first left open, and an eviction after another cause only
 // moves the client's close ahead of its queued data.
 func (s *session) end(c cause, fe *frame.Error) {
+	if s.isWedged() {
+		return // cut already; its lock may never be free again
+	}
 	e := &endings[c]
 	var msgs int
 	var byts, unsent, up int64
@@ -312,6 +315,9 @@ func (s *session) goAway() { s.end(causeShutdown, nil) }
 // abort closes both sockets and queues, which ends every goroutine of the
 // session.
 func (s *session) abort(n endNote) {
+	if s.isWedged() {
+		return
+	}
 	s.mu.Lock()
 	s.noteEnd(n, "")
 	s.abortLocked()

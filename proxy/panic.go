@@ -8,7 +8,9 @@ package proxy
 // own accept loop must too.
 
 import (
+	"math"
 	"runtime/debug"
+	"time"
 
 	"github.com/rs/zerolog"
 )
@@ -42,6 +44,10 @@ func panicText(p any) string {
 // if the panic left a writer unable to send them.
 func (s *session) recovered(where string, p any) {
 	s.srv.notePanic(where, p, s.event)
+	if !s.lockFree() {
+		s.wedge()
+		return
+	}
 	defer func() {
 		if recover() != nil {
 			s.abort(noteInternalError) // ending it cleanly panicked too
@@ -56,6 +62,10 @@ func (s *session) recovered(where string, p any) {
 func (s *session) recoverWriter() {
 	if p := recover(); p != nil {
 		s.srv.notePanic("writer", p, s.event)
+		if !s.lockFree() {
+			s.wedge()
+			return
+		}
 		s.abort(noteInternalError)
 	}
 }
@@ -72,4 +82,49 @@ func (s *session) testPanic(where string) {
 	if h := s.srv.opts.panicHook; h != nil {
 		h(where, s.clientAddr)
 	}
+}
+
+// lockFree reports whether s.mu can be had. Code under s.mu unlocks
+// without defer (it runs per frame), so a panic there leaves it held, and
+// ending the session would wait for it forever, with whatever called in:
+// the guard, a timer, Shutdown. A lock busy for 50 ms is taken as left by
+// the panic.
+func (s *session) lockFree() bool {
+	for range 50 {
+		if s.mu.TryLock() {
+			s.mu.Unlock()
+			return true
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return false
+}
+
+// wedgedMark is running's value for a wedged session: negative, far from
+// what its goroutines' exits can bring back to 0.
+const wedgedMark = math.MinInt32 / 2
+
+// isWedged reports whether a panic left s's lock held (wedge).
+func (s *session) isWedged() bool { return s.running.Load() < 0 }
+
+// wedge cuts a session whose lock a panic left held: both sockets closed
+// (the peers see them end without a close frame), its place under the
+// limits freed and the session forgotten, so that nothing waits for it.
+// Its own goroutines stuck on the lock stay: at most four, the price of a
+// bug that the log line names. A session already finishing is left to it.
+func (s *session) wedge() {
+	for {
+		n := s.running.Load()
+		if n <= 0 {
+			return
+		}
+		if s.running.CompareAndSwap(n, wedgedMark) {
+			break
+		}
+	}
+	s.event(s.srv.log.Error()).Msg("a panic left the session's lock held: its sockets are closed without a close frame")
+	s.client.w.conn.Close()
+	s.upstream.w.conn.Close()
+	s.srv.metrics.connectionsActive.Dec()
+	s.srv.forget(s)
 }

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"github.com/sluice-proxy/sluice/internal/wstest"
 	"io"
 	"net"
 	"net/http"
@@ -107,4 +108,42 @@ func mustDialRaw(t *testing.T, addr, local string) net.Conn {
 		t.Fatal(err)
 	}
 	return c
+}
+
+// A panic while the session's own lock is held (code under s.mu unlocks
+// without defer) must not hang its recovery, nor anything that calls into
+// the session afterwards (the guard, timers, Shutdown): the session is cut
+// without the lock and forgotten, and the others go on.
+func TestPanicUnderSessionLock(t *testing.T) {
+	b := newEchoBackend(t)
+	p := startTestProxy(t, b, Options{})
+	mustUpgrade(t, p, "127.0.0.1")
+	live := p.Server.liveSessions()
+	if len(live) != 1 {
+		t.Fatalf("%d sessions, want 1", len(live))
+	}
+	ss := live[0]
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer ss.recoverTimer()
+		ss.mu.Lock()
+		panic("injected under s.mu")
+	}()
+	select {
+	case <-done:
+	case <-time.After(wstest.IOTimeout):
+		t.Fatal("recovering a panic under s.mu hangs: it waits for the lock the panic left held")
+	}
+	if !ss.isWedged() || p.Server.Sessions() != 0 {
+		t.Fatalf("wedged %v, %d sessions listed; want the session cut and forgotten", ss.isWedged(), p.Server.Sessions())
+	}
+	ended := make(chan struct{})
+	go func() { ss.end(causeSlow, nil); close(ended) }() // the guard calling in
+	select {
+	case <-ended:
+	case <-time.After(wstest.IOTimeout):
+		t.Fatal("ending a wedged session waits for its lock")
+	}
+	mustUpgrade(t, p, "127.0.0.1").echo(t, "another session")
 }

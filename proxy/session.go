@@ -176,10 +176,12 @@ type session struct {
 	ended      chan struct{} // closed at abort, for throttled readers; made on first use; guarded by mu
 	endDetail  string        // the error or violation of endNote, if any; guarded by mu
 
-	running atomic.Int32 // goroutines serving the session; 0 once finished
-	aborted bool         // guarded by mu
-	cause   cause        // why sluice ended the session, if it did; guarded by mu
-	endNote endNote      // what first began the session's end; guarded by mu
+	// running counts the goroutines serving the session; 0 once finished,
+	// negative once wedged (panic.go).
+	running atomic.Int32
+	aborted bool    // guarded by mu
+	cause   cause   // why sluice ended the session, if it did; guarded by mu
+	endNote endNote // what first began the session's end; guarded by mu
 }
 
 // upgraded is what the front door (accept.go) hands the pair once both
@@ -267,8 +269,8 @@ func (l *leg) setReadDeadline(t time.Time) { l.w.conn.SetReadDeadline(t) }
 func (s *session) enter() bool {
 	for {
 		n := s.running.Load()
-		if n == 0 {
-			return false
+		if n <= 0 {
+			return false // finished, or wedged
 		}
 		if s.running.CompareAndSwap(n, n+1) {
 			return true
@@ -277,6 +279,7 @@ func (s *session) enter() bool {
 }
 
 // exit is deferred by each goroutine; the last one finishes the session.
+// A wedged session's count stays negative: it never finishes this way.
 func (s *session) exit() {
 	if s.running.Add(-1) != 0 {
 		return
