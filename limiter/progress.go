@@ -56,8 +56,9 @@ func (q *Queue) observeLocked(t int64, progressed bool) (waiting bool) {
 
 // stillFor is how long, by the samples, the client has taken nothing: the
 // stillness is measured between samples, so a guard that ran late (a busy
-// machine) does not make every client look stalled. 0 while the writer has
-// taken something since the last sample. Callers hold mu.
+// machine) does not make every client look stalled. Where the kernel
+// cannot be asked, 0 while the writer has taken something since the last
+// sample. Callers hold mu.
 func (q *Queue) stillFor() time.Duration {
 	if q.sampledAt == 0 || (q.took && q.unsentFn == nil) {
 		return 0
