@@ -386,6 +386,11 @@ func (c *bpRawClient) result() (seqs []uint64, frames []int, closeCode int, err 
 func (c *bpRawClient) reader() {
 	defer close(c.done)
 	for {
+		// Stop's deadline can fall just before readMessage sets the next
+		// one: with messages flowing, only this look ends the reader.
+		if c.stopping.Load() {
+			return
+		}
 		payload, frames, err := c.readMessage()
 		var cf bpCloseFrame
 		switch {
