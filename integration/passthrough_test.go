@@ -312,6 +312,26 @@ func (r *rawHTTP) get(t *testing.T, path string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
+// upgrade sends prefix (a PROXY header, or nothing), then an upgrade
+// request for path, and wants 101 with the right Sec-WebSocket-Accept;
+// what names the request in a failure.
+func (r *rawHTTP) upgrade(t *testing.T, prefix []byte, path, what string) {
+	t.Helper()
+	key := wstest.NewKey()
+	req := fmt.Appendf(prefix, "GET %s HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n", path, key)
+	if _, err := r.c.Write(req); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	resp, err := http.ReadResponse(r.br, nil)
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Sec-WebSocket-Accept") != wstest.AcceptKey(key) {
+		t.Fatalf("%s: %d %v, want 101 with the key's accept", what, resp.StatusCode, resp.Header)
+	}
+}
+
 // TestPassThroughKeepAliveThenUpgrade: plain requests, then an upgrade, on
 // one connection, with one connection allowed per client address: the
 // upgrade takes over the connection's place and its WebSocket works.
@@ -324,16 +344,7 @@ func TestPassThroughKeepAliveThenUpgrade(t *testing.T) {
 			t.Fatalf("GET /health on the kept-alive connection: %d %q", code, body)
 		}
 	}
-	key := wstest.NewKey()
-	fmt.Fprintf(r.c, "GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
-		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n", key)
-	resp, err := http.ReadResponse(r.br, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Sec-WebSocket-Accept") != wstest.AcceptKey(key) {
-		t.Fatalf("upgrade after two plain requests: %d %v", resp.StatusCode, resp.Header)
-	}
+	r.upgrade(t, nil, "/ws", "upgrade after two plain requests")
 	r.c.Write(wstest.Encode(wstest.Frame{Fin: true, Op: ws.OpText, Masked: true, Payload: []byte("after keep-alive")}))
 	f, err := wstest.ReadFrame(r.br)
 	if err != nil || string(f.Payload) != "after keep-alive" {

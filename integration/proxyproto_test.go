@@ -11,7 +11,6 @@ import (
 	"io"
 	"maps"
 	"net"
-	"net/http"
 	"testing"
 
 	"github.com/pires/go-proxyproto"
@@ -93,13 +92,7 @@ func checkProxyProtocolClient(t *testing.T, s *sluiceUnderTest, header func() []
 	}
 
 	up := dialRaw(t, s.addr)
-	key := wstest.NewKey()
-	up.c.Write(append(header(), fmt.Sprintf("GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
-		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n", key)...))
-	resp, err := http.ReadResponse(up.br, nil)
-	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("upgrade after the PROXY header: %v %v", resp, err)
-	}
+	up.upgrade(t, header(), "/ws", "upgrade after the PROXY header")
 	// The session joins the list just after its 101 is written.
 	waitFor(t, wstest.IOTimeout, "the upgraded session in Snapshot()", func() bool { return len(s.srv.Snapshot()) == 1 })
 	if snap := s.srv.Snapshot(); len(snap) != 1 || snap[0].Client != clientAddr {

@@ -195,13 +195,7 @@ func TestNodeAppThroughSluice(t *testing.T) {
 	if code, body := r.get(t, "/health"); code != 200 || body != "ok" {
 		t.Fatalf("GET /health: %d %q", code, body)
 	}
-	key := wstest.NewKey()
-	fmt.Fprintf(r.c, "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
-		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n", key)
-	resp, err := http.ReadResponse(r.br, nil)
-	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("upgrade after a plain request: %v %v", resp, err)
-	}
+	r.upgrade(t, nil, "/socket.io/?EIO=4&transport=websocket", "upgrade after a plain request")
 	f, err := wstest.ReadFrame(r.br)
 	if err != nil || !strings.HasPrefix(string(f.Payload), `0{"sid":`) {
 		t.Fatalf("engine.io open packet: %q, %v", f.Payload, err)
