@@ -15,6 +15,8 @@ import (
 // broadcastResult is one broadcast run.
 type broadcastResult struct {
 	Target   string  `json:"target"`
+	Size     int     `json:"size"` // bytes per message
+	Rate     float64 `json:"rate_per_client"`
 	Clients  int     `json:"clients"`
 	Slow     int     `json:"slow"`
 	Duration float64 `json:"duration_s"` // measured window
@@ -64,7 +66,7 @@ type broadcastResult struct {
 // runBroadcast runs one broadcast measurement against spec.
 func runBroadcast(ctx context.Context, r *runner, spec targetSpec) (res broadcastResult, err error) {
 	cfg := r.cfg
-	res = broadcastResult{Target: spec.label, Clients: cfg.clients, Slow: int(math.Round(float64(cfg.clients) * cfg.slow))}
+	res = broadcastResult{Target: spec.label, Size: cfg.size, Rate: cfg.rate, Clients: cfg.clients, Slow: int(math.Round(float64(cfg.clients) * cfg.slow))}
 	parts, err := startRun(ctx, r, spec, cfg.rate, 200*time.Millisecond, true)
 	if err != nil {
 		return res, err

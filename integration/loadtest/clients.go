@@ -44,14 +44,22 @@ type socketOpts struct {
 	mss    int // TCP_MAXSEG; 0 = kernel default
 }
 
-// control sets the options on the raw socket.
+// ipBindAddressNoPort is Linux's IP_BIND_ADDRESS_NO_PORT (linux/in.h),
+// which package syscall lacks.
+const ipBindAddressNoPort = 0x18
+
+// control sets the options on the raw socket. Every client binds its
+// source address with IP_BIND_ADDRESS_NO_PORT, so its port is picked at
+// connect, unique per source and destination (as for any connect), instead
+// of at bind, where the port is taken from the whole ephemeral range and
+// closed to every connect() until its TIME_WAIT ends: thousands of clients
+// a run, run after run, would otherwise leave a proxy's own connections to
+// the backend (all from 127.0.0.1 to one port) short of ports.
 func (o socketOpts) control(_, _ string, rc syscall.RawConn) error {
-	if o.rcvBuf == 0 && o.mss == 0 {
-		return nil
-	}
 	var serr error
 	err := rc.Control(func(fd uintptr) {
-		if o.rcvBuf > 0 {
+		serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, ipBindAddressNoPort, 1)
+		if serr == nil && o.rcvBuf > 0 {
 			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, o.rcvBuf)
 		}
 		if serr == nil && o.mss > 0 {

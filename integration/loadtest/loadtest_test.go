@@ -9,12 +9,14 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -524,5 +526,236 @@ func TestInboundDirectAndSluice(t *testing.T) {
 	writeInboundReport(&stdout, r, res)
 	if !strings.Contains(stdout.String(), "\n| direct:flooders=0 | 6 | 0 |") {
 		t.Errorf("report has no direct row:\n%s", stdout.String())
+	}
+}
+
+func TestParseSizes(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    []int
+		wantErr bool
+	}{
+		{in: "64,256,1KiB,16KiB,64KiB", want: []int{64, 256, 1024, 16384, 65536}},
+		{in: "16, 1 KiB,1MiB,100B", want: []int{16, 1024, 1 << 20, 100}},
+		{in: "1536", want: []int{1536}},
+		{in: "64KiB,64", want: []int{65536, 64}}, // the order given
+		{in: "15", wantErr: true},
+		{in: "2MiB", wantErr: true},
+		{in: "1025KiB", wantErr: true},
+		{in: "0", wantErr: true},
+		{in: "-64", wantErr: true},
+		{in: "1kb", wantErr: true},
+		{in: "1.5KiB", wantErr: true},
+		{in: "64,,256", wantErr: true},
+		{in: "", wantErr: true},
+		{in: "1KiB,1024", wantErr: true}, // the same size twice
+	}
+	for _, tt := range tests {
+		got, err := parseSizes(tt.in)
+		if (err != nil) != tt.wantErr || !slices.Equal(got, tt.want) {
+			t.Errorf("parseSizes(%q) = %v, %v; want %v, error %v", tt.in, got, err, tt.want, tt.wantErr)
+		}
+	}
+}
+
+func TestParseFlagsMatrix(t *testing.T) {
+	c, err := parseFlags([]string{"-clients", "9000", "-sizes", "64,16KiB", "-total-rate", "10000"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(c.sizes, []int{64, 16384}) || c.totalRate != 10000 || math.Abs(c.rate-10000.0/9000) > 1e-12 {
+		t.Errorf("-sizes 64,16KiB -total-rate 10000 over 9000 clients: sizes %v, total %v, per client %v", c.sizes, c.totalRate, c.rate)
+	}
+	c, err = parseFlags([]string{"-clients", "200", "-total-rate", "10000"}, io.Discard)
+	if err != nil || c.rate != 50 || c.sizes != nil || c.size != 1024 {
+		t.Errorf("-total-rate 10000 over 200: rate %v, sizes %v, size %d, error %v; want 50/s, no matrix, -size's default", c.rate, c.sizes, c.size, err)
+	}
+	// The default client count divides the total too.
+	if c, err = parseFlags([]string{"-total-rate", "150"}, io.Discard); err != nil || c.rate != 1.5 {
+		t.Errorf("-total-rate 150 over the default 100 clients: rate %v, error %v; want 1.5", c.rate, err)
+	}
+	// -size and -rate as before.
+	c, err = parseFlags([]string{"-size", "2048", "-rate", "20"}, io.Discard)
+	if err != nil || c.size != 2048 || c.rate != 20 || c.sizes != nil || c.totalRate != 0 {
+		t.Errorf("-size 2048 -rate 20: size %d rate %v sizes %v total %v, error %v", c.size, c.rate, c.sizes, c.totalRate, err)
+	}
+	for _, bad := range []struct {
+		args []string
+		says []string // in the error
+	}{
+		{[]string{"-rate", "5", "-total-rate", "1000"}, []string{"-rate 5 and -total-rate 1000: set one"}},
+		{[]string{"-size", "64", "-sizes", "64,128"}, []string{"-size 64 and -sizes", "set one"}},
+		{[]string{"-sizes", "64,8"}, []string{`"8"`, "16 to 1048576"}},
+		{[]string{"-mode", "idle", "-sizes", "64,128"}, []string{"-sizes: broadcast mode only"}},
+		{[]string{"-mode", "inbound", "-total-rate", "100"}, []string{"-total-rate: broadcast mode only"}},
+		{[]string{"-total-rate", "0"}, []string{"-total-rate 0 over 100 clients"}},
+		{[]string{"-clients", "10", "-total-rate", "200000"}, []string{"up to 10000 per client"}},
+		{[]string{"-clients", "9000", "-total-rate", "900", "-duration", "5s"}, []string{"less than one message per client"}},
+	} {
+		_, err := parseFlags(bad.args, io.Discard)
+		if err == nil {
+			t.Errorf("%q: no error", bad.args)
+			continue
+		}
+		for _, s := range bad.says {
+			if !strings.Contains(err.Error(), s) {
+				t.Errorf("%q: error %q does not say %q", bad.args, err, s)
+			}
+		}
+	}
+}
+
+// TestRunAllMatrix: with -sizes each round runs every size in the order
+// given, the targets rotating within it as without -sizes; every run sees
+// its size in r.cfg.size, and its result lands in its cell.
+func TestRunAllMatrix(t *testing.T) {
+	specs, err := parseTargets("direct,sluice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &runner{cfg: config{targets: specs, repeat: 2, mode: modeBroadcast, size: 1024, sizes: []int{64, 16384, 256}}, stderr: io.Discard}
+	var order []string
+	res, err := runAll(context.Background(), r, func(_ context.Context, r *runner, t targetSpec) (string, error) {
+		run := fmt.Sprintf("%d %s/%d", r.cfg.size, t.label, r.round)
+		order = append(order, run)
+		return run, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantOrder := []string{
+		"64 direct/1", "64 sluice/1", "16384 direct/1", "16384 sluice/1", "256 direct/1", "256 sluice/1",
+		"64 sluice/2", "64 direct/2", "16384 sluice/2", "16384 direct/2", "256 sluice/2", "256 direct/2",
+	}
+	if !slices.Equal(order, wantOrder) {
+		t.Errorf("run order %q, want %q", order, wantOrder)
+	}
+	if len(res) != 6 {
+		t.Fatalf("%d cells, want 6", len(res))
+	}
+	for i, rs := range res {
+		sz, spec := r.cfg.cell(i)
+		want := []string{fmt.Sprintf("%d %s/1", sz, spec.label), fmt.Sprintf("%d %s/2", sz, spec.label)}
+		if !slices.Equal(rs, want) {
+			t.Errorf("cell %d (%d %s): %q, want %q", i, sz, spec.label, rs, want)
+		}
+	}
+	r.profiles = &profiles{dir: "/p"}
+	profileNames(r.cfg.targets)
+	r.cfg.size, r.round = 16384, 3
+	if got := r.profileBase(r.cfg.targets[1]); got != "broadcast-sluice-16KiB-r3" {
+		t.Errorf("profile name %q, want broadcast-sluice-16KiB-r3", got)
+	}
+}
+
+func TestBroadcastMatrixReport(t *testing.T) {
+	cfg, err := parseFlags([]string{"-clients", "200", "-sizes", "64,16KiB", "-total-rate", "10000", "-repeat", "2",
+		"-compare", "direct,sluice,cmd:haproxy -f h.cfg"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &runner{cfg: cfg}
+	row := func(target string, size int, targetCPU float64) broadcastResult {
+		return broadcastResult{Target: target, Size: size, Rate: 50, Clients: 200, Slow: 20, Duration: 20, SentPerSec: 50, FastMsgsPerSec: 49.95,
+			FastReceived: 180 * 1000, FastP50: 0.4, FastP99: 2, FastMax: 9, TargetCPU: targetCPU, BackendCPU: 1.8, HarnessCPU: 3.6}
+	}
+	// Cells by size, then target; two rounds each.
+	res := [][]broadcastResult{
+		{row("direct", 64, 0), row("direct", 64, 0)},
+		{row("sluice", 64, 3.6), row("sluice", 64, 3.0)},                             // median 3.3 s: 18.3 µs/msg
+		{row("cmd:haproxy -f h.cfg", 64, 2.2), row("cmd:haproxy -f h.cfg", 64, 2.2)}, // 12.2 µs/msg
+		{row("direct", 16384, 0), row("direct", 16384, 0)},
+		{}, // sluice at 16 KiB never finished
+		{row("cmd:haproxy -f h.cfg", 16384, 4.5), row("cmd:haproxy -f h.cfg", 16384, 4.5)},
+	}
+	var out bytes.Buffer
+	writeBroadcastReport(&out, r, res)
+	report := out.String()
+	var rows []string
+	for _, l := range strings.Split(report, "\n") {
+		if strings.HasPrefix(l, "| ") && !strings.HasPrefix(l, "| size |") {
+			rows = append(rows, l)
+		}
+	}
+	// size, target, …, target CPU µs/msg, target CPU vs first proxy, all CPU µs/msg.
+	wantPrefix := []string{
+		"| 64 B | direct | 200 | 20 | 50.0 |",
+		"| 64 B | sluice | 200 | 20 | 50.0 |",
+		"| 64 B | cmd:haproxy -f h.cfg | 200 | 20 |",
+		"| 16 KiB | direct | 200 | 20 |",
+		"| 16 KiB | cmd:haproxy -f h.cfg | 200 | 20 |",
+	}
+	wantCPU := []string{"| — | — | 30.0 |", "| 18.3 | 1.00× | 48.3 |", "| 12.2 | 0.67× | 42.2 |", "| — | — | 30.0 |", "| 25.0 | 1.00× | 55.0 |"}
+	if len(rows) != len(wantPrefix) {
+		t.Fatalf("%d rows, want %d:\n%s", len(rows), len(wantPrefix), report)
+	}
+	for i, l := range rows {
+		if !strings.HasPrefix(l, wantPrefix[i]) || !strings.Contains(l, wantCPU[i]) {
+			t.Errorf("row %d:\n%s\nwant it to start %q and hold %q", i, l, wantPrefix[i], wantCPU[i])
+		}
+	}
+	for _, want := range []string{
+		"| size | target | clients |",
+		"| target CPU µs/msg | target CPU vs first proxy | all CPU µs/msg |",
+		"messages of 64 B, 16 KiB (a row per size and target) at 10000/s in total (-total-rate), 50/s to every client",
+		"medians of 2 rounds per size and target",
+		"- size: bytes per message",
+	} {
+		if !strings.Contains(report, want) {
+			t.Errorf("report lacks %q:\n%s", want, report)
+		}
+	}
+
+	// Without -sizes the table is as it was: no size column, no ratio,
+	// and the header gives the total beside -rate.
+	r.cfg, err = parseFlags([]string{"-clients", "9000", "-rate", "1.5", "-compare", "direct,sluice"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out.Reset()
+	x := row("sluice", 1024, 1)
+	x.Clients, x.SentPerSec, x.FastMsgsPerSec = 9000, 1.5, 1.4994
+	writeBroadcastReport(&out, r, [][]broadcastResult{{}, {x}})
+	report = out.String()
+	for _, want := range []string{
+		"1024-byte messages at 1.5/s to every client (13500/s in total)",
+		"one run per target",
+		"\n| target | clients | slow |",
+		"\n| sluice | 9000 | 20 | 1.500 | 1.499 |",
+	} {
+		if !strings.Contains(report, want) {
+			t.Errorf("report lacks %q:\n%s", want, report)
+		}
+	}
+	if strings.Contains(report, "vs first") || strings.Contains(report, "- size:") {
+		t.Errorf("a report without -sizes has the matrix's column or note:\n%s", report)
+	}
+}
+
+// TestClientPortAtConnect: clients bind their source address without
+// taking a port until they connect (IP_BIND_ADDRESS_NO_PORT).
+func TestClientPortAtConnect(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for _, opts := range []socketOpts{{}, {rcvBuf: 4096, mss: 1460}} {
+		nd := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}, Timeout: 5 * time.Second, Control: opts.control}
+		c, err := nd.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc, err := c.(*net.TCPConn).SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v int
+		var gerr error
+		rc.Control(func(fd uintptr) { v, gerr = syscall.GetsockoptInt(int(fd), syscall.IPPROTO_IP, ipBindAddressNoPort) })
+		c.Close()
+		if gerr != nil || v != 1 {
+			t.Errorf("%+v: IP_BIND_ADDRESS_NO_PORT = %d (%v), want 1", opts, v, gerr)
+		}
 	}
 }

@@ -11,6 +11,8 @@
 // fails or is interrupted.
 //
 //	go run ./integration/loadtest -mode broadcast -compare direct,sluice -clients 50 -slow 0.1 -duration 8s
+//	go run ./integration/loadtest -mode broadcast -clients 2000 -sizes 64,256,1KiB,16KiB,64KiB \
+//	    -total-rate 10000 -slow 0.02 -duration 20s -repeat 3 -compare direct,sluice
 //	go run ./integration/loadtest -mode idle -clients 2000 -duration 10s \
 //	    -compare 'sluice:SLUICE_PING_INTERVAL=0,sluice:SLUICE_PING_INTERVAL=1s;SLUICE_PONG_TIMEOUT=500ms'
 //	go run ./integration/loadtest -mode handshakes -compare direct,sluice -duration 5s
@@ -31,6 +33,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -71,8 +74,10 @@ type config struct {
 	slowAfter time.Duration
 	slowRcv   int
 	slowMSS   int
-	size      int
-	rate      float64
+	size      int     // bytes per message; with -sizes, runAll sets it to each run's
+	sizes     []int   // broadcast -sizes, in the order given; nil with -size
+	rate      float64 // per client; with -total-rate, that over the clients
+	totalRate float64 // broadcast -total-rate; 0 when -rate sets the rate
 	serialise bool
 	shared    bool
 	duration  time.Duration
@@ -100,7 +105,10 @@ Modes (-mode):
   broadcast   a backend broadcasts -size-byte messages at -rate/s to -clients
               clients, of which the -slow share stop reading after -slow-after;
               reports fast-client latency and gaps, slow-client close codes,
-              and peak RSS and CPU of the target and the backend
+              and peak RSS and CPU of the target and the backend. -sizes runs
+              a matrix: every size with every target, each round, a row per
+              size and target. -total-rate sets the rate summed over all
+              clients instead (each gets total/clients per second)
   idle        -clients idle proxied connections held for -duration; reports
               memory per connection, CPU while holding, disconnects, pings
   handshakes  -workers loops of connect + upgrade + close for -duration;
@@ -140,16 +148,23 @@ Targets (-target, or a comma-separated list in -compare):
 A target's own SLUICE_* settings win over -sluice-env's.
 Example: -compare 'direct,sluice:SLUICE_POLICY=evict,sluice:SLUICE_POLICY=drop,sluice:SLUICE_POLICY=pause'
 
+The size matrix (broadcast): the same total message rate at every fan-out, so
+that rows compare CPU per delivered message across sizes and clients:
+  go run ./integration/loadtest -mode broadcast -clients 200 -sizes 64,256,1KiB,16KiB,64KiB \
+      -total-rate 10000 -slow 0.02 -duration 20s -repeat 3 -compare 'direct,sluice,cmd:haproxy -f /tmp/h.cfg'
+
 Profiles (-profile DIR): every sluice target runs with SLUICE_PPROF=true, and
 each run's measured window (the broadcast window, the idle hold, the handshake
 loop) gets a CPU profile over its whole seconds (at least 1) and a heap profile
 at its end, written to DIR as MODE-TARGET-rROUND.cpu.pprof and .heap.pprof
-(TARGET: the label in [a-z0-9._-]). Other targets get none. A profile that
+(TARGET: the label in [a-z0-9._-]; with -sizes, MODE-TARGET-SIZE-rROUND, SIZE
+such as 64B or 16KiB). Other targets get none. A profile that
 cannot be fetched is reported and noted, and does not fail the run.
   go run ./integration/loadtest -mode idle -clients 500 -duration 5s -profile /tmp/prof
   go tool pprof -top /tmp/prof/idle-sluice-r1.heap.pprof
 
-Output: a markdown table on stdout, a row per target, under the command line
+Output: a markdown table on stdout, a row per target (with -sizes, per size and
+target, grouped by size), under the command line
 and the machine's load; progress and the children's stderr on stderr. Each
 run starts a fresh backend and target and stops them (SIGTERM, then SIGKILL
 to the process group) when it ends, fails or is interrupted. The exit status
@@ -161,7 +176,7 @@ Flags:
 // parseFlags parses args into a config.
 func parseFlags(args []string, stderr io.Writer) (config, error) {
 	var c config
-	var target, compare, sluiceEnv string
+	var target, compare, sluiceEnv, sizes string
 	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&c.mode, "mode", modeBroadcast, "broadcast, idle, handshakes, inbound or storm")
@@ -174,7 +189,9 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.IntVar(&c.slowRcv, "slow-rcvbuf", 4096, "broadcast: SO_RCVBUF of slow clients, set before connect (0 = kernel default)")
 	fs.IntVar(&c.slowMSS, "slow-mss", 1460, "broadcast: TCP_MAXSEG of slow clients, so senders size their buffers as on Ethernet rather than for loopback's 64 KiB MSS (0 = kernel default)")
 	fs.IntVar(&c.size, "size", 1024, "broadcast: bytes per message, 16 to 1048576; inbound: bytes per client message, 24 to 1048576, default 64")
+	fs.StringVar(&sizes, "sizes", "", "broadcast: a matrix of message sizes instead of -size, comma-separated bytes or KiB, such as `64,256,1KiB,16KiB,64KiB`; each round runs every size with every target")
 	fs.Float64Var(&c.rate, "rate", 50, "broadcast: messages per second sent to every client, up to 10000; inbound: per normal client, default 5")
+	fs.Float64Var(&c.totalRate, "total-rate", 0, "broadcast: messages per second summed over all clients instead of -rate; each client gets this divided by -clients (fractions allowed)")
 	fs.IntVar(&c.flooders, "flooders", 1, "inbound: clients that send as fast as their -window allows (a target's flooders=N wins)")
 	fs.IntVar(&c.window, "window", 1000, "inbound: most messages a flooder has awaiting their echo, 1 to 100000")
 	fs.DurationVar(&c.work, "work", 200*time.Microsecond, "inbound: the backend's busy CPU time per message (a calibrated loop), up to 1s")
@@ -266,8 +283,36 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	if c.size < headerLen || c.size > 1<<20 {
 		bad("-size %d: want 16 to 1048576", c.size)
 	}
-	if c.rate <= 0 || c.rate > 10000 {
-		bad("-rate %v: want above 0, up to 10000", c.rate)
+	if set["sizes"] {
+		switch {
+		case c.mode != modeBroadcast:
+			bad("-sizes: broadcast mode only")
+		case set["size"]:
+			bad("-size %d and -sizes %q: set one", c.size, sizes)
+		default:
+			if c.sizes, err = parseSizes(sizes); err != nil {
+				problems = append(problems, err)
+			}
+		}
+	}
+	switch {
+	case !set["total-rate"]:
+		if c.rate <= 0 || c.rate > 10000 {
+			bad("-rate %v: want above 0, up to 10000", c.rate)
+		}
+	case c.mode != modeBroadcast:
+		bad("-total-rate: broadcast mode only")
+	case set["rate"]:
+		bad("-rate %v and -total-rate %v: set one (-total-rate is summed over the clients, -rate is each client's)", c.rate, c.totalRate)
+	default:
+		c.rate = perClientRate(c.totalRate, c.clients)
+		if c.totalRate <= 0 || c.rate > 10000 {
+			bad("-total-rate %v over %d clients: want above 0, up to 10000 per client", c.totalRate, c.clients)
+		}
+	}
+	if c.mode == modeBroadcast && c.rate > 0 && c.rate*c.duration.Seconds() < 1 {
+		bad("%v messages per second to each client for -duration %v is less than one message per client: "+
+			"raise the rate or the duration", c.rate, c.duration)
 	}
 	if c.duration <= 0 || c.duration > time.Hour {
 		bad("-duration %v: want above 0, up to 1h", c.duration)
@@ -294,6 +339,44 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		bad("-close-wait %v: want above 0, up to 1m", c.closeWait)
 	}
 	return c, errors.Join(problems...)
+}
+
+// parseSizes parses -sizes: comma-separated message sizes in bytes, each
+// a whole number optionally followed by KiB or MiB, 16 bytes to 1 MiB,
+// none twice.
+func parseSizes(list string) ([]int, error) {
+	var out []int
+	for _, piece := range strings.Split(list, ",") {
+		p := strings.TrimSpace(piece)
+		unit := 1
+		num := p
+		for _, u := range []struct {
+			suffix string
+			n      int
+		}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"B", 1}} {
+			if v, ok := strings.CutSuffix(p, u.suffix); ok {
+				num, unit = strings.TrimSpace(v), u.n
+				break
+			}
+		}
+		n, err := strconv.Atoi(num)
+		if err != nil || n <= 0 || n > (1<<20)/unit || n*unit < headerLen {
+			return nil, fmt.Errorf("-sizes %q: %q: want a size from 16 to 1048576 bytes such as 64, 1KiB or 64KiB", list, p)
+		}
+		if slices.Contains(out, n*unit) {
+			return nil, fmt.Errorf("-sizes %q: %s twice", list, sizeName(n*unit))
+		}
+		out = append(out, n*unit)
+	}
+	return out, nil
+}
+
+// perClientRate is the rate each of clients gets of a total rate.
+func perClientRate(total float64, clients int) float64 {
+	if clients <= 0 {
+		return 0
+	}
+	return total / float64(clients)
 }
 
 // commandLine is how the report shows the invocation: as `go run` when
@@ -478,7 +561,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	budget := cfg.timeout
 	if budget == 0 {
-		budget = time.Duration(cfg.repeat*len(cfg.targets)) * r.runBudget()
+		budget = time.Duration(cfg.repeat*len(cfg.targets)*max(len(cfg.sizes), 1)) * r.runBudget()
 		if r.needsSluice() && cfg.sluiceBin == "" {
 			budget += buildTimeout
 		}
@@ -559,35 +642,60 @@ func (r *runner) runBudget() time.Duration {
 // Each round starts one target further along the list: the target run
 // first in a round was seen to do better (the machine quieter, the
 // kernel's tables emptier), and no target should always have that place.
-// It stops at the first error, returning what finished.
+// With -sizes, each round runs every size in the order given, every target
+// at each (r.cfg.size set to it), and the results are by cell: size i,
+// target j at i*len(targets)+j (see cell). It stops at the first error,
+// returning what finished.
 func runAll[R any](ctx context.Context, r *runner, one func(context.Context, *runner, targetSpec) (R, error)) ([][]R, error) {
 	targets := r.cfg.targets
-	res := make([][]R, len(targets))
-	total := r.cfg.repeat * len(targets)
+	sizes := r.cfg.sizes
+	if len(sizes) == 0 {
+		sizes = []int{r.cfg.size}
+	}
+	res := make([][]R, len(sizes)*len(targets))
+	total := r.cfg.repeat * len(res)
 	n := 0
 	for round := range r.cfg.repeat {
-		for k := range targets {
-			i := (round + k) % len(targets)
-			t := targets[i]
-			n++
-			fmt.Fprintf(r.stderr, "loadtest: [%d/%d] %s %s…\n", n, total, r.cfg.mode, t.label)
-			start := time.Now()
-			r.round = round + 1
-			rctx, cancel := context.WithTimeoutCause(ctx, r.runBudget(),
-				fmt.Errorf("the run's time limit (%v: setup, connecting, -duration and teardown) passed", r.runBudget()))
-			out, err := one(rctx, r, t)
-			if err != nil && rctx.Err() != nil {
-				err = fmt.Errorf("%w: %v", err, context.Cause(rctx))
+		for si, sz := range sizes {
+			r.cfg.size = sz
+			for k := range targets {
+				j := (round + k) % len(targets)
+				t := targets[j]
+				i := si*len(targets) + j
+				n++
+				what := t.label
+				if len(r.cfg.sizes) > 0 {
+					what = sizeName(sz) + " " + t.label
+				}
+				fmt.Fprintf(r.stderr, "loadtest: [%d/%d] %s %s…\n", n, total, r.cfg.mode, what)
+				start := time.Now()
+				r.round = round + 1
+				rctx, cancel := context.WithTimeoutCause(ctx, r.runBudget(),
+					fmt.Errorf("the run's time limit (%v: setup, connecting, -duration and teardown) passed", r.runBudget()))
+				out, err := one(rctx, r, t)
+				if err != nil && rctx.Err() != nil {
+					err = fmt.Errorf("%w: %v", err, context.Cause(rctx))
+				}
+				cancel()
+				if err != nil {
+					return res, fmt.Errorf("%s, round %d: %w", what, round+1, err)
+				}
+				fmt.Fprintf(r.stderr, "loadtest: [%d/%d] done in %v\n", n, total, time.Since(start).Round(100*time.Millisecond))
+				res[i] = append(res[i], out)
 			}
-			cancel()
-			if err != nil {
-				return res, fmt.Errorf("%s, round %d: %w", t.label, round+1, err)
-			}
-			fmt.Fprintf(r.stderr, "loadtest: [%d/%d] done in %v\n", n, total, time.Since(start).Round(100*time.Millisecond))
-			res[i] = append(res[i], out)
 		}
 	}
 	return res, nil
+}
+
+// cell names the size and target of runAll's result i: without -sizes,
+// the size is -size's and i the target's index.
+func (c config) cell(i int) (size int, t targetSpec) {
+	t = c.targets[i%len(c.targets)]
+	if len(c.sizes) == 0 {
+		return c.size, t
+	}
+	return c.sizes[i/len(c.targets)], t
 }
 
 // finish writes the report of whatever finished, and the JSON file, and

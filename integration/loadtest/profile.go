@@ -60,12 +60,20 @@ func (p *profiles) writeNotes(w io.Writer, cfg config) {
 	defer p.mu.Unlock()
 	fmt.Fprintf(w, "- profiles (-profile): sluice targets ran with SLUICE_PPROF=true; a CPU profile over each measured\n"+
 		"  window (%d s) and a heap profile at its end (after a GC, taken once the window's numbers are read)\n"+
-		"  are in %s as MODE-TARGET-rROUND.cpu.pprof and .heap.pprof (go tool pprof -top FILE). The CPU\n"+
+		"  are in %s as %s.cpu.pprof and .heap.pprof (go tool pprof -top FILE). The CPU\n"+
 		"  profile's sampling (100 Hz) costs sluice a little of the CPU shown.\n",
-		profileSeconds(cfg.duration), p.dir)
+		profileSeconds(cfg.duration), p.dir, profilePattern(cfg))
 	for _, f := range p.failures {
 		fmt.Fprintf(w, "- profile %s\n", f)
 	}
+}
+
+// profilePattern is how profile files are named.
+func profilePattern(cfg config) string {
+	if len(cfg.sizes) > 0 {
+		return "MODE-TARGET-SIZE-rROUND"
+	}
+	return "MODE-TARGET-rROUND"
 }
 
 // printWritten lists the files written, for the end of the run.
@@ -153,7 +161,7 @@ func (r *runner) startProfile(ctx context.Context, tg *target, window time.Durat
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(secs)*time.Second+profileGrace)
 	p := &profileRun{
 		r:       r,
-		base:    filepath.Join(r.profiles.dir, fmt.Sprintf("%s-%s-r%d", r.cfg.mode, tg.spec.profileName, r.round)),
+		base:    filepath.Join(r.profiles.dir, r.profileBase(tg.spec)),
 		admin:   tg.admin,
 		cancel:  cancel,
 		cpuDone: make(chan struct{}),
@@ -163,6 +171,15 @@ func (r *runner) startProfile(ctx context.Context, tg *target, window time.Durat
 		p.cpuErr = fetchProfile(ctx, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", p.admin, secs), p.base+".cpu.pprof")
 	}()
 	return p
+}
+
+// profileBase is a run's profile file name without its extension:
+// MODE-TARGET-rROUND, or MODE-TARGET-SIZE-rROUND with -sizes.
+func (r *runner) profileBase(spec targetSpec) string {
+	if len(r.cfg.sizes) > 0 {
+		return fmt.Sprintf("%s-%s-%s-r%d", r.cfg.mode, spec.profileName, strings.ReplaceAll(sizeName(r.cfg.size), " ", ""), r.round)
+	}
+	return fmt.Sprintf("%s-%s-r%d", r.cfg.mode, spec.profileName, r.round)
 }
 
 // end fetches the heap profile, after a GC so that it shows what is live

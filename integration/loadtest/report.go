@@ -11,6 +11,7 @@ import (
 	"math"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -122,12 +123,46 @@ func size(b float64) string {
 	return fmt.Sprintf("%.2f GiB", b/(1<<30))
 }
 
+// sizeName formats a message size exactly: "64 B", "1 KiB", "1536 B".
+func sizeName(n int) string {
+	switch {
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return fmt.Sprintf("%d KiB", n>>10)
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+// rateName formats a rate to four significant digits, without exponent:
+// "10000", "50", "1.111", "0.5556".
+func rateName(v float64) string {
+	r, err := strconv.ParseFloat(fmt.Sprintf("%.4g", v), 64)
+	if err != nil {
+		return fmt.Sprint(v)
+	}
+	return strconv.FormatFloat(r, 'f', -1, 64)
+}
+
+// perSec formats a message rate: one decimal, three below 10 so that
+// rates of a message or so a second still show.
+func perSec(v float64) string {
+	if !math.IsNaN(v) && v < 10 {
+		return num(v, 3)
+	}
+	return num(v, 1)
+}
+
 // rounds describes how many rounds a row aggregates.
 func rounds(r *runner) string {
-	if r.cfg.repeat == 1 {
-		return "one run per target"
+	per := "target"
+	if len(r.cfg.sizes) > 0 {
+		per = "size and target"
 	}
-	return fmt.Sprintf("medians of %d rounds per target (text columns list each round when they differ)", r.cfg.repeat)
+	if r.cfg.repeat == 1 {
+		return "one run per " + per
+	}
+	return fmt.Sprintf("medians of %d rounds per %s (text columns list each round when they differ)", r.cfg.repeat, per)
 }
 
 func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
@@ -139,25 +174,49 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
 	if c.serialise {
 		backend = "one goroutine writing to every connection in turn, no deadline"
 	}
+	matrix := len(c.sizes) > 0
+	messages := fmt.Sprintf("%d-byte messages", c.size)
+	if matrix {
+		names := make([]string, len(c.sizes))
+		for i, n := range c.sizes {
+			names[i] = sizeName(n)
+		}
+		messages = fmt.Sprintf("messages of %s (a row per size and target)", strings.Join(names, ", "))
+	}
+	rate := fmt.Sprintf("%g/s to every client (%s/s in total)", c.rate, rateName(c.rate*float64(c.clients)))
+	if c.totalRate > 0 {
+		rate = fmt.Sprintf("%s/s in total (-total-rate), %s/s to every client", rateName(c.totalRate), rateName(c.rate))
+	}
 	fmt.Fprintf(w, "%d clients, %.0f%% slow (SO_RCVBUF %d, MSS %d; they stop reading %v after all are connected); "+
-		"%d-byte messages at %g/s to every client; %v per run; %s. Backend: %s.\n\n",
-		c.clients, c.slow*100, c.slowRcv, c.slowMSS, c.slowAfter, c.size, c.rate, c.duration, rounds(r), backend)
-	t := table{header: []string{"target", "clients", "slow", "backend sent msgs/s", "msgs/s per fast client", "fast p50 ms", "fast p99 ms", "fast max ms",
+		"%s at %s; %v per run; %s. Backend: %s.\n\n",
+		c.clients, c.slow*100, c.slowRcv, c.slowMSS, c.slowAfter, messages, rate, c.duration, rounds(r), backend)
+	header := []string{"target", "clients", "slow", "backend sent msgs/s", "msgs/s per fast client", "fast p50 ms", "fast p99 ms", "fast max ms",
 		"fast gaps", "fast closed", "slow clients ended", "target peak RSS MiB", "target CPU s", "backend peak RSS MiB", "backend CPU s",
 		"harness CPU s", "target CPU µs/msg", "all CPU µs/msg", "backend peak per-client backlog", "backend peak queued", "sluice peak queued", "sluice evictions", "sluice dropped msgs",
-		"TCP mem peak MiB", "TCP mem end MiB", "TCP orphans peak", "TCP orphans end"}}
+		"TCP mem peak MiB", "TCP mem end MiB", "TCP orphans peak", "TCP orphans end"}
+	const targetCPUCol = 16 // "target CPU µs/msg", after which the matrix puts its ratio
+	if matrix {
+		header = slices.Concat([]string{"size"}, header[:targetCPUCol+1], []string{"target CPU vs first proxy"}, header[targetCPUCol+1:])
+	}
+	t := table{header: header}
+	first := math.NaN() // the first proxy's target CPU µs/msg at the size in hand
 	for i, rs := range res {
+		sz, spec := c.cell(i)
+		if i%len(c.targets) == 0 {
+			first = math.NaN()
+		}
 		if len(rs) == 0 {
 			continue
 		}
-		kind := r.cfg.targets[i].kind
+		kind := spec.kind
 		sluice := kind == kindSluice
 		f := func(g func(broadcastResult) float64) float64 { return med(rs, g) }
-		t.add(rs[0].Target,
+		cpuPerMsg := f(func(x broadcastResult) float64 { return perMessage(x, x.TargetCPU) })
+		row := []string{rs[0].Target,
 			fmt.Sprint(rs[0].Clients),
 			fmt.Sprintf("%d", rs[0].Slow),
-			num(f(func(x broadcastResult) float64 { return x.SentPerSec }), 1),
-			num(f(func(x broadcastResult) float64 { return x.FastMsgsPerSec }), 1),
+			perSec(f(func(x broadcastResult) float64 { return x.SentPerSec })),
+			perSec(f(func(x broadcastResult) float64 { return x.FastMsgsPerSec })),
 			ms(f(func(x broadcastResult) float64 { return float64(x.FastP50) })),
 			ms(f(func(x broadcastResult) float64 { return float64(x.FastP99) })),
 			ms(f(func(x broadcastResult) float64 { return float64(x.FastMax) })),
@@ -169,7 +228,7 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
 			mib(f(func(x broadcastResult) float64 { return float64(x.BackendPeakRSS) })),
 			num(f(func(x broadcastResult) float64 { return x.BackendCPU }), 2),
 			num(f(func(x broadcastResult) float64 { return x.HarnessCPU }), 2),
-			onlyIf(kind != kindDirect, num(f(func(x broadcastResult) float64 { return perMessage(x, x.TargetCPU) }), 1)),
+			onlyIf(kind != kindDirect, num(cpuPerMsg, 1)),
 			num(f(func(x broadcastResult) float64 { return perMessage(x, x.TargetCPU+x.BackendCPU+x.HarnessCPU) }), 1),
 			backlog(c, rs),
 			size(f(func(x broadcastResult) float64 { return float64(x.Backend.PeakQueuedBytes) })),
@@ -180,9 +239,26 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
 			mib(f(func(x broadcastResult) float64 { return float64(x.TCPMemEnd) })),
 			num(f(func(x broadcastResult) float64 { return float64(x.TCPOrphanPeak) }), 0),
 			num(f(func(x broadcastResult) float64 { return float64(x.TCPOrphanEnd) }), 0),
-		)
+		}
+		if matrix {
+			if kind != kindDirect && math.IsNaN(first) {
+				first = cpuPerMsg
+			}
+			ratio := "—"
+			if kind != kindDirect && first > 0 {
+				ratio = num(cpuPerMsg/first, 2) + "×"
+			}
+			row = slices.Concat([]string{sizeName(sz)}, row[:targetCPUCol+1], []string{ratio}, row[targetCPUCol+1:])
+		}
+		t.add(row...)
 	}
 	t.write(w)
+	if matrix {
+		fmt.Fprint(w, `
+- size: bytes per message (-sizes); rows grouped by size, targets in the order given. Every run
+  has a fresh backend and target. target CPU vs first proxy: target CPU µs/msg divided by that of
+  the first target at the same size that is not direct (so 1.00× on its own row).`)
+	}
 	fmt.Fprint(w, `
 - backend sent msgs/s: what the backend broadcast per second during the measured window (below
   -rate when it fell over a second behind: a starved machine, or a blocked -serialise loop).
@@ -334,8 +410,11 @@ func writeJSON[R any](r *runner, res [][]R) error {
 	out := struct {
 		Command string `json:"command"`
 		Mode    string `json:"mode"`
-		Results [][]R  `json:"results"` // by target, then round
-	}{r.cfg.command, r.cfg.mode, res}
+		Sizes   []int  `json:"sizes,omitempty"` // -sizes
+		// Results are by target, then round; with -sizes, by size, then
+		// target, then round: size i, target j at i*len(targets)+j.
+		Results [][]R `json:"results"`
+	}{r.cfg.command, r.cfg.mode, r.cfg.sizes, res}
 	b, err := json.MarshalIndent(out, "", "  ")
 	if err != nil {
 		return err
