@@ -158,17 +158,18 @@ each run's measured window (the broadcast window, the idle hold, the handshake
 loop) gets a CPU profile over its whole seconds (at least 1) and a heap profile
 at its end, written to DIR as MODE-TARGET-rROUND.cpu.pprof and .heap.pprof
 (TARGET: the label in [a-z0-9._-]; with -sizes, MODE-TARGET-SIZE-rROUND, SIZE
-such as 64B or 16KiB). Other targets get none. A profile that
-cannot be fetched is reported and noted, and does not fail the run.
+such as 64B or 16KiB). Other targets get none. A profile that cannot be
+fetched is reported and noted, and does not fail the run.
   go run ./integration/loadtest -mode idle -clients 500 -duration 5s -profile /tmp/prof
   go tool pprof -top /tmp/prof/idle-sluice-r1.heap.pprof
 
 Output: a markdown table on stdout, a row per target (with -sizes, per size and
-target, grouped by size), under the command line
-and the machine's load; progress and the children's stderr on stderr. Each
-run starts a fresh backend and target and stops them (SIGTERM, then SIGKILL
-to the process group) when it ends, fails or is interrupted. The exit status
-is 1 on any setup error, and in idle mode when a connection failed or dropped.
+target, grouped by size), under the command line and the machine's load
+(broadcast: with the rate to every client and in total); progress and the
+children's stderr on stderr. Each run starts a fresh backend and target and
+stops them (SIGTERM, then SIGKILL to the process group) when it ends, fails or
+is interrupted. The exit status is 1 on any setup error, and in idle mode when
+a connection failed or dropped.
 
 Flags:
 `
@@ -189,7 +190,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.IntVar(&c.slowRcv, "slow-rcvbuf", 4096, "broadcast: SO_RCVBUF of slow clients, set before connect (0 = kernel default)")
 	fs.IntVar(&c.slowMSS, "slow-mss", 1460, "broadcast: TCP_MAXSEG of slow clients, so senders size their buffers as on Ethernet rather than for loopback's 64 KiB MSS (0 = kernel default)")
 	fs.IntVar(&c.size, "size", 1024, "broadcast: bytes per message, 16 to 1048576; inbound: bytes per client message, 24 to 1048576, default 64")
-	fs.StringVar(&sizes, "sizes", "", "broadcast: a matrix of message sizes instead of -size, comma-separated bytes or KiB, such as `64,256,1KiB,16KiB,64KiB`; each round runs every size with every target")
+	fs.StringVar(&sizes, "sizes", "", "broadcast: a matrix of message sizes instead of -size: a comma-separated `LIST` of bytes, KiB or MiB, such as 64,256,1KiB,16KiB,64KiB; each round runs every size with every target")
 	fs.Float64Var(&c.rate, "rate", 50, "broadcast: messages per second sent to every client, up to 10000; inbound: per normal client, default 5")
 	fs.Float64Var(&c.totalRate, "total-rate", 0, "broadcast: messages per second summed over all clients instead of -rate; each client gets this divided by -clients (fractions allowed)")
 	fs.IntVar(&c.flooders, "flooders", 1, "inbound: clients that send as fast as their -window allows (a target's flooders=N wins)")
