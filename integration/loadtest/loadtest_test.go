@@ -730,6 +730,20 @@ func TestBroadcastMatrixReport(t *testing.T) {
 	if strings.Contains(report, "vs first") || strings.Contains(report, "- size:") {
 		t.Errorf("a report without -sizes has the matrix's column or note:\n%s", report)
 	}
+	if !strings.Contains(report, "; 20s per run;") {
+		t.Errorf("report does not give -duration as the window:\n%s", report)
+	}
+
+	// A window rounded to whole broadcast intervals says so.
+	r.cfg, err = parseFlags([]string{"-clients", "9000", "-total-rate", "5000", "-duration", "5s", "-target", "direct"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out.Reset()
+	writeBroadcastReport(&out, r, [][]broadcastResult{{}})
+	if want := "at 5000/s in total (-total-rate), 0.5556/s to every client; 5.4s (-duration 5s rounded to whole broadcast intervals of 1.8s) per run;"; !strings.Contains(out.String(), want) {
+		t.Errorf("report lacks %q:\n%s", want, out.String())
+	}
 }
 
 // TestClientPortAtConnect: clients bind their source address without
@@ -756,6 +770,31 @@ func TestClientPortAtConnect(t *testing.T) {
 		c.Close()
 		if gerr != nil || v != 1 {
 			t.Errorf("%+v: IP_BIND_ADDRESS_NO_PORT = %d (%v), want 1", opts, v, gerr)
+		}
+	}
+}
+
+// TestBroadcastWindow: the measured window holds whole broadcast
+// intervals, so that it holds as many broadcasts wherever it starts.
+func TestBroadcastWindow(t *testing.T) {
+	tests := []struct {
+		d    time.Duration
+		rate float64
+		want time.Duration
+	}{
+		{20 * time.Second, 50, 20 * time.Second},
+		{20 * time.Second, 10000, 20 * time.Second},
+		{5 * time.Second, 5000.0 / 9000, 5400 * time.Millisecond},    // 2.78 intervals of 1.8 s: 3
+		{20 * time.Second, 10000.0 / 9000, 19800 * time.Millisecond}, // 22.2 intervals of 0.9 s: 22
+		{time.Second, 0.5, 2 * time.Second},                          // at least one interval
+		{3 * time.Second, 10000.0 / 200, 3 * time.Second},
+		{20 * time.Second, 1.5, 20 * time.Second}, // 30 intervals of 0.667 s
+		{20 * time.Second, 10000.0 / 2000, 20 * time.Second},
+	}
+	for _, tt := range tests {
+		got := broadcastWindow(tt.d, tt.rate)
+		if got != tt.want {
+			t.Errorf("broadcastWindow(%v, %v) = %v, want %v", tt.d, tt.rate, got, tt.want)
 		}
 	}
 }

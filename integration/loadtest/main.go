@@ -624,7 +624,7 @@ func (r *runner) runBudget() time.Duration {
 	b := 60*time.Second + r.cfg.duration + 2*stopGrace
 	switch r.cfg.mode {
 	case modeBroadcast:
-		b += r.cfg.closeWait + time.Duration(r.cfg.clients)*5*time.Millisecond
+		b += max(0, broadcastWindow(r.cfg.duration, r.cfg.rate)-r.cfg.duration) + r.cfg.closeWait + time.Duration(r.cfg.clients)*5*time.Millisecond
 	case modeIdle:
 		b += time.Duration(r.cfg.clients) * 5 * time.Millisecond
 	case modeInbound:

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Reports: one markdown table per invocation, a row per target. With
@@ -187,9 +188,14 @@ func writeBroadcastReport(w io.Writer, r *runner, res [][]broadcastResult) {
 	if c.totalRate > 0 {
 		rate = fmt.Sprintf("%s/s in total (-total-rate), %s/s to every client", rateName(c.totalRate), rateName(c.rate))
 	}
+	window := c.duration.String()
+	if d := broadcastWindow(c.duration, c.rate); d != c.duration {
+		window = fmt.Sprintf("%v (-duration %v rounded to whole broadcast intervals of %v)",
+			d.Round(time.Millisecond), c.duration, time.Duration(float64(time.Second)/c.rate).Round(time.Millisecond))
+	}
 	fmt.Fprintf(w, "%d clients, %.0f%% slow (SO_RCVBUF %d, MSS %d; they stop reading %v after all are connected); "+
-		"%s at %s; %v per run; %s. Backend: %s.\n\n",
-		c.clients, c.slow*100, c.slowRcv, c.slowMSS, c.slowAfter, messages, rate, c.duration, rounds(r), backend)
+		"%s at %s; %s per run; %s. Backend: %s.\n\n",
+		c.clients, c.slow*100, c.slowRcv, c.slowMSS, c.slowAfter, messages, rate, window, rounds(r), backend)
 	header := []string{"target", "clients", "slow", "backend sent msgs/s", "msgs/s per fast client", "fast p50 ms", "fast p99 ms", "fast max ms",
 		"fast gaps", "fast closed", "slow clients ended", "target peak RSS MiB", "target CPU s", "backend peak RSS MiB", "backend CPU s",
 		"harness CPU s", "target CPU µs/msg", "all CPU µs/msg", "backend peak per-client backlog", "backend peak queued", "sluice peak queued", "sluice evictions", "sluice dropped msgs",
