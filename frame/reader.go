@@ -37,9 +37,19 @@ type Reader struct {
 	lastN         int
 	lastErr       error
 	headerScratch [MaxHeaderSize]byte
-	peek          bool             // readFn reads once and never waits (Idle)
+	mode          readMode         // what readFn does
 	limited       io.LimitedReader // reused by CopyN
+	sink          Sink             // Serve's consumer, only during Serve
 }
+
+// readMode is what a Reader's RawConn.Read callback does.
+type readMode uint8
+
+const (
+	modeFill  readMode = iota // read once what the socket has, else wait (fill)
+	modePeek                  // read once and never wait (Idle)
+	modeServe                 // read and hand whole frames to the sink (Serve)
+)
 
 // NewReader returns a Reader of conn. pending holds bytes already read from
 // conn during the handshake (a bufio.Reader's leftovers); they are copied.
@@ -131,9 +141,9 @@ func (r *Reader) Idle() (bool, error) {
 	}
 	r.r, r.w = 0, 0
 	r.lastN, r.lastErr = 0, errWouldBlock
-	r.peek = true
+	r.mode = modePeek
 	err := r.raw.Read(r.readFn)
-	r.peek = false
+	r.mode = modeFill
 	if err != nil {
 		return false, err
 	}
@@ -167,14 +177,124 @@ var errWouldBlock = errors.New("frame: would block")
 // onReadable is the RawConn.Read callback: readRaw, or under Idle (peek)
 // one read and never a wait.
 func (r *Reader) onReadable(fd uintptr) bool {
-	if !r.peek {
-		return r.readRaw(fd)
+	switch r.mode {
+	case modePeek:
+		if !r.readRaw(fd) {
+			// Empty: readRaw gave the buffer back already.
+			r.lastN, r.lastErr = 0, errWouldBlock
+		}
+		return true
+	case modeServe:
+		return r.serveReadable(fd)
 	}
-	if !r.readRaw(fd) {
-		// Empty: readRaw gave the buffer back already.
-		r.lastN, r.lastErr = 0, errWouldBlock
+	return r.readRaw(fd)
+}
+
+// A Sink consumes frames inside Serve.
+type Sink interface {
+	// Frames consumes whole frames from the Reader's buffer (Whole says
+	// which; ReadHeader, ReadFull, ReadSmall and Discard then need no
+	// more bytes) and reports whether Serve goes on: true once the buffer
+	// is empty, false to return to Serve's caller with whatever is left
+	// buffered. It runs with the socket's read lock held: it must not
+	// read the socket, nor wait for anything that does.
+	Frames() bool
+}
+
+// errServing: a read of the socket from inside Serve's sink, which would
+// wait on the read lock Serve holds.
+var errServing = errors.New("frame: read from inside Serve")
+
+// Serve waits for bytes like Wait, then, while sink.Frames consumes all
+// that arrive, goes on reading and waiting inside the same RawConn.Read:
+// a busy socket pays for its locks, readiness reset and read deadline once
+// per Serve, not per burst. It returns nil once Frames stops, bytes it
+// left buffered; otherwise the read's error, the read deadline's
+// included, as Wait does, and then the Reader holds no buffer. Without a
+// file descriptor it is Wait.
+func (r *Reader) Serve(sink Sink) error {
+	if r.w > r.r || r.raw == nil {
+		return r.Wait()
 	}
-	return true
+	r.r, r.w = 0, 0
+	r.lastN, r.lastErr = 0, nil
+	r.mode, r.sink = modeServe, sink
+	defer r.endServe() // a panic in the sink too
+	err := r.raw.Read(r.readFn)
+	if err == nil {
+		err = r.lastErr
+	}
+	if err != nil {
+		if r.buf != nil && r.r == r.w {
+			PutBuffer(r.buf)
+			r.buf = nil
+		}
+		return err
+	}
+	return nil
+}
+
+func (r *Reader) endServe() { r.mode, r.sink = modeFill, nil }
+
+// serveReadable is Serve's RawConn.Read callback: it returns false to
+// wait for the socket, true to end the RawConn.Read.
+func (r *Reader) serveReadable(fd uintptr) bool {
+	for {
+		if !r.readRaw(fd) {
+			return false // empty: wait for the next edge
+		}
+		if r.lastErr != nil {
+			return true
+		}
+		r.w += r.lastN
+		r.lastN = 0
+		if !r.sink.Frames() {
+			return true
+		}
+		if r.r != r.w {
+			return true // the sink broke its word: let the caller see what is left
+		}
+		// All consumed: read on until the socket is empty. A short read
+		// does not say so: a FIN or a reset that came with the bytes
+		// raised its readiness edge before they were read, and only the
+		// next read reports it.
+		r.r, r.w = 0, 0
+	}
+}
+
+// Whole reports whether the buffer starts with a whole frame, header and
+// payload, whose payload is at most limit bytes. A header with the
+// 64-bit length's top bit set is never whole: ReadHeader reports it.
+func (r *Reader) Whole(limit int64) bool {
+	if r.buf == nil {
+		return false
+	}
+	b := (*r.buf)[r.r:r.w]
+	if len(b) < 2 {
+		return false
+	}
+	size := 2
+	if b[1]&0x80 != 0 {
+		size += 4
+	}
+	var length uint64
+	switch l := b[1] & 0x7f; l {
+	case 126:
+		if len(b) < 4 {
+			return false
+		}
+		size += 2
+		length = uint64(binary.BigEndian.Uint16(b[2:]))
+	case 127:
+		if len(b) < 10 {
+			return false
+		}
+		size += 8
+		length = binary.BigEndian.Uint64(b[2:])
+	default:
+		length = uint64(l)
+	}
+	return length <= uint64(limit) && len(b) >= size && uint64(len(b)-size) >= length
 }
 
 // maxEmptyReads is how many (0, nil) reads in a row fill tolerates before
@@ -183,6 +303,9 @@ const maxEmptyReads = 100
 
 // fill reads more bytes into the buffer, making room at its end first.
 func (r *Reader) fill() error {
+	if r.mode == modeServe {
+		return errServing
+	}
 	if r.buf != nil && r.r > 0 {
 		if r.r == r.w {
 			r.r, r.w = 0, 0

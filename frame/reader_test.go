@@ -832,3 +832,203 @@ func TestReaderWait(t *testing.T) {
 	expectFrame(t, r, f, payloadMethods[0])
 	waitWriter(t, done)
 }
+
+// serveSink records the whole frames Serve hands it, up to limit bytes of
+// payload each, and tells the test after each burst.
+type serveSink struct {
+	r      *Reader
+	limit  int64
+	got    []testFrame
+	stopAt int           // stop (return false) after this many frames; 0: never
+	burst  chan struct{} // a send after every call that consumed frames
+	readIn bool          // read one byte past the buffer: must fail, not hang
+	inErr  error
+}
+
+func (s *serveSink) Frames() bool {
+	for s.r.Whole(s.limit) {
+		h, _, err := s.r.ReadHeader()
+		if err != nil {
+			s.inErr = err
+			return false
+		}
+		p := make([]byte, h.Length)
+		if err := s.r.ReadFull(p); err != nil {
+			s.inErr = err
+			return false
+		}
+		if h.Masked {
+			ws.Cipher(p, h.Mask, 0)
+		}
+		s.got = append(s.got, testFrame{h: h, payload: p})
+		if s.stopAt > 0 && len(s.got) == s.stopAt {
+			return false
+		}
+	}
+	if s.readIn {
+		var b [1]byte
+		s.inErr = s.r.ReadSmall(b[:])
+		return false
+	}
+	if s.r.Buffered() > 0 {
+		return false
+	}
+	s.burst <- struct{}{}
+	return true
+}
+
+// TestReaderServe: one Serve forwards whole frames burst after burst, the
+// wait between bursts inside it, and returns with the start of a frame
+// that is not whole, or too large for the sink, left buffered.
+func TestReaderServe(t *testing.T) {
+	small1 := makeFrame(ws.OpText, true, true, 50, 1)
+	small2 := makeFrame(ws.OpBinary, true, false, 300, 2)
+	split := makeFrame(ws.OpBinary, true, false, 900, 3)
+	large := makeFrame(ws.OpBinary, true, false, 2000, 4)
+	for _, tc := range []struct {
+		name string
+		last testFrame
+		cut  int // bytes of last sent in the final burst
+	}{
+		{"a frame not here whole", split, 10},
+		{"a header not here whole", split, 1},
+		{"a frame over the limit", large, len(large.wire())},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w, c := tcpPair(t)
+			r := newTestReader(t, c, nil)
+			sink := &serveSink{r: r, limit: 1000, burst: make(chan struct{}, 1)}
+			bursts := [][]byte{small1.wire(), small2.wire(), tc.last.wire()[:tc.cut]}
+			served := make(chan error, 1)
+			go func() { served <- r.Serve(sink) }()
+			for i, b := range bursts {
+				if _, err := w.Write(b); err != nil {
+					t.Fatal(err)
+				}
+				if i == len(bursts)-1 {
+					break
+				}
+				select {
+				case <-sink.burst: // consumed inside the same Serve
+				case err := <-served:
+					t.Fatalf("Serve returned after burst %d: %v", i+1, err)
+				case <-time.After(testTimeout):
+					t.Fatalf("burst %d never reached the sink", i+1)
+				}
+			}
+			if err := <-served; err != nil {
+				t.Fatal(err)
+			}
+			if len(sink.got) != 2 || !bytes.Equal(sink.got[0].payload, small1.payload) || !bytes.Equal(sink.got[1].payload, small2.payload) {
+				t.Fatalf("the sink got %d frames, want the 2 whole small ones in order", len(sink.got))
+			}
+			if r.Buffered() != tc.cut {
+				t.Fatalf("Serve left %d bytes buffered, want the %d of the last frame", r.Buffered(), tc.cut)
+			}
+			done := writeChunks(t, w, 0, true, tc.last.wire()[tc.cut:])
+			expectFrame(t, r, tc.last, payloadMethods[0])
+			waitWriter(t, done)
+		})
+	}
+}
+
+// TestReaderServeEnds: a sink that stops keeps the frames after it
+// buffered; a deadline ends Serve with no buffer held; a sink that reads
+// past the buffer gets an error, not a wait on the read lock Serve holds.
+func TestReaderServeEnds(t *testing.T) {
+	t.Run("sink stops", func(t *testing.T) {
+		w, c := tcpPair(t)
+		r := newTestReader(t, c, nil)
+		frames := manySmallFrames(5)
+		sink := &serveSink{r: r, limit: 1000, stopAt: 2, burst: make(chan struct{}, 1)}
+		done := writeChunks(t, w, 0, false, wireOf(frames...))
+		waitWriter(t, done)
+		if err := r.Serve(sink); err != nil {
+			t.Fatal(err)
+		}
+		if len(sink.got) != 2 {
+			t.Fatalf("the sink got %d frames, want 2", len(sink.got))
+		}
+		for _, f := range frames[2:] {
+			expectFrame(t, r, f, payloadMethods[0])
+		}
+	})
+	t.Run("deadline", func(t *testing.T) {
+		_, c := tcpPair(t)
+		r := newTestReader(t, c, nil)
+		c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		sink := &serveSink{r: r, limit: 1000, burst: make(chan struct{}, 1)}
+		if err := r.Serve(sink); !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("Serve on a quiet socket: %v, want a deadline error", err)
+		}
+		if r.buf != nil {
+			t.Fatal("a Reader whose Serve timed out holds a buffer")
+		}
+	})
+	t.Run("read inside", func(t *testing.T) {
+		w, c := tcpPair(t)
+		r := newTestReader(t, c, nil)
+		sink := &serveSink{r: r, limit: 1000, readIn: true, burst: make(chan struct{}, 1)}
+		waitWriter(t, writeChunks(t, w, 0, false, makeFrame(ws.OpText, true, false, 10, 5).wire()))
+		if err := r.Serve(sink); err != nil {
+			t.Fatal(err)
+		}
+		if !errors.Is(sink.inErr, errServing) {
+			t.Fatalf("a read past the buffer inside Serve: %v, want errServing", sink.inErr)
+		}
+	})
+	t.Run("eof", func(t *testing.T) {
+		w, c := tcpPair(t)
+		r := newTestReader(t, c, nil)
+		sink := &serveSink{r: r, limit: 1000, burst: make(chan struct{}, 2)}
+		f := makeFrame(ws.OpText, true, false, 10, 6)
+		waitWriter(t, writeChunks(t, w, 0, true, f.wire()))
+		if err := r.Serve(sink); !errors.Is(err, io.EOF) {
+			t.Fatalf("Serve to the end of the stream: %v, want EOF", err)
+		}
+		if len(sink.got) != 1 || r.buf != nil {
+			t.Fatalf("the sink got %d frames (want 1); buffer held: %v", len(sink.got), r.buf != nil)
+		}
+	})
+}
+
+func TestReaderWhole(t *testing.T) {
+	msb := []byte{0x82, 127, 0x80, 0, 0, 0, 0, 0, 0, 1}
+	// A 10-byte payload with its length in 64 bits: legal, if not minimal,
+	// and small enough for the read buffer.
+	long := append([]byte{0x82, 127, 0, 0, 0, 0, 0, 0, 0, 10}, make([]byte, 10)...)
+	for _, tc := range []struct {
+		name  string
+		wire  []byte
+		limit int64
+		want  bool
+	}{
+		{"7-bit whole", makeFrame(ws.OpText, true, false, 100, 1).wire(), 1000, true},
+		{"7-bit masked whole", makeFrame(ws.OpText, true, true, 100, 1).wire(), 1000, true},
+		{"7-bit a byte short", makeFrame(ws.OpText, true, true, 100, 1).wire()[:105], 1000, false},
+		{"16-bit whole", makeFrame(ws.OpBinary, true, false, 300, 1).wire(), 1000, true},
+		{"16-bit over the limit", makeFrame(ws.OpBinary, true, false, 300, 1).wire(), 299, false},
+		{"16-bit length cut", makeFrame(ws.OpBinary, true, false, 300, 1).wire()[:3], 1000, false},
+		{"64-bit whole", long, 1 << 20, true},
+		{"64-bit a byte short", long[:len(long)-1], 1 << 20, false},
+		{"64-bit length cut", makeFrame(ws.OpBinary, true, false, 70000, 1).wire()[:9], 1 << 20, false},
+		{"64-bit top bit", msb, 1 << 62, false},
+		{"mask cut", makeFrame(ws.OpPing, true, true, 0, 1).wire()[:5], 1000, false},
+		{"empty ping", makeFrame(ws.OpPing, true, false, 0, 1).wire(), 0, true},
+		{"one byte", []byte{0x81}, 1000, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w, c := tcpPair(t)
+			r := newTestReader(t, c, nil)
+			waitWriter(t, writeChunks(t, w, 0, true, tc.wire))
+			for r.Buffered() < len(tc.wire) {
+				if err := r.fill(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := r.Whole(tc.limit); got != tc.want {
+				t.Fatalf("Whole(%d) = %v, want %v", tc.limit, got, tc.want)
+			}
+		})
+	}
+}

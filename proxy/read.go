@@ -118,38 +118,60 @@ const (
 // longer (an idle client between keepalive pings) gives its goroutine up.
 const idleGrace = time.Second
 
-// quiet is called between frames by the reader of a leg that may park
-// (src.raw is set only with the epoll set). It reports whether the
-// reader parked, after its socket stayed empty for grace (idleGrace, or
-// firstGrace for a session's first wait), or at once when now is set;
-// when it returns false, bytes are buffered or the caller waits in
-// ReadHeader.
+// quiet is called between frames, with nothing buffered, by the reader
+// of a socket with a file descriptor. It waits for the socket in Serve,
+// which forwards the whole frames that arrive (Frames), and returns
+// readerNext with the start of a frame left buffered for the pump, or
+// how a frame ended the reading, or readerParked once the socket stayed
+// quiet for grace (idleGrace, or firstGrace for a session's first wait),
+// or at once when now is set (src.raw, the epoll set, makes parking
+// possible at all).
 //
 // now is set after a pong answering sluice's own ping: that is how an idle
 // peer speaks, once per keepalive interval, and waiting out the grace
 // after it would keep a goroutine, its stack and a deadline timer busy
 // for a second per ping, for a socket that almost always parks anyway.
-func (s *session) quiet(src *leg, now bool, grace time.Duration) (parked bool, err error) {
-	if src.rd.Buffered() > 0 {
-		return false, nil
+//
+// The grace is a read deadline set when the wait begins, not per frame:
+// when it passes, a socket that brought data meanwhile gets another, so a
+// socket parks after between one and two graces of quiet, and a busy one
+// pays for a deadline once per grace, not twice per wake-up.
+func (s *session) quiet(src *leg, now bool, grace time.Duration) (next int, err error) {
+	if src.raw == nil {
+		// Parking is off: wait with no deadline.
+		src.served = readerNext
+		err := src.rd.Serve(src)
+		return int(src.served), err
 	}
 	if now {
 		idle, err := src.rd.Idle()
 		if err != nil || !idle {
-			return false, err
+			return readerNext, err
 		}
-		return s.srv.idle.park(src), nil
+		if s.srv.idle.park(src) {
+			return readerParked, nil
+		}
+		return readerNext, nil
 	}
-	// No look first (Idle): Wait's own first read finds bytes already
-	// there, and a socket is nearly always empty between frames, so a
-	// look costs a read that fails, a tenth of the reader's syscalls.
-	src.setReadDeadline(time.Now().Add(grace))
-	err = src.rd.Wait()
+	for {
+		seen := src.bytesIn
+		src.setReadDeadline(time.Now().Add(grace))
+		src.served = readerNext
+		err = src.rd.Serve(src)
+		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
+			src.setReadDeadline(time.Time{})
+			return int(src.served), err
+		}
+		if src.bytesIn == seen {
+			break
+		}
+		grace = idleGrace
+	}
 	src.setReadDeadline(time.Time{})
-	if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
-		return false, err
+	if s.srv.idle.park(src) {
+		return readerParked, nil
 	}
-	return s.srv.idle.park(src), nil
+	return readerNext, nil
 }
 
 // wake starts l's reader if it is parked.
@@ -164,25 +186,30 @@ func (l *leg) wake() {
 // and the goroutine must end without touching the session again.
 func (s *session) pump(src, dst *leg, grace time.Duration) int {
 	var scratch controlScratch
-	dir := toUpstream
-	if src.upstream {
-		dir = toClient
-	}
-	msgs, byts := s.srv.metrics.messages[dir], s.srv.metrics.bytes[dir]
 	ponged := false
 	for {
 		src.frameEnd() // frame read timeout (frameWatch): idle between frames is fine
 		src.upstreamFrameEnd()
-		if src.raw != nil {
-			parked, err := s.quiet(src, ponged, grace)
+		if src.rd.RawConn() != nil && src.rd.Buffered() == 0 {
+			// Whole frames are forwarded inside the wait (serve); it
+			// returns with the start of one it leaves to the code below.
+			next, err := s.quiet(src, ponged, grace)
 			grace = idleGrace
 			if err != nil {
 				s.lost(src, err)
 				return readerLost
 			}
-			if parked {
-				return readerParked
+			ponged = next == readerPonged
+			if ponged {
+				continue
 			}
+			if next != readerNext {
+				return next
+			}
+			if src.rd.Buffered() == 0 {
+				continue
+			}
+			src.frameEnd() // a frame has started arriving: its clock runs
 		}
 		h, raw, err := src.rd.ReadHeader()
 		if err != nil {
@@ -194,50 +221,82 @@ func (s *session) pump(src, dst *leg, grace time.Duration) int {
 			s.lost(src, err)
 			return readerLost
 		}
-		if err := src.check.Check(h); err != nil {
-			s.violation(src, err.(*frame.Error))
-			return readerDraining
-		}
-		if s.srv.opts.panicHook != nil {
-			s.testPanic("reader")
-		}
-		if !src.upstream && s.rate != nil {
-			// Inbound limits (ratelimit.go): may wait, or end the session.
-			if next := s.admit(src, h); next != readerNext {
-				return next
-			}
-		}
-		src.frameStart(h) // the frame must now arrive whole within FrameReadTimeout
-		if src.upstream {
-			src.upstreamFrameStart(h) // ... or keep arriving within UpstreamFrameReadTimeout
-		}
-		if src.ka != nil {
-			src.ka.Heard()
-		}
-		next := readerNext
-		switch {
-		case h.OpCode.IsControl():
-			next = s.forwardControl(src, dst, h, raw, &scratch)
-		case src.skipRest:
-			// The rest of a message whose start was refused: a
-			// continuation alone would be a protocol error at dst.
-			src.skipRest = !h.Fin
-			if err := src.rd.Discard(h.Length); err != nil {
-				s.lost(src, err)
-				next = readerLost
-			}
-		default:
-			if h.Fin {
-				msgs.Inc()
-			}
-			byts.Add(float64(int64(len(raw)) + h.Length))
-			next = s.forwardData(src, dst, h, raw)
-		}
+		next := s.frame(src, dst, h, raw, &scratch)
 		ponged = next == readerPonged
 		if next != readerNext && !ponged {
 			return next
 		}
 	}
+}
+
+// Frames is src's reader while it waits in Serve (frame.Sink): it
+// forwards every whole frame the socket's last read brought, and stops at
+// the start of one not here whole, or larger than inlineMax (those are the
+// pump's: they wait for the socket), and when a frame ends the reading
+// (readerDraining, readerLost) or asks to park (readerPonged); serve
+// keeps that answer.
+func (l *leg) Frames() bool {
+	var scratch controlScratch
+	s, dst := l.s, l.peer()
+	for l.rd.Whole(inlineMax) {
+		h, raw, err := l.rd.ReadHeader()
+		if err != nil { // never for a whole frame; the pump reports it
+			return false
+		}
+		if next := s.frame(l, dst, h, raw, &scratch); next != readerNext {
+			l.served = int8(next)
+			return false
+		}
+	}
+	return l.rd.Buffered() == 0
+}
+
+// frame checks the frame whose header h src's reader has just read (raw,
+// as it came) and hands it on to dst: a control frame whole, a data frame
+// into dst's queue. It returns how the reader goes on.
+func (s *session) frame(src, dst *leg, h ws.Header, raw []byte, scratch *controlScratch) int {
+	if err := src.check.Check(h); err != nil {
+		s.violation(src, err.(*frame.Error))
+		return readerDraining
+	}
+	if s.srv.opts.panicHook != nil {
+		s.testPanic("reader")
+	}
+	if !src.upstream && s.rate != nil {
+		// Inbound limits (ratelimit.go): may wait, or end the session.
+		if next := s.admit(src, h); next != readerNext {
+			return next
+		}
+	}
+	src.frameStart(h) // the frame must now arrive whole within FrameReadTimeout
+	if src.upstream {
+		src.upstreamFrameStart(h) // ... or keep arriving within UpstreamFrameReadTimeout
+	}
+	if src.ka != nil {
+		src.ka.Heard()
+	}
+	switch {
+	case h.OpCode.IsControl():
+		return s.forwardControl(src, dst, h, raw, scratch)
+	case src.skipRest:
+		// The rest of a message whose start was refused: a
+		// continuation alone would be a protocol error at dst.
+		src.skipRest = !h.Fin
+		if err := src.rd.Discard(h.Length); err != nil {
+			s.lost(src, err)
+			return readerLost
+		}
+		return readerNext
+	}
+	dir := toUpstream
+	if src.upstream {
+		dir = toClient
+	}
+	if h.Fin {
+		s.srv.metrics.messages[dir].Inc()
+	}
+	s.srv.metrics.bytes[dir].Add(float64(int64(len(raw)) + h.Length))
+	return s.forwardData(src, dst, h, raw)
 }
 
 // controlScratch holds a control frame as it came and its unmasked

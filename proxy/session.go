@@ -62,6 +62,7 @@ type leg struct {
 	upstream bool        // the leg toward the backend: frames sluice makes are masked
 	armOp    int8        // EPOLL_CTL_ADD or _MOD; reader-owned
 	skipRest bool        // dropping the frames left of a refused message; reader-owned
+	served   int8        // how Frames ended the reading (readerNext: it did not); reader-owned
 	// frameDeadline: upstreamFrameStart set a read deadline; reader-owned.
 	frameDeadline bool
 
