@@ -21,6 +21,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sluice-proxy/sluice/frame"
+	"github.com/sluice-proxy/sluice/frontdoor"
 )
 
 // Serve accepts connections on ln until Shutdown, and upgrades each in a
@@ -101,12 +102,12 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 	// The first bytes, as every later read, must come within the idle
 	// timeout; the whole request within the handshake timeout.
 	c.SetDeadline(minTime(deadline, began.Add(s.opts.HandshakeIdleTimeout)))
-	r := getRequest()
-	defer putRequest(r)
+	r := frontdoor.GetRequest()
+	defer frontdoor.PutRequest(r)
 	if s.opts.ProxyProtocol && !s.proxyHeaderOK(c) {
 		return nil
 	}
-	r.remoteAddr = c.RemoteAddr().String()
+	r.RemoteAddr = c.RemoteAddr().String()
 	// Counted from here, while the request is still arriving.
 	slot, ok := s.arrive(c, r)
 	if !ok {
@@ -117,42 +118,42 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 		if err := tc.Handshake(); err != nil {
 			// Scanners and wrong ports: a debug line, as net/http's
 			// ErrorLog gave.
-			s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("TLS handshake failed")
+			s.log.Debug().Err(err).Str("client", r.RemoteAddr).Msg("TLS handshake failed")
 			return nil
 		}
-		r.tls = true
+		r.TLS = true
 		// The request's first bytes get an idle timeout of their own.
 		c.SetReadDeadline(minTime(deadline, time.Now().Add(s.opts.HandshakeIdleTimeout)))
 	}
-	pending, err := readRequest(c, r, s.opts.MaxHeaderBytes+headReadSize, s.opts.HandshakeIdleTimeout, deadline)
+	pending, err := frontdoor.ReadRequest(c, r, s.opts.MaxHeaderBytes+frontdoor.HeadReadSize, s.opts.HandshakeIdleTimeout, deadline)
 	// The answers' deadline is the handshake's, however late the
 	// request came within it.
 	c.SetWriteDeadline(deadline)
 	switch {
-	case errors.Is(err, errHeadTooLarge):
+	case errors.Is(err, frontdoor.ErrHeadTooLarge):
 		s.metrics.rejected.WithLabelValues("header_too_large").Inc()
-		writeBadRequest(c, http.StatusRequestHeaderFieldsTooLarge)
+		frontdoor.WriteBadRequest(c, http.StatusRequestHeaderFieldsTooLarge)
 		closeWriteAndWait(c)
 		return nil
-	case errors.Is(err, errMalformed):
+	case errors.Is(err, frontdoor.ErrMalformed):
 		s.metrics.rejected.WithLabelValues("malformed").Inc()
-		writeBadRequest(c, http.StatusBadRequest)
+		frontdoor.WriteBadRequest(c, http.StatusBadRequest)
 		return nil
-	case errors.Is(err, errVersion):
+	case errors.Is(err, frontdoor.ErrVersion):
 		s.metrics.rejected.WithLabelValues("malformed").Inc()
-		writeBadRequest(c, http.StatusHTTPVersionNotSupported)
+		frontdoor.WriteBadRequest(c, http.StatusHTTPVersionNotSupported)
 		return nil
 	case err != nil:
 		// Timeout, or gone before a whole request: nothing to answer.
 		if !errors.Is(err, io.EOF) {
-			s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("client request not read")
+			s.log.Debug().Err(err).Str("client", r.RemoteAddr).Msg("client request not read")
 		}
 		return nil
 	}
 	if h := s.opts.panicHook; h != nil {
-		h("handshake", r.remoteAddr)
+		h("handshake", r.RemoteAddr)
 	}
-	if s.pass != nil && !r.hasToken("Upgrade", "websocket") {
+	if s.pass != nil && !r.HasToken("Upgrade", "websocket") {
 		handedOff = s.pass.handOff(c, r, pending, &slot)
 		return nil
 	}
@@ -184,8 +185,8 @@ func closeWriteAndWait(c net.Conn) {
 // the session, whose client reader the caller starts, or nil, and then the
 // caller closes c. slot is c's place under the limits (arrive): upgrade
 // hands it to the session, or frees it early for a client that may retry.
-func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time, slot *slot) *session {
-	if status, msg := checkUpgrade(r); status != 0 {
+func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began time.Time, slot *slot) *session {
+	if status, msg := frontdoor.CheckUpgrade(r); status != 0 {
 		s.reject(c, status, "bad_request", msg, 0)
 		return nil
 	}
@@ -206,27 +207,10 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 		return nil
 	}
 	defer turn.end() // after a panic; a no-op once ended below
-	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
-	u := getDialState(s)
-	defer putDialState(u)
-	u.header.forwardTo(r, clientIP, cl)
-	protocols, exts := offers(r, s.opts.Queue.Policy)
-	dialer := ws.Dialer{
-		Timeout:       s.opts.DialTimeout,
-		Protocols:     protocols,
-		Extensions:    exts,
-		Header:        &u.header,
-		Host:          s.opts.Upstream.Host,
-		TLSConfig:     s.opts.UpstreamTLS,
-		NetDial:       u.netDial,
-		OnStatusError: u.onStatusError,
-		OnHeader:      u.onHeader,
-	}
-	target := upstreamURL(s.opts.Upstream, r.url)
-	// Bounded by the dial timeout alone, with no goroutine per dial to
-	// watch a context: a client gone meanwhile is noticed when its 101
-	// cannot be written.
-	upConn, upBuf, hs, err := u.dialUpstream(&dialer, target)
+	u := frontdoor.GetDialState(&s.dialer)
+	defer frontdoor.PutDialState(u)
+	target := frontdoor.UpstreamURL(s.opts.Upstream, r.URL)
+	upConn, upBuf, hs, err := u.Dial(r, cl, target)
 	turn.end()
 	// The answer gets a handshake timeout of its own from here, as the
 	// upgrader gave it.
@@ -235,18 +219,18 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 		// Free the slot before the client reads its 502: a client that
 		// retries at once must find it free.
 		slot.release()
-		s.dialFailed(c, target, err, u.rej)
+		s.dialFailed(c, target, err, u.Rejection())
 		return nil
 	}
-	key, _ := r.one("Sec-Websocket-Key")
-	if err := write101(c, key, hs, u.cookies); err != nil {
+	key, _ := r.One("Sec-Websocket-Key")
+	if err := frontdoor.Write101(c, key, hs, u.Cookies()); err != nil {
 		upConn.Write(frame.AppendClose(nil, ws.StatusGoingAway, "client handshake failed", true))
 		upConn.Close()
 		if upBuf != nil {
 			ws.PutReader(upBuf)
 		}
 		s.metrics.rejected.WithLabelValues("client_handshake").Inc()
-		s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("client upgrade failed")
+		s.log.Debug().Err(err).Str("client", r.RemoteAddr).Msg("client upgrade failed")
 		return nil
 	}
 	c.SetDeadline(time.Time{})
@@ -262,14 +246,14 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 	}
 	s.metrics.handshakeSeconds.Observe(time.Since(began).Seconds())
 	s.metrics.connectionsTotal.Inc()
-	ext := extensionKind(hs.Extensions)
+	ext := frontdoor.ExtensionKind(hs.Extensions)
 	slot.handOff() // released by forget, from the session's client address
 	// The frame readers copy both pendings: the buffers they are in may be
 	// recycled once startSession returns.
 	ss := s.startSession(&upgraded{
 		client: c, clientPending: pending,
 		upstream: upConn, upstreamPending: upstreamPending,
-		clientAddr: cl.addr, target: target, protocol: hs.Protocol, ext: ext,
+		clientAddr: cl.Addr, target: target, protocol: hs.Protocol, ext: ext,
 	})
 	if upBuf != nil {
 		ws.PutReader(upBuf)
@@ -307,9 +291,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 	}
 	s.handshakeBegin(c)
 	defer s.handshakeDone(c)
-	r := getRequest()
-	defer putRequest(r)
-	requestFromHTTP(hr, r)
+	r := frontdoor.GetRequest()
+	defer frontdoor.PutRequest(r)
+	frontdoor.RequestFromHTTP(hr, r)
 	var pending []byte
 	if n := rw.Reader.Buffered(); n > 0 {
 		pending, _ = rw.Reader.Peek(n)
@@ -332,15 +316,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 // is a Retry-After.
 func (s *Server) reject(c net.Conn, status int, reason, msg string, retry int) {
 	s.metrics.rejected.WithLabelValues(reason).Inc()
-	writeError(c, status, msg, retry)
+	frontdoor.WriteError(c, status, msg, retry)
 }
 
-func (s *Server) dialFailed(c net.Conn, target string, err error, rej *rejection) {
-	status, reason := dialFailure(err)
-	if rej != nil && rej.bad {
+// logURL is target as this server's log lines carry it.
+func (s *Server) logURL(target string) string { return frontdoor.LogURL(target, s.opts.LogQuery) }
+
+func (s *Server) dialFailed(c net.Conn, target string, err error, rej *frontdoor.Rejection) {
+	status, reason := frontdoor.DialFailure(err)
+	if rej != nil && rej.Bad() {
 		// An answer sluice will not relay: too large or malformed.
 		status, reason, rej = http.StatusBadGateway, "handshake", nil
-		err = errUpstreamBadHeader
+		err = frontdoor.ErrUpstreamBadHeader
 	}
 	s.metrics.dialFailures.WithLabelValues(reason).Inc()
 	if reason == "client_gone" {
@@ -350,7 +337,7 @@ func (s *Server) dialFailed(c net.Conn, target string, err error, rej *rejection
 		// The upstream answered, only not with 101: its answer is the
 		// client's answer.
 		s.metrics.rejected.WithLabelValues("upstream_status").Inc()
-		writeRejection(c, rej)
+		frontdoor.WriteRejection(c, rej)
 		return
 	}
 	// A dead upstream fails every upgrade at once: one line a second says

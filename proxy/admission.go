@@ -40,6 +40,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/sluice-proxy/sluice/frontdoor"
 )
 
 // refusal is how admission control answers a request it turns away.
@@ -72,8 +74,8 @@ type admission struct {
 	maxConns int64 // 0: no bound
 	perIP    int   // 0: no bound
 	trusted  []netip.Prefix
-	origins  []originPattern // empty: any origin
-	bucket   *tokenBucket    // nil: no rate limit
+	origins  frontdoor.Origins // empty: any origin
+	bucket   *tokenBucket      // nil: no rate limit
 
 	// conns counts admitted connections, from the handshake to the end of
 	// the session; kept only when maxConns > 0.
@@ -91,15 +93,13 @@ func newAdmission(o *Options) (*admission, error) {
 		maxConns: int64(o.MaxConnections),
 		perIP:    o.MaxConnectionsPerIP,
 	}
-	for _, s := range o.AllowedOrigins {
-		p, err := parseOrigin(s, true)
-		if err != nil {
-			return nil, fmt.Errorf("proxy: Options.AllowedOrigins: %w", err)
-		}
-		a.origins = append(a.origins, p)
+	origins, err := frontdoor.ParseOrigins(o.AllowedOrigins)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: Options.AllowedOrigins: %w", err)
 	}
+	a.origins = origins
 	for _, p := range o.TrustedProxies {
-		a.trusted = append(a.trusted, normalizePrefix(p))
+		a.trusted = append(a.trusted, frontdoor.NormalizePrefix(p))
 	}
 	if a.perIP > 0 {
 		a.byIP = make(map[netip.Addr]int)
@@ -135,7 +135,7 @@ func (t *slot) handOff() { t.held = false }
 // MaxConnections, and against MaxConnectionsPerIP unless its peer is a
 // trusted proxy (admit counts the client it names). When a limit refuses,
 // it has answered c (plain connections only) and ok is false.
-func (s *Server) arrive(c net.Conn, r *request) (t slot, ok bool) {
+func (s *Server) arrive(c net.Conn, r *frontdoor.Request) (t slot, ok bool) {
 	a := s.adm
 	if a.maxConns > 0 && a.conns.Add(1) > a.maxConns {
 		a.conns.Add(-1)
@@ -144,9 +144,9 @@ func (s *Server) arrive(c net.Conn, r *request) (t slot, ok bool) {
 	}
 	t = slot{a: a, held: true}
 	if a.perIP > 0 {
-		key := clientKey(r.remoteAddr)
-		peer, _ := netip.ParseAddrPort(r.remoteAddr)
-		if key.IsValid() && !trustedAddr(a.trusted, peer.Addr().Unmap()) {
+		key := frontdoor.ClientKey(r.RemoteAddr)
+		peer, _ := netip.ParseAddrPort(r.RemoteAddr)
+		if key.IsValid() && !frontdoor.TrustedAddr(a.trusted, peer.Addr().Unmap()) {
 			if !a.countIP(key) {
 				if a.maxConns > 0 {
 					a.conns.Add(-1)
@@ -163,12 +163,12 @@ func (s *Server) arrive(c net.Conn, r *request) (t slot, ok bool) {
 // refuseArrival answers a connection refused before its request is read:
 // half-closed after the answer, so that the client reads it rather than a
 // reset, as net/http ends a refusal sent before the request was read.
-func (s *Server) refuseArrival(c net.Conn, r *request, i int) {
+func (s *Server) refuseArrival(c net.Conn, r *frontdoor.Request, i int) {
 	if _, isTLS := c.(*tls.Conn); isTLS {
 		s.refuseSilently(r, i)
 		return
 	}
-	s.refuse(c, r, i, client{addr: r.remoteAddr})
+	s.refuse(c, r, i, frontdoor.Client{Addr: r.RemoteAddr})
 	closeWriteAndWait(c)
 }
 
@@ -187,10 +187,10 @@ func (a *admission) countIP(key netip.Addr) bool {
 // admit runs the checks that need the request r from cl, on the slot t
 // that arrive gave its connection. When one refuses, it has answered the
 // request on c and ok is false; the caller still releases t.
-func (s *Server) admit(c net.Conn, r *request, cl client, t *slot) (ok bool) {
+func (s *Server) admit(c net.Conn, r *frontdoor.Request, cl frontdoor.Client, t *slot) (ok bool) {
 	a := s.adm
-	if len(a.origins) > 0 && r.has("Origin") {
-		if o, one := r.one("Origin"); !one || !a.originAllowed(o) {
+	if len(a.origins) > 0 && r.Has("Origin") {
+		if o, one := r.One("Origin"); !one || !a.origins.Allowed(o) {
 			s.refuse(c, r, refuseOrigin, cl)
 			return false
 		}
@@ -198,7 +198,7 @@ func (s *Server) admit(c net.Conn, r *request, cl client, t *slot) (ok bool) {
 	if a.perIP > 0 && !t.key.IsValid() {
 		// The peer is a trusted proxy (or has no IP): count the client it
 		// forwards for, as the session's end will free it.
-		if key := clientKey(cl.addr); key.IsValid() {
+		if key := frontdoor.ClientKey(cl.Addr); key.IsValid() {
 			if !a.countIP(key) {
 				s.refuse(c, r, refusePerIP, cl)
 				return false
@@ -229,12 +229,21 @@ func (a *admission) free(key netip.Addr) {
 	}
 }
 
+// clientOf is who r comes from: the peer, or whom a trusted proxy's
+// headers name (frontdoor.ResolveClient).
+func (a *admission) clientOf(r *frontdoor.Request) frontdoor.Client {
+	if len(a.trusted) == 0 {
+		return frontdoor.Client{Addr: r.RemoteAddr}
+	}
+	return frontdoor.ResolveClient(a.trusted, r.RemoteAddr, r)
+}
+
 // leave frees the slot of a finished session whose client address is
 // addr (session.clientAddr, which upgrade set to client.addr).
 func (a *admission) leave(addr string) {
 	switch {
 	case a.perIP > 0:
-		a.free(clientKey(addr))
+		a.free(frontdoor.ClientKey(addr))
 	case a.maxConns > 0:
 		a.free(netip.Addr{}) // the key matters only to the per-IP count
 	}
@@ -244,30 +253,30 @@ func (a *admission) leave(addr string) {
 // where the client may simply try again, and a log line at most once a
 // second per reason. The line comes first: once the answer is written,
 // the client's next request may be refused before this one is noted.
-func (s *Server) refuse(c net.Conn, r *request, i int, cl client) {
+func (s *Server) refuse(c net.Conn, r *frontdoor.Request, i int, cl frontdoor.Client) {
 	rf := &refusals[i]
 	retry := 0
 	if rf.retry {
 		retry = retryAfter()
 	}
-	defer writeError(c, rf.status, rf.msg, retry)
+	defer frontdoor.WriteError(c, rf.status, rf.msg, retry)
 	s.noteRefusal(r, i, cl)
 }
 
 // refuseSilently counts and logs refusal i, answered by closing.
-func (s *Server) refuseSilently(r *request, i int) {
-	s.noteRefusal(r, i, client{addr: r.remoteAddr})
+func (s *Server) refuseSilently(r *frontdoor.Request, i int) {
+	s.noteRefusal(r, i, frontdoor.Client{Addr: r.RemoteAddr})
 }
 
 // noteRefusal counts refusal i and logs it, at most once a second.
-func (s *Server) noteRefusal(r *request, i int, cl client) {
+func (s *Server) noteRefusal(r *frontdoor.Request, i int, cl frontdoor.Client) {
 	rf := &refusals[i]
 	s.metrics.rejected.WithLabelValues(rf.reason).Inc()
 	n, ok := s.adm.logs[i].note(time.Since(s.adm.began))
 	if !ok {
 		return
 	}
-	ev := s.log.Warn().Str("reason", rf.reason).Str("client", cl.addr).Uint64("rejected", n)
+	ev := s.log.Warn().Str("reason", rf.reason).Str("client", cl.Addr).Uint64("rejected", n)
 	if i == refuseOrigin {
 		o := ""
 		if vs := r.Values("Origin"); len(vs) > 0 {

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sluice-proxy/sluice/frontdoor"
 )
 
 // Why an upgrade got no turn.
@@ -338,12 +339,12 @@ func (t *upstreamTurn) end() {
 // takeTurn waits, with pacing on, for the upgrade of cl on c to have its
 // turn toward the backend. When it gets none, it has answered c with 503
 // and Retry-After, and ok is false.
-func (s *Server) takeTurn(c net.Conn, cl client) (t upstreamTurn, ok bool) {
+func (s *Server) takeTurn(c net.Conn, cl frontdoor.Client) (t upstreamTurn, ok bool) {
 	p := s.pacer
 	if p == nil {
 		return upstreamTurn{}, true
 	}
-	queued, err := p.wait(clientKey(cl.addr))
+	queued, err := p.wait(frontdoor.ClientKey(cl.Addr))
 	if err == nil {
 		t = upstreamTurn{p: p}
 		if queued && clientGone(c) {

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/sluice-proxy/sluice/frontdoor"
 )
 
 // Bounds of pass-through that are not configuration.
@@ -104,7 +105,7 @@ func newPassThrough(s *Server) *passThrough {
 // refused (answered) or could not be handed over; the caller then closes
 // c. The connection keeps t, its place under the limits since its accept
 // (Server.arrive), until it closes or turns into an upgrade.
-func (p *passThrough) handOff(c net.Conn, r *request, pending []byte, t *slot) bool {
+func (p *passThrough) handOff(c net.Conn, r *frontdoor.Request, pending []byte, t *slot) bool {
 	s := p.s
 	if s.closing.Load() {
 		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
@@ -112,7 +113,7 @@ func (p *passThrough) handOff(c net.Conn, r *request, pending []byte, t *slot) b
 	}
 	pc := &passConn{Conn: c, slot: *t}
 	t.handOff() // the connection's now: released when it closes
-	pc.replay = append(append(make([]byte, 0, len(r.head)+len(pending)), r.head...), pending...)
+	pc.replay = append(append(make([]byte, 0, len(r.Head)+len(pending)), r.Head...), pending...)
 	if tc, ok := c.(*tls.Conn); ok {
 		cs := tc.ConnectionState()
 		pc.tls = &cs
@@ -147,35 +148,27 @@ func (p *passThrough) serve(w http.ResponseWriter, hr *http.Request) {
 }
 
 // rewrite builds the upstream request: the same URL as an upgrade would
-// dial (upstreamURL), Host the upstream's, and the forwarded headers that
-// forwardedHeader writes for upgrades, with the same trusted-proxy rules.
+// dial (UpstreamURL), Host the upstream's, and the forwarded headers that
+// ForwardedHeader writes for upgrades, with the same trusted-proxy rules.
 func (p *passThrough) rewrite(pr *httputil.ProxyRequest) {
 	in := pr.In
-	target, _ := url.Parse(upstreamURL(p.origin, in.URL))
+	target, _ := url.Parse(frontdoor.UpstreamURL(p.origin, in.URL))
 	pr.Out.URL = target
 	pr.Out.Host = ""
-	r := getRequest()
-	defer putRequest(r)
-	requestFromHTTP(in, r)
+	r := frontdoor.GetRequest()
+	defer frontdoor.PutRequest(r)
+	frontdoor.RequestFromHTTP(in, r)
 	cl := p.s.adm.clientOf(r)
-	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
-	var h forwardedHeader
-	h.forwardTo(r, clientIP, cl)
-	for name := range pr.Out.Header {
-		// Te: trailers stays, as ReverseProxy keeps it for gRPC.
-		if name != "Te" && !h.forwarded(name) {
-			delete(pr.Out.Header, name)
-		}
-	}
-	pr.Out.Header.Set("X-Forwarded-For", h.xff)
-	pr.Out.Header.Set("X-Forwarded-Host", h.host)
-	pr.Out.Header.Set("X-Forwarded-Proto", h.proto)
+	clientIP, _, _ := net.SplitHostPort(r.RemoteAddr)
+	var h frontdoor.ForwardedHeader
+	h.ForwardTo(r, clientIP, cl)
+	h.Rewrite(pr.Out.Header)
 }
 
 // fail answers a request the upstream did not answer: 502, or 504 on a
 // timeout, as an upgrade's dial failure; nothing when the client left.
 func (p *passThrough) fail(w http.ResponseWriter, hr *http.Request, err error) {
-	status, reason := dialFailure(err)
+	status, reason := frontdoor.DialFailure(err)
 	if errors.Is(hr.Context().Err(), context.Canceled) {
 		status, reason = 499, "client_gone"
 	}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/pires/go-proxyproto"
+	"github.com/sluice-proxy/sluice/frontdoor"
 )
 
 // ProxyProtocolListener wraps ln, a TCP listener, so that each connection
@@ -44,7 +45,7 @@ func (s *Server) proxyHeaderPolicy(o proxyproto.ConnPolicyOptions) (proxyproto.P
 		return proxyproto.REQUIRE, nil
 	}
 	peer := o.Upstream.String()
-	if ap, err := netip.ParseAddrPort(peer); err == nil && trustedAddr(s.adm.trusted, ap.Addr().Unmap()) {
+	if ap, err := netip.ParseAddrPort(peer); err == nil && frontdoor.TrustedAddr(s.adm.trusted, ap.Addr().Unmap()) {
 		return proxyproto.REQUIRE, nil
 	}
 	s.proxyHeaderRefused(peer, errUntrustedPeer)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/sluice-proxy/sluice/frontdoor"
 	"github.com/sluice-proxy/sluice/limiter"
 )
 
@@ -24,13 +25,13 @@ type Server struct {
 	log     zerolog.Logger
 	metrics *Metrics
 	budget  *limiter.Budget
-	adm     *admission // connection limits, origins, handshake rate (admission.go)
-	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
-	idle    *idlePoller    // parked readers of idle sockets; nil: readers wait in goroutines
-	fair    *limiter.Fair  // Options.UpstreamMaxMessagesPerSecond; nil: no cap
-	settle  *setupGC       // collects once a burst of setups is over (settle.go)
-	pass    *passThrough   // Options.HTTPPassThrough; nil: plain requests get 426
-	pacer   *upstreamPacer // upgrade pacing toward the backend (pacing.go); nil: off
+	adm     *admission               // connection limits, origins, handshake rate (admission.go)
+	dialer  frontdoor.UpstreamDialer // every upgrade's dial toward the backend
+	idle    *idlePoller              // parked readers of idle sockets; nil: readers wait in goroutines
+	fair    *limiter.Fair            // Options.UpstreamMaxMessagesPerSecond; nil: no cap
+	settle  *setupGC                 // collects once a burst of setups is over (settle.go)
+	pass    *passThrough             // Options.HTTPPassThrough; nil: plain requests get 426
+	pacer   *upstreamPacer           // upgrade pacing toward the backend (pacing.go); nil: off
 	// upstreamQueue bounds every upstream leg's queue (session.go's
 	// upstreamQueue, PauseMax from Options.UpstreamWriteTimeout).
 	upstreamQueue limiter.Config
@@ -104,7 +105,10 @@ func New(opts Options) (*Server, error) {
 	if opts.UpstreamReadBuffer > 0 || opts.UpstreamWriteBuffer > 0 {
 		d.Control = upstreamBuffers(opts.UpstreamReadBuffer, opts.UpstreamWriteBuffer)
 	}
-	s.netDial = d.DialContext
+	s.dialer = frontdoor.UpstreamDialer{
+		Timeout: opts.DialTimeout, Host: opts.Upstream.Host, TLS: opts.UpstreamTLS,
+		Policy: opts.Queue.Policy, NetDial: d.DialContext, LastConnect: &s.lastUpstreamOK,
+	}
 	if opts.HTTPPassThrough {
 		s.pass = newPassThrough(s)
 	}
