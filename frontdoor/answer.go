@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"crypto/sha1"
 	"encoding/base64"
+	"io"
 	"net"
 	"net/http"
 	"strconv"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/gobwas/httphead"
 	"github.com/gobwas/ws"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 var answerPool = sync.Pool{New: func() any {
@@ -146,4 +148,23 @@ func Write101(c net.Conn, key string, hs ws.Handshake, cookies []string) error {
 	}
 	b = append(b, "\r\n"...)
 	return writeAnswer(c, bp, b)
+}
+
+// refuse answers c with status and msg, counted in rejected under reason;
+// retry > 0 is a Retry-After.
+func refuse(c net.Conn, rejected *prometheus.CounterVec, status int, reason, msg string, retry int) {
+	rejected.WithLabelValues(reason).Inc()
+	WriteError(c, status, msg, retry)
+}
+
+// CloseWriteAndWait ends a refusal sent before the client's request was
+// all read, as net/http does: half-close, then read what the client still
+// sends, briefly, so that closing with unread bytes does not reset the
+// connection before the client has read the answer.
+func CloseWriteAndWait(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	io.Copy(io.Discard, io.LimitReader(c, 1<<20))
 }

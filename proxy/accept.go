@@ -104,16 +104,16 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 	c.SetDeadline(minTime(deadline, began.Add(s.opts.HandshakeIdleTimeout)))
 	r := frontdoor.GetRequest()
 	defer frontdoor.PutRequest(r)
-	if s.opts.ProxyProtocol && !s.proxyHeaderOK(c) {
+	if s.opts.ProxyProtocol && !s.pp.HeaderOK(c) {
 		return nil
 	}
 	r.RemoteAddr = c.RemoteAddr().String()
 	// Counted from here, while the request is still arriving.
-	slot, ok := s.arrive(c, r)
+	slot, ok := s.adm.Arrive(c, r)
 	if !ok {
 		return nil
 	}
-	defer slot.release() // a no-op once the session has the slot
+	defer slot.Release() // a no-op once the session has the slot
 	if tc, ok := c.(*tls.Conn); ok {
 		if err := tc.Handshake(); err != nil {
 			// Scanners and wrong ports: a debug line, as net/http's
@@ -133,7 +133,7 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 	case errors.Is(err, frontdoor.ErrHeadTooLarge):
 		s.metrics.rejected.WithLabelValues("header_too_large").Inc()
 		frontdoor.WriteBadRequest(c, http.StatusRequestHeaderFieldsTooLarge)
-		closeWriteAndWait(c)
+		frontdoor.CloseWriteAndWait(c)
 		return nil
 	case errors.Is(err, frontdoor.ErrMalformed):
 		s.metrics.rejected.WithLabelValues("malformed").Inc()
@@ -167,25 +167,13 @@ func minTime(a, b time.Time) time.Time {
 	return a
 }
 
-// closeWriteAndWait ends a refusal sent before the client's request was
-// all read, as net/http does: half-close, then read what the client still
-// sends, briefly, so that closing with unread bytes does not reset the
-// connection before the client has read the answer.
-func closeWriteAndWait(c net.Conn) {
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-	}
-	c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
-	io.Copy(io.Discard, io.LimitReader(c, 1<<20))
-}
-
 // upgrade answers the request r read from c, with pending the bytes that
 // followed it: dial the upstream first, then answer the client from the
 // upstream's answer, then hand both connections to a session. It returns
 // the session, whose client reader the caller starts, or nil, and then the
 // caller closes c. slot is c's place under the limits (arrive): upgrade
 // hands it to the session, or frees it early for a client that may retry.
-func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began time.Time, slot *slot) *session {
+func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began time.Time, slot *frontdoor.Slot) *session {
 	if status, msg := frontdoor.CheckUpgrade(r); status != 0 {
 		s.reject(c, status, "bad_request", msg, 0)
 		return nil
@@ -196,29 +184,29 @@ func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began
 	}
 	// Admission control (admission.go): origin, the per-IP limit of a
 	// forwarded client and handshake rate, all before anything is dialled.
-	cl := s.adm.clientOf(r)
-	if !s.admit(c, r, cl, slot) {
+	cl := s.adm.ClientOf(r)
+	if !s.adm.Admit(c, r, cl, slot) {
 		return nil
 	}
 	// Upgrade pacing (pacing.go): wait for a turn toward the backend,
 	// held until the upstream has answered.
-	turn, ok := s.takeTurn(c, cl)
+	turn, ok := s.pacer.TakeTurn(c, cl)
 	if !ok {
 		return nil
 	}
-	defer turn.end() // after a panic; a no-op once ended below
+	defer turn.End() // after a panic; a no-op once ended below
 	u := frontdoor.GetDialState(&s.dialer)
 	defer frontdoor.PutDialState(u)
 	target := frontdoor.UpstreamURL(s.opts.Upstream, r.URL)
 	upConn, upBuf, hs, err := u.Dial(r, cl, target)
-	turn.end()
+	turn.End()
 	// The answer gets a handshake timeout of its own from here, as the
 	// upgrader gave it.
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
 	if err != nil {
 		// Free the slot before the client reads its 502: a client that
 		// retries at once must find it free.
-		slot.release()
+		slot.Release()
 		s.dialFailed(c, target, err, u.Rejection())
 		return nil
 	}
@@ -247,7 +235,7 @@ func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began
 	s.metrics.handshakeSeconds.Observe(time.Since(began).Seconds())
 	s.metrics.connectionsTotal.Inc()
 	ext := frontdoor.ExtensionKind(hs.Extensions)
-	slot.handOff() // released by forget, from the session's client address
+	slot.HandOff() // released by forget, from the session's client address
 	// The frame readers copy both pendings: the buffers they are in may be
 	// recycled once startSession returns.
 	ss := s.startSession(&upgraded{
@@ -299,18 +287,27 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 		pending, _ = rw.Reader.Peek(n)
 	}
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
-	slot, ok := s.arrive(c, r)
+	slot, ok := s.adm.Arrive(c, r)
 	if !ok {
 		c.Close()
 		return
 	}
-	defer slot.release()
+	defer slot.Release()
 	if ss := s.upgrade(c, r, pending, began, &slot); ss != nil {
 		ss.client.startReading() // net/http's goroutine is not ours to keep
 	} else {
 		c.Close()
 	}
 }
+
+// ProxyProtocolListener wraps ln, a TCP listener, so that each connection
+// it accepts must start with a PROXY header: use it for Serve when
+// Options.ProxyProtocol is set, beneath a TLS listener if there is one
+// (the header comes before TLS). With Options.TrustedProxies set, a peer
+// outside them is closed as soon as it is accepted. The header is read by
+// the connection's handshake goroutine, within HandshakeTimeout; a
+// connection without one is closed there, counted and logged.
+func (s *Server) ProxyProtocolListener(ln net.Listener) net.Listener { return s.pp.Listener(ln) }
 
 // reject answers c with status and msg, counted under reason; retry > 0
 // is a Retry-After.
@@ -342,7 +339,7 @@ func (s *Server) dialFailed(c net.Conn, target string, err error, rej *frontdoor
 	}
 	// A dead upstream fails every upgrade at once: one line a second says
 	// so, with the count, rather than one per client.
-	if n, ok := s.dialFailLog.note(time.Since(s.adm.began)); ok {
+	if n, ok := s.dialFailLog.Note(time.Since(s.adm.Began())); ok {
 		s.log.Warn().Err(err).Str("upstream", s.logURL(target)).Str("reason", reason).Uint64("failures", n).Msg("upstream dial failed")
 	}
 	s.reject(c, status, "upstream_"+reason, "upstream "+reason, 0)

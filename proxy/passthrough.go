@@ -46,7 +46,7 @@ type passThrough struct {
 	web    *http.Server
 	conns  *connQueue // web's listener, fed by handOff
 	proxy  *httputil.ReverseProxy
-	failed rejectLog // upstream failures, logged at most once a second
+	failed frontdoor.RejectLog // upstream failures, logged at most once a second
 	served sync.WaitGroup
 }
 
@@ -105,14 +105,14 @@ func newPassThrough(s *Server) *passThrough {
 // refused (answered) or could not be handed over; the caller then closes
 // c. The connection keeps t, its place under the limits since its accept
 // (Server.arrive), until it closes or turns into an upgrade.
-func (p *passThrough) handOff(c net.Conn, r *frontdoor.Request, pending []byte, t *slot) bool {
+func (p *passThrough) handOff(c net.Conn, r *frontdoor.Request, pending []byte, t *frontdoor.Slot) bool {
 	s := p.s
 	if s.closing.Load() {
 		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
 		return false
 	}
 	pc := &passConn{Conn: c, slot: *t}
-	t.handOff() // the connection's now: released when it closes
+	t.HandOff() // the connection's now: released when it closes
 	pc.replay = append(append(make([]byte, 0, len(r.Head)+len(pending)), r.Head...), pending...)
 	if tc, ok := c.(*tls.Conn); ok {
 		cs := tc.ConnectionState()
@@ -158,7 +158,7 @@ func (p *passThrough) rewrite(pr *httputil.ProxyRequest) {
 	r := frontdoor.GetRequest()
 	defer frontdoor.PutRequest(r)
 	frontdoor.RequestFromHTTP(in, r)
-	cl := p.s.adm.clientOf(r)
+	cl := p.s.adm.ClientOf(r)
 	clientIP, _, _ := net.SplitHostPort(r.RemoteAddr)
 	var h frontdoor.ForwardedHeader
 	h.ForwardTo(r, clientIP, cl)
@@ -173,7 +173,7 @@ func (p *passThrough) fail(w http.ResponseWriter, hr *http.Request, err error) {
 		status, reason = 499, "client_gone"
 	}
 	if reason != "client_gone" {
-		if n, ok := p.failed.note(time.Since(p.s.adm.began)); ok {
+		if n, ok := p.failed.Note(time.Since(p.s.adm.Began())); ok {
 			p.s.log.Warn().Err(err).Str("upstream", p.origin.Redacted()).Str("reason", reason).
 				Uint64("failures", n).Msg("upstream http request failed")
 		}
@@ -227,7 +227,7 @@ type passConn struct {
 	tls    *tls.ConnectionState // nil for plain connections
 
 	once sync.Once
-	slot slot // released through once
+	slot frontdoor.Slot // released through once
 }
 
 type passConnKey struct{}
@@ -246,7 +246,7 @@ func (c *passConn) Close() error {
 	return c.Conn.Close()
 }
 
-func (c *passConn) releaseSlot() { c.once.Do(c.slot.release) }
+func (c *passConn) releaseSlot() { c.once.Do(c.slot.Release) }
 
 // connQueue is a net.Listener whose connections are handed to it.
 type connQueue struct {

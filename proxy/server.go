@@ -6,6 +6,7 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -25,13 +26,14 @@ type Server struct {
 	log     zerolog.Logger
 	metrics *Metrics
 	budget  *limiter.Budget
-	adm     *admission               // connection limits, origins, handshake rate (admission.go)
+	adm     *frontdoor.Admission     // connection limits, origins, handshake rate
 	dialer  frontdoor.UpstreamDialer // every upgrade's dial toward the backend
 	idle    *idlePoller              // parked readers of idle sockets; nil: readers wait in goroutines
 	fair    *limiter.Fair            // Options.UpstreamMaxMessagesPerSecond; nil: no cap
 	settle  *setupGC                 // collects once a burst of setups is over (settle.go)
 	pass    *passThrough             // Options.HTTPPassThrough; nil: plain requests get 426
-	pacer   *upstreamPacer           // upgrade pacing toward the backend (pacing.go); nil: off
+	pacer   *frontdoor.Pacer         // upgrade pacing toward the backend; nil: off
+	pp      *frontdoor.ProxyProtocol // PROXY headers (Options.ProxyProtocol)
 	// upstreamQueue bounds every upstream leg's queue (session.go's
 	// upstreamQueue, PauseMax from Options.UpstreamWriteTimeout).
 	upstreamQueue limiter.Config
@@ -43,8 +45,7 @@ type Server struct {
 	// TCP connect, for readiness.
 	lastUpstreamOK atomic.Int64
 
-	dialFailLog    rejectLog // upstream dial failures, logged at most once a second
-	proxyHeaderLog rejectLog // connections refused for their PROXY header, logged at most once a second
+	dialFailLog frontdoor.RejectLog // upstream dial failures, logged at most once a second
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{} // Serve's, closed by Shutdown; guarded by mu
@@ -65,15 +66,21 @@ func New(opts Options) (*Server, error) {
 	if err := opts.setDefaults(); err != nil {
 		return nil, err
 	}
-	adm, err := newAdmission(&opts)
+	metrics := newMetrics(opts.Registerer)
+	adm, err := frontdoor.NewAdmission(frontdoor.AdmissionConfig{
+		MaxConnections: opts.MaxConnections, MaxConnectionsPerIP: opts.MaxConnectionsPerIP,
+		MaxHandshakesPerSecond: opts.MaxHandshakesPerSecond, TrustedProxies: opts.TrustedProxies,
+		AllowedOrigins: opts.AllowedOrigins, Rejected: metrics.rejected, Log: opts.Logger,
+	})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("proxy: Options.AllowedOrigins: %w", err)
 	}
 	s := &Server{
 		opts:        opts,
 		log:         opts.Logger,
-		metrics:     newMetrics(opts.Registerer),
+		metrics:     metrics,
 		adm:         adm,
+		pp:          frontdoor.NewProxyProtocol(adm.Trusted(), opts.HandshakeTimeout, metrics.rejected, opts.Logger),
 		listeners:   make(map[net.Listener]struct{}),
 		sessions:    make(map[*session]struct{}),
 		handshakes:  make(map[net.Conn]struct{}),
@@ -82,7 +89,11 @@ func New(opts Options) (*Server, error) {
 	s.settle = newSetupGC(s.Sessions)
 	s.upstreamQueue = upstreamQueue
 	s.upstreamQueue.PauseMax = opts.UpstreamWriteTimeout
-	s.pacer = newUpstreamPacer(&opts, newPacingMetrics(opts.Registerer))
+	s.pacer = frontdoor.NewPacer(frontdoor.PacingConfig{
+		MaxHandshakes: opts.UpstreamMaxHandshakes, HandshakesPerSecond: opts.UpstreamHandshakesPerSecond,
+		Queue: opts.UpstreamHandshakeQueue, MaxConnections: opts.MaxConnections,
+		QueueTimeout: opts.UpstreamQueueTimeout, AnswerTimeout: opts.HandshakeTimeout, Rejected: metrics.rejected,
+	}, frontdoor.NewPacingMetrics(opts.Registerer))
 	bc := opts.Budget
 	if bc.ObserveWait == nil {
 		bc.ObserveWait = func(d time.Duration) { s.metrics.queueWaitSeconds.Observe(d.Seconds()) }
@@ -163,9 +174,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		ln.Close()
 	}
 	s.mu.Unlock()
-	if s.pacer != nil {
-		s.pacer.close() // queued upgrades hear 503 now, not at their timeout
-	}
+	s.pacer.Close() // queued upgrades hear 503 now, not at their timeout
 	// Pass-through connections: idle ones close now, requests under way
 	// may finish while the sessions drain, until ctx ends.
 	passDone := make(chan struct{})
@@ -226,7 +235,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // UpstreamHandshakes are the upgrades under way toward the backend and
 // those waiting for their turn, with upgrade pacing on (0, 0 without).
-func (s *Server) UpstreamHandshakes() (inFlight, queued int) { return s.pacer.counts() }
+func (s *Server) UpstreamHandshakes() (inFlight, queued int) { return s.pacer.Counts() }
 
 // ThrottledClients counts the clients held back by an inbound limit
 // within the last second, for gauges and status pages.
@@ -312,7 +321,7 @@ func (s *Server) waitGone(ctx context.Context, left func() int) error {
 // admission slot.
 func (s *Server) forget(ss *session) {
 	ss.frames.stop()
-	s.adm.leave(ss.clientAddr)
+	s.adm.Leave(ss.clientAddr)
 	s.mu.Lock()
 	delete(s.sessions, ss)
 	s.mu.Unlock()
