@@ -154,7 +154,7 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 		h("handshake", r.RemoteAddr)
 	}
 	if s.pass != nil && !r.HasToken("Upgrade", "websocket") {
-		handedOff = s.pass.handOff(c, r, pending, &slot)
+		handedOff = s.pass.HandOff(c, r, pending, &slot, s.closing.Load())
 		return nil
 	}
 	return s.upgrade(c, r, pending, began, &slot)
@@ -256,8 +256,8 @@ func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began
 // With Options.HTTPPassThrough, a request that is not an upgrade is sent
 // to the upstream's origin instead, through w.
 func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
-	if s.pass != nil && !isUpgradeRequest(hr) {
-		s.pass.serve(w, hr)
+	if s.pass != nil && !frontdoor.IsUpgradeRequest(hr) {
+		s.pass.Serve(w, hr)
 		return
 	}
 	hj, ok := w.(http.Hijacker)
@@ -272,11 +272,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 	if err != nil {
 		return
 	}
-	if pc, ok := c.(*passConn); ok {
-		// An upgrade on a kept-alive pass-through connection: the
-		// upgrade takes a slot of its own.
-		pc.releaseSlot()
-	}
+	// An upgrade on a kept-alive pass-through connection: the upgrade
+	// takes a slot of its own.
+	frontdoor.ReleasePassSlot(c)
 	s.handshakeBegin(c)
 	defer s.handshakeDone(c)
 	r := frontdoor.GetRequest()

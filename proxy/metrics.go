@@ -146,7 +146,7 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 	for _, r := range evictionReasons() {
 		m.evictions.WithLabelValues(r)
 	}
-	for _, c := range statusClasses[1:] {
+	for _, c := range frontdoor.FinalStatusClasses() {
 		m.httpRequests.WithLabelValues(c)
 	}
 	m.panics = prometheus.NewCounterVec(prometheus.CounterOpts{

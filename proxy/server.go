@@ -31,7 +31,7 @@ type Server struct {
 	idle    *idlePoller              // parked readers of idle sockets; nil: readers wait in goroutines
 	fair    *limiter.Fair            // Options.UpstreamMaxMessagesPerSecond; nil: no cap
 	settle  *setupGC                 // collects once a burst of setups is over (settle.go)
-	pass    *passThrough             // Options.HTTPPassThrough; nil: plain requests get 426
+	pass    *frontdoor.PassThrough   // Options.HTTPPassThrough; nil: plain requests get 426
 	pacer   *frontdoor.Pacer         // upgrade pacing toward the backend; nil: off
 	pp      *frontdoor.ProxyProtocol // PROXY headers (Options.ProxyProtocol)
 	// upstreamQueue bounds every upstream leg's queue (session.go's
@@ -121,7 +121,12 @@ func New(opts Options) (*Server, error) {
 		Policy: opts.Queue.Policy, NetDial: d.DialContext, LastConnect: &s.lastUpstreamOK,
 	}
 	if opts.HTTPPassThrough {
-		s.pass = newPassThrough(s)
+		s.pass = frontdoor.NewPassThrough(frontdoor.PassThroughConfig{
+			Upstream: opts.Upstream, TLS: opts.UpstreamTLS, DialTimeout: opts.DialTimeout,
+			ResponseTimeout: opts.HTTPResponseTimeout, HandshakeTimeout: opts.HandshakeTimeout,
+			MaxHeaderBytes: opts.MaxHeaderBytes, Log: s.log, Admission: adm, Upgrades: s,
+			Rejected: metrics.rejected, Requests: metrics.httpRequests, Seconds: metrics.httpSeconds,
+		})
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
@@ -181,7 +186,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	go func() {
 		defer close(passDone)
 		if s.pass != nil {
-			s.pass.shutdown(ctx)
+			s.pass.Shutdown(ctx)
 		}
 	}()
 	defer func() { <-passDone }()
