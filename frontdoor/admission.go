@@ -2,7 +2,9 @@ package frontdoor
 
 // Admission control: who may open a session, how many at once and how
 // fast, decided before anything is dialled. Who the client is comes from
-// clientaddr.go, which origins may connect from origin.go.
+// clientaddr.go, which origins may connect from origin.go; the server
+// calls Arrive at accept, Admit once the request is read, and Leave when
+// the session ends.
 //
 // A connection counts from its accept, while its request is still
 // arriving, to the end of its session: a flood of partial requests holds
@@ -107,7 +109,7 @@ type Admission struct {
 	conns atomic.Int64
 
 	mu   sync.Mutex
-	byIP map[netip.Addr]int // admitted connections per clientKey; guarded by mu; nil when perIP == 0
+	byIP map[netip.Addr]int // admitted connections per ClientKey; guarded by mu; nil when perIP == 0
 
 	logs [len(refusals)]RejectLog
 }

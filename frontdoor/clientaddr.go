@@ -258,7 +258,7 @@ func isToken(s string, hop bool) bool {
 }
 
 // ClientKey is what MaxConnectionsPerIP counts by for a client address
-// (client.addr): the IPv4 address, or the /64 of an IPv6 address, since
+// (Client.Addr): the IPv4 address, or the /64 of an IPv6 address, since
 // one IPv6 host commonly holds a whole /64. It is the zero Addr (not
 // counted) when addr holds no IP, as with Unix sockets.
 func ClientKey(addr string) netip.Addr {

@@ -3,9 +3,10 @@ package proxy
 // Accept and upgrade without net/http. Per client connection, one
 // goroutine (handshake) does everything before the session: the TLS
 // handshake when the listener is TLS, the request read straight from the
-// socket into a pooled buffer (request.go), the checks, the upstream dial,
-// and the answer in one write (answer.go). Then it starts the session and
-// ends. No bufio, no header map, no context, no background reader.
+// socket into a pooled buffer, the checks, the upstream dial and the
+// answer in one write, each from package frontdoor. Then it starts the
+// session and ends. No bufio, no header map, no context, no background
+// reader.
 
 import (
 	"crypto/tls"
@@ -171,7 +172,7 @@ func minTime(a, b time.Time) time.Time {
 // followed it: dial the upstream first, then answer the client from the
 // upstream's answer, then hand both connections to a session. It returns
 // the session, whose client reader the caller starts, or nil, and then the
-// caller closes c. slot is c's place under the limits (arrive): upgrade
+// caller closes c. slot is c's place under the limits (Admission.Arrive): upgrade
 // hands it to the session, or frees it early for a client that may retry.
 func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began time.Time, slot *frontdoor.Slot) *session {
 	if status, msg := frontdoor.CheckUpgrade(r); status != 0 {
@@ -182,13 +183,13 @@ func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began
 		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
 		return nil
 	}
-	// Admission control (admission.go): origin, the per-IP limit of a
+	// Admission control (frontdoor.Admission): origin, the per-IP limit of a
 	// forwarded client and handshake rate, all before anything is dialled.
 	cl := s.adm.ClientOf(r)
 	if !s.adm.Admit(c, r, cl, slot) {
 		return nil
 	}
-	// Upgrade pacing (pacing.go): wait for a turn toward the backend,
+	// Upgrade pacing (frontdoor.Pacer): wait for a turn toward the backend,
 	// held until the upstream has answered.
 	turn, ok := s.pacer.TakeTurn(c, cl)
 	if !ok {

@@ -2,6 +2,13 @@
 // paired with one upstream connection, and frames flow both ways through
 // bounded queues; each socket is written only through its leg's writer
 // (legWriter, write.go), by whoever holds its write token.
+//
+// It holds the Server (server.go: registry, drain, status; accept.go: the
+// accept loop, which takes each connection through package frontdoor's
+// checks, dial and answers and hands the upgraded pair to a session;
+// metrics.go, options.go) and the pair of legs: session.go, read.go,
+// write.go, close.go and endings.go, with what they need (ratelimit.go,
+// idle_linux.go, settle.go, panic.go, sockopt*.go).
 package proxy
 
 import (
