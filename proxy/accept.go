@@ -23,6 +23,7 @@ import (
 
 	"github.com/sluice-proxy/sluice/frame"
 	"github.com/sluice-proxy/sluice/frontdoor"
+	"github.com/sluice-proxy/sluice/internal/sockopt"
 )
 
 // Serve accepts connections on ln until Shutdown, and upgrades each in a
@@ -224,10 +225,10 @@ func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began
 	}
 	c.SetDeadline(time.Time{})
 	if s.opts.ClientWriteBuffer > 0 {
-		setConnBuffer(c, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
+		sockopt.SetConnBuffer(c, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
 	}
 	if s.opts.ClientReadBuffer > 0 {
-		setConnBuffer(c, syscall.SO_RCVBUF, s.opts.ClientReadBuffer)
+		sockopt.SetConnBuffer(c, syscall.SO_RCVBUF, s.opts.ClientReadBuffer)
 	}
 	var upstreamPending []byte
 	if upBuf != nil {

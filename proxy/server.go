@@ -8,7 +8,7 @@
 // checks, dial and answers and hands the upgraded pair to a session;
 // metrics.go, options.go) and the pair of legs: session.go, read.go,
 // write.go, close.go and endings.go, with what they need (ratelimit.go,
-// idle_linux.go, settle.go, panic.go, sockopt*.go).
+// idle_linux.go, settle.go, panic.go); sockets are tuned by internal/sockopt.
 package proxy
 
 import (
@@ -22,6 +22,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sluice-proxy/sluice/frontdoor"
+	"github.com/sluice-proxy/sluice/internal/sockopt"
 	"github.com/sluice-proxy/sluice/limiter"
 )
 
@@ -121,7 +122,7 @@ func New(opts Options) (*Server, error) {
 	// kernel's probes cost four setsockopt calls per connection.
 	d := net.Dialer{KeepAlive: -1}
 	if opts.UpstreamReadBuffer > 0 || opts.UpstreamWriteBuffer > 0 {
-		d.Control = upstreamBuffers(opts.UpstreamReadBuffer, opts.UpstreamWriteBuffer)
+		d.Control = sockopt.DialBuffers(opts.UpstreamReadBuffer, opts.UpstreamWriteBuffer)
 	}
 	s.dialer = frontdoor.UpstreamDialer{
 		Timeout: opts.DialTimeout, Host: opts.Upstream.Host, TLS: opts.UpstreamTLS,
