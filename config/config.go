@@ -16,8 +16,7 @@ import (
 
 	"github.com/caarlos0/env/v11"
 	"github.com/rs/zerolog"
-
-	"github.com/sluice-proxy/sluice/proxy"
+	"github.com/sluice-proxy/sluice/frontdoor"
 )
 
 // Prefix is prepended to every variable name of Config.
@@ -473,8 +472,8 @@ func (cfg Config) check(c *checker) {
 
 	c.field("MaxConnections", cfg.MaxConnections >= 0 && cfg.MaxConnections <= 10_000_000, cfg.MaxConnections)
 	c.field("MaxConnectionsPerIP", cfg.MaxConnectionsPerIP >= 0 && cfg.MaxConnectionsPerIP <= 10_000_000, cfg.MaxConnectionsPerIP)
-	c.list("TrustedProxies", cfg.TrustedProxies, func(s string) error { _, err := proxy.ParseTrustedProxy(s); return err })
-	c.list("AllowedOrigins", cfg.AllowedOrigins, proxy.CheckOriginPattern)
+	c.list("TrustedProxies", cfg.TrustedProxies, func(s string) error { _, err := frontdoor.ParseTrustedProxy(s); return err })
+	c.list("AllowedOrigins", cfg.AllowedOrigins, frontdoor.CheckOriginPattern)
 	c.field("MaxHandshakesPerSecond", cfg.MaxHandshakesPerSecond >= 0 && cfg.MaxHandshakesPerSecond <= 1_000_000, cfg.MaxHandshakesPerSecond)
 	c.field("UpstreamMaxHandshakes", cfg.UpstreamMaxHandshakes >= 0 && cfg.UpstreamMaxHandshakes <= 1_000_000, cfg.UpstreamMaxHandshakes)
 	c.field("UpstreamHandshakesPerSecond", cfg.UpstreamHandshakesPerSecond >= 0 && cfg.UpstreamHandshakesPerSecond <= 1_000_000, cfg.UpstreamHandshakesPerSecond)

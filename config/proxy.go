@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
+	"github.com/sluice-proxy/sluice/frontdoor"
 	"github.com/sluice-proxy/sluice/keepalive"
 	"github.com/sluice-proxy/sluice/limiter"
 	"github.com/sluice-proxy/sluice/proxy"
@@ -112,7 +113,7 @@ func (cfg Config) ProxyOptions(log zerolog.Logger, reg prometheus.Registerer) (p
 func trustedProxies(entries []string) []netip.Prefix {
 	var out []netip.Prefix
 	for _, e := range listEntries(entries) {
-		if p, err := proxy.ParseTrustedProxy(e); err == nil {
+		if p, err := frontdoor.ParseTrustedProxy(e); err == nil {
 			out = append(out, p)
 		}
 	}

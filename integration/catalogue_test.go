@@ -268,9 +268,9 @@ func catCases() []catCase {
 		return []byte("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n")
 	})
 	// Upgrade and Connection are token lists (RFC 9110 §7.8, §7.6.1): two
-	// fields are one list. checkUpgrade accepts a list that holds the
-	// token, so the upgrade must succeed whichever field comes first, or
-	// be refused before the backend is dialled.
+	// fields are one list. frontdoor.CheckUpgrade accepts a list that
+	// holds the token, so the upgrade must succeed whichever field comes
+	// first, or be refused before the backend is dialled.
 	cs = append(cs, catCase{
 		name: "duplicate Upgrade: websocket, then h2c",
 		request: func(host, id string) []byte {

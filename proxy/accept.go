@@ -3,9 +3,10 @@ package proxy
 // Accept and upgrade without net/http. Per client connection, one
 // goroutine (handshake) does everything before the session: the TLS
 // handshake when the listener is TLS, the request read straight from the
-// socket into a pooled buffer (request.go), the checks, the upstream dial,
-// and the answer in one write (answer.go). Then it starts the session and
-// ends. No bufio, no header map, no context, no background reader.
+// socket into a pooled buffer, the checks, the upstream dial and the
+// answer in one write, each from package frontdoor. Then it starts the
+// session and ends. No bufio, no header map, no context, no background
+// reader.
 
 import (
 	"crypto/tls"
@@ -21,6 +22,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sluice-proxy/sluice/frame"
+	"github.com/sluice-proxy/sluice/frontdoor"
+	"github.com/sluice-proxy/sluice/internal/sockopt"
 )
 
 // Serve accepts connections on ln until Shutdown, and upgrades each in a
@@ -101,59 +104,59 @@ func (s *Server) handshake(c net.Conn) (ss *session) {
 	// The first bytes, as every later read, must come within the idle
 	// timeout; the whole request within the handshake timeout.
 	c.SetDeadline(minTime(deadline, began.Add(s.opts.HandshakeIdleTimeout)))
-	r := getRequest()
-	defer putRequest(r)
-	if s.opts.ProxyProtocol && !s.proxyHeaderOK(c) {
+	r := frontdoor.GetRequest()
+	defer frontdoor.PutRequest(r)
+	if s.opts.ProxyProtocol && !s.pp.HeaderOK(c) {
 		return nil
 	}
-	r.remoteAddr = c.RemoteAddr().String()
+	r.RemoteAddr = c.RemoteAddr().String()
 	// Counted from here, while the request is still arriving.
-	slot, ok := s.arrive(c, r)
+	slot, ok := s.adm.Arrive(c, r)
 	if !ok {
 		return nil
 	}
-	defer slot.release() // a no-op once the session has the slot
+	defer slot.Release() // a no-op once the session has the slot
 	if tc, ok := c.(*tls.Conn); ok {
 		if err := tc.Handshake(); err != nil {
 			// Scanners and wrong ports: a debug line, as net/http's
 			// ErrorLog gave.
-			s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("TLS handshake failed")
+			s.log.Debug().Err(err).Str("client", r.RemoteAddr).Msg("TLS handshake failed")
 			return nil
 		}
-		r.tls = true
+		r.TLS = true
 		// The request's first bytes get an idle timeout of their own.
 		c.SetReadDeadline(minTime(deadline, time.Now().Add(s.opts.HandshakeIdleTimeout)))
 	}
-	pending, err := readRequest(c, r, s.opts.MaxHeaderBytes+headReadSize, s.opts.HandshakeIdleTimeout, deadline)
+	pending, err := frontdoor.ReadRequest(c, r, s.opts.MaxHeaderBytes+frontdoor.HeadReadSize, s.opts.HandshakeIdleTimeout, deadline)
 	// The answers' deadline is the handshake's, however late the
 	// request came within it.
 	c.SetWriteDeadline(deadline)
 	switch {
-	case errors.Is(err, errHeadTooLarge):
+	case errors.Is(err, frontdoor.ErrHeadTooLarge):
 		s.metrics.rejected.WithLabelValues("header_too_large").Inc()
-		writeBadRequest(c, http.StatusRequestHeaderFieldsTooLarge)
-		closeWriteAndWait(c)
+		frontdoor.WriteBadRequest(c, http.StatusRequestHeaderFieldsTooLarge)
+		frontdoor.CloseWriteAndWait(c)
 		return nil
-	case errors.Is(err, errMalformed):
+	case errors.Is(err, frontdoor.ErrMalformed):
 		s.metrics.rejected.WithLabelValues("malformed").Inc()
-		writeBadRequest(c, http.StatusBadRequest)
+		frontdoor.WriteBadRequest(c, http.StatusBadRequest)
 		return nil
-	case errors.Is(err, errVersion):
+	case errors.Is(err, frontdoor.ErrVersion):
 		s.metrics.rejected.WithLabelValues("malformed").Inc()
-		writeBadRequest(c, http.StatusHTTPVersionNotSupported)
+		frontdoor.WriteBadRequest(c, http.StatusHTTPVersionNotSupported)
 		return nil
 	case err != nil:
 		// Timeout, or gone before a whole request: nothing to answer.
 		if !errors.Is(err, io.EOF) {
-			s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("client request not read")
+			s.log.Debug().Err(err).Str("client", r.RemoteAddr).Msg("client request not read")
 		}
 		return nil
 	}
 	if h := s.opts.panicHook; h != nil {
-		h("handshake", r.remoteAddr)
+		h("handshake", r.RemoteAddr)
 	}
-	if s.pass != nil && !r.hasToken("Upgrade", "websocket") {
-		handedOff = s.pass.handOff(c, r, pending, &slot)
+	if s.pass != nil && !r.HasToken("Upgrade", "websocket") {
+		handedOff = s.pass.HandOff(c, r, pending, &slot, s.closing.Load())
 		return nil
 	}
 	return s.upgrade(c, r, pending, began, &slot)
@@ -166,26 +169,14 @@ func minTime(a, b time.Time) time.Time {
 	return a
 }
 
-// closeWriteAndWait ends a refusal sent before the client's request was
-// all read, as net/http does: half-close, then read what the client still
-// sends, briefly, so that closing with unread bytes does not reset the
-// connection before the client has read the answer.
-func closeWriteAndWait(c net.Conn) {
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-	}
-	c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
-	io.Copy(io.Discard, io.LimitReader(c, 1<<20))
-}
-
 // upgrade answers the request r read from c, with pending the bytes that
 // followed it: dial the upstream first, then answer the client from the
 // upstream's answer, then hand both connections to a session. It returns
 // the session, whose client reader the caller starts, or nil, and then the
-// caller closes c. slot is c's place under the limits (arrive): upgrade
+// caller closes c. slot is c's place under the limits (Admission.Arrive): upgrade
 // hands it to the session, or frees it early for a client that may retry.
-func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time, slot *slot) *session {
-	if status, msg := checkUpgrade(r); status != 0 {
+func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began time.Time, slot *frontdoor.Slot) *session {
+	if status, msg := frontdoor.CheckUpgrade(r); status != 0 {
 		s.reject(c, status, "bad_request", msg, 0)
 		return nil
 	}
@@ -193,68 +184,51 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
 		return nil
 	}
-	// Admission control (admission.go): origin, the per-IP limit of a
+	// Admission control (frontdoor.Admission): origin, the per-IP limit of a
 	// forwarded client and handshake rate, all before anything is dialled.
-	cl := s.adm.clientOf(r)
-	if !s.admit(c, r, cl, slot) {
+	cl := s.adm.ClientOf(r)
+	if !s.adm.Admit(c, r, cl, slot) {
 		return nil
 	}
-	// Upgrade pacing (pacing.go): wait for a turn toward the backend,
+	// Upgrade pacing (frontdoor.Pacer): wait for a turn toward the backend,
 	// held until the upstream has answered.
-	turn, ok := s.takeTurn(c, cl)
+	turn, ok := s.pacer.TakeTurn(c, cl)
 	if !ok {
 		return nil
 	}
-	defer turn.end() // after a panic; a no-op once ended below
-	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
-	u := getDialState(s)
-	defer putDialState(u)
-	u.header.forwardTo(r, clientIP, cl)
-	protocols, exts := offers(r, s.opts.Queue.Policy)
-	dialer := ws.Dialer{
-		Timeout:       s.opts.DialTimeout,
-		Protocols:     protocols,
-		Extensions:    exts,
-		Header:        &u.header,
-		Host:          s.opts.Upstream.Host,
-		TLSConfig:     s.opts.UpstreamTLS,
-		NetDial:       u.netDial,
-		OnStatusError: u.onStatusError,
-		OnHeader:      u.onHeader,
-	}
-	target := upstreamURL(s.opts.Upstream, r.url)
-	// Bounded by the dial timeout alone, with no goroutine per dial to
-	// watch a context: a client gone meanwhile is noticed when its 101
-	// cannot be written.
-	upConn, upBuf, hs, err := u.dialUpstream(&dialer, target)
-	turn.end()
+	defer turn.End() // after a panic; a no-op once ended below
+	u := frontdoor.GetDialState(&s.dialer)
+	defer frontdoor.PutDialState(u)
+	target := frontdoor.UpstreamURL(s.opts.Upstream, r.URL)
+	upConn, upBuf, hs, err := u.Dial(r, cl, target)
+	turn.End()
 	// The answer gets a handshake timeout of its own from here, as the
 	// upgrader gave it.
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
 	if err != nil {
 		// Free the slot before the client reads its 502: a client that
 		// retries at once must find it free.
-		slot.release()
-		s.dialFailed(c, target, err, u.rej)
+		slot.Release()
+		s.dialFailed(c, target, err, u.Rejection())
 		return nil
 	}
-	key, _ := r.one("Sec-Websocket-Key")
-	if err := write101(c, key, hs, u.cookies); err != nil {
+	key, _ := r.One("Sec-Websocket-Key")
+	if err := frontdoor.Write101(c, key, hs, u.Cookies()); err != nil {
 		upConn.Write(frame.AppendClose(nil, ws.StatusGoingAway, "client handshake failed", true))
 		upConn.Close()
 		if upBuf != nil {
 			ws.PutReader(upBuf)
 		}
 		s.metrics.rejected.WithLabelValues("client_handshake").Inc()
-		s.log.Debug().Err(err).Str("client", r.remoteAddr).Msg("client upgrade failed")
+		s.log.Debug().Err(err).Str("client", r.RemoteAddr).Msg("client upgrade failed")
 		return nil
 	}
 	c.SetDeadline(time.Time{})
 	if s.opts.ClientWriteBuffer > 0 {
-		setConnBuffer(c, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
+		sockopt.SetConnBuffer(c, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
 	}
 	if s.opts.ClientReadBuffer > 0 {
-		setConnBuffer(c, syscall.SO_RCVBUF, s.opts.ClientReadBuffer)
+		sockopt.SetConnBuffer(c, syscall.SO_RCVBUF, s.opts.ClientReadBuffer)
 	}
 	var upstreamPending []byte
 	if upBuf != nil {
@@ -262,14 +236,14 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 	}
 	s.metrics.handshakeSeconds.Observe(time.Since(began).Seconds())
 	s.metrics.connectionsTotal.Inc()
-	ext := extensionKind(hs.Extensions)
-	slot.handOff() // released by forget, from the session's client address
+	ext := frontdoor.ExtensionKind(hs.Extensions)
+	slot.HandOff() // released by forget, from the session's client address
 	// The frame readers copy both pendings: the buffers they are in may be
 	// recycled once startSession returns.
 	ss := s.startSession(&upgraded{
 		client: c, clientPending: pending,
 		upstream: upConn, upstreamPending: upstreamPending,
-		clientAddr: cl.addr, target: target, protocol: hs.Protocol, ext: ext,
+		clientAddr: cl.Addr, target: target, protocol: hs.Protocol, ext: ext,
 	})
 	if upBuf != nil {
 		ws.PutReader(upBuf)
@@ -284,8 +258,8 @@ func (s *Server) upgrade(c net.Conn, r *request, pending []byte, began time.Time
 // With Options.HTTPPassThrough, a request that is not an upgrade is sent
 // to the upstream's origin instead, through w.
 func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
-	if s.pass != nil && !isUpgradeRequest(hr) {
-		s.pass.serve(w, hr)
+	if s.pass != nil && !frontdoor.IsUpgradeRequest(hr) {
+		s.pass.Serve(w, hr)
 		return
 	}
 	hj, ok := w.(http.Hijacker)
@@ -300,27 +274,25 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 	if err != nil {
 		return
 	}
-	if pc, ok := c.(*passConn); ok {
-		// An upgrade on a kept-alive pass-through connection: the
-		// upgrade takes a slot of its own.
-		pc.releaseSlot()
-	}
+	// An upgrade on a kept-alive pass-through connection: the upgrade
+	// takes a slot of its own.
+	frontdoor.ReleasePassSlot(c)
 	s.handshakeBegin(c)
 	defer s.handshakeDone(c)
-	r := getRequest()
-	defer putRequest(r)
-	requestFromHTTP(hr, r)
+	r := frontdoor.GetRequest()
+	defer frontdoor.PutRequest(r)
+	frontdoor.RequestFromHTTP(hr, r)
 	var pending []byte
 	if n := rw.Reader.Buffered(); n > 0 {
 		pending, _ = rw.Reader.Peek(n)
 	}
 	c.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
-	slot, ok := s.arrive(c, r)
+	slot, ok := s.adm.Arrive(c, r)
 	if !ok {
 		c.Close()
 		return
 	}
-	defer slot.release()
+	defer slot.Release()
 	if ss := s.upgrade(c, r, pending, began, &slot); ss != nil {
 		ss.client.startReading() // net/http's goroutine is not ours to keep
 	} else {
@@ -328,19 +300,31 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 	}
 }
 
+// ProxyProtocolListener wraps ln, a TCP listener, so that each connection
+// it accepts must start with a PROXY header: use it for Serve when
+// Options.ProxyProtocol is set, beneath a TLS listener if there is one
+// (the header comes before TLS). With Options.TrustedProxies set, a peer
+// outside them is closed as soon as it is accepted. The header is read by
+// the connection's handshake goroutine, within HandshakeTimeout; a
+// connection without one is closed there, counted and logged.
+func (s *Server) ProxyProtocolListener(ln net.Listener) net.Listener { return s.pp.Listener(ln) }
+
 // reject answers c with status and msg, counted under reason; retry > 0
 // is a Retry-After.
 func (s *Server) reject(c net.Conn, status int, reason, msg string, retry int) {
 	s.metrics.rejected.WithLabelValues(reason).Inc()
-	writeError(c, status, msg, retry)
+	frontdoor.WriteError(c, status, msg, retry)
 }
 
-func (s *Server) dialFailed(c net.Conn, target string, err error, rej *rejection) {
-	status, reason := dialFailure(err)
-	if rej != nil && rej.bad {
+// logURL is target as this server's log lines carry it.
+func (s *Server) logURL(target string) string { return frontdoor.LogURL(target, s.opts.LogQuery) }
+
+func (s *Server) dialFailed(c net.Conn, target string, err error, rej *frontdoor.Rejection) {
+	status, reason := frontdoor.DialFailure(err)
+	if rej != nil && rej.Bad() {
 		// An answer sluice will not relay: too large or malformed.
 		status, reason, rej = http.StatusBadGateway, "handshake", nil
-		err = errUpstreamBadHeader
+		err = frontdoor.ErrUpstreamBadHeader
 	}
 	s.metrics.dialFailures.WithLabelValues(reason).Inc()
 	if reason == "client_gone" {
@@ -350,12 +334,12 @@ func (s *Server) dialFailed(c net.Conn, target string, err error, rej *rejection
 		// The upstream answered, only not with 101: its answer is the
 		// client's answer.
 		s.metrics.rejected.WithLabelValues("upstream_status").Inc()
-		writeRejection(c, rej)
+		frontdoor.WriteRejection(c, rej)
 		return
 	}
 	// A dead upstream fails every upgrade at once: one line a second says
 	// so, with the count, rather than one per client.
-	if n, ok := s.dialFailLog.note(time.Since(s.adm.began)); ok {
+	if n, ok := s.dialFailLog.Note(time.Since(s.adm.Began())); ok {
 		s.log.Warn().Err(err).Str("upstream", s.logURL(target)).Str("reason", reason).Uint64("failures", n).Msg("upstream dial failed")
 	}
 	s.reject(c, status, "upstream_"+reason, "upstream "+reason, 0)

@@ -5,7 +5,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/netip"
 	"runtime"
 	"testing"
 	"time"
@@ -58,7 +57,7 @@ func TestPartialRequestsCount(t *testing.T) {
 		waitHandshakes(t, p.Server, 5)
 		// Under way is not yet counted: wait for all five to hold a slot,
 		// or an excess request could take one a held request was to take.
-		waitCounted(t, func() bool { return p.Server.adm.conns.Load() == 5 })
+		waitCounted(t, func() bool { return p.Server.adm.Connections() == 5 })
 		const excess = 100
 		for i := range excess {
 			c := partialRequest(t, p.addr, "127.0.0.1")
@@ -91,12 +90,7 @@ func TestPartialRequestsCount(t *testing.T) {
 		p := startTestProxy(t, b, Options{MaxConnectionsPerIP: 1})
 		partialRequest(t, p.addr, "127.0.0.1")
 		waitHandshakes(t, p.Server, 1)
-		waitCounted(t, func() bool {
-			a := p.Server.adm
-			a.mu.Lock()
-			defer a.mu.Unlock()
-			return a.byIP[netip.MustParseAddr("127.0.0.1")] == 1
-		})
+		waitCounted(t, func() bool { return p.Server.adm.ConnectionsFrom("127.0.0.1") == 1 })
 		if got := answerOf(partialRequest(t, p.addr, "127.0.0.1"), wstest.IOTimeout); got != http.StatusTooManyRequests {
 			t.Errorf("second partial request from one address: status %d, want 429", got)
 		}

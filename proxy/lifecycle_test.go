@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
+	"github.com/sluice-proxy/sluice/internal/sockopt"
 	"github.com/sluice-proxy/sluice/internal/wstest"
 	"github.com/sluice-proxy/sluice/limiter"
 )
@@ -416,7 +417,7 @@ func TestUpstreamStopsReading(t *testing.T) {
 	checkLeaks(t)
 	release := make(chan struct{})
 	up := wstest.ServeRaw(t, wstest.RawOptions{}, func(c *wstest.RawConn) {
-		setConnBuffer(c, syscall.SO_RCVBUF, 4096)
+		sockopt.SetConnBuffer(c, syscall.SO_RCVBUF, 4096)
 		<-release // never reads
 	}).URL
 	t.Cleanup(func() { close(release) }) // runs before rawBackend's cleanup

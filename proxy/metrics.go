@@ -6,6 +6,7 @@ import (
 
 	"github.com/gobwas/ws"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sluice-proxy/sluice/frontdoor"
 )
 
 // Metrics are the proxy's Prometheus series. They are registered into the
@@ -145,7 +146,7 @@ func newMetrics(reg prometheus.Registerer) *Metrics {
 	for _, r := range evictionReasons() {
 		m.evictions.WithLabelValues(r)
 	}
-	for _, c := range statusClasses[1:] {
+	for _, c := range frontdoor.FinalStatusClasses() {
 		m.httpRequests.WithLabelValues(c)
 	}
 	m.panics = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -194,9 +195,7 @@ var violationCodes = []ws.StatusCode{ws.StatusProtocolError, ws.StatusInvalidFra
 func rejectionReasons() []string {
 	out := []string{"bad_request", "malformed", "header_too_large", "draining", "client_handshake", "upstream_status", "proxy_protocol",
 		"upstream_queue_timeout", "upstream_queue_full"}
-	for _, r := range refusals {
-		out = append(out, r.reason)
-	}
+	out = append(out, frontdoor.AdmissionReasons()...)
 	for _, r := range dialFailureReasons {
 		if r != "client_gone" && r != "status" {
 			out = append(out, "upstream_"+r)

@@ -73,7 +73,7 @@ type Options struct {
 	UpstreamFrameReadTimeout time.Duration
 
 	// Admission control, checked before the upstream is dialled (see
-	// admission.go). 0 or empty means no check, for each.
+	// frontdoor.Admission). 0 or empty means no check, for each.
 	//
 	// MaxConnections bounds the connections admitted at once, from their
 	// accept: requests still arriving and handshakes in progress count.
@@ -85,7 +85,7 @@ type Options struct {
 	MaxConnectionsPerIP int
 	// TrustedProxies are the peers believed when their X-Forwarded-For or
 	// Forwarded header names the client (when both name one and they
-	// differ, neither: resolveClient). The client so found is the one the
+	// differ, neither: frontdoor.ResolveClient). The client so found is the one the
 	// limits count, the logs name, and the last entry of the
 	// X-Forwarded-For sent upstream. Forwarded and X-Real-IP go upstream
 	// from these peers only.
@@ -100,7 +100,7 @@ type Options struct {
 	// storm cannot overload the upstream.
 	MaxHandshakesPerSecond int
 
-	// Upgrade pacing toward the backend (pacing.go): an upgrade over
+	// Upgrade pacing toward the backend (frontdoor.Pacer): an upgrade over
 	// these limits waits its turn, fairly across client addresses, rather
 	// than being refused. 0 turns each limit off; both 0, no pacing.
 	//

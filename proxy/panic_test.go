@@ -1,13 +1,14 @@
 package proxy
 
 import (
-	"github.com/sluice-proxy/sluice/internal/wstest"
 	"io"
 	"net"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sluice-proxy/sluice/internal/wstest"
 
 	"github.com/gobwas/ws"
 

@@ -42,11 +42,3 @@ func TestServeHTTPPassThrough(t *testing.T) {
 		}
 	}
 }
-
-func TestStatusClass(t *testing.T) {
-	for code, want := range map[int]string{101: "1xx", 200: "2xx", 204: "2xx", 304: "3xx", 404: "4xx", 499: "4xx", 502: "5xx", 599: "5xx", 600: "other", 0: "other"} {
-		if got := statusClass(code); got != want {
-			t.Errorf("statusClass(%d) = %q, want %q", code, got, want)
-		}
-	}
-}

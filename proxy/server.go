@@ -2,10 +2,18 @@
 // paired with one upstream connection, and frames flow both ways through
 // bounded queues; each socket is written only through its leg's writer
 // (legWriter, write.go), by whoever holds its write token.
+//
+// It holds the Server (server.go: registry, drain, status; accept.go: the
+// accept loop, which takes each connection through package frontdoor's
+// checks, dial and answers and hands the upgraded pair to a session;
+// metrics.go, options.go) and the pair of legs: session.go, read.go,
+// write.go, close.go and endings.go, with what they need (ratelimit.go,
+// idle_linux.go, settle.go, panic.go); sockets are tuned by internal/sockopt.
 package proxy
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -13,6 +21,8 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/sluice-proxy/sluice/frontdoor"
+	"github.com/sluice-proxy/sluice/internal/sockopt"
 	"github.com/sluice-proxy/sluice/limiter"
 )
 
@@ -24,13 +34,14 @@ type Server struct {
 	log     zerolog.Logger
 	metrics *Metrics
 	budget  *limiter.Budget
-	adm     *admission // connection limits, origins, handshake rate (admission.go)
-	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
-	idle    *idlePoller    // parked readers of idle sockets; nil: readers wait in goroutines
-	fair    *limiter.Fair  // Options.UpstreamMaxMessagesPerSecond; nil: no cap
-	settle  *setupGC       // collects once a burst of setups is over (settle.go)
-	pass    *passThrough   // Options.HTTPPassThrough; nil: plain requests get 426
-	pacer   *upstreamPacer // upgrade pacing toward the backend (pacing.go); nil: off
+	adm     *frontdoor.Admission     // connection limits, origins, handshake rate
+	dialer  frontdoor.UpstreamDialer // every upgrade's dial toward the backend
+	idle    *idlePoller              // parked readers of idle sockets; nil: readers wait in goroutines
+	fair    *limiter.Fair            // Options.UpstreamMaxMessagesPerSecond; nil: no cap
+	settle  *setupGC                 // collects once a burst of setups is over (settle.go)
+	pass    *frontdoor.PassThrough   // Options.HTTPPassThrough; nil: plain requests get 426
+	pacer   *frontdoor.Pacer         // upgrade pacing toward the backend; nil: off
+	pp      *frontdoor.ProxyProtocol // PROXY headers (Options.ProxyProtocol)
 	// upstreamQueue bounds every upstream leg's queue (session.go's
 	// upstreamQueue, PauseMax from Options.UpstreamWriteTimeout).
 	upstreamQueue limiter.Config
@@ -42,8 +53,7 @@ type Server struct {
 	// TCP connect, for readiness.
 	lastUpstreamOK atomic.Int64
 
-	dialFailLog    rejectLog // upstream dial failures, logged at most once a second
-	proxyHeaderLog rejectLog // connections refused for their PROXY header, logged at most once a second
+	dialFailLog frontdoor.RejectLog // upstream dial failures, logged at most once a second
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{} // Serve's, closed by Shutdown; guarded by mu
@@ -64,15 +74,21 @@ func New(opts Options) (*Server, error) {
 	if err := opts.setDefaults(); err != nil {
 		return nil, err
 	}
-	adm, err := newAdmission(&opts)
+	metrics := newMetrics(opts.Registerer)
+	adm, err := frontdoor.NewAdmission(frontdoor.AdmissionConfig{
+		MaxConnections: opts.MaxConnections, MaxConnectionsPerIP: opts.MaxConnectionsPerIP,
+		MaxHandshakesPerSecond: opts.MaxHandshakesPerSecond, TrustedProxies: opts.TrustedProxies,
+		AllowedOrigins: opts.AllowedOrigins, Rejected: metrics.rejected, Log: opts.Logger,
+	})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("proxy: Options.AllowedOrigins: %w", err)
 	}
 	s := &Server{
 		opts:        opts,
 		log:         opts.Logger,
-		metrics:     newMetrics(opts.Registerer),
+		metrics:     metrics,
 		adm:         adm,
+		pp:          frontdoor.NewProxyProtocol(adm.Trusted(), opts.HandshakeTimeout, metrics.rejected, opts.Logger),
 		listeners:   make(map[net.Listener]struct{}),
 		sessions:    make(map[*session]struct{}),
 		handshakes:  make(map[net.Conn]struct{}),
@@ -81,7 +97,11 @@ func New(opts Options) (*Server, error) {
 	s.settle = newSetupGC(s.Sessions)
 	s.upstreamQueue = upstreamQueue
 	s.upstreamQueue.PauseMax = opts.UpstreamWriteTimeout
-	s.pacer = newUpstreamPacer(&opts, newPacingMetrics(opts.Registerer))
+	s.pacer = frontdoor.NewPacer(frontdoor.PacingConfig{
+		MaxHandshakes: opts.UpstreamMaxHandshakes, HandshakesPerSecond: opts.UpstreamHandshakesPerSecond,
+		Queue: opts.UpstreamHandshakeQueue, MaxConnections: opts.MaxConnections,
+		QueueTimeout: opts.UpstreamQueueTimeout, AnswerTimeout: opts.HandshakeTimeout, Rejected: metrics.rejected,
+	}, frontdoor.NewPacingMetrics(opts.Registerer))
 	bc := opts.Budget
 	if bc.ObserveWait == nil {
 		bc.ObserveWait = func(d time.Duration) { s.metrics.queueWaitSeconds.Observe(d.Seconds()) }
@@ -102,11 +122,19 @@ func New(opts Options) (*Server, error) {
 	// kernel's probes cost four setsockopt calls per connection.
 	d := net.Dialer{KeepAlive: -1}
 	if opts.UpstreamReadBuffer > 0 || opts.UpstreamWriteBuffer > 0 {
-		d.Control = upstreamBuffers(opts.UpstreamReadBuffer, opts.UpstreamWriteBuffer)
+		d.Control = sockopt.DialBuffers(opts.UpstreamReadBuffer, opts.UpstreamWriteBuffer)
 	}
-	s.netDial = d.DialContext
+	s.dialer = frontdoor.UpstreamDialer{
+		Timeout: opts.DialTimeout, Host: opts.Upstream.Host, TLS: opts.UpstreamTLS,
+		Policy: opts.Queue.Policy, NetDial: d.DialContext, LastConnect: &s.lastUpstreamOK,
+	}
 	if opts.HTTPPassThrough {
-		s.pass = newPassThrough(s)
+		s.pass = frontdoor.NewPassThrough(frontdoor.PassThroughConfig{
+			Upstream: opts.Upstream, TLS: opts.UpstreamTLS, DialTimeout: opts.DialTimeout,
+			ResponseTimeout: opts.HTTPResponseTimeout, HandshakeTimeout: opts.HandshakeTimeout,
+			MaxHeaderBytes: opts.MaxHeaderBytes, Log: s.log, Admission: adm, Upgrades: s,
+			Rejected: metrics.rejected, Requests: metrics.httpRequests, Seconds: metrics.httpSeconds,
+		})
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
@@ -159,16 +187,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		ln.Close()
 	}
 	s.mu.Unlock()
-	if s.pacer != nil {
-		s.pacer.close() // queued upgrades hear 503 now, not at their timeout
-	}
+	s.pacer.Close() // queued upgrades hear 503 now, not at their timeout
 	// Pass-through connections: idle ones close now, requests under way
 	// may finish while the sessions drain, until ctx ends.
 	passDone := make(chan struct{})
 	go func() {
 		defer close(passDone)
 		if s.pass != nil {
-			s.pass.shutdown(ctx)
+			s.pass.Shutdown(ctx)
 		}
 	}()
 	defer func() { <-passDone }()
@@ -222,7 +248,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // UpstreamHandshakes are the upgrades under way toward the backend and
 // those waiting for their turn, with upgrade pacing on (0, 0 without).
-func (s *Server) UpstreamHandshakes() (inFlight, queued int) { return s.pacer.counts() }
+func (s *Server) UpstreamHandshakes() (inFlight, queued int) { return s.pacer.Counts() }
 
 // ThrottledClients counts the clients held back by an inbound limit
 // within the last second, for gauges and status pages.
@@ -308,7 +334,7 @@ func (s *Server) waitGone(ctx context.Context, left func() int) error {
 // admission slot.
 func (s *Server) forget(ss *session) {
 	ss.frames.stop()
-	s.adm.leave(ss.clientAddr)
+	s.adm.Leave(ss.clientAddr)
 	s.mu.Lock()
 	delete(s.sessions, ss)
 	s.mu.Unlock()

@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/sluice-proxy/sluice/frame"
+	"github.com/sluice-proxy/sluice/internal/sockopt"
 	"github.com/sluice-proxy/sluice/keepalive"
 	"github.com/sluice-proxy/sluice/limiter"
 )
@@ -213,7 +214,7 @@ func (s *Server) startSession(u *upgraded) *session {
 	ss.client.check = frame.Checker{FromClient: true, Extension: u.ext, MaxFrame: s.opts.MaxFrameBytes, MaxMessage: s.opts.MaxMessageBytes}
 	ss.upstream.check = frame.Checker{FromClient: false, Extension: u.ext}
 	cq := limiter.NewQueue(&s.opts.Queue, s.budget, ss.guardEvict)
-	if f := unsentCounter(u.client); f != nil {
+	if f := sockopt.UnsentCounter(u.client); f != nil {
 		// What the kernel holds unsent for the client counts as queued:
 		// sampled by the Budget's guard, never per frame.
 		cq.OnUnsent(f)

@@ -10,6 +10,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/sluice-proxy/sluice/internal/sockopt"
 	"github.com/sluice-proxy/sluice/limiter"
 )
 
@@ -45,7 +46,7 @@ func (l *leg) queue() *limiter.Queue {
 	// Not counted by the Budget's guard (SlowAge 0): a queue that
 	// loses the race below is simply dropped.
 	q := limiter.NewQueue(&l.s.srv.upstreamQueue, l.s.srv.budget, nil)
-	if f := unsentCounter(l.w.conn); f != nil {
+	if f := sockopt.UnsentCounter(l.w.conn); f != nil {
 		// What the kernel holds unsent for the backend counts as queued,
 		// as for the client (the guard samples it, never per frame), and
 		// in the pause mark too: a client waits while its backend does
@@ -230,7 +231,7 @@ func (w *legWriter) halfClose() {
 // what the kernel holds for it at once if reset is set.
 func (w *legWriter) closeSocket(reset bool) {
 	if reset {
-		setLingerZero(w.conn)
+		sockopt.SetLingerZero(w.conn)
 	}
 	w.conn.Close()
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/sluice-proxy/sluice/admin"
 	"github.com/sluice-proxy/sluice/certs"
 	"github.com/sluice-proxy/sluice/config"
+	"github.com/sluice-proxy/sluice/frontdoor"
 	"github.com/sluice-proxy/sluice/proxy"
 	"github.com/sluice-proxy/sluice/version"
 )
@@ -87,7 +88,7 @@ func Run(ctx context.Context, cfg config.Config, log zerolog.Logger, ready func(
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info().Str("version", build.Version).Str("commit", build.Commit).
 		Str("addr", ln.Addr().String()).Str("admin_addr", adminAddr).
-		Str("upstream", proxy.LogURL(opts.Upstream.String(), opts.LogQuery)).Str("policy", opts.Queue.Policy.String()).
+		Str("upstream", frontdoor.LogURL(opts.Upstream.String(), opts.LogQuery)).Str("policy", opts.Queue.Policy.String()).
 		Int64("global_queue_max_bytes", opts.Budget.Ceiling).Msg("listening")
 	if ready != nil {
 		ready(Listening{Addr: ln.Addr().String(), AdminAddr: adminAddr, Server: srv})

@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 import (
 	"bytes"
@@ -10,9 +10,9 @@ import (
 	"time"
 )
 
-// readFrom feeds raw to readRequest over a pipe in chunks of step bytes
+// readFrom feeds raw to ReadRequest over a pipe in chunks of step bytes
 // and returns what it read.
-func readFrom(t *testing.T, raw string, step, limit int) (*request, []byte, error) {
+func readFrom(t *testing.T, raw string, step, limit int) (*Request, []byte, error) {
 	t.Helper()
 	c, peer := net.Pipe()
 	defer c.Close()
@@ -27,14 +27,14 @@ func readFrom(t *testing.T, raw string, step, limit int) (*request, []byte, erro
 		}
 	}()
 	c.SetDeadline(time.Now().Add(5 * time.Second))
-	r := getRequest()
-	t.Cleanup(func() { putRequest(r) })
-	pending, err := readRequest(c, r, limit, 0, time.Time{})
+	r := GetRequest()
+	t.Cleanup(func() { PutRequest(r) })
+	pending, err := ReadRequest(c, r, limit, 0, time.Time{})
 	return r, bytes.Clone(pending), err
 }
 
 // TestRequestAsNetHTTP: the requests of forwardCases, read by
-// readRequest in pieces of any size, give upstream the header lines that
+// ReadRequest in pieces of any size, give upstream the header lines that
 // the same request parsed by net/http gives.
 func TestRequestAsNetHTTP(t *testing.T) {
 	for i, c := range forwardCases {
@@ -46,20 +46,20 @@ func TestRequestAsNetHTTP(t *testing.T) {
 			if string(pending) != "\x81\x85frame" && step == 4096 {
 				t.Errorf("%s: pending %q, want the bytes after the head", c.name, pending)
 			}
-			r.remoteAddr, r.tls = "10.0.0.9:4711", c.tls
+			r.RemoteAddr, r.TLS = "10.0.0.9:4711", c.tls
 			var got, want strings.Builder
-			var h forwardedHeader
-			h.forwardTo(r, "10.0.0.9", client{xff: c.xff, trustedPeer: c.trusted})
+			var h ForwardedHeader
+			h.ForwardTo(r, "10.0.0.9", Client{XFF: c.xff, TrustedPeer: c.trusted})
 			h.WriteTo(&got)
 			hr := parseForwardCase(t, i)
-			h.forwardTo(fromHTTP(hr), "10.0.0.9", client{xff: c.xff, trustedPeer: c.trusted})
+			h.ForwardTo(fromHTTP(hr), "10.0.0.9", Client{XFF: c.xff, TrustedPeer: c.trusted})
 			h.WriteTo(&want)
 			if got.String() != want.String() {
 				t.Errorf("%s, step %d: got\n%s\nwant\n%s", c.name, step, got.String(), want.String())
 			}
-			if s1, m1 := checkUpgrade(r); s1 != 0 {
-				if s2, _ := checkUpgrade(fromHTTP(hr)); s1 != s2 {
-					t.Errorf("%s: checkUpgrade %d %q, net/http's request %d", c.name, s1, m1, s2)
+			if s1, m1 := CheckUpgrade(r); s1 != 0 {
+				if s2, _ := CheckUpgrade(fromHTTP(hr)); s1 != s2 {
+					t.Errorf("%s: CheckUpgrade %d %q, net/http's request %d", c.name, s1, m1, s2)
 				}
 			}
 		}
@@ -72,22 +72,22 @@ func TestReadRequestRefusals(t *testing.T) {
 		name, raw string
 		want      error
 	}{
-		{"folded line", ok + "X-A: 1\r\n  2\r\n\r\n", errMalformed},
-		{"space before colon", ok + "X-A : 1\r\n\r\n", errMalformed},
-		{"no colon", ok + "X-A\r\n\r\n", errMalformed},
-		{"control byte in value", ok + "X-A: a\x01b\r\n\r\n", errMalformed},
-		{"two Hosts", ok + "Host: i\r\n\r\n", errMalformed},
-		{"no Host", "GET / HTTP/1.1\r\nX: y\r\n\r\n", errMalformed},
-		{"two Content-Lengths", ok + "Content-Length: 1\r\nContent-Length: 2\r\n\r\n", errMalformed},
-		{"Content-Length not a number", ok + "Content-Length: -1\r\n\r\n", errMalformed},
-		{"bad version", "GET / HTTP/x\r\nHost: h\r\n\r\n", errMalformed},
-		{"HTTP/2.0", "GET / HTTP/2.0\r\nHost: h\r\n\r\n", errVersion},
-		{"empty Content-Length", ok + "Content-Length:\r\n\r\n", errMalformed},
-		{"empty second Content-Length", ok + "Content-Length: 0\r\nContent-Length: \r\n\r\n", errMalformed},
-		{"Host not a host", "GET / HTTP/1.1\r\nHost: evil.com/x y<script>\r\n\r\n", errMalformed},
-		{"two-word request line", "GET /\r\nHost: h\r\n\r\n", errMalformed},
-		{"TLS hello", "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", errMalformed},
-		{"too large", ok + "X-Bomb: " + strings.Repeat("b", 40<<10) + "\r\n\r\n", errHeadTooLarge},
+		{"folded line", ok + "X-A: 1\r\n  2\r\n\r\n", ErrMalformed},
+		{"space before colon", ok + "X-A : 1\r\n\r\n", ErrMalformed},
+		{"no colon", ok + "X-A\r\n\r\n", ErrMalformed},
+		{"control byte in value", ok + "X-A: a\x01b\r\n\r\n", ErrMalformed},
+		{"two Hosts", ok + "Host: i\r\n\r\n", ErrMalformed},
+		{"no Host", "GET / HTTP/1.1\r\nX: y\r\n\r\n", ErrMalformed},
+		{"two Content-Lengths", ok + "Content-Length: 1\r\nContent-Length: 2\r\n\r\n", ErrMalformed},
+		{"Content-Length not a number", ok + "Content-Length: -1\r\n\r\n", ErrMalformed},
+		{"bad version", "GET / HTTP/x\r\nHost: h\r\n\r\n", ErrMalformed},
+		{"HTTP/2.0", "GET / HTTP/2.0\r\nHost: h\r\n\r\n", ErrVersion},
+		{"empty Content-Length", ok + "Content-Length:\r\n\r\n", ErrMalformed},
+		{"empty second Content-Length", ok + "Content-Length: 0\r\nContent-Length: \r\n\r\n", ErrMalformed},
+		{"Host not a host", "GET / HTTP/1.1\r\nHost: evil.com/x y<script>\r\n\r\n", ErrMalformed},
+		{"two-word request line", "GET /\r\nHost: h\r\n\r\n", ErrMalformed},
+		{"TLS hello", "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", ErrMalformed},
+		{"too large", ok + "X-Bomb: " + strings.Repeat("b", 40<<10) + "\r\n\r\n", ErrHeadTooLarge},
 		{"cut short", ok + "X-A: 1\r\n", io.ErrUnexpectedEOF},
 		{"nothing", "", io.EOF},
 	} {
@@ -100,7 +100,7 @@ func TestReadRequestRefusals(t *testing.T) {
 	}
 }
 
-// TestReadRequestBody: what net/http counts as a body, checkUpgrade
+// TestReadRequestBody: what net/http counts as a body, CheckUpgrade
 // refuses.
 func TestReadRequestBody(t *testing.T) {
 	for _, c := range []struct {
@@ -129,11 +129,11 @@ func BenchmarkParseRequest(b *testing.B) {
 	buf := make([]byte, len(raw))
 	b.ReportAllocs()
 	for b.Loop() {
-		r := getRequest()
+		r := GetRequest()
 		copy(buf, raw)
 		if err := parseRequest(buf, r); err != nil {
 			b.Fatal(err)
 		}
-		putRequest(r)
+		PutRequest(r)
 	}
 }

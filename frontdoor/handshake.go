@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 import (
 	"bufio"
@@ -15,6 +15,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -38,8 +39,8 @@ const maxUpstreamHead = 64 << 10
 
 // Errors of the upstream's answer, each a 502 to the client.
 var (
-	errUpstreamHeadTooLarge = errors.New("proxy: upstream answer header too large")
-	errUpstreamBadHeader    = errors.New("proxy: upstream answer header malformed")
+	ErrUpstreamHeadTooLarge = errors.New("frontdoor: upstream answer header too large")
+	ErrUpstreamBadHeader    = errors.New("frontdoor: upstream answer header malformed")
 )
 
 // hopHeaders are meaningful for one connection only and never forwarded
@@ -53,10 +54,10 @@ var hopHeaders = []string{
 	"Sec-Websocket-Protocol", "Sec-Websocket-Extensions",
 }
 
-// checkUpgrade validates the client's request before anything is dialled.
+// CheckUpgrade validates the client's request before anything is dialled.
 // It returns the HTTP status to answer with and a short reason.
-func checkUpgrade(r *request) (int, string) {
-	if !r.hasToken("Upgrade", "websocket") {
+func CheckUpgrade(r *Request) (int, string) {
+	if !r.HasToken("Upgrade", "websocket") {
 		return http.StatusUpgradeRequired, "this is a WebSocket endpoint: send an Upgrade: websocket request"
 	}
 	if r.method != http.MethodGet {
@@ -73,13 +74,13 @@ func checkUpgrade(r *request) (int, string) {
 	if r.host == "" {
 		return http.StatusBadRequest, "missing Host"
 	}
-	if !r.hasToken("Connection", "upgrade") {
+	if !r.HasToken("Connection", "upgrade") {
 		return http.StatusBadRequest, "missing Connection: Upgrade"
 	}
-	if key, ok := r.one("Sec-Websocket-Key"); !ok || !validKey(key) {
+	if key, ok := r.One("Sec-Websocket-Key"); !ok || !validKey(key) {
 		return http.StatusBadRequest, "missing or invalid Sec-WebSocket-Key"
 	}
-	if v, ok := r.one("Sec-Websocket-Version"); !ok || v != "13" {
+	if v, ok := r.One("Sec-Websocket-Version"); !ok || v != "13" {
 		return http.StatusUpgradeRequired, "unsupported Sec-WebSocket-Version: want 13"
 	}
 	return 0, ""
@@ -97,9 +98,9 @@ func validKey(k string) bool {
 	return err == nil && n == 16
 }
 
-// upstreamURL joins the request's path and query to the upstream URL the
+// UpstreamURL joins the request's path and query to the upstream URL the
 // way net/http/httputil does.
-func upstreamURL(base, req *url.URL) string {
+func UpstreamURL(base, req *url.URL) string {
 	u := *base
 	u.Path, u.RawPath = joinURLPath(base, req)
 	switch {
@@ -142,7 +143,7 @@ func singleJoiningSlash(a, b string) string {
 // Drop policy a permessage-deflate offer also asks the server for
 // server_no_context_takeover, so every server message decompresses on its
 // own and dropping one cannot corrupt the next (RFC 7692 §7.1.1.1).
-func offers(r *request, policy limiter.Policy) (protocols []string, exts []httphead.Option) {
+func Offers(r *Request, policy limiter.Policy) (protocols []string, exts []httphead.Option) {
 	for _, f := range r.fields {
 		switch f.name {
 		case "Sec-Websocket-Protocol":
@@ -166,8 +167,8 @@ func offers(r *request, policy limiter.Policy) (protocols []string, exts []httph
 	return protocols, exts
 }
 
-// extensionKind tells the frame checkers which RSV bits are legal.
-func extensionKind(exts []httphead.Option) frame.Extension {
+// ExtensionKind tells the frame checkers which RSV bits are legal.
+func ExtensionKind(exts []httphead.Option) frame.Extension {
 	kind := frame.NoExtension
 	for _, e := range exts {
 		if string(e.Name) != "permessage-deflate" {
@@ -178,27 +179,31 @@ func extensionKind(exts []httphead.Option) frame.Extension {
 	return kind
 }
 
-// rejection is an upstream's non-101 answer, copied while the dialer's
+// Rejection is an upstream's non-101 answer, copied while the dialer's
 // reader is still valid. bad says the answer could not be relayed (too
 // large, malformed, or a 101 after an interim answer): the client gets 502.
-type rejection struct {
+type Rejection struct {
 	status int
 	header http.Header
 	body   []byte
 	bad    bool
 }
 
+// Bad reports that the answer is one sluice will not relay: too large or
+// malformed.
+func (rej *Rejection) Bad() bool { return rej.bad }
+
 // droppedRejectionHeaders are the upstream answer's headers not passed on.
 var droppedRejectionHeaders = append([]string{"Date", "Server"}, hopHeaders...)
 
-// readRejection reads the upstream's answer from resp, which starts at
+// ReadRejection reads the upstream's answer from resp, which starts at
 // its status line: interim 1xx answers (100 Continue, 103 Early Hints)
 // are skipped, as net/http's client skips them, and the final answer is
 // kept with its header cleaned (hop-by-hop fields, those its Connection
 // lists, and any field net/http would refuse to write) and its body
 // bounded. more lets the body past the head bound.
-func readRejection(resp io.Reader, more func(int64)) *rejection {
-	bad := &rejection{status: http.StatusBadGateway, bad: true}
+func ReadRejection(resp io.Reader, more func(int64)) *Rejection {
+	bad := &Rejection{status: http.StatusBadGateway, bad: true}
 	br := bufio.NewReader(resp)
 	var res *http.Response
 	var listed []string
@@ -228,7 +233,7 @@ func readRejection(resp io.Reader, more func(int64)) *rejection {
 		}
 	}
 	defer res.Body.Close()
-	rej := &rejection{status: res.StatusCode, header: res.Header}
+	rej := &Rejection{status: res.StatusCode, header: res.Header}
 	for name, vs := range rej.header {
 		if !isToken(name, false) {
 			return bad
@@ -275,7 +280,7 @@ func readHead(br *bufio.Reader) ([]byte, error) {
 }
 
 // headLimit is the upstream connection as the dialer reads the answer
-// through it: reads end with errUpstreamHeadTooLarge past left bytes.
+// through it: reads end with ErrUpstreamHeadTooLarge past left bytes.
 // Once the handshake is done the session reads the connection itself.
 type headLimit struct {
 	conn net.Conn
@@ -284,7 +289,7 @@ type headLimit struct {
 
 func (h *headLimit) Read(p []byte) (int, error) {
 	if h.left <= 0 {
-		return 0, errUpstreamHeadTooLarge
+		return 0, ErrUpstreamHeadTooLarge
 	}
 	if int64(len(p)) > h.left {
 		p = p[:h.left]
@@ -296,9 +301,9 @@ func (h *headLimit) Read(p []byte) (int, error) {
 
 func (h *headLimit) Write(p []byte) (int, error) { return h.conn.Write(p) }
 
-// dialFailure classifies an upstream dial error for the status it earns
+// DialFailure classifies an upstream dial error for the status it earns
 // and the metric label.
-func dialFailure(err error) (status int, reason string) {
+func DialFailure(err error) (status int, reason string) {
 	var ne net.Error
 	switch {
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
@@ -319,13 +324,27 @@ func dialFailure(err error) (status int, reason string) {
 	return http.StatusBadGateway, "handshake"
 }
 
-// dialState is upgrade's state for the upstream dial. It is pooled, with
-// the dialer's callbacks bound to it once, so that an upgrade allocates
-// no closures and no header copy.
-type dialState struct {
-	s       *Server
-	header  forwardedHeader
-	rej     *rejection // the upstream's answer when it was not 101
+// UpstreamDialer is what every upgrade's dial toward the backend shares.
+type UpstreamDialer struct {
+	Timeout time.Duration // connect and handshake
+	Host    string        // the Host sent upstream: the upstream URL's
+	TLS     *tls.Config   // for wss://; nil: the system roots
+	// Policy is the client queue's: with limiter.Drop, a deflate offer
+	// asks for server_no_context_takeover (Offers).
+	Policy  limiter.Policy
+	NetDial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// LastConnect is set to the unix nanotime of each successful TCP
+	// connect, for readiness.
+	LastConnect *atomic.Int64
+}
+
+// DialState is an upgrade's state for the upstream dial. It is pooled,
+// with the dialer's callbacks bound to it once, so that an upgrade
+// allocates no closures and no header copy.
+type DialState struct {
+	d       *UpstreamDialer
+	header  ForwardedHeader
+	rej     *Rejection // the upstream's answer when it was not 101
 	cookies []string   // the upstream's Set-Cookie values, for the 101
 	head    headLimit  // the upstream connection, as the dialer reads it
 
@@ -335,27 +354,61 @@ type dialState struct {
 }
 
 var dialStatePool = sync.Pool{New: func() any {
-	u := new(dialState)
+	u := new(DialState)
 	u.netDial, u.onStatusError, u.onHeader = u.dial, u.statusError, u.headerLine
 	return u
 }}
 
-func getDialState(s *Server) *dialState {
-	u := dialStatePool.Get().(*dialState)
-	u.s = s
+// GetDialState returns a pooled DialState dialing with d; PutDialState
+// gives it back once its Cookies are written.
+func GetDialState(d *UpstreamDialer) *DialState {
+	u := dialStatePool.Get().(*DialState)
+	u.d = d
 	return u
 }
 
-func putDialState(u *dialState) {
+// PutDialState recycles u.
+func PutDialState(u *DialState) {
 	clear(u.cookies)
-	u.s, u.header, u.rej, u.cookies, u.head = nil, forwardedHeader{}, nil, u.cookies[:0], headLimit{}
+	u.d, u.header, u.rej, u.cookies, u.head = nil, ForwardedHeader{}, nil, u.cookies[:0], headLimit{}
 	dialStatePool.Put(u)
+}
+
+// Rejection is the upstream's answer when it was not 101, or nil.
+func (u *DialState) Rejection() *Rejection { return u.rej }
+
+// Cookies are the upstream's Set-Cookie values, for the client's 101;
+// valid until PutDialState.
+func (u *DialState) Cookies() []string { return u.cookies }
+
+// Dial upgrades a connection to target, the backend's URL for r, on
+// behalf of r's client cl: r's header goes upstream cleaned and with
+// X-Forwarded-* (ForwardedHeader), its subprotocols and extensions
+// offered. Bounded by the dialer's timeout alone, with no goroutine per
+// dial to watch a context: a client gone meanwhile is noticed when its
+// 101 cannot be written.
+func (u *DialState) Dial(r *Request, cl Client, target string) (net.Conn, *bufio.Reader, ws.Handshake, error) {
+	clientIP, _, _ := net.SplitHostPort(r.RemoteAddr)
+	u.header.ForwardTo(r, clientIP, cl)
+	protocols, exts := Offers(r, u.d.Policy)
+	dialer := ws.Dialer{
+		Timeout:       u.d.Timeout,
+		Protocols:     protocols,
+		Extensions:    exts,
+		Header:        &u.header,
+		Host:          u.d.Host,
+		TLSConfig:     u.d.TLS,
+		NetDial:       u.netDial,
+		OnStatusError: u.onStatusError,
+		OnHeader:      u.onHeader,
+	}
+	return u.dialUpstream(&dialer, target)
 }
 
 // dialUpstream connects to target and upgrades the connection as
 // ws.Dialer.Dial does, but reads the answer through u.head, so that it is
 // bounded. Within d.Timeout.
-func (u *dialState) dialUpstream(d *ws.Dialer, target string) (net.Conn, *bufio.Reader, ws.Handshake, error) {
+func (u *DialState) dialUpstream(d *ws.Dialer, target string) (net.Conn, *bufio.Reader, ws.Handshake, error) {
 	var hs ws.Handshake
 	tu, err := url.ParseRequestURI(target)
 	if err != nil {
@@ -381,7 +434,7 @@ func (u *dialState) dialUpstream(d *ws.Dialer, target string) (net.Conn, *bufio.
 			conn = tls.Client(conn, cfg)
 		}
 	default:
-		err = errors.New("proxy: upstream scheme must be ws or wss")
+		err = errors.New("frontdoor: upstream scheme must be ws or wss")
 	}
 	if err != nil {
 		return nil, nil, hs, err
@@ -409,26 +462,26 @@ func hostPort(u *url.URL, port string) string {
 	return net.JoinHostPort(u.Hostname(), port)
 }
 
-func (u *dialState) dial(ctx context.Context, network, addr string) (net.Conn, error) {
-	c, err := u.s.netDial(ctx, network, addr)
-	if err == nil {
-		u.s.lastUpstreamOK.Store(time.Now().UnixNano())
+func (u *DialState) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := u.d.NetDial(ctx, network, addr)
+	if err == nil && u.d.LastConnect != nil {
+		u.d.LastConnect.Store(time.Now().UnixNano())
 	}
 	return c, err
 }
 
-func (u *dialState) statusError(_ int, _ []byte, resp io.Reader) {
-	u.rej = readRejection(resp, u.moreHead)
+func (u *DialState) statusError(_ int, _ []byte, resp io.Reader) {
+	u.rej = ReadRejection(resp, u.moreHead)
 }
 
-func (u *dialState) moreHead(n int64) { u.head.left += n }
+func (u *DialState) moreHead(n int64) { u.head.left += n }
 
 // headerLine sees the 101's header lines but the handshake's own: a
 // value with a control byte (a bare CR, a NUL) fails the upgrade, with
 // 502, rather than reach the client.
-func (u *dialState) headerLine(k, v []byte) error {
+func (u *DialState) headerLine(k, v []byte) error {
 	if !isToken(string(k), false) || !validFieldValue(string(v)) {
-		return errUpstreamBadHeader
+		return ErrUpstreamBadHeader
 	}
 	if string(k) == "Set-Cookie" {
 		u.cookies = append(u.cookies, string(v))

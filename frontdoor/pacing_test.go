@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 import (
 	"net/netip"
@@ -125,7 +125,7 @@ func FuzzHandshakeQueue(f *testing.F) {
 // ten upgrades at once at 100/s start 10 ms apart, never two together.
 func TestPacerSpacesTurns(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p := newUpstreamPacer(&Options{UpstreamHandshakesPerSecond: 100, UpstreamQueueTimeout: time.Minute}, newPacingMetrics(nil))
+		p := NewPacer(PacingConfig{HandshakesPerSecond: 100, QueueTimeout: time.Minute}, NewPacingMetrics(nil))
 		began := time.Now()
 		starts := make(chan time.Duration, 10)
 		for i := range 10 {
@@ -154,7 +154,7 @@ func TestPacerSpacesTurns(t *testing.T) {
 // turn: the timeout, and a shutdown that refuses the queue at once.
 func TestPacerTimeoutAndClose(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		p := newUpstreamPacer(&Options{UpstreamMaxHandshakes: 1, UpstreamQueueTimeout: time.Second}, newPacingMetrics(nil))
+		p := NewPacer(PacingConfig{MaxHandshakes: 1, QueueTimeout: time.Second}, NewPacingMetrics(nil))
 		key := netip.AddrFrom4([4]byte{127, 0, 0, 1})
 		if queued, err := p.wait(key); err != nil || queued {
 			t.Fatalf("first wait: queued %v, %v; want a turn at once", queued, err)
@@ -166,10 +166,10 @@ func TestPacerTimeoutAndClose(t *testing.T) {
 		errs := make(chan error)
 		go func() { _, err := p.wait(key); errs <- err }()
 		synctest.Wait()
-		if _, q := p.counts(); q != 1 {
+		if _, q := p.Counts(); q != 1 {
 			t.Fatalf("%d queued, want 1", q)
 		}
-		p.close()
+		p.Close()
 		if err := <-errs; err != errPacingDraining || time.Since(began) != time.Second {
 			t.Fatalf("queued wait at close: %v after %v, want draining at once", err, time.Since(began))
 		}

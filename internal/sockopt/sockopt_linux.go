@@ -1,6 +1,6 @@
 //go:build linux
 
-package proxy
+package sockopt
 
 import (
 	"net"
@@ -9,11 +9,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// unsentCounter returns a function that tells how many bytes the kernel
+// UnsentCounter returns a function that tells how many bytes the kernel
 // holds for conn that its peer has not acknowledged (SIOCOUTQ): memory
 // sluice causes, which the client's queue counts (limiter.Queue.OnUnsent).
 // nil when conn has no socket to ask.
-func unsentCounter(conn net.Conn) func() int64 {
+func UnsentCounter(conn net.Conn) func() int64 {
 	if tc, ok := conn.(interface{ NetConn() net.Conn }); ok {
 		conn = tc.NetConn()
 	}

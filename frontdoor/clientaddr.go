@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 // Who a request comes from, and what sluice tells the upstream of it: the
 // client address as trusted proxies report it (X-Forwarded-For, RFC 7239
@@ -7,41 +7,35 @@ package proxy
 import (
 	"fmt"
 	"io"
+	"net/http"
 	"net/netip"
 	"net/textproto"
 	"slices"
 	"strings"
 )
 
-// client is who an upgrade request comes from, as admission control, the
+// Client is who an upgrade request comes from, as admission control, the
 // logs and the status page see it.
-type client struct {
-	// addr is the socket peer's host:port, or, when a trusted proxy
+type Client struct {
+	// Addr is the socket peer's host:port, or, when a trusted proxy
 	// forwarded the request, the client IP that its headers give.
-	addr string
-	// xff, when not empty, is the X-Forwarded-For to send upstream in
-	// place of the one forwardedHeader builds: the received list up to
+	Addr string
+	// XFF, when not empty, is the X-Forwarded-For to send upstream in
+	// place of the one ForwardedHeader builds: the received list up to
 	// and including the client found in it. Either way its last entry is
 	// the client that sluice admitted.
-	xff string
-	// trustedPeer: the socket peer is within Options.TrustedProxies, so
+	XFF string
+	// TrustedPeer: the socket peer is within Options.TrustedProxies, so
 	// its Forwarded and X-Real-IP go upstream; from any other peer they
 	// are the client's own say and are removed.
-	trustedPeer bool
+	TrustedPeer bool
 }
 
-func (a *admission) clientOf(r *request) client {
-	if len(a.trusted) == 0 {
-		return client{addr: r.remoteAddr}
-	}
-	return resolveClient(a.trusted, r.remoteAddr, r)
-}
-
-// headerValues is a request's header as resolveClient reads it (an
+// headerValues is a request's header as ResolveClient reads it (an
 // http.Header, or a request).
 type headerValues interface{ Values(name string) []string }
 
-// resolveClient finds the client of a request from remoteAddr with header
+// ResolveClient finds the client of a request from remoteAddr with header
 // h. Only a peer within trusted is believed about who it forwards for:
 // walking X-Forwarded-For and the for= parameters of Forwarded (RFC 7239)
 // from the right, the first address that is not a trusted proxy is the
@@ -56,16 +50,16 @@ type headerValues interface{ Values(name string) []string }
 // the two differ, neither is believed and the client is the peer itself;
 // when only one names a client (the other is absent or unreadable), that
 // one is. X-Real-IP is never read: it has no chain to walk.
-func resolveClient(trusted []netip.Prefix, remoteAddr string, h headerValues) client {
-	cl := client{addr: remoteAddr}
+func ResolveClient(trusted []netip.Prefix, remoteAddr string, h headerValues) Client {
+	cl := Client{Addr: remoteAddr}
 	if len(trusted) == 0 {
 		return cl
 	}
 	peer, err := netip.ParseAddrPort(remoteAddr)
-	if err != nil || !trustedAddr(trusted, peer.Addr().Unmap()) {
+	if err != nil || !TrustedAddr(trusted, peer.Addr().Unmap()) {
 		return cl
 	}
-	cl.trustedPeer = true
+	cl.TrustedPeer = true
 	var hops []string
 	xffIP, i := netip.Addr{}, -1
 	if xff := h.Values("X-Forwarded-For"); len(xff) > 0 {
@@ -80,11 +74,11 @@ func resolveClient(trusted []netip.Prefix, remoteAddr string, h headerValues) cl
 	case i >= 0 && j >= 0 && xffIP != fwdIP:
 		// They disagree: one of them is the client's own say.
 	case i >= 0:
-		cl.addr = xffIP.String()
-		cl.xff = strings.Join(append(hops[:i:i], cl.addr), ", ")
+		cl.Addr = xffIP.String()
+		cl.XFF = strings.Join(append(hops[:i:i], cl.Addr), ", ")
 	case j >= 0:
-		cl.addr = fwdIP.String()
-		cl.xff = cl.addr
+		cl.Addr = fwdIP.String()
+		cl.XFF = cl.Addr
 	}
 	return cl
 }
@@ -101,14 +95,14 @@ func walkHops(trusted []netip.Prefix, hops []string) (netip.Addr, int) {
 			break
 		}
 		last, at = ip, i
-		if !trustedAddr(trusted, ip) {
+		if !TrustedAddr(trusted, ip) {
 			break
 		}
 	}
 	return last, at
 }
 
-func trustedAddr(trusted []netip.Prefix, ip netip.Addr) bool {
+func TrustedAddr(trusted []netip.Prefix, ip netip.Addr) bool {
 	for _, p := range trusted {
 		if p.Contains(ip) {
 			return true
@@ -263,11 +257,11 @@ func isToken(s string, hop bool) bool {
 	return true
 }
 
-// clientKey is what MaxConnectionsPerIP counts by for a client address
-// (client.addr): the IPv4 address, or the /64 of an IPv6 address, since
+// ClientKey is what MaxConnectionsPerIP counts by for a client address
+// (Client.Addr): the IPv4 address, or the /64 of an IPv6 address, since
 // one IPv6 host commonly holds a whole /64. It is the zero Addr (not
 // counted) when addr holds no IP, as with Unix sockets.
-func clientKey(addr string) netip.Addr {
+func ClientKey(addr string) netip.Addr {
 	var ip netip.Addr
 	if ap, err := netip.ParseAddrPort(addr); err == nil {
 		ip = ap.Addr()
@@ -293,32 +287,32 @@ func ParseTrustedProxy(s string) (netip.Prefix, error) {
 		if err != nil || p.Addr().Zone() != "" {
 			return netip.Prefix{}, fmt.Errorf("%q is not a CIDR such as 10.0.0.0/8 or fd00::/8", s)
 		}
-		return normalizePrefix(p), nil
+		return NormalizePrefix(p), nil
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil || a.Zone() != "" {
 		return netip.Prefix{}, fmt.Errorf("%q is not an IP address or a CIDR", s)
 	}
-	return normalizePrefix(netip.PrefixFrom(a, a.BitLen())), nil
+	return NormalizePrefix(netip.PrefixFrom(a, a.BitLen())), nil
 }
 
-// normalizePrefix masks p and writes IPv4-mapped prefixes as IPv4, since
+// NormalizePrefix masks p and writes IPv4-mapped prefixes as IPv4, since
 // addresses are unmapped before they are looked up.
-func normalizePrefix(p netip.Prefix) netip.Prefix {
+func NormalizePrefix(p netip.Prefix) netip.Prefix {
 	if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
 		p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
 	}
 	return p.Masked()
 }
 
-// forwardedHeader is the upstream request's end-to-end headers: the
+// ForwardedHeader is the upstream request's end-to-end headers: the
 // client's, less hop-by-hop ones and identity headers the client may not
 // set, plus X-Forwarded-*. It writes them straight from the client's
 // request, in the order http.Header.Write would (sorted by name, the same
 // clean-up of values), rather than build a copy of the header for every
 // upgrade.
-type forwardedHeader struct {
-	req         *request
+type ForwardedHeader struct {
+	req         *Request
 	xff         string // X-Forwarded-For
 	proto       string // X-Forwarded-Proto
 	host        string // X-Forwarded-Host
@@ -357,7 +351,7 @@ func (c *connectionList) add(token string) {
 	c.big[textproto.CanonicalMIMEHeaderKey(token)] = struct{}{}
 }
 
-// has reports whether name, canonical, is listed.
+// Has reports whether name, canonical, is listed.
 func (c *connectionList) has(name string) bool {
 	if c.big != nil {
 		_, ok := c.big[name]
@@ -371,19 +365,19 @@ func (c *connectionList) has(name string) bool {
 	return false
 }
 
-// forwardTo fills h for r from clientIP, admitted as cl: cl.xff, when not
+// ForwardTo fills h for r from clientIP, admitted as cl: cl.XFF, when not
 // empty, is the X-Forwarded-For to send instead of the received list
 // plus clientIP.
-func (h *forwardedHeader) forwardTo(r *request, clientIP string, cl client) {
-	xff := cl.xff
+func (h *ForwardedHeader) ForwardTo(r *Request, clientIP string, cl Client) {
+	xff := cl.XFF
 	if xff == "" {
 		xff = clientIP
-		if r.has("X-Forwarded-For") {
+		if r.Has("X-Forwarded-For") {
 			xff = strings.Join(r.Values("X-Forwarded-For"), ", ") + ", " + clientIP
 		}
 	}
-	h.req, h.xff, h.proto, h.host, h.trustedPeer = r, xff, "http", r.host, cl.trustedPeer
-	if r.tls {
+	h.req, h.xff, h.proto, h.host, h.trustedPeer = r, xff, "http", r.host, cl.TrustedPeer
+	if r.TLS {
 		h.proto = "https"
 	}
 	h.listed = connectionList{}
@@ -400,7 +394,7 @@ func (h *forwardedHeader) forwardTo(r *request, clientIP string, cl client) {
 }
 
 // forwarded reports whether the client's header name goes upstream.
-func (h *forwardedHeader) forwarded(name string) bool {
+func (h *ForwardedHeader) forwarded(name string) bool {
 	switch identityHeader(name) {
 	case identityOurs, identityAlias:
 		return false // sluice's own values replace them
@@ -418,6 +412,22 @@ func (h *forwardedHeader) forwarded(name string) bool {
 		return false
 	}
 	return isToken(name, false) // as http.Header.Write, drop what is not a field name
+}
+
+// Rewrite makes out, a copy of the request's header that net/http
+// parsed (a pass-through request), what an upgrade would send upstream:
+// the fields ForwardedHeader would not forward removed, sluice's
+// X-Forwarded-For, -Host and -Proto set. Te stays, as
+// httputil.ReverseProxy keeps it for gRPC.
+func (h *ForwardedHeader) Rewrite(out http.Header) {
+	for name := range out {
+		if name != "Te" && !h.forwarded(name) {
+			delete(out, name)
+		}
+	}
+	out.Set("X-Forwarded-For", h.xff)
+	out.Set("X-Forwarded-Host", h.host)
+	out.Set("X-Forwarded-Proto", h.proto)
 }
 
 // Kinds of header names that say who the client is.
@@ -465,7 +475,7 @@ const (
 )
 
 // WriteTo implements ws.HandshakeHeader.
-func (h *forwardedHeader) WriteTo(w io.Writer) (int64, error) {
+func (h *ForwardedHeader) WriteTo(w io.Writer) (int64, error) {
 	ws, ok := w.(io.StringWriter)
 	if !ok {
 		ws = stringWriter{w}

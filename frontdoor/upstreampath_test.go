@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 import (
 	"net/url"
@@ -37,7 +37,7 @@ func TestUpstreamURLPaths(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := upstreamURL(base, req); got != tc.want {
+		if got := UpstreamURL(base, req); got != tc.want {
 			t.Errorf("upstream %s, request %s: got %s, want %s", tc.upstream, tc.request, got, tc.want)
 		}
 	}

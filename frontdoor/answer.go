@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 // The answers sluice writes to a client itself, byte for byte what
 // net/http wrote for them before, each in one write: the 101, its
@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"crypto/sha1"
 	"encoding/base64"
+	"io"
 	"net"
 	"net/http"
 	"strconv"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/gobwas/httphead"
 	"github.com/gobwas/ws"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 var answerPool = sync.Pool{New: func() any {
@@ -60,10 +62,10 @@ func appendDate(b []byte) []byte {
 	return append(b, "\r\n"...)
 }
 
-// writeError answers c with status and a text body msg, as http.Error did
+// WriteError answers c with status and a text body msg, as http.Error did
 // with Connection: close; retry > 0 adds Retry-After, and a 426 names the
 // protocol and version sluice speaks.
-func writeError(c net.Conn, status int, msg string, retry int) error {
+func WriteError(c net.Conn, status int, msg string, retry int) error {
 	bp := answerPool.Get().(*[]byte)
 	b := appendStatusLine(*bp, status)
 	b = appendHeader(b, "Connection", "close")
@@ -86,9 +88,9 @@ func writeError(c net.Conn, status int, msg string, retry int) error {
 	return writeAnswer(c, bp, b)
 }
 
-// writeBadRequest answers a request that could not be read, as net/http
+// WriteBadRequest answers a request that could not be read, as net/http
 // did: a fixed text, nothing else.
-func writeBadRequest(c net.Conn, status int) error {
+func WriteBadRequest(c net.Conn, status int) error {
 	text := strconv.Itoa(status) + " " + http.StatusText(status)
 	bp := answerPool.Get().(*[]byte)
 	b := append(*bp, "HTTP/1.1 "...)
@@ -98,9 +100,9 @@ func writeBadRequest(c net.Conn, status int) error {
 	return writeAnswer(c, bp, b)
 }
 
-// writeRejection relays an upstream's refusal: its status, headers (less
-// hop-by-hop ones, readRejection dropped them) and bounded body.
-func writeRejection(c net.Conn, rej *rejection) error {
+// WriteRejection relays an upstream's refusal: its status, headers (less
+// hop-by-hop ones, ReadRejection dropped them) and bounded body.
+func WriteRejection(c net.Conn, rej *Rejection) error {
 	h := rej.header
 	h.Set("Content-Length", strconv.Itoa(len(rej.body)))
 	h.Set("Connection", "close")
@@ -119,9 +121,9 @@ func writeRejection(c net.Conn, rej *rejection) error {
 // acceptGUID is RFC 6455's magic string for Sec-WebSocket-Accept.
 const acceptGUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-// write101 accepts the client's upgrade with the upstream's choices: its
+// Write101 accepts the client's upgrade with the upstream's choices: its
 // subprotocol, its extensions verbatim, and its cookies.
-func write101(c net.Conn, key string, hs ws.Handshake, cookies []string) error {
+func Write101(c net.Conn, key string, hs ws.Handshake, cookies []string) error {
 	var kg [24 + len(acceptGUID)]byte
 	copy(kg[copy(kg[:], key):], acceptGUID)
 	sum := sha1.Sum(kg[:])
@@ -146,4 +148,23 @@ func write101(c net.Conn, key string, hs ws.Handshake, cookies []string) error {
 	}
 	b = append(b, "\r\n"...)
 	return writeAnswer(c, bp, b)
+}
+
+// refuse answers c with status and msg, counted in rejected under reason;
+// retry > 0 is a Retry-After.
+func refuse(c net.Conn, rejected *prometheus.CounterVec, status int, reason, msg string, retry int) {
+	rejected.WithLabelValues(reason).Inc()
+	WriteError(c, status, msg, retry)
+}
+
+// CloseWriteAndWait ends a refusal sent before the client's request was
+// all read, as net/http does: half-close, then read what the client still
+// sends, briefly, so that closing with unread bytes does not reset the
+// connection before the client has read the answer.
+func CloseWriteAndWait(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	io.Copy(io.Discard, io.LimitReader(c, 1<<20))
 }

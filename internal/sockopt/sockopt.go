@@ -1,9 +1,9 @@
-package proxy
-
-// Socket options: the kernel's buffers for each socket, and how a socket
-// ends (FIN after the last bytes, or a reset that frees them at once).
-// What the kernel holds unsent is asked in sockopt_linux.go, the idle
-// sockets' epoll set is idle_linux.go.
+// Package sockopt tunes the sockets of sluice's connections: the
+// kernel's buffers for each socket, how a socket ends (FIN after the last
+// bytes, or a reset that frees them at once), and what the kernel holds
+// unsent (SIOCOUTQ, sockopt_linux.go). Package proxy's idle readers'
+// epoll set is proxy's own (idle_linux.go).
+package sockopt
 
 import (
 	"net"
@@ -20,11 +20,11 @@ func setSocketBuffer(c syscall.RawConn, opt, n int) error {
 	return serr
 }
 
-// upstreamBuffers is a net.Dialer Control that sets SO_RCVBUF to rcv and
+// DialBuffers is a net.Dialer Control that sets SO_RCVBUF to rcv and
 // SO_SNDBUF to snd (each unless 0) before the socket connects, so the
 // window it advertises is small from the start and its send buffer never
 // autotunes.
-func upstreamBuffers(rcv, snd int) func(network, address string, c syscall.RawConn) error {
+func DialBuffers(rcv, snd int) func(network, address string, c syscall.RawConn) error {
 	return func(_, _ string, c syscall.RawConn) error {
 		if rcv > 0 {
 			if err := setSocketBuffer(c, syscall.SO_RCVBUF, rcv); err != nil {
@@ -38,10 +38,10 @@ func upstreamBuffers(rcv, snd int) func(network, address string, c syscall.RawCo
 	}
 }
 
-// setConnBuffer sets opt (SO_RCVBUF or SO_SNDBUF) of the socket under
+// SetConnBuffer sets opt (SO_RCVBUF or SO_SNDBUF) of the socket under
 // conn, a TLS connection's included. A failure keeps the kernel's
 // default, which works: it is ignored.
-func setConnBuffer(conn net.Conn, opt, n int) {
+func SetConnBuffer(conn net.Conn, opt, n int) {
 	if tc, ok := conn.(interface{ NetConn() net.Conn }); ok {
 		conn = tc.NetConn()
 	}
@@ -52,9 +52,9 @@ func setConnBuffer(conn net.Conn, opt, n int) {
 	}
 }
 
-// setLingerZero makes conn's close a reset, which frees what the kernel
+// SetLingerZero makes conn's close a reset, which frees what the kernel
 // holds for it at once.
-func setLingerZero(conn net.Conn) {
+func SetLingerZero(conn net.Conn) {
 	if tc, ok := conn.(interface{ NetConn() net.Conn }); ok {
 		conn = tc.NetConn()
 	}

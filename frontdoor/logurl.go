@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 import "strings"
 
@@ -71,6 +71,3 @@ func LogURL(u string, withQuery bool) string {
 	}
 	return b.String()
 }
-
-// logURL is target as this server's log lines carry it.
-func (s *Server) logURL(target string) string { return LogURL(target, s.opts.LogQuery) }

@@ -1,11 +1,12 @@
-package proxy
+package frontdoor
 
 // HTTP pass-through (Options.HTTPPassThrough): a connection whose first
 // request is not a WebSocket upgrade is handed, with the bytes already
-// read replayed, to one net/http server per Server, whose handler sends
+// read replayed, to one net/http server per proxy Server, whose handler sends
 // every plain request to the upstream's origin through
 // httputil.ReverseProxy. An upgrade arriving later on such a kept-alive
-// connection is hijacked and takes the usual upgrade path (ServeHTTP).
+// connection goes to PassThroughConfig.Upgrades, which hijacks it for the
+// usual upgrade path (the Server's ServeHTTP).
 // Upgrades that come first, the usual case, never touch net/http.
 
 import (
@@ -17,10 +18,12 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 )
 
@@ -38,19 +41,42 @@ const (
 	passMaxResponseHeader = 1 << 20
 )
 
-// passThrough serves the plain HTTP requests of a Server.
-type passThrough struct {
-	s      *Server
+// PassThroughConfig is what pass-through is given: the upstream and
+// bounds of Options, the server's admission control (who a request comes
+// from, behind trusted proxies), where upgrades go, and its series.
+type PassThroughConfig struct {
+	Upstream         *url.URL    // ws:// or wss://; requests go to its origin as http:// or https://
+	TLS              *tls.Config // Options.UpstreamTLS
+	DialTimeout      time.Duration
+	ResponseTimeout  time.Duration // Options.HTTPResponseTimeout
+	HandshakeTimeout time.Duration // a request's headers
+	MaxHeaderBytes   int
+	Log              zerolog.Logger
+	Admission        *Admission
+	// Upgrades serves an upgrade that arrives on a kept-alive
+	// pass-through connection (it hijacks the connection).
+	Upgrades http.Handler
+	// Rejected is sluice_connections_rejected_total, by reason.
+	Rejected *prometheus.CounterVec
+	// Requests (by status class, StatusClass) and Seconds count and time
+	// the requests passed through.
+	Requests *prometheus.CounterVec
+	Seconds  prometheus.Histogram
+}
+
+// PassThrough serves the plain HTTP requests of a server.
+type PassThrough struct {
+	cfg    PassThroughConfig
 	origin *url.URL // the upstream with http or https for ws or wss
 	web    *http.Server
 	conns  *connQueue // web's listener, fed by handOff
 	proxy  *httputil.ReverseProxy
-	failed rejectLog // upstream failures, logged at most once a second
+	failed RejectLog // upstream failures, logged at most once a second
 	served sync.WaitGroup
 }
 
-func newPassThrough(s *Server) *passThrough {
-	o := &s.opts
+// NewPassThrough starts the pass-through server of o; Shutdown stops it.
+func NewPassThrough(o PassThroughConfig) *PassThrough {
 	origin := *o.Upstream
 	origin.Scheme = "http"
 	if o.Upstream.Scheme == "wss" {
@@ -59,9 +85,9 @@ func newPassThrough(s *Server) *passThrough {
 	d := &net.Dialer{Timeout: o.DialTimeout}
 	tr := &http.Transport{
 		DialContext:            d.DialContext,
-		TLSClientConfig:        o.UpstreamTLS, // the same CAs and client certificate as wss://
+		TLSClientConfig:        o.TLS, // the same CAs and client certificate as wss://
 		TLSHandshakeTimeout:    o.DialTimeout,
-		ResponseHeaderTimeout:  o.HTTPResponseTimeout,
+		ResponseHeaderTimeout:  o.ResponseTimeout,
 		ExpectContinueTimeout:  time.Second,
 		MaxIdleConns:           passMaxIdleUpstream,
 		MaxIdleConnsPerHost:    passMaxIdleUpstream,
@@ -71,7 +97,7 @@ func newPassThrough(s *Server) *passThrough {
 		// decompressed.
 		DisableCompression: true,
 	}
-	p := &passThrough{s: s, origin: &origin, conns: newConnQueue()}
+	p := &PassThrough{cfg: o, origin: &origin, conns: newConnQueue()}
 	p.proxy = &httputil.ReverseProxy{
 		Rewrite:   p.rewrite,
 		Transport: tr,
@@ -79,17 +105,17 @@ func newPassThrough(s *Server) *passThrough {
 		// and chunks reach the client as the upstream sends them.
 		FlushInterval: -1,
 		ErrorHandler:  p.fail,
-		ErrorLog:      netHTTPLog(s.log),
+		ErrorLog:      netHTTPLog(o.Log),
 	}
 	p.web = &http.Server{
-		Handler:           s,
+		Handler:           p,
 		ReadHeaderTimeout: o.HandshakeTimeout,
 		IdleTimeout:       passIdleTimeout,
 		MaxHeaderBytes:    o.MaxHeaderBytes,
 		ConnContext:       func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, passConnKey{}, c) },
 		// No HTTP/2 here: the connections come in as HTTP/1.
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
-		ErrorLog:     netHTTPLog(s.log),
+		ErrorLog:     netHTTPLog(o.Log),
 	}
 	p.served.Add(1)
 	go func() {
@@ -99,20 +125,20 @@ func newPassThrough(s *Server) *passThrough {
 	return p
 }
 
-// handOff gives c, whose first request r (followed by pending) is not an
-// upgrade, to the pass-through server. It reports false when c was
-// refused (answered) or could not be handed over; the caller then closes
-// c. The connection keeps t, its place under the limits since its accept
-// (Server.arrive), until it closes or turns into an upgrade.
-func (p *passThrough) handOff(c net.Conn, r *request, pending []byte, t *slot) bool {
-	s := p.s
-	if s.closing.Load() {
-		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
+// HandOff gives c, whose first request r (followed by pending) is not an
+// upgrade, to the pass-through server; draining, it refuses c with 503.
+// It reports false when c was refused (answered) or could not be handed
+// over; the caller then closes c. The connection keeps t, its place under
+// the limits since its accept (Admission.Arrive), until it closes or
+// turns into an upgrade (ReleasePassSlot).
+func (p *PassThrough) HandOff(c net.Conn, r *Request, pending []byte, t *Slot, draining bool) bool {
+	if draining {
+		refuse(c, p.cfg.Rejected, http.StatusServiceUnavailable, "draining", "sluice is shutting down", 1)
 		return false
 	}
 	pc := &passConn{Conn: c, slot: *t}
-	t.handOff() // the connection's now: released when it closes
-	pc.replay = append(append(make([]byte, 0, len(r.head)+len(pending)), r.head...), pending...)
+	t.HandOff() // the connection's now: released when it closes
+	pc.replay = append(append(make([]byte, 0, len(r.Head)+len(pending)), r.Head...), pending...)
 	if tc, ok := c.(*tls.Conn); ok {
 		cs := tc.ConnectionState()
 		pc.tls = &cs
@@ -125,8 +151,18 @@ func (p *passThrough) handOff(c net.Conn, r *request, pending []byte, t *slot) b
 	return true
 }
 
-// serve proxies one plain request, counted by status class and timed.
-func (p *passThrough) serve(w http.ResponseWriter, hr *http.Request) {
+// ServeHTTP is the pass-through server's handler: plain requests are
+// passed through (Serve), upgrades go to PassThroughConfig.Upgrades.
+func (p *PassThrough) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
+	if IsUpgradeRequest(hr) {
+		p.cfg.Upgrades.ServeHTTP(w, hr)
+		return
+	}
+	p.Serve(w, hr)
+}
+
+// Serve proxies one plain request, counted by status class and timed.
+func (p *PassThrough) Serve(w http.ResponseWriter, hr *http.Request) {
 	began := time.Now()
 	if pc, ok := hr.Context().Value(passConnKey{}).(*passConn); ok && pc.tls != nil && hr.TLS == nil {
 		hr.TLS = pc.tls
@@ -142,64 +178,56 @@ func (p *passThrough) serve(w http.ResponseWriter, hr *http.Request) {
 	if code == 0 {
 		code = http.StatusOK // nothing written: net/http answers 200
 	}
-	p.s.metrics.httpRequests.WithLabelValues(statusClass(code)).Inc()
-	p.s.metrics.httpSeconds.Observe(time.Since(began).Seconds())
+	p.cfg.Requests.WithLabelValues(StatusClass(code)).Inc()
+	p.cfg.Seconds.Observe(time.Since(began).Seconds())
 }
 
 // rewrite builds the upstream request: the same URL as an upgrade would
-// dial (upstreamURL), Host the upstream's, and the forwarded headers that
-// forwardedHeader writes for upgrades, with the same trusted-proxy rules.
-func (p *passThrough) rewrite(pr *httputil.ProxyRequest) {
+// dial (UpstreamURL), Host the upstream's, and the forwarded headers that
+// ForwardedHeader writes for upgrades, with the same trusted-proxy rules.
+func (p *PassThrough) rewrite(pr *httputil.ProxyRequest) {
 	in := pr.In
-	target, _ := url.Parse(upstreamURL(p.origin, in.URL))
+	target, _ := url.Parse(UpstreamURL(p.origin, in.URL))
 	pr.Out.URL = target
 	pr.Out.Host = ""
-	r := getRequest()
-	defer putRequest(r)
-	requestFromHTTP(in, r)
-	cl := p.s.adm.clientOf(r)
-	clientIP, _, _ := net.SplitHostPort(r.remoteAddr)
-	var h forwardedHeader
-	h.forwardTo(r, clientIP, cl)
-	for name := range pr.Out.Header {
-		// Te: trailers stays, as ReverseProxy keeps it for gRPC.
-		if name != "Te" && !h.forwarded(name) {
-			delete(pr.Out.Header, name)
-		}
-	}
-	pr.Out.Header.Set("X-Forwarded-For", h.xff)
-	pr.Out.Header.Set("X-Forwarded-Host", h.host)
-	pr.Out.Header.Set("X-Forwarded-Proto", h.proto)
+	r := GetRequest()
+	defer PutRequest(r)
+	RequestFromHTTP(in, r)
+	cl := p.cfg.Admission.ClientOf(r)
+	clientIP, _, _ := net.SplitHostPort(r.RemoteAddr)
+	var h ForwardedHeader
+	h.ForwardTo(r, clientIP, cl)
+	h.Rewrite(pr.Out.Header)
 }
 
 // fail answers a request the upstream did not answer: 502, or 504 on a
 // timeout, as an upgrade's dial failure; nothing when the client left.
-func (p *passThrough) fail(w http.ResponseWriter, hr *http.Request, err error) {
-	status, reason := dialFailure(err)
+func (p *PassThrough) fail(w http.ResponseWriter, hr *http.Request, err error) {
+	status, reason := DialFailure(err)
 	if errors.Is(hr.Context().Err(), context.Canceled) {
 		status, reason = 499, "client_gone"
 	}
 	if reason != "client_gone" {
-		if n, ok := p.failed.note(time.Since(p.s.adm.began)); ok {
-			p.s.log.Warn().Err(err).Str("upstream", p.origin.Redacted()).Str("reason", reason).
+		if n, ok := p.failed.Note(time.Since(p.cfg.Admission.Began())); ok {
+			p.cfg.Log.Warn().Err(err).Str("upstream", p.origin.Redacted()).Str("reason", reason).
 				Uint64("failures", n).Msg("upstream http request failed")
 		}
 	}
 	w.WriteHeader(status)
 }
 
-// shutdown stops the pass-through server: idle connections close at once,
+// Shutdown stops the pass-through server: idle connections close at once,
 // requests under way may finish until ctx ends, and are then cut off.
-func (p *passThrough) shutdown(ctx context.Context) {
+func (p *PassThrough) Shutdown(ctx context.Context) {
 	if p.web.Shutdown(ctx) != nil {
 		p.web.Close()
 	}
 	p.served.Wait()
 }
 
-// isUpgradeRequest reports whether net/http's request asks for a
-// WebSocket, as checkUpgrade's first test does.
-func isUpgradeRequest(hr *http.Request) bool {
+// IsUpgradeRequest reports whether net/http's request asks for a
+// WebSocket, as CheckUpgrade's first test does.
+func IsUpgradeRequest(hr *http.Request) bool {
 	for _, v := range hr.Header.Values("Upgrade") {
 		for t := range strings.SplitSeq(v, ",") {
 			if strings.EqualFold(strings.TrimSpace(t), "websocket") {
@@ -234,7 +262,7 @@ type passConn struct {
 	tls    *tls.ConnectionState // nil for plain connections
 
 	once sync.Once
-	slot slot // released through once
+	slot Slot // released through once
 }
 
 type passConnKey struct{}
@@ -253,7 +281,16 @@ func (c *passConn) Close() error {
 	return c.Conn.Close()
 }
 
-func (c *passConn) releaseSlot() { c.once.Do(c.slot.release) }
+func (c *passConn) releaseSlot() { c.once.Do(c.slot.Release) }
+
+// ReleasePassSlot frees the admission slot of c when it is a pass-through
+// connection (net/http's, hijacked for an upgrade, which takes a slot of
+// its own); otherwise it does nothing.
+func ReleasePassSlot(c net.Conn) {
+	if pc, ok := c.(*passConn); ok {
+		pc.releaseSlot()
+	}
+}
 
 // connQueue is a net.Listener whose connections are handed to it.
 type connQueue struct {
@@ -330,7 +367,12 @@ func (w *statusRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter 
 // class of the status, so the series stay few.
 var statusClasses = []string{"1xx", "2xx", "3xx", "4xx", "5xx"}
 
-func statusClass(code int) string {
+// FinalStatusClasses are the labels StatusClass gives final answers, for
+// creating their series up front.
+func FinalStatusClasses() []string { return slices.Clone(statusClasses[1:]) }
+
+// StatusClass is the code label of sluice_http_requests_total for code.
+func StatusClass(code int) string {
 	if code >= 100 && code < 600 {
 		return statusClasses[code/100-1]
 	}

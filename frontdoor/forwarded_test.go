@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 import (
 	"bufio"
@@ -11,13 +11,10 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/gobwas/ws"
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // forwardCases are upgrade requests as net/http parses them, for
-// forwardedHeader's tests and benchmark.
+// ForwardedHeader's tests and benchmark.
 var forwardCases = []struct {
 	name    string
 	request string
@@ -67,13 +64,13 @@ func parseForwardCase(tb testing.TB, i int) *http.Request {
 }
 
 // fromHTTP is the request Serve would have read for r.
-func fromHTTP(r *http.Request) *request {
-	var req request
-	requestFromHTTP(r, &req)
+func fromHTTP(r *http.Request) *Request {
+	var req Request
+	RequestFromHTTP(r, &req)
 	return &req
 }
 
-// referenceForwarded is how forwardedHeader's output was built before it
+// referenceForwarded is how ForwardedHeader's output was built before it
 // wrote straight from the request: copy, delete, set, http.Header.Write.
 func referenceForwarded(r *http.Request, clientIP, xff string, trusted bool) string {
 	h := r.Header.Clone()
@@ -123,8 +120,8 @@ func TestForwardedHeaderAsHeaderWrite(t *testing.T) {
 	for i, c := range forwardCases {
 		t.Run(c.name, func(t *testing.T) {
 			r := parseForwardCase(t, i)
-			var h forwardedHeader
-			h.forwardTo(fromHTTP(r), "10.0.0.9", client{xff: c.xff, trustedPeer: c.trusted})
+			var h ForwardedHeader
+			h.ForwardTo(fromHTTP(r), "10.0.0.9", Client{XFF: c.xff, TrustedPeer: c.trusted})
 			var got bytes.Buffer
 			n, err := h.WriteTo(&got)
 			if err != nil || n != int64(got.Len()) {
@@ -144,8 +141,8 @@ func TestForwardedHeaderCleansValues(t *testing.T) {
 		"X-Split":  {"a\r\nInjected: 1"},
 		"Bad Name": {"x"},
 	}}
-	var h forwardedHeader
-	h.forwardTo(fromHTTP(r), "10.0.0.9", client{})
+	var h ForwardedHeader
+	h.ForwardTo(fromHTTP(r), "10.0.0.9", Client{})
 	var got strings.Builder
 	h.WriteTo(&got)
 	if want := referenceForwarded(r, "10.0.0.9", "", false); got.String() != want {
@@ -159,8 +156,8 @@ func BenchmarkForwardedHeader(b *testing.B) {
 			r := parseForwardCase(b, i)
 			b.ReportAllocs()
 			for b.Loop() {
-				var h forwardedHeader
-				h.forwardTo(fromHTTP(r), "10.0.0.9", client{xff: c.xff})
+				var h ForwardedHeader
+				h.ForwardTo(fromHTTP(r), "10.0.0.9", Client{XFF: c.xff})
 				h.WriteTo(io.Discard)
 			}
 		})
@@ -187,39 +184,6 @@ func TestValidKey(t *testing.T) {
 	}
 	if n := testing.AllocsPerRun(100, func() { validKey("dGhlIHNhbXBsZSBub25jZQ==") }); n != 0 {
 		t.Errorf("validKey allocates %v times", n)
-	}
-}
-
-// TestCloseCodeSeries: the cached series are closeCodes' own children.
-func TestCloseCodeSeries(t *testing.T) {
-	reg := prometheus.NewRegistry()
-	m := newMetrics(reg)
-	cases := []struct {
-		upstream, sent bool
-		code           ws.StatusCode
-		leg, dir, lbl  string
-	}{
-		{false, false, ws.StatusNormalClosure, "client", "received", "1000"},
-		{true, true, ws.StatusGoingAway, "upstream", "sent", "1001"},
-		{false, true, 1015, "client", "sent", "1015"},
-		{true, false, 4000, "upstream", "received", "4xxx"},
-		{false, false, 999, "client", "received", "999"},
-	}
-	for _, c := range cases {
-		m.closeCode(c.upstream, c.sent, c.code).Inc()
-		m.closeCode(c.upstream, c.sent, c.code).Inc() // cached the second time
-		if got := metricValue(t, reg, "sluice_close_codes_total", "leg", c.leg, "direction", c.dir, "code", c.lbl); got != 2 {
-			t.Errorf("%s %s %s = %v, want 2", c.leg, c.dir, c.lbl, got)
-		}
-	}
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == "sluice_close_codes_total" && len(mf.GetMetric()) != len(cases) {
-			t.Errorf("%d close code series, want the %d used", len(mf.GetMetric()), len(cases))
-		}
 	}
 }
 
@@ -259,8 +223,8 @@ func TestForwardedHeaderLinear(t *testing.T) {
 	if err != nil {
 		t.Fatalf("read the 30 KB request: %v", err)
 	}
-	var h forwardedHeader
-	h.forwardTo(r, "10.0.0.9", client{})
+	var h ForwardedHeader
+	h.ForwardTo(r, "10.0.0.9", Client{})
 	var got strings.Builder
 	h.WriteTo(&got)
 	hr, err := http.ReadRequest(bufio.NewReader(strings.NewReader(raw)))
@@ -274,8 +238,8 @@ func TestForwardedHeaderLinear(t *testing.T) {
 
 	big := manyHeaders(1 << 20)
 	buf := []byte(big)
-	br := getRequest()
-	defer putRequest(br)
+	br := GetRequest()
+	defer PutRequest(br)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -283,9 +247,9 @@ func TestForwardedHeaderLinear(t *testing.T) {
 			t.Errorf("parse the 1 MiB request: %v", err)
 			return
 		}
-		checkUpgrade(br)
-		var h forwardedHeader
-		h.forwardTo(br, "10.0.0.9", client{})
+		CheckUpgrade(br)
+		var h ForwardedHeader
+		h.ForwardTo(br, "10.0.0.9", Client{})
 		h.WriteTo(io.Discard)
 	}()
 	// Linear work is milliseconds, under -race too; quadratic was
@@ -307,16 +271,16 @@ func BenchmarkHeaderSize(b *testing.B) {
 			b.SetBytes(int64(len(raw)))
 			b.ReportAllocs()
 			for b.Loop() {
-				r := getRequest()
+				r := GetRequest()
 				copy(buf, raw)
 				if err := parseRequest(buf, r); err != nil {
 					b.Fatal(err)
 				}
-				checkUpgrade(r)
-				var h forwardedHeader
-				h.forwardTo(r, "10.0.0.9", client{})
+				CheckUpgrade(r)
+				var h ForwardedHeader
+				h.ForwardTo(r, "10.0.0.9", Client{})
 				h.WriteTo(io.Discard)
-				putRequest(r)
+				PutRequest(r)
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(len(raw)), "ns/byte")
 		})

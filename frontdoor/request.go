@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 // The client's upgrade request, read straight from the socket: no
 // net/http, no header map, no bufio. The request line and header lines are
@@ -16,41 +16,41 @@ import (
 	"time"
 )
 
-// headReadSize bounds one read of the request head. Whatever follows the
+// HeadReadSize bounds one read of the request head. Whatever follows the
 // head in the last read is the client's first frames (clientPending),
 // which must fit the frame reader's buffer (frame: 32 KiB).
-const headReadSize = 4096
+const HeadReadSize = 4096
 
-// Errors of readRequest. The first three are answered; the others close
+// Errors of ReadRequest. The first three are answered; the others close
 // the connection without a word, as net/http does.
 var (
-	errHeadTooLarge = errors.New("proxy: request header too large")
-	errMalformed    = errors.New("proxy: malformed request")
-	errVersion      = errors.New("proxy: unsupported HTTP version")
+	ErrHeadTooLarge = errors.New("frontdoor: request header too large")
+	ErrMalformed    = errors.New("frontdoor: malformed request")
+	ErrVersion      = errors.New("frontdoor: unsupported HTTP version")
 )
 
 // field is one header line, its name canonical as net/http writes it.
 type field struct{ name, value string }
 
-// request is a client's upgrade request. Its strings are pieces of head:
+// Request is a client's upgrade request. Its strings are pieces of Head:
 // nothing refers to the read buffer, so a request may be kept after it.
-type request struct {
-	head         string
+type Request struct {
+	Head         string // request line and header lines, as read
 	method, uri  string
 	major, minor int
 	host         string
-	url          *url.URL
+	URL          *url.URL
 	fields       []field
-	hasBody      bool // Content-Length other than 0, or Transfer-Encoding
-	remoteAddr   string
-	tls          bool
+	hasBody      bool   // Content-Length other than 0, or Transfer-Encoding
+	RemoteAddr   string // the socket peer's host:port (the PROXY header's source)
+	TLS          bool   // the connection is TLS
 
-	buf []byte // the read buffer, headReadSize long, kept with the pooled request
+	buf []byte // the read buffer, HeadReadSize long, kept with the pooled request
 }
 
 // Values returns every value of the header name (canonical), as
 // http.Header.Values does. It allocates: for the rare checks only.
-func (r *request) Values(name string) []string {
+func (r *Request) Values(name string) []string {
 	var out []string
 	for i := range r.fields {
 		if r.fields[i].name == name {
@@ -60,9 +60,9 @@ func (r *request) Values(name string) []string {
 	return out
 }
 
-// one returns the only value of the header name and true, or false when
+// One returns the only value of the header name and true, or false when
 // there is none or more than one.
-func (r *request) one(name string) (string, bool) {
+func (r *Request) One(name string) (string, bool) {
 	v, n := "", 0
 	for i := range r.fields {
 		if r.fields[i].name == name {
@@ -72,8 +72,8 @@ func (r *request) one(name string) (string, bool) {
 	return v, n == 1
 }
 
-// has reports whether the header name is present.
-func (r *request) has(name string) bool {
+// Has reports whether the header name is present.
+func (r *Request) Has(name string) bool {
 	for i := range r.fields {
 		if r.fields[i].name == name {
 			return true
@@ -82,9 +82,9 @@ func (r *request) has(name string) bool {
 	return false
 }
 
-// hasToken reports whether any value of the header name lists token, as a
+// HasToken reports whether any value of the header name lists token, as a
 // comma-separated list, case-insensitively.
-func (r *request) hasToken(name, token string) bool {
+func (r *Request) HasToken(name, token string) bool {
 	for i := range r.fields {
 		if r.fields[i].name != name {
 			continue
@@ -99,43 +99,43 @@ func (r *request) hasToken(name, token string) bool {
 }
 
 var requestPool = sync.Pool{New: func() any {
-	return &request{fields: make([]field, 0, 16), buf: make([]byte, headReadSize)}
+	return &Request{fields: make([]field, 0, 16), buf: make([]byte, HeadReadSize)}
 }}
 
-func getRequest() *request { return requestPool.Get().(*request) }
+func GetRequest() *Request { return requestPool.Get().(*Request) }
 
-// putRequest recycles r. Its strings stay valid: they are not in the
-// read buffer; what readRequest returned as pending does not.
-func putRequest(r *request) {
+// PutRequest recycles r. Its strings stay valid: they are not in the
+// read buffer; what ReadRequest returned as pending does not.
+func PutRequest(r *Request) {
 	clear(r.fields)
-	*r = request{fields: r.fields[:0], buf: r.buf}
+	*r = Request{fields: r.fields[:0], buf: r.buf}
 	requestPool.Put(r)
 }
 
-// readRequest reads the request head from c into r, at most limit bytes
+// ReadRequest reads the request head from c into r, at most limit bytes
 // of it, and returns the bytes read after it (the client's first frames,
-// at most headReadSize), valid until putRequest. A read error (timeout,
+// at most HeadReadSize), valid until PutRequest. A read error (timeout,
 // EOF before the blank line) is returned as is. With idle > 0 each read
 // that leaves the head unfinished gives the next one idle at most, and
 // never past deadline: the caller set the first read's deadline.
-func readRequest(c net.Conn, r *request, limit int, idle time.Duration, deadline time.Time) (pending []byte, err error) {
+func ReadRequest(c net.Conn, r *Request, limit int, idle time.Duration, deadline time.Time) (pending []byte, err error) {
 	buf := r.buf
 	n, scanned := 0, 0
 	for {
 		if n == len(buf) {
 			if n >= limit {
-				return nil, errHeadTooLarge
+				return nil, ErrHeadTooLarge
 			}
 			// A long head: rare, and not pooled.
-			nb := make([]byte, min(2*len(buf), limit+headReadSize))
+			nb := make([]byte, min(2*len(buf), limit+HeadReadSize))
 			copy(nb, buf[:n])
 			buf = nb
 		}
-		m, rerr := c.Read(buf[n:min(len(buf), n+headReadSize)])
+		m, rerr := c.Read(buf[n:min(len(buf), n+HeadReadSize)])
 		n += m
 		if end := headEnd(buf[:n], scanned); end > 0 {
 			if end > limit {
-				return nil, errHeadTooLarge
+				return nil, ErrHeadTooLarge
 			}
 			if err := parseRequest(buf[:end], r); err != nil {
 				return nil, err
@@ -143,7 +143,7 @@ func readRequest(c net.Conn, r *request, limit int, idle time.Duration, deadline
 			return buf[end:n], nil
 		}
 		if n > limit {
-			return nil, errHeadTooLarge
+			return nil, ErrHeadTooLarge
 		}
 		// The blank line may straddle two reads: look again from 3 back.
 		scanned = max(n-3, 0)
@@ -186,11 +186,11 @@ func headEnd(b []byte, from int) int {
 // into r, with net/http's checks: a method token, HTTP/x.y, header names
 // that are tokens, values without control bytes, no line folding, one
 // Host (required from HTTP/1.1) of bytes a host may hold, Content-Length
-// a number, all copies equal; a major version other than 1 is errVersion
+// a number, all copies equal; a major version other than 1 is ErrVersion
 // (net/http's 505). An absolute-form target's host is the request's host,
 // whatever Host says (RFC 9112 §3.2.2). Header names are made canonical
 // in b first.
-func parseRequest(b []byte, r *request) error {
+func parseRequest(b []byte, r *Request) error {
 	// Canonical names in place, before the one copy to a string.
 	for i, start := 0, 0; i < len(b); i++ {
 		if b[i] != '\n' {
@@ -204,20 +204,20 @@ func parseRequest(b []byte, r *request) error {
 		start = i + 1
 	}
 	head := string(b)
-	r.head = head
+	r.Head = head
 	line, rest, _ := strings.Cut(head, "\n")
 	line = strings.TrimSuffix(line, "\r")
 	method, rl, ok1 := strings.Cut(line, " ")
 	uri, proto, ok2 := strings.Cut(rl, " ")
 	if !ok1 || !ok2 || !isToken(method, false) || uri == "" {
-		return errMalformed
+		return ErrMalformed
 	}
 	major, minor, ok := http.ParseHTTPVersion(proto)
 	if !ok {
-		return errMalformed
+		return ErrMalformed
 	}
 	if major != 1 {
-		return errVersion
+		return ErrVersion
 	}
 	r.method, r.uri, r.major, r.minor = method, uri, major, minor
 	var contentLength string
@@ -229,15 +229,15 @@ func parseRequest(b []byte, r *request) error {
 			break
 		}
 		if line[0] == ' ' || line[0] == '\t' {
-			return errMalformed // obsolete line folding (RFC 9112 §5.2)
+			return ErrMalformed // obsolete line folding (RFC 9112 §5.2)
 		}
 		name, value, ok := strings.Cut(line, ":")
 		if !ok || !isToken(name, false) {
-			return errMalformed
+			return ErrMalformed
 		}
 		value = strings.Trim(value, " \t")
 		if !validFieldValue(value) {
-			return errMalformed
+			return ErrMalformed
 		}
 		switch name {
 		case "Host":
@@ -245,7 +245,7 @@ func parseRequest(b []byte, r *request) error {
 			r.host = value
 		case "Content-Length":
 			if lengths > 0 && contentLength != value {
-				return errMalformed
+				return ErrMalformed
 			}
 			contentLength = value
 			lengths++
@@ -255,24 +255,24 @@ func parseRequest(b []byte, r *request) error {
 		r.fields = append(r.fields, field{name, value})
 	}
 	if hosts > 1 || (hosts == 0 && r.minor >= 1) || !validHost(r.host) {
-		return errMalformed
+		return ErrMalformed
 	}
 	if lengths > 0 {
 		if contentLength == "" {
-			return errMalformed
+			return ErrMalformed
 		}
 		for i := range len(contentLength) {
 			if c := contentLength[i]; c < '0' || c > '9' {
-				return errMalformed
+				return ErrMalformed
 			}
 		}
 		r.hasBody = r.hasBody || strings.TrimLeft(contentLength, "0") != ""
 	}
 	u, err := url.ParseRequestURI(uri)
 	if err != nil {
-		return errMalformed
+		return ErrMalformed
 	}
-	r.url = u
+	r.URL = u
 	if u.Host != "" {
 		r.host = u.Host // absolute form wins over Host, as net/http reads it
 	}
@@ -340,11 +340,11 @@ func validFieldValue(v string) bool {
 	return true
 }
 
-// requestFromHTTP builds a request from one net/http has parsed, for
+// RequestFromHTTP builds a request from one net/http has parsed, for
 // ServeHTTP.
-func requestFromHTTP(hr *http.Request, r *request) {
+func RequestFromHTTP(hr *http.Request, r *Request) {
 	r.method, r.uri, r.major, r.minor = hr.Method, hr.RequestURI, hr.ProtoMajor, hr.ProtoMinor
-	r.host, r.url, r.remoteAddr, r.tls = hr.Host, hr.URL, hr.RemoteAddr, hr.TLS != nil
+	r.host, r.URL, r.RemoteAddr, r.TLS = hr.Host, hr.URL, hr.RemoteAddr, hr.TLS != nil
 	r.hasBody = hr.ContentLength > 0 || len(hr.TransferEncoding) > 0
 	for name, vs := range hr.Header {
 		for _, v := range vs {

@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 // Upgrade pacing toward the backend (Options.UpstreamMaxHandshakes,
 // Options.UpstreamHandshakesPerSecond). When a backend restarts, every
@@ -31,9 +31,9 @@ import (
 
 // Why an upgrade got no turn.
 var (
-	errPacingTimeout  = errors.New("proxy: upstream handshake queue timeout")
-	errPacingFull     = errors.New("proxy: upstream handshake queue full")
-	errPacingDraining = errors.New("proxy: draining")
+	errPacingTimeout  = errors.New("frontdoor: upstream handshake queue timeout")
+	errPacingFull     = errors.New("frontdoor: upstream handshake queue full")
+	errPacingDraining = errors.New("frontdoor: draining")
 )
 
 // defaultPacingQueue bounds the queue when MaxConnections does not.
@@ -127,16 +127,18 @@ func (q *handshakeQueue) remove(w *waiter) bool {
 	return false
 }
 
-// pacingMetrics are the pacer's series, registered whether or not pacing
+// PacingMetrics are the pacer's series, registered whether or not pacing
 // is on, so that dashboards show 0 rather than nothing.
-type pacingMetrics struct {
+type PacingMetrics struct {
 	queued   prometheus.Gauge
 	inFlight prometheus.Gauge
 	wait     prometheus.Histogram
 }
 
-func newPacingMetrics(reg prometheus.Registerer) *pacingMetrics {
-	m := &pacingMetrics{
+// NewPacingMetrics makes the pacer's series, registered into reg unless
+// it is nil.
+func NewPacingMetrics(reg prometheus.Registerer) *PacingMetrics {
+	m := &PacingMetrics{
 		queued: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "sluice_upstream_handshake_queue_length", Help: "Upgrades waiting for their turn toward the backend (upgrade pacing).",
 		}),
@@ -154,12 +156,30 @@ func newPacingMetrics(reg prometheus.Registerer) *pacingMetrics {
 	return m
 }
 
-// upstreamPacer gives upgrades their turns toward the backend.
-type upstreamPacer struct {
+// PacingConfig is upgrade pacing's part of Options.
+type PacingConfig struct {
+	MaxHandshakes       int // Options.UpstreamMaxHandshakes; 0: no bound
+	HandshakesPerSecond int // Options.UpstreamHandshakesPerSecond; 0: no rate
+	// Queue bounds the upgrades waiting; 0: MaxConnections, or 10,000
+	// without one.
+	Queue          int
+	MaxConnections int
+	QueueTimeout   time.Duration // the longest wait for a turn
+	// AnswerTimeout bounds the write of a refusal after a wait
+	// (Options.HandshakeTimeout).
+	AnswerTimeout time.Duration
+	// Rejected is sluice_connections_rejected_total, by reason.
+	Rejected *prometheus.CounterVec
+}
+
+// Pacer gives upgrades their turns toward the backend.
+type Pacer struct {
 	max      int           // turns at once; 0: no bound
 	interval time.Duration // between turns' starts; 0: no rate
 	timeout  time.Duration // the longest wait for a turn
-	metrics  *pacingMetrics
+	answer   time.Duration // PacingConfig.AnswerTimeout
+	rejected *prometheus.CounterVec
+	metrics  *PacingMetrics
 
 	mu       sync.Mutex
 	q        *handshakeQueue // guarded by mu
@@ -170,12 +190,12 @@ type upstreamPacer struct {
 	closed   bool            // draining: no more turns; guarded by mu
 }
 
-// newUpstreamPacer is the pacer of o, or nil when o sets no pacing.
-func newUpstreamPacer(o *Options, m *pacingMetrics) *upstreamPacer {
-	if o.UpstreamMaxHandshakes <= 0 && o.UpstreamHandshakesPerSecond <= 0 {
+// NewPacer is the pacer of o, or nil when o sets no pacing.
+func NewPacer(o PacingConfig, m *PacingMetrics) *Pacer {
+	if o.MaxHandshakes <= 0 && o.HandshakesPerSecond <= 0 {
 		return nil
 	}
-	bound := o.UpstreamHandshakeQueue
+	bound := o.Queue
 	if bound <= 0 {
 		// Each queued upgrade already holds a connection under
 		// MaxConnections; without one, a fixed bound.
@@ -184,20 +204,23 @@ func newUpstreamPacer(o *Options, m *pacingMetrics) *upstreamPacer {
 			bound = defaultPacingQueue
 		}
 	}
-	p := &upstreamPacer{max: o.UpstreamMaxHandshakes, timeout: o.UpstreamQueueTimeout, metrics: m, q: newHandshakeQueue(bound)}
-	if o.UpstreamHandshakesPerSecond > 0 {
-		p.interval = max(time.Second/time.Duration(o.UpstreamHandshakesPerSecond), 1)
+	p := &Pacer{
+		max: o.MaxHandshakes, timeout: o.QueueTimeout, answer: o.AnswerTimeout,
+		rejected: o.Rejected, metrics: m, q: newHandshakeQueue(bound),
+	}
+	if o.HandshakesPerSecond > 0 {
+		p.interval = max(time.Second/time.Duration(o.HandshakesPerSecond), 1)
 	}
 	return p
 }
 
 // free reports whether a turn may start at now; the caller holds mu.
-func (p *upstreamPacer) free(now time.Time) bool {
+func (p *Pacer) free(now time.Time) bool {
 	return (p.max <= 0 || p.inFlight < p.max) && (p.interval == 0 || !now.Before(p.due))
 }
 
 // start counts a turn starting at now; the caller holds mu.
-func (p *upstreamPacer) start(now time.Time) {
+func (p *Pacer) start(now time.Time) {
 	p.inFlight++
 	p.metrics.inFlight.Set(float64(p.inFlight))
 	if p.interval > 0 {
@@ -213,7 +236,7 @@ func (p *upstreamPacer) start(now time.Time) {
 // wait blocks until the upgrade of a client whose fairness key is key has
 // its turn, and returns nil, or the reason it has none. A nil error
 // obliges the caller to call finish.
-func (p *upstreamPacer) wait(key netip.Addr) (queued bool, err error) {
+func (p *Pacer) wait(key netip.Addr) (queued bool, err error) {
 	began := time.Now()
 	p.mu.Lock()
 	if p.closed {
@@ -255,7 +278,7 @@ func (p *upstreamPacer) wait(key netip.Addr) (queued bool, err error) {
 }
 
 // finish ends a turn: the upstream answered, or failed.
-func (p *upstreamPacer) finish() {
+func (p *Pacer) finish() {
 	p.mu.Lock()
 	p.inFlight--
 	p.metrics.inFlight.Set(float64(p.inFlight))
@@ -266,7 +289,7 @@ func (p *upstreamPacer) finish() {
 // dispatch starts the turns now due; the caller holds mu. When only the
 // rate holds the queue back, a timer calls it again when the next turn
 // is due.
-func (p *upstreamPacer) dispatch(now time.Time) {
+func (p *Pacer) dispatch(now time.Time) {
 	for p.q.len() > 0 && !p.closed {
 		if !p.free(now) {
 			if p.interval > 0 && now.Before(p.due) && (p.max <= 0 || p.inFlight < p.max) && !p.ticking {
@@ -287,17 +310,20 @@ func (p *upstreamPacer) dispatch(now time.Time) {
 	p.metrics.queued.Set(float64(p.q.len()))
 }
 
-func (p *upstreamPacer) tick() {
+func (p *Pacer) tick() {
 	p.mu.Lock()
 	p.ticking = false
 	p.dispatch(time.Now())
 	p.mu.Unlock()
 }
 
-// close refuses every waiting upgrade and every later one: sluice is
+// Close refuses every waiting upgrade and every later one: sluice is
 // shutting down, and a queued client should hear so now, not at its
-// timeout.
-func (p *upstreamPacer) close() {
+// timeout. A nil pacer has none.
+func (p *Pacer) Close() {
+	if p == nil {
+		return
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.closed = true
@@ -311,9 +337,9 @@ func (p *upstreamPacer) close() {
 	p.metrics.queued.Set(0)
 }
 
-// counts are the turns under way and the upgrades waiting, for status
-// pages.
-func (p *upstreamPacer) counts() (inFlight, queued int) {
+// Counts are the turns under way and the upgrades waiting, for status
+// pages; 0, 0 for a nil pacer.
+func (p *Pacer) Counts() (inFlight, queued int) {
 	if p == nil {
 		return 0, 0
 	}
@@ -322,50 +348,49 @@ func (p *upstreamPacer) counts() (inFlight, queued int) {
 	return p.inFlight, p.q.len()
 }
 
-// upstreamTurn is an upgrade's turn toward the backend; its zero value
-// holds none.
-type upstreamTurn struct{ p *upstreamPacer }
+// Turn is an upgrade's turn toward the backend; its zero value holds
+// none.
+type Turn struct{ p *Pacer }
 
-// end gives the turn back; it may be called again (a deferred call after
+// End gives the turn back; it may be called again (a deferred call after
 // a panic), and does nothing then.
-func (t *upstreamTurn) end() {
+func (t *Turn) End() {
 	if t.p != nil {
 		t.p.finish()
 		t.p = nil
 	}
 }
 
-// takeTurn waits, with pacing on, for the upgrade of cl on c to have its
-// turn toward the backend. When it gets none, it has answered c with 503
-// and Retry-After, and ok is false.
-func (s *Server) takeTurn(c net.Conn, cl client) (t upstreamTurn, ok bool) {
-	p := s.pacer
+// TakeTurn waits, with pacing on (p not nil), for the upgrade of cl on c
+// to have its turn toward the backend. When it gets none, it has answered
+// c with 503 and Retry-After, and ok is false.
+func (p *Pacer) TakeTurn(c net.Conn, cl Client) (t Turn, ok bool) {
 	if p == nil {
-		return upstreamTurn{}, true
+		return Turn{}, true
 	}
-	queued, err := p.wait(clientKey(cl.addr))
+	queued, err := p.wait(ClientKey(cl.Addr))
 	if err == nil {
-		t = upstreamTurn{p: p}
+		t = Turn{p: p}
 		if queued && clientGone(c) {
 			// It gave up while it waited (a storm's clients retry): its
 			// turn goes to the next, and the backend never sees it.
-			t.end()
-			s.metrics.rejected.WithLabelValues("client_gone").Inc()
-			return upstreamTurn{}, false
+			t.End()
+			p.rejected.WithLabelValues("client_gone").Inc()
+			return Turn{}, false
 		}
 		return t, true
 	}
 	// The wait may have outlasted the handshake's write deadline.
-	c.SetWriteDeadline(time.Now().Add(s.opts.HandshakeTimeout))
+	c.SetWriteDeadline(time.Now().Add(p.answer))
 	switch err {
 	case errPacingDraining:
-		s.reject(c, http.StatusServiceUnavailable, "draining", "sluice is shutting down", retryAfter())
+		refuse(c, p.rejected, http.StatusServiceUnavailable, "draining", "sluice is shutting down", RetryAfter())
 	case errPacingFull:
-		s.reject(c, http.StatusServiceUnavailable, "upstream_queue_full", "too many upgrades waiting for the backend, retry later", retryAfter())
+		refuse(c, p.rejected, http.StatusServiceUnavailable, "upstream_queue_full", "too many upgrades waiting for the backend, retry later", RetryAfter())
 	default:
-		s.reject(c, http.StatusServiceUnavailable, "upstream_queue_timeout", "the backend is busy with other upgrades, retry later", retryAfter())
+		refuse(c, p.rejected, http.StatusServiceUnavailable, "upstream_queue_timeout", "the backend is busy with other upgrades, retry later", RetryAfter())
 	}
-	return upstreamTurn{}, false
+	return Turn{}, false
 }
 
 // clientGone reports whether c's peer has closed or reset it, without

@@ -1,4 +1,4 @@
-package proxy
+package frontdoor
 
 // Origin patterns: which web origins may open WebSockets through sluice
 // (Options.AllowedOrigins), checked by admission control.
@@ -29,12 +29,30 @@ func CheckOriginPattern(s string) error {
 	return err
 }
 
-func (a *admission) originAllowed(origin string) bool {
+// Origins are the parsed entries of Options.AllowedOrigins.
+type Origins []originPattern
+
+// ParseOrigins parses list, each entry as CheckOriginPattern wants it.
+func ParseOrigins(list []string) (Origins, error) {
+	var out Origins
+	for _, s := range list {
+		p, err := parseOrigin(s, true)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// Allowed reports whether the Origin header value origin matches one of
+// the patterns.
+func (list Origins) Allowed(origin string) bool {
 	o, err := parseOrigin(origin, false)
 	if err != nil {
 		return false // "null", paths, garbage: never allowed by a list
 	}
-	for _, p := range a.origins {
+	for _, p := range list {
 		if p.scheme == o.scheme && p.port == o.port &&
 			(o.host == p.host || p.wildcard && len(o.host) > len(p.host) && strings.HasSuffix(o.host, p.host)) {
 			return true
