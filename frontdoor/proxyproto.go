@@ -91,6 +91,23 @@ func (pp *ProxyProtocol) HeaderOK(c net.Conn) bool {
 	return false
 }
 
+// SessionConn is the connection a session reads and writes in place of c:
+// beneath a PROXY-protocol connection, the TCP connection itself, so that
+// the session gets its descriptor (Reader.Serve, epoll parking, batched
+// writev, the unsent-bytes count: without it, every frame it writes
+// costs a goroutine, and every idle session a stack). Call it only after
+// ReadRequest: the library buffers at most 256 bytes past the header
+// (its default, which Listener keeps), and hands them all to the first
+// read, which is ReadRequest's, of HeadReadSize; from then on its reads
+// go straight to the socket, and its writes always do. Any other c,
+// TLS included, is returned as it is.
+func SessionConn(c net.Conn) net.Conn {
+	if pc, ok := c.(*proxyproto.Conn); ok {
+		return pc.Raw()
+	}
+	return c
+}
+
 // refuse counts a connection refused for its PROXY header and logs a
 // line at most once a second.
 func (pp *ProxyProtocol) refuse(peer string, err error) {

@@ -224,11 +224,12 @@ func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began
 		return nil
 	}
 	c.SetDeadline(time.Time{})
+	client := frontdoor.SessionConn(c) // the socket itself beneath a PROXY header
 	if s.opts.ClientWriteBuffer > 0 {
-		sockopt.SetConnBuffer(c, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
+		sockopt.SetConnBuffer(client, syscall.SO_SNDBUF, s.opts.ClientWriteBuffer)
 	}
 	if s.opts.ClientReadBuffer > 0 {
-		sockopt.SetConnBuffer(c, syscall.SO_RCVBUF, s.opts.ClientReadBuffer)
+		sockopt.SetConnBuffer(client, syscall.SO_RCVBUF, s.opts.ClientReadBuffer)
 	}
 	var upstreamPending []byte
 	if upBuf != nil {
@@ -241,7 +242,7 @@ func (s *Server) upgrade(c net.Conn, r *frontdoor.Request, pending []byte, began
 	// The frame readers copy both pendings: the buffers they are in may be
 	// recycled once startSession returns.
 	ss := s.startSession(&upgraded{
-		client: c, clientPending: pending,
+		client: client, clientPending: pending,
 		upstream: upConn, upstreamPending: upstreamPending,
 		clientAddr: cl.Addr, target: target, protocol: hs.Protocol, ext: ext,
 	})
