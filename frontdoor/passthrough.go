@@ -13,14 +13,17 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	stdlog "log"
 	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"os"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -39,6 +42,11 @@ const (
 	passUpstreamIdleTimeout = 90 * time.Second
 	// passMaxResponseHeader bounds the upstream's response headers.
 	passMaxResponseHeader = 1 << 20
+	// passBodyIdleTimeout bounds each wait for more of a request's body
+	// (nginx client_body_timeout: 60 s): a client that stops sending its
+	// body holds a connection, a goroutine and an upstream connection no
+	// longer than that, and gets 408.
+	passBodyIdleTimeout = 60 * time.Second
 )
 
 // PassThroughConfig is what pass-through is given: the upstream and
@@ -62,6 +70,9 @@ type PassThroughConfig struct {
 	// the requests passed through.
 	Requests *prometheus.CounterVec
 	Seconds  prometheus.Histogram
+	// BodyIdleTimeout bounds each wait for more of a request's body; 0:
+	// passBodyIdleTimeout.
+	BodyIdleTimeout time.Duration
 }
 
 // PassThrough serves the plain HTTP requests of a server.
@@ -96,6 +107,9 @@ func NewPassThrough(o PassThroughConfig) *PassThrough {
 		// Bodies pass as they are: no Accept-Encoding added, nothing
 		// decompressed.
 		DisableCompression: true,
+	}
+	if o.BodyIdleTimeout <= 0 {
+		o.BodyIdleTimeout = passBodyIdleTimeout
 	}
 	p := &PassThrough{cfg: o, origin: &origin, conns: newConnQueue()}
 	p.proxy = &httputil.ReverseProxy{
@@ -171,7 +185,13 @@ func (p *PassThrough) Serve(w http.ResponseWriter, hr *http.Request) {
 	// streaming echo, an upload with progress): net/http's server would
 	// otherwise stop reading the body once the answer begins, and swallow
 	// or cut the rest. ServeHTTP embedded in a server without it: as before.
-	http.NewResponseController(w).EnableFullDuplex()
+	ctl := http.NewResponseController(w)
+	ctl.EnableFullDuplex()
+	if hr.Body != nil && hr.Body != http.NoBody {
+		b := &idleBody{ReadCloser: hr.Body, ctl: ctl, idle: p.cfg.BodyIdleTimeout}
+		hr = hr.WithContext(context.WithValue(hr.Context(), idleBodyKey{}, b)) // for fail
+		hr.Body = b
+	}
 	rec := &statusRecorder{ResponseWriter: w}
 	p.proxy.ServeHTTP(rec, hr)
 	code := rec.code
@@ -206,6 +226,14 @@ func (p *PassThrough) fail(w http.ResponseWriter, hr *http.Request, err error) {
 	status, reason := DialFailure(err)
 	if errors.Is(hr.Context().Err(), context.Canceled) {
 		status, reason = 499, "client_gone"
+	}
+	if b, ok := hr.Context().Value(idleBodyKey{}).(*idleBody); ok && b.stalled() {
+		// The client's fault, not the upstream's. The connection closes
+		// after the answer: what is left of the body would be read as
+		// the next request.
+		w.Header().Set("Connection", "close")
+		p.cfg.Log.Debug().Str("client", hr.RemoteAddr).Dur("body_idle_timeout", b.idle).Msg("request body stalled")
+		status, reason = http.StatusRequestTimeout, "client_gone"
 	}
 	if reason != "client_gone" {
 		if n, ok := p.failed.Note(time.Since(p.cfg.Admission.Began())); ok {
@@ -377,4 +405,57 @@ func StatusClass(code int) string {
 		return statusClasses[code/100-1]
 	}
 	return "other"
+}
+
+type idleBodyKey struct{}
+
+// idleBody is a request's body whose every read must bring bytes within
+// idle: a read deadline on the client's connection, lifted when the body
+// ends, before net/http's own read of the connection begins.
+type idleBody struct {
+	io.ReadCloser
+	ctl  *http.ResponseController
+	idle time.Duration
+
+	deadline atomic.Int64 // the read under way's deadline, Unix ns; 0 between reads
+	mu       sync.Mutex   // held by Read
+	timedOut bool         // guarded by mu
+}
+
+func (b *idleBody) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	d := time.Now().Add(b.idle)
+	b.deadline.Store(d.UnixNano())
+	b.ctl.SetReadDeadline(d)
+	n, err := b.ReadCloser.Read(p)
+	b.deadline.Store(0)
+	switch {
+	case err == nil:
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		// The deadline stays: net/http's discard of the body's rest
+		// then fails at once, and the connection closes.
+		b.timedOut = true
+	default:
+		b.ctl.SetReadDeadline(time.Time{})
+	}
+	return n, err
+}
+
+// stalled reports whether the body's read timed out. The read's error
+// cancels the request (net/http cancels it on any read error of the
+// connection) before Read returns: a read past its deadline is waited
+// for, so that it has returned before the answer, and net/http's next
+// read of the connection does not meet it.
+func (b *idleBody) stalled() bool {
+	if d := b.deadline.Load(); d != 0 && time.Now().UnixNano() >= d {
+		b.mu.Lock() // a read past its deadline: about to return
+		defer b.mu.Unlock()
+		return b.timedOut
+	}
+	if !b.mu.TryLock() {
+		return false // a read under way, within its deadline
+	}
+	defer b.mu.Unlock()
+	return b.timedOut
 }
