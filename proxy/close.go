@@ -58,13 +58,13 @@ func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
 		// The upstream answered the close sluice sent it: the client's
 		// own close may go now, behind everything before it.
 		s.closeLeg(dst, s.hold.code, s.hold.text, false)
-	case dst.end.out == outNone && !dst.dead:
+	case dst.end.out == outNone && !dst.end.lost():
 		// Pass the close on as it came: same code, same reason, same mask.
 		seg := limiter.NewSegment(len(wire))
 		*seg.Buf = append(*seg.Buf, wire...)
 		s.queueClose(dst, seg, code, false)
 	}
-	if src.end.out == outNone && dst.dead {
+	if src.end.out == outNone && dst.end.lost() {
 		// Nobody can answer for the other side: echo the code.
 		echo := code
 		if echo == ws.StatusNoStatusRcvd {
@@ -85,7 +85,7 @@ func closeSegment(code ws.StatusCode, reason string, masked bool) *limiter.Segme
 // queueClose queues seg as l's close frame and starts the close timer.
 // Callers hold s.mu.
 func (s *session) queueClose(l *leg, seg *limiter.Segment, code ws.StatusCode, first bool) {
-	if l.dead || !l.queue().PushClose(seg, first) {
+	if l.end.lost() || !l.queue().PushClose(seg, first) {
 		seg.Free()
 		return
 	}
@@ -104,7 +104,7 @@ func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool
 		s.hold.timer.Stop()
 		code, reason = s.hold.code, s.hold.text
 	}
-	if l.dead {
+	if l.end.lost() {
 		return
 	}
 	if l.end.out != outNone {
@@ -171,7 +171,7 @@ func (s *session) lost(src *leg, err error) {
 		s.unlock()
 		return
 	}
-	src.dead = true
+	src.end.step(evLost)
 	s.doom(src, false)
 	if src.ka != nil {
 		src.ka.Stop()
@@ -205,8 +205,8 @@ func (s *session) writeFailed(dst *leg, err error) {
 		// can the upstream, whose stream has no frame boundary left:
 		// its socket goes too, reset, as its backend is wedged.
 		s.mu.Lock()
-		dst.dead = true // no close is queued for it
-		s.upstream.dead = true
+		dst.end.step(evLost) // no close is queued for it
+		s.upstream.end.step(evLost)
 		s.doom(&s.upstream, true)
 		s.unlock()
 		s.end(causeUpstreamFrameTimeout, nil)
@@ -220,7 +220,7 @@ func (s *session) writeFailed(dst *leg, err error) {
 		s.unlock()
 		return
 	}
-	dst.dead = true
+	dst.end.step(evLost)
 	dst.queue().Close()
 	// A client that stopped reading would keep what the kernel holds for
 	// it in an orphaned socket for minutes: reset it instead; so too a
@@ -396,7 +396,8 @@ func (s *session) readerEnded(src *leg, clean bool) {
 
 // A leg's ending, as named states: how far sluice's close toward the leg
 // has gone (closeOut), what the leg's peer has said (closeIn), how far its
-// reader is (readState) and its socket (sockState). Each moves only by the
+// reader is (readState), whether its socket still carries anything
+// (linkState) and how far the socket is closed (sockState). Each moves only by the
 // events below, through one table (legSteps); the code above and
 // endings.go decide which event happens, from the session's cause.
 // All of it is guarded by s.mu.
@@ -428,6 +429,14 @@ const (
 	readDone                      // no reader will read the socket again
 )
 
+// linkState is whether the leg's socket still carries anything.
+type linkState uint8
+
+const (
+	linkUp   linkState = iota
+	linkLost           // the socket failed: nothing more goes either way
+)
+
 // sockState is how far the leg's socket is in its ending.
 type sockState uint8
 
@@ -451,6 +460,7 @@ const (
 	evDoom                          // close the socket at unlock
 	evDoomReset                     // ... with a reset
 	evSocketClosed                  // unlock closed it
+	evLost                          // a read or write of the socket failed
 	numLegEvents
 )
 
@@ -459,6 +469,7 @@ type legState struct {
 	out  closeOut
 	in   closeIn
 	read readState
+	link linkState
 	sock sockState
 }
 
@@ -468,6 +479,7 @@ type legStep struct {
 	out  [3]closeOut
 	in   [3]closeIn
 	read [3]readState
+	link [2]linkState
 	sock [4]sockState
 }
 
@@ -476,29 +488,35 @@ var (
 	sameOut  = [3]closeOut{outNone, outQueued, outWritten}
 	sameIn   = [3]closeIn{inAwaited, inNotAwaited, inReceived}
 	sameRead = [3]readState{reading, readDraining, readDone}
+	sameLink = [2]linkState{linkUp, linkLost}
 	sameSock = [4]sockState{sockOpen, sockDoomed, sockDoomedReset, sockClosed}
 )
 
 // legSteps is every transition of a leg's ending.
 var legSteps = [numLegEvents]legStep{
-	evCloseQueued:  {out: [3]closeOut{outQueued, outQueued, outWritten}, in: sameIn, read: sameRead, sock: sameSock},
-	evCloseWritten: {out: [3]closeOut{outNone, outWritten, outWritten}, in: sameIn, read: sameRead, sock: sameSock},
+	evCloseQueued:  {out: [3]closeOut{outQueued, outQueued, outWritten}, in: sameIn, read: sameRead, link: sameLink, sock: sameSock},
+	evCloseWritten: {out: [3]closeOut{outNone, outWritten, outWritten}, in: sameIn, read: sameRead, link: sameLink, sock: sameSock},
 	// A close received stands: the peer has said its last word either way.
-	evCloseReceived: {out: sameOut, in: [3]closeIn{inReceived, inReceived, inReceived}, read: sameRead, sock: sameSock},
-	evNoReply:       {out: sameOut, in: [3]closeIn{inNotAwaited, inNotAwaited, inReceived}, read: sameRead, sock: sameSock},
-	evDrain:         {out: sameOut, in: sameIn, read: [3]readState{readDraining, readDraining, readDone}, sock: sameSock},
-	evReaderEnded:   {out: sameOut, in: sameIn, read: [3]readState{readDone, readDone, readDone}, sock: sameSock},
-	evDoom:          {out: sameOut, in: sameIn, read: sameRead, sock: [4]sockState{sockDoomed, sockDoomed, sockDoomedReset, sockClosed}},
-	evDoomReset:     {out: sameOut, in: sameIn, read: sameRead, sock: [4]sockState{sockDoomedReset, sockDoomedReset, sockDoomedReset, sockClosed}},
+	evCloseReceived: {out: sameOut, in: [3]closeIn{inReceived, inReceived, inReceived}, read: sameRead, link: sameLink, sock: sameSock},
+	evNoReply:       {out: sameOut, in: [3]closeIn{inNotAwaited, inNotAwaited, inReceived}, read: sameRead, link: sameLink, sock: sameSock},
+	evDrain:         {out: sameOut, in: sameIn, read: [3]readState{readDraining, readDraining, readDone}, link: sameLink, sock: sameSock},
+	evReaderEnded:   {out: sameOut, in: sameIn, read: [3]readState{readDone, readDone, readDone}, link: sameLink, sock: sameSock},
+	evDoom:          {out: sameOut, in: sameIn, read: sameRead, link: sameLink, sock: [4]sockState{sockDoomed, sockDoomed, sockDoomedReset, sockClosed}},
+	evDoomReset:     {out: sameOut, in: sameIn, read: sameRead, link: sameLink, sock: [4]sockState{sockDoomedReset, sockDoomedReset, sockDoomedReset, sockClosed}},
 	// Only a doomed socket is closed (unlock).
-	evSocketClosed: {out: sameOut, in: sameIn, read: sameRead, sock: [4]sockState{sockOpen, sockClosed, sockClosed, sockClosed}},
+	evSocketClosed: {out: sameOut, in: sameIn, read: sameRead, link: sameLink, sock: [4]sockState{sockOpen, sockClosed, sockClosed, sockClosed}},
+	// Lost stands: a socket that failed carries nothing again.
+	evLost: {out: sameOut, in: sameIn, read: sameRead, link: [2]linkState{linkLost, linkLost}, sock: sameSock},
 }
 
 // step moves the leg's ending by ev. Callers hold s.mu.
 func (st *legState) step(ev legEvent) {
 	t := &legSteps[ev]
-	st.out, st.in, st.read, st.sock = t.out[st.out], t.in[st.in], t.read[st.read], t.sock[st.sock]
+	st.out, st.in, st.read, st.link, st.sock = t.out[st.out], t.in[st.in], t.read[st.read], t.link[st.link], t.sock[st.sock]
 }
+
+// lost: the leg's socket failed; nothing more goes either way.
+func (st legState) lost() bool { return st.link == linkLost }
 
 // closeHandshakeDone: sluice's close is written and the peer's arrived.
 func (st legState) closeHandshakeDone() bool { return st.out == outWritten && st.in == inReceived }

@@ -38,6 +38,12 @@ func TestLegSteps(t *testing.T) {
 		{"an open socket is not closed", legState{}, evSocketClosed, legState{}},
 		{"a closed socket is closed once", legState{sock: sockClosed}, evDoomReset, legState{sock: sockClosed}},
 
+		{"the socket fails", legState{}, evLost, legState{link: linkLost}},
+		{"lost stands", legState{link: linkLost}, evLost, legState{link: linkLost}},
+		{"a lost socket is doomed and closed as any", legState{link: linkLost}, evDoom, legState{link: linkLost, sock: sockDoomed}},
+		{"a lost socket keeps its close state", legState{out: outQueued, in: inAwaited, read: readDraining}, evLost,
+			legState{out: outQueued, read: readDraining, link: linkLost}},
+
 		// Every part keeps its state under the events of the others.
 		{"a queued close under a reset", legState{out: outQueued, in: inReceived, read: readDraining}, evDoomReset,
 			legState{out: outQueued, in: inReceived, read: readDraining, sock: sockDoomedReset}},
@@ -73,7 +79,10 @@ func TestLegFinished(t *testing.T) {
 		{[]legEvent{evCloseReceived}, false, false},
 	}
 	for _, tt := range tests {
-		l := leg{dead: tt.dead}
+		l := leg{}
+		if tt.dead {
+			l.end.step(evLost)
+		}
 		for _, ev := range tt.events {
 			l.end.step(ev)
 		}

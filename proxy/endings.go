@@ -232,11 +232,11 @@ func (s *session) holdBound() time.Duration { return s.srv.opts.CloseTimeout / 2
 // sends meanwhile is still forwarded. Callers hold s.mu.
 func (s *session) holdClientClose(code ws.StatusCode, text string) {
 	c := &s.client
-	if c.dead || c.end.out != outNone || s.hold.on {
+	if c.end.lost() || c.end.out != outNone || s.hold.on {
 		return
 	}
 	up := &s.upstream
-	if up.dead || up.end.in == inReceived {
+	if up.end.lost() || up.end.in == inReceived {
 		s.closeLeg(c, code, text, false)
 		return
 	}
@@ -299,9 +299,9 @@ func (s *session) guardEvict(r limiter.Reason) {
 // needed, and the client is not reading.
 func (s *session) reclaim() {
 	s.mu.Lock()
-	if !s.client.dead && s.client.end.read != readDone {
+	if !s.client.end.lost() && s.client.end.read != readDone {
 		s.noteEnd(noteReclaimed, "")
-		s.client.dead = true
+		s.client.end.step(evLost)
 		s.doom(&s.client, true)
 		s.checkDoneLocked()
 	}

@@ -70,7 +70,6 @@ type leg struct {
 	// The leg's ending (close.go), guarded by s.mu.
 	end         legState
 	flushWanted bool // a close was queued or moved ahead under s.mu: unlock writes it
-	dead        bool // the socket failed: nothing more goes either way
 	sentCode    ws.StatusCode
 	rcvdCode    ws.StatusCode
 }
@@ -101,7 +100,7 @@ func (l *leg) peer() *leg {
 
 // finished: nothing more is expected on this leg. Callers hold s.mu.
 func (l *leg) finished() bool {
-	return l.dead || (l.end.out == outWritten && l.end.in != inAwaited)
+	return l.end.lost() || (l.end.out == outWritten && l.end.in != inAwaited)
 }
 
 // SendPing implements keepalive.Peer: the ping goes on the priority lane.
