@@ -54,7 +54,7 @@ func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
 	}
 	s.noteEnd(src.note(noteClientClosed, noteUpstreamClosed), "")
 	switch {
-	case !dst.upstream && s.hold.on:
+	case dst.end.out == outHeld:
 		// The upstream answered the close sluice sent it: the client's
 		// own close may go now, behind everything before it.
 		s.closeLeg(dst, s.hold.code, s.hold.text, false)
@@ -64,7 +64,7 @@ func (s *session) closeReceived(src, dst *leg, payload, wire []byte) {
 		*seg.Buf = append(*seg.Buf, wire...)
 		s.queueClose(dst, seg, code, false)
 	}
-	if src.end.out == outNone && dst.end.lost() {
+	if (src.end.out == outNone || src.end.out == outHeld) && dst.end.lost() {
 		// Nobody can answer for the other side: echo the code.
 		echo := code
 		if echo == ws.StatusNoStatusRcvd {
@@ -99,15 +99,14 @@ func (s *session) queueClose(l *leg, seg *limiter.Segment, code ws.StatusCode, f
 // held for the client (holdClientClose) takes the place of any other.
 // Callers hold s.mu.
 func (s *session) closeLeg(l *leg, code ws.StatusCode, reason string, first bool) {
-	if l == &s.client && s.hold.on {
-		s.hold.on = false
+	if l.end.out == outHeld {
 		s.hold.timer.Stop()
 		code, reason = s.hold.code, s.hold.text
 	}
 	if l.end.lost() {
 		return
 	}
-	if l.end.out != outNone {
+	if l.end.out == outQueued || l.end.out == outWritten {
 		if first {
 			// Let the queued close overtake the data.
 			l.queue().Expedite()
@@ -407,6 +406,7 @@ type closeOut uint8
 
 const (
 	outNone    closeOut = iota // no close queued toward the leg
+	outHeld                    // decided, held back until the other leg has answered (holdClientClose)
 	outQueued                  // queued (or moved ahead of the data)
 	outWritten                 // on the wire
 )
@@ -451,7 +451,8 @@ const (
 type legEvent uint8
 
 const (
-	evCloseQueued   legEvent = iota // sluice queued its close toward the leg
+	evCloseHeld     legEvent = iota // sluice decided its close toward the leg, and holds it back
+	evCloseQueued                   // sluice queued its close toward the leg
 	evCloseWritten                  // ... and wrote it
 	evCloseReceived                 // the peer's close frame arrived
 	evNoReply                       // the peer's close is not to be awaited
@@ -476,7 +477,7 @@ type legState struct {
 // legStep is one row of legSteps: the part an event moves and, per state
 // of that part, the next. A state an event does not move maps to itself.
 type legStep struct {
-	out  [3]closeOut
+	out  [4]closeOut
 	in   [3]closeIn
 	read [3]readState
 	link [2]linkState
@@ -485,7 +486,7 @@ type legStep struct {
 
 // same is the row of an event that moves nothing in a part.
 var (
-	sameOut  = [3]closeOut{outNone, outQueued, outWritten}
+	sameOut  = [4]closeOut{outNone, outHeld, outQueued, outWritten}
 	sameIn   = [3]closeIn{inAwaited, inNotAwaited, inReceived}
 	sameRead = [3]readState{reading, readDraining, readDone}
 	sameLink = [2]linkState{linkUp, linkLost}
@@ -494,8 +495,9 @@ var (
 
 // legSteps is every transition of a leg's ending.
 var legSteps = [numLegEvents]legStep{
-	evCloseQueued:  {out: [3]closeOut{outQueued, outQueued, outWritten}, in: sameIn, read: sameRead, link: sameLink, sock: sameSock},
-	evCloseWritten: {out: [3]closeOut{outNone, outWritten, outWritten}, in: sameIn, read: sameRead, link: sameLink, sock: sameSock},
+	evCloseHeld:    {out: [4]closeOut{outHeld, outHeld, outQueued, outWritten}, in: sameIn, read: sameRead, link: sameLink, sock: sameSock},
+	evCloseQueued:  {out: [4]closeOut{outQueued, outQueued, outQueued, outWritten}, in: sameIn, read: sameRead, link: sameLink, sock: sameSock},
+	evCloseWritten: {out: [4]closeOut{outNone, outHeld, outWritten, outWritten}, in: sameIn, read: sameRead, link: sameLink, sock: sameSock},
 	// A close received stands: the peer has said its last word either way.
 	evCloseReceived: {out: sameOut, in: [3]closeIn{inReceived, inReceived, inReceived}, read: sameRead, link: sameLink, sock: sameSock},
 	evNoReply:       {out: sameOut, in: [3]closeIn{inNotAwaited, inNotAwaited, inReceived}, read: sameRead, link: sameLink, sock: sameSock},

@@ -12,6 +12,12 @@ func TestLegSteps(t *testing.T) {
 		want legState
 	}{
 		{"queue a close", legState{}, evCloseQueued, legState{out: outQueued}},
+		{"hold a close", legState{}, evCloseHeld, legState{out: outHeld}},
+		{"hold again", legState{out: outHeld}, evCloseHeld, legState{out: outHeld}},
+		{"a queued close is not held back", legState{out: outQueued}, evCloseHeld, legState{out: outQueued}},
+		{"a written close is not held back", legState{out: outWritten}, evCloseHeld, legState{out: outWritten}},
+		{"queue the held close", legState{out: outHeld}, evCloseQueued, legState{out: outQueued}},
+		{"a held close is not written", legState{out: outHeld}, evCloseWritten, legState{out: outHeld}},
 		{"queue a close again", legState{out: outQueued}, evCloseQueued, legState{out: outQueued}},
 		{"a written close stays written", legState{out: outWritten}, evCloseQueued, legState{out: outWritten}},
 		{"write the queued close", legState{out: outQueued}, evCloseWritten, legState{out: outWritten}},

@@ -232,7 +232,7 @@ func (s *session) holdBound() time.Duration { return s.srv.opts.CloseTimeout / 2
 // sends meanwhile is still forwarded. Callers hold s.mu.
 func (s *session) holdClientClose(code ws.StatusCode, text string) {
 	c := &s.client
-	if c.end.lost() || c.end.out != outNone || s.hold.on {
+	if c.end.lost() || c.end.out != outNone {
 		return
 	}
 	up := &s.upstream
@@ -240,7 +240,8 @@ func (s *session) holdClientClose(code ws.StatusCode, text string) {
 		s.closeLeg(c, code, text, false)
 		return
 	}
-	s.hold = heldClose{on: true, code: code, text: text}
+	s.hold.code, s.hold.text = code, text
+	c.end.step(evCloseHeld)
 	if s.hold.timer == nil {
 		s.hold.timer = time.AfterFunc(s.holdBound(), s.releaseHold)
 	} else {
@@ -251,7 +252,7 @@ func (s *session) holdClientClose(code ws.StatusCode, text string) {
 // releaseHold queues the held client close: holdBound has passed.
 func (s *session) releaseHold() {
 	s.mu.Lock()
-	if s.hold.on {
+	if s.client.end.out == outHeld {
 		s.closeLeg(&s.client, s.hold.code, s.hold.text, false)
 	}
 	s.checkDoneLocked()
@@ -260,7 +261,6 @@ func (s *session) releaseHold() {
 
 // heldClose is a client close waiting for the upstream (afterUpstream).
 type heldClose struct {
-	on    bool
 	code  ws.StatusCode
 	text  string
 	timer *time.Timer // runs releaseHold; made once
