@@ -118,6 +118,10 @@ const (
 // longer (an idle client between keepalive pings) gives its goroutine up.
 const idleGrace = time.Second
 
+// maxQuietWait bounds the doubling waits of a socket that keeps bringing
+// data (quiet): a feed that stops parks within twice this.
+const maxQuietWait = 8 * time.Second
+
 // quiet is called between frames, with nothing buffered, by the reader
 // of a socket with a file descriptor. It waits for the socket in Serve,
 // which forwards the whole frames that arrive (Frames), and returns
@@ -133,9 +137,10 @@ const idleGrace = time.Second
 // for a second per ping, for a socket that almost always parks anyway.
 //
 // The grace is a read deadline set when the wait begins, not per frame:
-// when it passes, a socket that brought data meanwhile gets another, so a
-// socket parks after between one and two graces of quiet, and a busy one
-// pays for a deadline once per grace, not twice per wake-up.
+// when it passes, a socket that brought data meanwhile waits again, for
+// twice as long up to maxQuietWait, and a socket parks once a whole wait
+// passes with nothing: a busy one pays for a deadline once per wait, not
+// twice per wake-up, and a quiet one parks after one to two graces.
 func (s *session) quiet(src *leg, now bool, grace time.Duration) (next int, err error) {
 	if src.raw == nil {
 		// Parking is off: wait with no deadline.
@@ -165,7 +170,11 @@ func (s *session) quiet(src *leg, now bool, grace time.Duration) (next int, err 
 		if src.bytesIn == seen {
 			break
 		}
-		grace = idleGrace
+		// Data came within the wait: wait again, twice as long up to
+		// maxQuietWait, so that a slow feed (a message a second) costs a
+		// deadline that passes once in several messages, not one per
+		// message; it parks after one whole wait with nothing.
+		grace = min(2*max(grace, idleGrace/2), maxQuietWait)
 	}
 	src.setReadDeadline(time.Time{})
 	if s.srv.idle.park(src) {
