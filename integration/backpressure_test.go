@@ -1047,8 +1047,12 @@ func TestBackpressureSlowRatio(t *testing.T) {
 		size    = 512
 		slowAge = time.Second
 	)
-	// Six clients read at first and stop one after another, 300 ms apart:
-	// slow[0] stalls first. One message per 80 ms.
+	// Six clients read at first and stop one after another, 600 ms apart:
+	// slow[0] stalls first. One message per 80 ms. The gap is wide: a
+	// stopped client's kernel may still take a few bytes for a while (its
+	// 4 KiB receive queue filling, then collapsing), each restarting its
+	// stall clock, and 300 ms let two clients swap order under the whole
+	// suite's load (once in three runs).
 	const nSlow = 6
 	b := bpNewBackend(t, bpBackendConfig{Size: size, Interval: 80 * time.Millisecond})
 	s := bpStartSluice(t, b.url, func(o *proxy.Options) {
@@ -1068,7 +1072,7 @@ func TestBackpressureSlowRatio(t *testing.T) {
 	}
 	b.StartPublishing()
 	for _, c := range slow {
-		time.Sleep(300 * time.Millisecond) // the stalls' order is the test's subject
+		time.Sleep(600 * time.Millisecond) // the stalls' order is the test's subject
 		c.Stop()
 	}
 
