@@ -2,11 +2,13 @@ package proxy
 
 // The life of a frame, from one socket to the other:
 //
-//  1. A leg's reader (read, pump) waits for its socket to be readable; a
-//     socket quiet for idleGrace parks in the server's epoll set instead
-//     (idle_linux.go) and its goroutine ends; readability starts a reader
-//     again (wake).
-//  2. pump reads the frame's header, checks it (frame.Checker: RFC 6455
+//  1. A leg's reader (read, pump) waits for its socket to be readable
+//     (quiet, in frame.Reader.Serve); a socket quiet for idleGrace parks
+//     in the server's epoll set instead (idle_linux.go) and its goroutine
+//     ends; readability starts a reader again (wake).
+//  2. Whole frames that arrive are forwarded from inside the wait (Frames,
+//     frame); the start of one not here whole goes back to pump, which
+//     reads the rest. Either way the reader reads the frame's header, checks it (frame.Checker: RFC 6455
 //     rules and size limits), holds a client to its inbound limits
 //     (ratelimit.go) and starts the frame watchdog (frameWatch, below).
 //  3. A control frame is read whole: a close goes to the close state
