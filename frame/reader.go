@@ -220,18 +220,7 @@ func (r *Reader) Serve(sink Sink) error {
 	r.lastN, r.lastErr = 0, nil
 	r.mode, r.sink = modeServe, sink
 	defer r.endServe() // a panic in the sink too
-	err := r.raw.Read(r.readFn)
-	if err == nil {
-		err = r.lastErr
-	}
-	if err != nil {
-		if r.buf != nil && r.r == r.w {
-			PutBuffer(r.buf)
-			r.buf = nil
-		}
-		return err
-	}
-	return nil
+	return r.rawRead()
 }
 
 func (r *Reader) endServe() { r.mode, r.sink = modeFill, nil }
@@ -329,22 +318,27 @@ func (r *Reader) fill() error {
 		}
 		return io.ErrNoProgress
 	}
-	err := r.raw.Read(r.readFn)
-	if err == nil {
-		err = r.lastErr
-	}
-	if err != nil {
-		// A deadline can end the wait before readRaw runs, and EOF or a
-		// socket error ends it with nothing read: give the buffer back
-		// here too, so a Reader that stops holds none.
-		if r.buf != nil && r.r == r.w {
-			PutBuffer(r.buf)
-			r.buf = nil
-		}
+	if err := r.rawRead(); err != nil {
 		return err
 	}
 	r.w += r.lastN
 	return nil
+}
+
+// rawRead runs readFn in RawConn.Read and returns its error or the read's.
+// A deadline can end the wait before readFn runs, and EOF or a socket
+// error ends it with nothing read: the buffer, if empty, goes back then
+// too, so a Reader that stops holds none.
+func (r *Reader) rawRead() error {
+	err := r.raw.Read(r.readFn)
+	if err == nil {
+		err = r.lastErr
+	}
+	if err != nil && r.buf != nil && r.r == r.w {
+		PutBuffer(r.buf)
+		r.buf = nil
+	}
+	return err
 }
 
 // ensure makes at least n (<= MaxHeaderSize) bytes available in the buffer.
