@@ -31,8 +31,8 @@ type Reader struct {
 	r, w int             // unread bytes are (*buf)[r:w]
 
 	// readFn is RawConn.Read's callback, built once: a method value
-	// allocates. Idle's one-read look (peek set) goes through it too, so
-	// a Reader is one func value and 128 bytes, a size class.
+	// allocates. Idle's one-read look and Serve go through it too (mode), so
+	// a Reader is one func value and 144 bytes, a size class.
 	readFn        func(fd uintptr) bool
 	lastN         int
 	lastErr       error
@@ -174,8 +174,8 @@ func (r *Reader) Wait() error {
 // errWouldBlock marks a read in Idle that found the socket empty.
 var errWouldBlock = errors.New("frame: would block")
 
-// onReadable is the RawConn.Read callback: readRaw, or under Idle (peek)
-// one read and never a wait.
+// onReadable is the RawConn.Read callback: readRaw; under Idle (modePeek)
+// one read and never a wait; under Serve, serveReadable.
 func (r *Reader) onReadable(fd uintptr) bool {
 	switch r.mode {
 	case modePeek:

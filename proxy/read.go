@@ -6,11 +6,12 @@ package proxy
 //     (quiet, in frame.Reader.Serve); a socket quiet for idleGrace parks
 //     in the server's epoll set instead (idle_linux.go) and its goroutine
 //     ends; readability starts a reader again (wake).
-//  2. Whole frames that arrive are forwarded from inside the wait (Frames,
-//     frame); the start of one not here whole goes back to pump, which
-//     reads the rest. Either way the reader reads the frame's header, checks it (frame.Checker: RFC 6455
-//     rules and size limits), holds a client to its inbound limits
-//     (ratelimit.go) and starts the frame watchdog (frameWatch, below).
+//  2. Whole frames that arrive are forwarded from inside the wait (Frames);
+//     the start of one not here whole goes back to pump, which reads the
+//     rest. Either way the reader reads the frame's header and, in frame,
+//     checks it (frame.Checker: RFC 6455 rules and size limits), holds a
+//     client to its inbound limits (ratelimit.go) and starts the frame
+//     watchdog (frameWatch, below).
 //  3. A control frame is read whole: a close goes to the close state
 //     machine (close.go); a ping or pong is queued on the other leg's
 //     priority lane, the reader waiting while the lane is full.
@@ -202,7 +203,7 @@ func (s *session) pump(src, dst *leg, grace time.Duration) int {
 		src.frameEnd() // frame read timeout (frameWatch): idle between frames is fine
 		src.upstreamFrameEnd()
 		if src.rd.RawConn() != nil && src.rd.Buffered() == 0 {
-			// Whole frames are forwarded inside the wait (serve); it
+			// Whole frames are forwarded inside the wait (Frames); it
 			// returns with the start of one it leaves to the code below.
 			next, err := s.quiet(src, ponged, grace)
 			grace = idleGrace
@@ -244,8 +245,8 @@ func (s *session) pump(src, dst *leg, grace time.Duration) int {
 // forwards every whole frame the socket's last read brought, and stops at
 // the start of one not here whole, or larger than inlineMax (those are the
 // pump's: they wait for the socket), and when a frame ends the reading
-// (readerDraining, readerLost) or asks to park (readerPonged); serve
-// keeps that answer.
+// (readerDraining, readerLost) or asks to park (readerPonged); quiet
+// returns that answer (served).
 func (l *leg) Frames() bool {
 	var scratch controlScratch
 	s, dst := l.s, l.peer()
