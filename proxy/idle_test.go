@@ -3,14 +3,17 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/gobwas/ws"
 	"github.com/gorilla/websocket"
 	"go.uber.org/goleak"
 
@@ -185,5 +188,64 @@ func waitParked(t testing.TB, srv *Server, want int) {
 			t.Fatalf("%d legs parked, want %d", n, want)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestSlowFeedWaitsLonger: a socket that brings a message every 600 ms,
+// less often than anything but more often than idleGrace, does not meet
+// its idle deadline once a second: each wait that saw data is followed by
+// one twice as long (1, 2, 4 s), so in 5 s the deadline passes twice,
+// not five times (at 9,000 clients and a message a second each, a
+// deadline per message was a timer, a wake-up and a read per message).
+func TestSlowFeedWaitsLonger(t *testing.T) {
+	var waits atomic.Int32
+	backend := newBenchBackend(t)
+	addr, _ := startBenchProxy(t, backend.ln.Addr().String(), Options{
+		waitAgainHook: func(upstream bool) {
+			if upstream {
+				waits.Add(1)
+			}
+		},
+	})
+	client, r := dialRaw(t, addr)
+	defer client.Close()
+	up := <-backend.conns
+	defer up.Close()
+	var fromProxy io.Reader = client
+	if r != nil {
+		fromProxy = io.MultiReader(r, client)
+	}
+	const n = 9 // 600 ms apart: 4.8 s
+	msg := ws.MustCompileFrame(ws.NewTextFrame([]byte("a slow feed")))
+	got := make(chan error, 1)
+	go func() {
+		for range n {
+			f, err := wstest.ReadFrame(fromProxy)
+			if err == nil && string(f.Payload) != "a slow feed" {
+				err = fmt.Errorf("the client got %q", f.Payload)
+			}
+			if err != nil {
+				got <- err
+				return
+			}
+		}
+		got <- nil
+	}()
+	tick := time.NewTicker(600 * time.Millisecond)
+	defer tick.Stop()
+	for i := range n {
+		if i > 0 {
+			<-tick.C // the feed's pace is the test's subject
+		}
+		if _, err := up.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	client.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if err := <-got; err != nil {
+		t.Fatal(err)
+	}
+	if w := waits.Load(); w > 3 {
+		t.Errorf("the upstream reader's idle deadline passed %d times with data in 4.8 s of a message every 600 ms, want at most 3 (waits of 1, 2, 4 s)", w)
 	}
 }

@@ -188,6 +188,9 @@ type Options struct {
 	// "reader", "timer") and the client's address at points where a
 	// panic must end one session only: tests panic in it.
 	panicHook func(where, client string)
+	// waitAgainHook, set by tests only, is called when a reader's idle
+	// wait passed with data seen and it waits again (quiet).
+	waitAgainHook func(upstream bool)
 }
 
 func (o *Options) setDefaults() error {

@@ -173,6 +173,9 @@ func (s *session) quiet(src *leg, now bool, grace time.Duration) (next int, err 
 		if src.bytesIn == seen {
 			break
 		}
+		if h := s.srv.opts.waitAgainHook; h != nil {
+			h(src.upstream)
+		}
 		// Data came within the wait: wait again, twice as long up to
 		// maxQuietWait, so that a slow feed (a message a second) costs a
 		// deadline that passes once in several messages, not one per
