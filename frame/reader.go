@@ -262,28 +262,41 @@ func (r *Reader) Whole(limit int64) bool {
 	if len(b) < 2 {
 		return false
 	}
+	size := headerSize(b[1])
+	if len(b) < size {
+		return false
+	}
+	length := payloadLength(b)
+	return length <= uint64(limit) && uint64(len(b)-size) >= length
+}
+
+// headerSize is the length of a frame header whose second byte is b1.
+func headerSize(b1 byte) int {
 	size := 2
-	if b[1]&0x80 != 0 {
+	if b1&0x80 != 0 {
 		size += 4
 	}
-	var length uint64
+	switch b1 & 0x7f {
+	case 126:
+		size += 2
+	case 127:
+		size += 8
+	}
+	return size
+}
+
+// payloadLength is the payload length a whole header b declares; a
+// 64-bit length with its top bit set is returned as it is (ReadHeader
+// refuses it, Whole finds it over any limit).
+func payloadLength(b []byte) uint64 {
 	switch l := b[1] & 0x7f; l {
 	case 126:
-		if len(b) < 4 {
-			return false
-		}
-		size += 2
-		length = uint64(binary.BigEndian.Uint16(b[2:]))
+		return uint64(binary.BigEndian.Uint16(b[2:]))
 	case 127:
-		if len(b) < 10 {
-			return false
-		}
-		size += 8
-		length = binary.BigEndian.Uint64(b[2:])
+		return binary.BigEndian.Uint64(b[2:])
 	default:
-		length = uint64(l)
+		return uint64(l)
 	}
-	return length <= uint64(limit) && len(b) >= size && uint64(len(b)-size) >= length
 }
 
 // maxEmptyReads is how many (0, nil) reads in a row fill tolerates before
@@ -360,42 +373,22 @@ func (r *Reader) ReadHeader() (h ws.Header, raw []byte, err error) {
 	if err = r.ensure(2); err != nil {
 		return h, nil, err
 	}
-	b := (*r.buf)[r.r:r.w]
-	size := 2
-	if b[1]&0x80 != 0 {
-		size += 4
-	}
-	switch b[1] & 0x7f {
-	case 126:
-		size += 2
-	case 127:
-		size += 8
-	}
+	size := headerSize((*r.buf)[r.r:r.w][1])
 	if err = r.ensure(size); err != nil {
 		return h, nil, err
 	}
-	b = (*r.buf)[r.r : r.r+size]
+	b := (*r.buf)[r.r : r.r+size]
 	h.Fin = b[0]&0x80 != 0
 	h.Rsv = (b[0] & 0x70) >> 4
 	h.OpCode = ws.OpCode(b[0] & 0x0f)
 	h.Masked = b[1]&0x80 != 0
-	rest := b[2:]
-	switch l := b[1] & 0x7f; l {
-	case 126:
-		h.Length = int64(binary.BigEndian.Uint16(rest))
-		rest = rest[2:]
-	case 127:
-		u := binary.BigEndian.Uint64(rest)
-		if u>>63 != 0 {
-			return h, nil, ErrLengthMSB
-		}
-		h.Length = int64(u)
-		rest = rest[8:]
-	default:
-		h.Length = int64(l)
+	u := payloadLength(b)
+	if u>>63 != 0 {
+		return h, nil, ErrLengthMSB
 	}
+	h.Length = int64(u)
 	if h.Masked {
-		copy(h.Mask[:], rest)
+		copy(h.Mask[:], b[size-4:])
 	}
 	r.r += size
 	// The caller may keep reading (and so compacting) before using raw, so
