@@ -450,10 +450,7 @@ func (b *idleBody) Read(p []byte) (int, error) {
 func (b *idleBody) stalled() bool {
 	if d := b.deadline.Load(); d != 0 && time.Now().UnixNano() >= d {
 		b.mu.Lock() // a read past its deadline: about to return
-		defer b.mu.Unlock()
-		return b.timedOut
-	}
-	if !b.mu.TryLock() {
+	} else if !b.mu.TryLock() {
 		return false // a read under way, within its deadline
 	}
 	defer b.mu.Unlock()
