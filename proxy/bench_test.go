@@ -70,19 +70,25 @@ func startBenchProxy(tb testing.TB, backend string, opts Options) (string, *Serv
 	return addr, srv
 }
 
-// serveLoopback serves srv on a fresh 127.0.0.1 listener and returns its
-// address and a channel closed when Serve has returned. Callers shut srv
-// down in their own cleanup, with the checks their tests want.
+// serveLoopback serves srv on a fresh 127.0.0.1 listener (wrapped for
+// the PROXY protocol when srv's options ask for it, as serve.Run does)
+// and returns its address and a channel closed when Serve has returned.
+// Callers shut srv down in their own cleanup, with the checks their tests
+// want.
 func serveLoopback(tb testing.TB, srv *Server) (string, <-chan struct{}) {
 	tb.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		tb.Fatal(err)
 	}
+	l := ln
+	if srv.opts.ProxyProtocol {
+		l = srv.ProxyProtocolListener(ln)
+	}
 	served := make(chan struct{})
 	go func() {
 		defer close(served)
-		srv.Serve(ln)
+		srv.Serve(l)
 	}()
 	return ln.Addr().String(), served
 }

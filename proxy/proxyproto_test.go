@@ -3,16 +3,13 @@ package proxy
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"net"
 	"net/http"
-	"net/url"
 	"testing"
 	"time"
 
 	"github.com/gobwas/ws"
 	"github.com/pires/go-proxyproto"
-	"github.com/rs/zerolog"
 
 	"github.com/sluice-proxy/sluice/internal/wstest"
 )
@@ -25,25 +22,9 @@ import (
 // buffers request bytes past the header: they must all arrive.
 func TestProxyProtocolSessionOwnsSocket(t *testing.T) {
 	backend := newBenchBackend(t)
-	u, _ := url.Parse("ws://" + backend.ln.Addr().String())
-	srv, err := New(Options{Upstream: u, Logger: zerolog.Nop(), ProxyProtocol: true, ClientWriteBuffer: 64 << 10})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(srv.ProxyProtocolListener(ln)) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-		<-served
-	})
+	addr, srv := startBenchProxy(t, backend.ln.Addr().String(), Options{ProxyProtocol: true, ClientWriteBuffer: 64 << 10})
 
-	c, err := net.Dial("tcp", ln.Addr().String())
+	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
